@@ -1,0 +1,160 @@
+"""Preparing the TFDS dataset and choosing the examples of each split.
+
+``prepare(config.data)`` builds ``rsna_bone_age`` from ``data.manual_dir`` into
+``data.data_dir`` the first time and reuses it afterwards. ``split_indices`` turns a TFDS split
+into the record indices a run uses: the Kaggle layout has no validation split, so a
+deterministic, age-stratified fraction of ``train`` is held out for validation.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import os
+
+import jax
+import ml_collections
+import numpy as np
+import tensorflow_datasets as tfds
+from absl import logging
+
+import tfds_rsna  # noqa: F401  (registers the builder)
+
+DATASET = "rsna_bone_age"
+
+
+DEFAULT_DATA_ROOT = "~/tensorflow_datasets/boneage_jax"
+
+
+def data_dir_for(data_config: ml_collections.ConfigDict) -> str:
+    """The TFDS data dir of a manual directory: ``<data.data_dir>/<folder name>-<path hash>``.
+
+    Each source folder gets its own prepared copy, so one ``data.data_dir`` serves the
+    phantoms, a sample and the full release side by side.
+    """
+    path = os.path.abspath(os.path.expanduser(data_config.manual_dir))
+    tag = hashlib.sha1(path.encode()).hexdigest()[:10]
+    name = os.path.basename(path.rstrip("/")) or "root"
+    root = os.path.expanduser(data_config.data_dir or DEFAULT_DATA_ROOT)
+    return os.path.join(root, f"{name}-{tag}")
+
+
+def dataset_name(data_config: ml_collections.ConfigDict) -> str:
+    return f"{DATASET}/{data_config.builder_config}"
+
+
+def prepare(data_config: ml_collections.ConfigDict) -> tfds.core.DatasetBuilder:
+    """Builds the dataset if it is not prepared yet, on process 0 only; returns the builder."""
+    if not data_config.manual_dir:
+        raise ValueError("config.data.manual_dir is empty: set it to the RSNA download or a phantom folder")
+    data_dir = data_dir_for(data_config)
+    builder = tfds.builder(dataset_name(data_config), data_dir=data_dir, file_format="array_record")
+    manual_dir = os.path.abspath(os.path.expanduser(data_config.manual_dir))
+    if not builder.is_prepared():
+        if jax.process_index() == 0:
+            logging.info("Preparing %s from %s into %s", dataset_name(data_config), manual_dir, data_dir)
+            print(f"Preparing dataset {dataset_name(data_config)} from {manual_dir} into {data_dir} ...", flush=True)
+            builder.download_and_prepare(download_config=tfds.download.DownloadConfig(manual_dir=manual_dir))
+        if jax.process_count() > 1:
+            from jax.experimental import multihost_utils  # pylint: disable=import-outside-toplevel
+
+            multihost_utils.sync_global_devices("boneage_jax dataset prepared")
+        builder = tfds.builder(dataset_name(data_config), data_dir=data_dir, file_format="array_record")
+    return builder
+
+
+def data_source(data_config: ml_collections.ConfigDict, split: str, decode_images: bool = True):
+    """The random-access source of one TFDS split (images decoded to uint8 (H, W, 1))."""
+    decoders = None if decode_images else {"image": tfds.decode.SkipDecoding()}
+    return tfds.data_source(
+        dataset_name(data_config), data_dir=data_dir_for(data_config), split=split, decoders=decoders
+    )
+
+
+@dataclasses.dataclass(frozen=True)
+class LabelIndex:
+    """Labels of every record of a split, aligned with the source's indices."""
+
+    boneage: np.ndarray  # float32 months, NaN where unlabelled
+    male: np.ndarray  # bool
+    ids: np.ndarray  # int64
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+
+def label_index(data_config: ml_collections.ConfigDict, split: str) -> LabelIndex:
+    """Reads the labels of a split without decoding its images."""
+    source = data_source(data_config, split, decode_images=False)
+    records = [source[i] for i in range(len(source))]
+    return LabelIndex(
+        boneage=np.array([r["boneage"] if r["has_boneage"] else np.nan for r in records], np.float32),
+        male=np.array([r["male"] for r in records], bool),
+        ids=np.array([r["id"] for r in records], np.int64),
+    )
+
+
+def holdout_split(labels: LabelIndex, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Deterministic, age-stratified hold-out: returns (train indices, validation indices).
+
+    Records are sorted by (bone age, id) and cut into strata of ``round(1/fraction)``
+    consecutive records; one record per stratum, chosen with ``seed``, goes to validation.
+    """
+    if not 0.0 < fraction < 1.0:
+        raise ValueError(f"config.data.validation_fraction must be in (0, 1), got {fraction}")
+    order = np.lexsort((labels.ids, labels.boneage))
+    stride = max(2, round(1.0 / fraction))
+    rng = np.random.default_rng(seed)
+    held = []
+    for start in range(0, len(order), stride):
+        stratum = order[start : start + stride]
+        if len(stratum) == stride or rng.random() < len(stratum) / stride:
+            held.append(rng.choice(stratum))
+    held_out = np.zeros(len(order), bool)
+    held_out[np.asarray(held, np.int64)] = True
+    return np.flatnonzero(~held_out), np.flatnonzero(held_out)
+
+
+@dataclasses.dataclass(frozen=True)
+class SplitSelection:
+    """The TFDS split and record indices behind one of a run's splits."""
+
+    tfds_split: str
+    indices: np.ndarray
+    labels: LabelIndex  # of the whole TFDS split
+
+    @property
+    def boneage(self) -> np.ndarray:
+        return self.labels.boneage[self.indices]
+
+    @property
+    def male(self) -> np.ndarray:
+        return self.labels.male[self.indices]
+
+    @property
+    def ids(self) -> np.ndarray:
+        return self.labels.ids[self.indices]
+
+    @property
+    def labelled(self) -> bool:
+        return bool(len(self.indices)) and not np.isnan(self.boneage).any()
+
+
+def select_splits(data_config: ml_collections.ConfigDict, builder, seed: int) -> dict[str, SplitSelection]:
+    """Maps the run's ``train``, ``validation`` and (if present) ``test`` to record indices."""
+    available = set(builder.info.splits.keys())
+    train_labels = label_index(data_config, "train")
+    splits = {}
+    if "validation" in available:
+        validation_labels = label_index(data_config, "validation")
+        splits["train"] = SplitSelection("train", np.arange(len(train_labels)), train_labels)
+        splits["validation"] = SplitSelection("validation", np.arange(len(validation_labels)), validation_labels)
+    else:
+        train_idx, validation_idx = holdout_split(train_labels, data_config.validation_fraction, seed)
+        logging.info("No validation split: holding out %d of %d training images", len(validation_idx), len(train_labels))
+        splits["train"] = SplitSelection("train", train_idx, train_labels)
+        splits["validation"] = SplitSelection("train", validation_idx, train_labels)
+    if "test" in available:
+        test_labels = label_index(data_config, "test")
+        splits["test"] = SplitSelection("test", np.arange(len(test_labels)), test_labels)
+    return splits

@@ -1,0 +1,56 @@
+"""Train and evaluate a bone age model.
+
+    python -m boneage_jax.main --config=configs/demo.py --workdir=runs/demo \
+        [--config.data.manual_dir=PATH] [--config.key=value ...]
+
+The dataset is prepared on first use. Re-running the same command resumes from the latest
+checkpoint in the workdir. With ``--multihost``, ``jax.distributed.initialize()`` connects the
+processes of a multi-host job first (coordinator from the environment: TPU, Slurm, or
+``JAX_COORDINATOR_ADDRESS``/``JAX_NUM_PROCESSES``/``JAX_PROCESS_ID``).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+
+import jax
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+from boneage_jax import train, writers
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "Training configuration file.", lock_config=True)
+_WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics and results.")
+_MULTIHOST = flags.DEFINE_bool("multihost", False, "Call jax.distributed.initialize() before anything else.")
+flags.mark_flags_as_required(["config", "workdir"])
+
+
+def main(argv: list[str]) -> None:
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    if not flags.FLAGS["verbosity"].present:
+        logging.set_verbosity(logging.WARNING)  # progress goes to stdout; -v 0 shows library logs
+    if _MULTIHOST.value:
+        jax.distributed.initialize()
+    config = _CONFIG.value
+    workdir = _WORKDIR.value
+    os.makedirs(workdir, exist_ok=True)
+    saved = os.path.join(workdir, "config.json")
+    if os.path.exists(saved):
+        with open(saved) as f:
+            previous = json.load(f)
+        if previous != json.loads(config.to_json_best_effort()):
+            logging.warning("%s differs from this run's config; it is overwritten", saved)
+    writers.write_json(saved, json.loads(config.to_json_best_effort()))
+    logging.info("JAX devices: %s (process %d of %d)", jax.devices(), jax.process_index(), jax.process_count())
+    try:
+        train.train_and_evaluate(config, workdir)
+    except train.NonFiniteLossError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    app.run(main)

@@ -1,0 +1,418 @@
+"""The training loop: data-parallel AdamW training, periodic evaluation, Orbax checkpoints.
+
+Read top to bottom: ``train_and_evaluate`` prepares the data, builds the model and optimiser,
+restores the latest checkpoint if there is one, runs the jit-compiled train step over a
+``data`` mesh of all devices, evaluates on validation every ``eval_every`` steps (keeping the
+best checkpoint by validation MAE), and finally scores the best checkpoint on validation and
+test into ``results.json``.
+
+Bone age is regressed in z-score units of the training labels and reported in months.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+import os
+import time
+from collections.abc import Callable
+
+import grain
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+import orbax.checkpoint as ocp
+from absl import logging
+from flax import nnx
+from jax.experimental import multihost_utils
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from boneage_jax import data, input_pipeline, metrics, models, writers
+
+
+class NonFiniteLossError(RuntimeError):
+    """Training produced a NaN or infinite loss."""
+
+
+# ----------------------------------------------------------------------------- set-up
+
+
+@dataclasses.dataclass(frozen=True)
+class LabelStats:
+    """Training-label mean and standard deviation (months): the z-score of the targets."""
+
+    mean: float
+    std: float
+
+    @classmethod
+    def of(cls, boneage: np.ndarray) -> LabelStats:
+        boneage = boneage[~np.isnan(boneage)]
+        if len(boneage) < 2:
+            raise ValueError(f"the training split has {len(boneage)} labelled images; need at least 2")
+        return cls(float(boneage.mean()), float(max(boneage.std(), 1e-3)))
+
+
+def make_mesh() -> jax.sharding.Mesh:
+    return jax.make_mesh((jax.device_count(),), ("data",))
+
+
+def num_train_steps(config: ml_collections.ConfigDict, num_train_examples: int) -> int:
+    if config.num_epochs:
+        return max(1, math.ceil(config.num_epochs * num_train_examples / config.batch_size))
+    if config.num_train_steps <= 0:
+        raise ValueError("set config.num_train_steps (> 0) or config.num_epochs")
+    return config.num_train_steps
+
+
+def make_schedule(config: ml_collections.ConfigDict, total_steps: int) -> optax.Schedule:
+    lr, warmup = config.learning_rate, config.warmup_steps
+    if config.schedule == "constant":
+        return optax.join_schedules(
+            [optax.linear_schedule(0.0, lr, warmup), optax.constant_schedule(lr)], [warmup]
+        ) if warmup else optax.constant_schedule(lr)
+    if config.schedule == "cosine":
+        return optax.warmup_cosine_decay_schedule(
+            0.0, lr, warmup, max(total_steps, warmup + 1), end_value=lr * config.final_lr_fraction
+        )
+    raise ValueError(f"config.schedule {config.schedule!r}; expected 'constant' or 'cosine'")
+
+
+def make_optimizer(config: ml_collections.ConfigDict, total_steps: int) -> optax.GradientTransformation:
+    """AdamW on the schedule, then a scale that reduce-on-plateau lowers (its ``step_size``)."""
+    parts = []
+    if config.grad_clip_norm:
+        parts.append(optax.clip_by_global_norm(config.grad_clip_norm))
+    parts.append(
+        optax.adamw(make_schedule(config, total_steps), b1=config.adam_b1, b2=config.adam_b2,
+                    weight_decay=config.weight_decay)
+    )
+    parts.append(optax.inject_hyperparams(optax.scale)(step_size=1.0))
+    return optax.chain(*parts)
+
+
+def lr_scale(opt_state) -> float:
+    return float(opt_state[-1].hyperparams["step_size"])
+
+
+def set_lr_scale(opt_state, value: float):
+    old = opt_state[-1].hyperparams["step_size"]
+    opt_state[-1].hyperparams["step_size"] = jax.device_put(jnp.asarray(value, old.dtype), old.sharding)
+    return opt_state
+
+
+def loss_fn_for(name: str) -> Callable[[jnp.ndarray, jnp.ndarray], jnp.ndarray]:
+    """Elementwise regression loss on z-scored bone age."""
+    losses = {
+        "mse": lambda p, t: (p - t) ** 2,
+        "mae": lambda p, t: jnp.abs(p - t),
+        "huber": lambda p, t: optax.huber_loss(p, t, delta=1.0),
+    }
+    if name not in losses:
+        raise ValueError(f"config.loss {name!r}; expected one of {sorted(losses)}")
+    return losses[name]
+
+
+# ----------------------------------------------------------------------------- steps
+
+
+def reseed(graphdef, state: dict, rng_state, key: jax.Array):
+    """The dropout RNG state for one step, a pure function of ``key`` (so resuming is exact)."""
+    model = nnx.merge(graphdef, state["params"], rng_state, state["rest"])
+    nnx.reseed(model, dropout=key)
+    return nnx.state(model, nnx.RngState)
+
+
+def train_step(state: dict, batch: dict, rng_state, base_key, *, graphdef, tx, loss, stats: LabelStats):
+    """One AdamW step; pure, compiled once. Returns the new state and the step's metrics."""
+    targets = (batch["boneage"] - stats.mean) / stats.std
+    rng_state = reseed(graphdef, state, rng_state, jax.random.fold_in(base_key, state["step"]))
+
+    def objective(params):
+        model = nnx.merge(graphdef, params, rng_state, state["rest"])
+        pred = model(batch["image"], batch["male"])[:, 0]
+        value = jnp.mean(loss(pred, targets))
+        return value, (pred, nnx.state(model, nnx.Not(nnx.Any(nnx.Param, nnx.RngState))))
+
+    (value, (pred, rest)), grads = jax.value_and_grad(objective, has_aux=True)(state["params"])
+    updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
+    params = optax.apply_updates(state["params"], updates)
+    step_metrics = {
+        "loss": value,
+        "mae_months": jnp.mean(jnp.abs(pred - targets)) * stats.std,
+        "grad_norm": optax.global_norm(grads),
+    }
+    new_state = {"step": state["step"] + 1, "params": params, "rest": rest, "opt_state": opt_state}
+    return new_state, step_metrics
+
+
+def predict_step(params, rest, rng_state, batch: dict, *, graphdef, stats: LabelStats):
+    """Bone age in months for a batch (inference mode)."""
+    model = nnx.merge(graphdef, params, rng_state, rest)
+    return model(batch["image"], batch["male"])[:, 0] * stats.std + stats.mean
+
+
+def to_host(tree):
+    """Global arrays to host numpy, gathering across processes when there are several."""
+    if jax.process_count() > 1:
+        return multihost_utils.process_allgather(tree, tiled=True)
+    return jax.device_get(tree)
+
+
+def global_batch(batch: dict, sharding: NamedSharding) -> dict:
+    return {k: jax.make_array_from_process_local_data(sharding, v) for k, v in batch.items()}
+
+
+# ----------------------------------------------------------------------------- evaluation
+
+
+def predict_split(
+    predict: Callable, config: ml_collections.ConfigDict, selection: data.SplitSelection, sharding: NamedSharding
+) -> dict[str, np.ndarray]:
+    """Predictions for every example of a split (padding removed), with labels and ids."""
+    keep = ("boneage", "male", "id", "weight")
+    outputs = []
+    for batch in input_pipeline.eval_batches(config.data, selection, config.eval_batch_size):
+        device_batch = global_batch(batch, sharding)
+        pred = predict(device_batch)
+        outputs.append(to_host({"pred": pred, **{k: device_batch[k] for k in keep}}))
+    merged = {k: np.concatenate([o[k] for o in outputs]) for k in outputs[0]}
+    real = merged.pop("weight") > 0
+    return {k: v[real] for k, v in merged.items()}
+
+
+def score(predictions: dict[str, np.ndarray], stats: LabelStats) -> dict[str, float]:
+    labelled = ~np.isnan(predictions["boneage"])
+    if not labelled.any():
+        return {"num_examples": int(len(labelled)), "labelled": False}
+    return metrics.regression_metrics(predictions["pred"][labelled], predictions["boneage"][labelled], stats.mean)
+
+
+# ----------------------------------------------------------------------------- checkpoints
+
+
+def checkpoint_managers(workdir: str) -> tuple[ocp.CheckpointManager, ocp.CheckpointManager]:
+    """``checkpoints/latest`` (for resuming) and ``checkpoints/best`` (by validation MAE)."""
+    options = ocp.CheckpointManagerOptions(max_to_keep=1, create=True)
+    root = os.path.join(os.path.abspath(workdir), "checkpoints")
+    return (
+        ocp.CheckpointManager(os.path.join(root, "latest"), options=options),
+        ocp.CheckpointManager(os.path.join(root, "best"), options=options),
+    )
+
+
+def save_checkpoint(manager: ocp.CheckpointManager, state: dict, iterator, meta: dict) -> None:
+    step = int(jax.device_get(state["step"]))
+    manager.save(
+        step,
+        args=ocp.args.Composite(
+            state=ocp.args.StandardSave(state),
+            data_iter=grain.checkpoint.CheckpointSave(iterator),
+            meta=ocp.args.JsonSave(meta),
+        ),
+        force=True,
+    )
+
+
+def restore_checkpoint(manager: ocp.CheckpointManager, abstract_state: dict, iterator=None):
+    """Restores (state, meta) of the manager's latest step, and the data iterator if given."""
+    items = {"state": ocp.args.StandardRestore(abstract_state), "meta": ocp.args.JsonRestore()}
+    if iterator is not None:
+        items["data_iter"] = grain.checkpoint.CheckpointRestore(iterator)
+    restored = manager.restore(manager.latest_step(), args=ocp.args.Composite(**items))
+    return restored["state"], restored["meta"]
+
+
+# ----------------------------------------------------------------------------- the loop
+
+
+def build_model(config: ml_collections.ConfigDict, in_channels: int):
+    """The model split into (train graphdef, eval graphdef, params, rng state, other state)."""
+    model = models.create_model(config.model, in_channels=in_channels, image_size=config.data.image_size,
+                                seed=config.seed)
+    model.train()
+    graphdef, params, rng_state, rest = nnx.split(model, nnx.Param, nnx.RngState, ...)
+    model.eval()
+    eval_graphdef = nnx.split(model, nnx.Param, nnx.RngState, ...)[0]
+    return graphdef, eval_graphdef, params, rng_state, rest
+
+
+def _log(message: str) -> None:
+    logging.info(message)
+    if jax.process_index() == 0:
+        print(message, flush=True)
+
+
+def train_and_evaluate(
+    config: ml_collections.ConfigDict, workdir: str, *, step_callback: Callable[[int], None] | None = None
+) -> dict[str, dict[str, float]]:
+    """Trains, evaluates and checkpoints into ``workdir``; returns ``results.json``'s content.
+
+    Re-running with the same workdir resumes from the latest checkpoint. ``step_callback`` is
+    called with the step number after every step (for progress hooks and tests).
+    """
+    os.makedirs(workdir, exist_ok=True)
+    mesh = make_mesh()
+    if config.batch_size % jax.device_count() or config.eval_batch_size % jax.device_count():
+        raise ValueError(
+            f"batch_size {config.batch_size} and eval_batch_size {config.eval_batch_size} must be "
+            f"divisible by the {jax.device_count()} devices"
+        )
+    replicated = NamedSharding(mesh, P())
+    batch_sharding = NamedSharding(mesh, P("data"))
+
+    # Data.
+    builder = data.prepare(config.data)
+    splits = data.select_splits(config.data, builder, config.seed)
+    stats = LabelStats.of(splits["train"].boneage)
+    writers.write_json(os.path.join(workdir, "label_stats.json"), dataclasses.asdict(stats))
+    sample = next(input_pipeline.eval_batches(config.data, splits["validation"], jax.process_count()))
+    in_channels = sample["image"].shape[-1]
+    total_steps = num_train_steps(config, len(splits["train"].indices))
+    _log(
+        f"Data: {len(splits['train'].indices)} train, {len(splits['validation'].indices)} validation"
+        + (f", {len(splits['test'].indices)} test" if "test" in splits else "")
+        + f" images at {sample['image'].shape[1:]}; label mean {stats.mean:.1f} sd {stats.std:.1f} months"
+    )
+
+    # Model and optimiser.
+    graphdef, eval_graphdef, params, rng_state, rest = build_model(config, in_channels)
+    num_params = sum(x.size for x in jax.tree.leaves(params))
+    _log(f"Model: {config.model.name} ({num_params:,} parameters), {total_steps} steps, "
+         f"batch {config.batch_size} on {jax.device_count()} device(s)")
+    tx = make_optimizer(config, total_steps)
+    state = {"step": jnp.zeros((), jnp.int32), "params": params, "rest": rest, "opt_state": tx.init(params)}
+    state = jax.device_put(state, replicated)
+    rng_state = jax.device_put(rng_state, replicated)
+    base_key = jax.device_put(jax.random.key(config.seed), replicated)
+
+    step_fn = jax.jit(
+        functools.partial(train_step, graphdef=graphdef, tx=tx, loss=loss_fn_for(config.loss), stats=stats),
+        donate_argnums=(0,),
+    )
+    predict_jit = jax.jit(functools.partial(predict_step, graphdef=eval_graphdef, stats=stats))
+
+    def predict(batch: dict) -> jax.Array:
+        return predict_jit(state["params"], state["rest"], rng_state, batch)
+
+    # Resume.
+    train_iter = iter(input_pipeline.train_dataset(config.data, splits["train"], config.batch_size, config.seed))
+    latest, best = checkpoint_managers(workdir)
+    meta = {"best_mae": None, "best_step": None, "evals_since_best": 0, "evals_since_lr_drop": 0,
+            "label_mean": stats.mean, "label_std": stats.std, "stopped_early": False}
+    if latest.latest_step() is not None:
+        abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, state)
+        state, meta = restore_checkpoint(latest, abstract, train_iter)
+        _log(f"Resumed from {latest.directory} at step {int(state['step'])}")
+    start_step = int(jax.device_get(state["step"]))
+    writer = writers.MetricWriter(workdir, resume_step=start_step)
+    if start_step == 0:
+        writer.write(0, "info", {"num_params": num_params, "total_steps": total_steps})
+
+    pending: list[dict] = []  # step metrics not yet fetched from the device
+
+    def flush(step: int, images_per_s: float | None = None) -> None:
+        """Fetches pending step metrics, stops on a non-finite loss, logs their mean."""
+        if not pending:
+            return
+        fetched = jax.device_get(pending)
+        pending.clear()
+        losses = np.array([m["loss"] for m in fetched])
+        if not np.all(np.isfinite(losses)):
+            bad = step - len(losses) + int(np.flatnonzero(~np.isfinite(losses))[0]) + 1
+            raise NonFiniteLossError(
+                f"non-finite loss at step {bad}; stopping. The last good checkpoint is kept in "
+                f"{latest.directory} (lower config.learning_rate or set config.grad_clip_norm)"
+            )
+        averaged = {k: float(np.mean([m[k] for m in fetched])) for k in fetched[0]}
+        averaged["lr"] = float(make_schedule(config, total_steps)(step)) * lr_scale(state["opt_state"])
+        if images_per_s is not None:
+            averaged["images_per_s"] = images_per_s
+        writer.write(step, "train", averaged)
+        _log(f"step {step:>6}/{total_steps}  loss {averaged['loss']:.4f}  mae {averaged['mae_months']:.2f} mo  "
+             f"lr {averaged['lr']:.2e}" + (f"  {images_per_s:.1f} img/s" if images_per_s else ""))
+
+    def evaluate_validation(step: int) -> bool:
+        """Scores validation, keeps the best checkpoint, applies plateau and early stopping.
+
+        Returns True when early stopping ends the run."""
+        nonlocal state
+        result = score(predict_split(predict, config, splits["validation"], batch_sharding), stats)
+        writer.write(step, "validation", result)
+        _log(f"step {step:>6}  validation mae {result['mae']:.2f}  rmse {result['rmse']:.2f}  "
+             f"r2 {result['r2']:.3f}  (baseline mae {result['baseline_mae']:.2f})")
+        if meta["best_mae"] is None or result["mae"] < meta["best_mae"] - config.min_delta:
+            meta.update(best_mae=result["mae"], best_step=step, evals_since_best=0, evals_since_lr_drop=0)
+            save_checkpoint(best, state, train_iter, meta)
+            return False
+        meta["evals_since_best"] += 1
+        meta["evals_since_lr_drop"] += 1
+        if config.plateau_patience and meta["evals_since_lr_drop"] >= config.plateau_patience:
+            scale = max(lr_scale(state["opt_state"]) * config.plateau_factor, config.plateau_min_scale)
+            state["opt_state"] = set_lr_scale(state["opt_state"], scale)
+            meta["evals_since_lr_drop"] = 0
+            _log(f"step {step:>6}  validation MAE plateaued: learning rate scaled to {scale:.3g}")
+        if config.early_stopping_patience and meta["evals_since_best"] >= config.early_stopping_patience:
+            _log(f"step {step:>6}  early stopping: no improvement in {meta['evals_since_best']} evaluations")
+            meta["stopped_early"] = True
+            return True
+        return False
+
+    # Train.
+    step = start_step
+    tick, tick_step = time.perf_counter(), step
+    stop = False
+    while step < total_steps and not stop:
+        batch = global_batch(next(train_iter), batch_sharding)
+        state, step_metrics = step_fn(state, batch, rng_state, base_key)
+        pending.append(step_metrics)
+        step += 1
+        if step_callback is not None:
+            step_callback(step)
+        last = step == total_steps
+        if step % config.log_every == 0 or last:
+            jax.block_until_ready(state)
+            now = time.perf_counter()
+            flush(step, (step - tick_step) * config.batch_size / (now - tick))
+            tick, tick_step = now, step
+        if step % config.eval_every == 0 or last:
+            flush(step)
+            stop = evaluate_validation(step)
+        if step % config.checkpoint_every == 0 or last or stop:
+            flush(step)
+            save_checkpoint(latest, state, train_iter, meta)
+            tick = time.perf_counter()  # checkpointing and evaluation are not training throughput
+    latest.wait_until_finished()
+    best.wait_until_finished()
+
+    # Final evaluation of the best checkpoint.
+    if best.latest_step() is not None:
+        abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, state)
+        state, _ = restore_checkpoint(best, abstract)
+    results = {}
+    for name in ("validation", "test"):
+        if name in splits:
+            results[name] = score(predict_split(predict, config, splits[name], batch_sharding), stats)
+            results[name]["checkpoint_step"] = int(jax.device_get(state["step"]))
+            writer.write(step, f"final_{name}", results[name])
+    writers.write_json(os.path.join(workdir, "results.json"), results)
+    writer.close()
+    latest.close()
+    best.close()
+    _log(results_table(results))
+    return results
+
+
+def results_table(results: dict[str, dict[str, float]]) -> str:
+    """A short text table: each split's MAE beside the predict-the-training-mean baseline."""
+    lines = [f"{'split':<12}{'images':>8}{'MAE (months)':>15}{'baseline MAE':>15}{'RMSE':>9}{'R2':>8}"]
+    for name, r in results.items():
+        if "mae" not in r:
+            lines.append(f"{name:<12}{r['num_examples']:>8}   (unlabelled)")
+            continue
+        lines.append(f"{name:<12}{r['num_examples']:>8}{r['mae']:>15.2f}{r['baseline_mae']:>15.2f}"
+                     f"{r['rmse']:>9.2f}{r['r2']:>8.3f}")
+    return "\n".join(lines)

@@ -1,0 +1,1 @@
+"""Experiment configurations: one ml_collections file per published system."""

@@ -1,0 +1,53 @@
+"""Defaults shared by every config; each config file starts from ``base_config()``."""
+
+import ml_collections
+
+
+def base_config() -> ml_collections.ConfigDict:
+    config = ml_collections.ConfigDict()
+    config.seed = 0
+
+    config.data = data = ml_collections.ConfigDict()
+    data.manual_dir = ""  # the RSNA download (Kaggle or official layout) or a phantom folder
+    data.data_dir = ""  # root of the prepared data, one folder per source; empty: ~/tensorflow_datasets/boneage_jax
+    data.builder_config = "max512"  # stored resolution: original, max1024 or max512
+    data.image_size = 256
+    data.validation_fraction = 0.1  # held out of train when the data has no validation split
+    data.preprocess = "resize_pad"  # uint8 ops for every split (see boneage_jax/ops.py)
+    data.augment = ""  # uint8 ops for training only
+    data.normalize = "zscore"  # last ops: to float32, channels
+    data.num_threads = 2  # grain read threads per process
+    data.prefetch = 64  # grain prefetch buffer (examples)
+    data.num_workers = 0  # grain worker processes (0: threads in the main process)
+
+    config.model = model = ml_collections.ConfigDict()
+    model.name = "cnn_memon"
+    model.kwargs = ml_collections.ConfigDict()  # family-specific arguments
+    model.sex_fusion = "winner16bit"  # none, concat or winner16bit
+    model.head_hidden = ()  # extra dense layers before the output
+    model.dropout = 0.0
+    model.dtype = "float32"  # compute dtype: float32 or bfloat16 (parameters stay float32)
+
+    config.batch_size = 32
+    config.eval_batch_size = 64
+    config.num_train_steps = 1000
+    config.num_epochs = 0.0  # if > 0, overrides num_train_steps
+    config.loss = "mse"  # on z-scored bone age: mse, mae or huber
+    config.learning_rate = 1e-3
+    config.weight_decay = 1e-4
+    config.adam_b1 = 0.9
+    config.adam_b2 = 0.999
+    config.schedule = "cosine"  # constant or cosine (both after linear warm-up)
+    config.warmup_steps = 0
+    config.final_lr_fraction = 0.0
+    config.grad_clip_norm = 0.0  # 0: no clipping
+    config.plateau_patience = 0  # evaluations without improvement before the LR drops; 0: off
+    config.plateau_factor = 0.5
+    config.plateau_min_scale = 1e-3
+    config.early_stopping_patience = 0  # evaluations without improvement before stopping; 0: off
+    config.min_delta = 0.0  # validation MAE improvement (months) that counts
+
+    config.log_every = 50
+    config.eval_every = 500
+    config.checkpoint_every = 500
+    return config
