@@ -119,31 +119,28 @@ def loss_fn_for(name: str) -> Callable[[jnp.ndarray, jnp.ndarray], jnp.ndarray]:
 # ----------------------------------------------------------------------------- steps
 
 
-def reseed(graphdef, state: dict, rng_state, key: jax.Array):
-    """The dropout RNG state for one step, a pure function of ``key`` (so resuming is exact)."""
-    model = nnx.merge(graphdef, state["params"], rng_state, state["rest"])
-    nnx.reseed(model, dropout=key)
-    return nnx.state(model, nnx.RngState)
-
-
 def train_step(state: dict, batch: dict, rng_state, base_key, *, graphdef, tx, loss, stats: LabelStats):
-    """One AdamW step; pure, compiled once. Returns the new state and the step's metrics."""
+    """One AdamW step; pure, compiled once. Returns the new state and the step's metrics.
+
+    Dropout draws from a key folded from ``base_key`` and the step number, so a resumed run
+    repeats the same masks.
+    """
+    model = nnx.merge(graphdef, state["params"], rng_state, state["rest"])
+    nnx.reseed(model, dropout=jax.random.fold_in(base_key, state["step"]))
     targets = (batch["boneage"] - stats.mean) / stats.std
-    rng_state = reseed(graphdef, state, rng_state, jax.random.fold_in(base_key, state["step"]))
 
-    def objective(params):
-        model = nnx.merge(graphdef, params, rng_state, state["rest"])
+    def objective(model):
         pred = model(batch["image"], batch["male"])[:, 0]
-        value = jnp.mean(loss(pred, targets))
-        return value, (pred, nnx.state(model, nnx.Not(nnx.Any(nnx.Param, nnx.RngState))))
+        return jnp.mean(loss(pred, targets)), pred
 
-    (value, (pred, rest)), grads = jax.value_and_grad(objective, has_aux=True)(state["params"])
+    (value, pred), grads = nnx.value_and_grad(objective, has_aux=True)(model)
+    rest = nnx.split(model, nnx.Param, nnx.RngState, ...)[3]  # updated batch statistics
     updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
     params = optax.apply_updates(state["params"], updates)
     step_metrics = {
         "loss": value,
         "mae_months": jnp.mean(jnp.abs(pred - targets)) * stats.std,
-        "grad_norm": optax.global_norm(grads),
+        "grad_norm": optax.tree.norm(grads),
     }
     new_state = {"step": state["step"] + 1, "params": params, "rest": rest, "opt_state": opt_state}
     return new_state, step_metrics
@@ -365,28 +362,31 @@ def train_and_evaluate(
     step = start_step
     tick, tick_step = time.perf_counter(), step
     stop = False
-    while step < total_steps and not stop:
-        batch = global_batch(next(train_iter), batch_sharding)
-        state, step_metrics = step_fn(state, batch, rng_state, base_key)
-        pending.append(step_metrics)
-        step += 1
-        if step_callback is not None:
-            step_callback(step)
-        last = step == total_steps
-        if step % config.log_every == 0 or last:
-            jax.block_until_ready(state)
-            now = time.perf_counter()
-            flush(step, (step - tick_step) * config.batch_size / (now - tick))
-            tick, tick_step = now, step
-        if step % config.eval_every == 0 or last:
-            flush(step)
-            stop = evaluate_validation(step)
-        if step % config.checkpoint_every == 0 or last or stop:
-            flush(step)
-            save_checkpoint(latest, state, train_iter, meta)
-            tick = time.perf_counter()  # checkpointing and evaluation are not training throughput
-    latest.wait_until_finished()
-    best.wait_until_finished()
+    try:
+        while step < total_steps and not stop:
+            batch = global_batch(next(train_iter), batch_sharding)
+            state, step_metrics = step_fn(state, batch, rng_state, base_key)
+            pending.append(step_metrics)
+            step += 1
+            if step_callback is not None:
+                step_callback(step)
+            last = step == total_steps
+            if step % config.log_every == 0 or last:
+                jax.block_until_ready(state)
+                now = time.perf_counter()
+                flush(step, (step - tick_step) * config.batch_size / (now - tick))
+                tick, tick_step = now, step
+            if step % config.eval_every == 0 or last:
+                flush(step)
+                stop = evaluate_validation(step)
+            if step % config.checkpoint_every == 0 or last or stop:
+                flush(step)
+                save_checkpoint(latest, state, train_iter, meta)
+            if tick_step == step:  # leave evaluation and checkpointing out of the throughput
+                tick = time.perf_counter()
+    finally:  # let checkpoints already started finish, also when training fails
+        latest.wait_until_finished()
+        best.wait_until_finished()
 
     # Final evaluation of the best checkpoint.
     if best.latest_step() is not None:

@@ -1,0 +1,153 @@
+"""The training loop end to end: outputs, exact resume after a kill, data parallelism, NaN stop."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+import pytest
+
+from boneage_jax import train
+
+REPO = os.path.abspath(os.path.join(os.path.dirname(__file__), ".."))
+
+
+def _run_python(code: str, env_extra: dict | None = None, timeout: int = 300) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": REPO, **(env_extra or {})}
+    return subprocess.run([sys.executable, "-c", textwrap.dedent(code)], cwd=REPO, env=env, capture_output=True,
+                          text=True, timeout=timeout)
+
+
+def _read_events(workdir: str) -> list[dict]:
+    with open(os.path.join(workdir, "metrics.jsonl")) as f:
+        return [json.loads(line) for line in f]
+
+
+def _final_params(workdir: str) -> dict:
+    manager = ocp.CheckpointManager(os.path.join(workdir, "checkpoints", "latest"))
+    restored = manager.restore(manager.latest_step(),
+                               args=ocp.args.Composite(state=ocp.args.StandardRestore()))
+    manager.close()
+    return restored["state"]["params"]
+
+
+def test_main_writes_every_output(tiny_config, tmp_path):
+    workdir = str(tmp_path / "run")
+    overrides = {
+        "data.manual_dir": tiny_config.data.manual_dir, "data.data_dir": tiny_config.data.data_dir,
+        "data.image_size": 32, "model.kwargs.filters": "(4,8)", "model.head_hidden": "(8,)", "batch_size": 8,
+        "eval_batch_size": 8, "num_train_steps": 4, "log_every": 2, "eval_every": 2, "checkpoint_every": 2,
+        "warmup_steps": 0,
+    }
+    args = [f"--config.{k}={v}" for k, v in overrides.items()]
+    result = subprocess.run(
+        [sys.executable, "-m", "boneage_jax.main", "--config=configs/demo.py", f"--workdir={workdir}", *args],
+        cwd=REPO, capture_output=True, text=True, timeout=300,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "baseline MAE" in result.stdout and "img/s" in result.stdout
+    with open(os.path.join(workdir, "config.json")) as f:
+        assert json.load(f)["num_train_steps"] == 4
+    with open(os.path.join(workdir, "results.json")) as f:
+        results = json.load(f)
+    assert set(results) == {"validation", "test"}
+    for split in results.values():
+        assert {"mae", "rmse", "r2", "num_examples", "baseline_mae"} <= set(split)
+        assert split["num_examples"] == 16
+    events = _read_events(workdir)
+    assert {e["split"] for e in events} >= {"train", "validation", "final_test"}
+    assert all("step" in e for e in events)
+    assert any(f.startswith("events.out.tfevents") for f in os.listdir(os.path.join(workdir, "tensorboard")))
+    assert sorted(os.listdir(os.path.join(workdir, "checkpoints"))) == ["best", "latest"]
+
+
+def test_killed_run_resumes_to_identical_parameters(tiny_config, tmp_path):
+    """kill -9 mid-run, re-run the same command: final parameters equal an uninterrupted run."""
+    tiny_config.num_train_steps = 8
+    tiny_config.model.dropout = 0.2  # dropout RNG must resume exactly too
+    config_json = tiny_config.to_json()
+    script = f"""
+        import os, sys, ml_collections
+        from boneage_jax import train
+        config = ml_collections.ConfigDict(__import__("json").loads({config_json!r}))
+        config.model.kwargs.filters = tuple(config.model.kwargs.filters)
+        config.model.head_hidden = tuple(config.model.head_hidden)
+        kill_at = int(sys.argv[1]) if len(sys.argv) > 1 else 0
+        def callback(step):
+            if step == kill_at:
+                os.kill(os.getpid(), 9)
+        train.train_and_evaluate(config, os.environ["WORKDIR"], step_callback=callback)
+    """
+    whole, interrupted = str(tmp_path / "whole"), str(tmp_path / "interrupted")
+    assert _run_python(script, {"WORKDIR": whole}).returncode == 0
+    killed = subprocess.run([sys.executable, "-c", textwrap.dedent(script), "5"], cwd=REPO, capture_output=True,
+                            text=True, env={**os.environ, "PYTHONPATH": REPO, "WORKDIR": interrupted}, timeout=300)
+    assert killed.returncode == -9, killed.stderr[-2000:]
+    resumed = _run_python(script, {"WORKDIR": interrupted})
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "Resumed from" in resumed.stdout
+    a, b = _final_params(whole), _final_params(interrupted)
+    for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
+        np.testing.assert_array_equal(x, y)
+    steps = [e["step"] for e in _read_events(interrupted) if e["split"] == "train"]
+    assert steps == sorted(set(steps)), "a resumed run must not log a step twice"
+
+
+def test_four_devices_give_the_same_losses_as_one(tiny_config, tmp_path):
+    tiny_config.num_train_steps = 4
+    tiny_config.log_every = 1
+    config_json = tiny_config.to_json()
+    script = f"""
+        import os, json, jax, ml_collections
+        from boneage_jax import train
+        config = ml_collections.ConfigDict(json.loads({config_json!r}))
+        config.model.kwargs.filters = tuple(config.model.kwargs.filters)
+        config.model.head_hidden = tuple(config.model.head_hidden)
+        train.train_and_evaluate(config, os.environ["WORKDIR"])
+        print("DEVICES", jax.device_count())
+    """
+    losses = {}
+    for devices in (1, 4):
+        workdir = str(tmp_path / f"d{devices}")
+        result = _run_python(script, {"WORKDIR": workdir,
+                                      "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}"})
+        assert result.returncode == 0, result.stderr[-3000:]
+        assert f"DEVICES {devices}" in result.stdout
+        losses[devices] = [e["loss"] for e in _read_events(workdir) if e["split"] == "train"]
+    assert len(losses[1]) == 4
+    np.testing.assert_allclose(losses[4], losses[1], rtol=2e-5)
+
+
+def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tiny_config, tmp_path):
+    tiny_config.learning_rate = 1e30
+    tiny_config.schedule = "constant"
+    tiny_config.log_every = 1
+    tiny_config.checkpoint_every = 1
+    workdir = str(tmp_path / "nan")
+    with pytest.raises(train.NonFiniteLossError, match="non-finite loss at step"):
+        train.train_and_evaluate(tiny_config, workdir)
+    steps = os.listdir(os.path.join(workdir, "checkpoints", "latest"))
+    assert steps, "the last good checkpoint must be kept"
+    params = _final_params(workdir)
+    assert all(np.all(np.isfinite(x)) for x in jax.tree.leaves(params))
+
+
+def test_early_stopping_and_plateau(tiny_config, tmp_path):
+    tiny_config.num_train_steps = 40
+    tiny_config.eval_every = 1
+    tiny_config.checkpoint_every = 10
+    tiny_config.learning_rate = 0.0  # validation MAE never improves after the first evaluation
+    tiny_config.plateau_patience = 1
+    tiny_config.early_stopping_patience = 3
+    workdir = str(tmp_path / "early")
+    train.train_and_evaluate(tiny_config, workdir)
+    events = _read_events(workdir)
+    assert max(e["step"] for e in events if e["split"] == "validation") == 4
+    with open(os.path.join(workdir, "results.json")) as f:
+        assert json.load(f)["validation"]["checkpoint_step"] == 1
