@@ -51,6 +51,8 @@ def prepare(data_config: ml_collections.ConfigDict) -> tfds.core.DatasetBuilder:
     builder = tfds.builder(dataset_name(data_config), data_dir=data_dir, file_format="array_record")
     manual_dir = os.path.abspath(os.path.expanduser(data_config.manual_dir))
     if not builder.is_prepared():
+        if not os.path.isdir(manual_dir):
+            raise FileNotFoundError(f"config.data.manual_dir {manual_dir} does not exist")
         if jax.process_index() == 0:
             logging.info("Preparing %s from %s into %s", dataset_name(data_config), manual_dir, data_dir)
             print(f"Preparing dataset {dataset_name(data_config)} from {manual_dir} into {data_dir} ...", flush=True)

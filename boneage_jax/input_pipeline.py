@@ -1,4 +1,8 @@
-"""grain input pipelines: per-process sharding, seeded shuffle, repeat, decode, ops, batching.
+"""grain input pipelines: seeded shuffle, repeat, per-process sharding, decode, ops, batching.
+
+Every process reads its own rows of each *global* batch: the global order of examples (and each
+example's augmentation, seeded by its global position) is the same for any number of processes
+and devices, so a run on 2 hosts x 4 GPUs sees exactly the batches of a run on 1 device.
 
 A batch is a dict of numpy arrays: ``image`` float32 (B, S, S, C), ``male`` float32 (B,),
 ``boneage`` float32 months (B,), ``id`` int64 (B,) and ``weight`` float32 (B,), which is 0 for
@@ -7,6 +11,7 @@ the padding that completes an evaluation's last batch.
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Callable, Iterator
 
 import grain
@@ -48,10 +53,12 @@ def example_fn(data_config: ml_collections.ConfigDict) -> Callable[[dict], dict]
     return fn
 
 
-def augment_fn(data_config: ml_collections.ConfigDict) -> Callable[[dict, np.random.Generator], dict]:
+def augment_fn(data_config: ml_collections.ConfigDict, seed: int) -> Callable[[dict, int], dict]:
+    """Augments an example with an RNG seeded by (seed, its global position in the stream)."""
     augment = ops.build_augment(data_config.augment)
 
-    def fn(example: dict, rng: np.random.Generator) -> dict:
+    def fn(example: dict, position: int) -> dict:
+        rng = np.random.default_rng([seed, position])
         return {**example, "image": augment(example["image"], rng)}
 
     return fn
@@ -83,15 +90,39 @@ def _read_options(data_config: ml_collections.ConfigDict) -> grain.ReadOptions:
     return grain.ReadOptions(num_threads=data_config.num_threads, prefetch_buffer_size=data_config.prefetch)
 
 
+class ProcessRows(grain.MapDataset):
+    """This process's rows of every global batch, as (global position, element) pairs.
+
+    Global batch ``b`` holds positions ``[b * G, (b + 1) * G)`` of the parent; process ``p``
+    takes the ``p``-th block of ``G / num_processes`` of them, which is the block of the global
+    array that ``jax.make_array_from_process_local_data`` expects from it.
+    """
+
+    def __init__(self, parent: grain.MapDataset, global_batch: int):
+        super().__init__(parent)
+        self._global = global_batch
+        self._local = local_batch_size(global_batch)
+        self._offset = jax.process_index() * self._local
+
+    def __len__(self) -> int:
+        parent = len(self._parents[0])
+        return parent if parent == sys.maxsize else parent // self._global * self._local
+
+    def __getitem__(self, index):
+        if isinstance(index, slice):
+            return self.slice(index)
+        position = (index // self._local) * self._global + self._offset + index % self._local
+        return position, self._parents[0][position]
+
+
 def train_dataset(
     data_config: ml_collections.ConfigDict, selection: data.SplitSelection, batch_size: int, seed: int
 ) -> grain.IterDataset:
-    """Infinite, shuffled, augmented batches of this process's shard of the training split."""
+    """Infinite, shuffled, augmented batches: this process's rows of each global batch."""
     source = data.data_source(data_config, selection.tfds_split)
-    ds = grain.MapDataset.source(SelectedRecords(source, selection.indices))
-    ds = ds[jax.process_index() :: jax.process_count()]
-    ds = ds.seed(seed).shuffle().repeat(None)
-    ds = ds.map(example_fn(data_config)).random_map(augment_fn(data_config)).map(normalize_fn(data_config))
+    ds = grain.MapDataset.source(SelectedRecords(source, selection.indices)).seed(seed).shuffle().repeat(None)
+    make_example, augment, normalize = example_fn(data_config), augment_fn(data_config, seed), normalize_fn(data_config)
+    ds = ProcessRows(ds, batch_size).map(lambda item: normalize(augment(make_example(item[1]), item[0])))
     ds = ds.batch(local_batch_size(batch_size), drop_remainder=True, batch_fn=stack)
     iter_ds = ds.to_iter_dataset(_read_options(data_config))
     if data_config.num_workers > 0:
@@ -102,39 +133,22 @@ def train_dataset(
 def eval_batches(
     data_config: ml_collections.ConfigDict, selection: data.SplitSelection, batch_size: int
 ) -> Iterator[dict]:
-    """One pass over this process's shard of a split, in order, the last batch padded (weight 0).
+    """One pass over a split in order: this process's rows of each global batch.
 
-    Every process yields the same number of batches so that multi-host evaluation stays in step.
+    The last global batch is completed with copies of the first example of weight 0, so every
+    process yields the same number of batches and multi-host evaluation stays in step.
     """
     source = data.data_source(data_config, selection.tfds_split)
-    ds = grain.MapDataset.source(SelectedRecords(source, selection.indices))
-    ds = ds[jax.process_index() :: jax.process_count()]
-    ds = ds.map(example_fn(data_config)).map(normalize_fn(data_config))
-    local = local_batch_size(batch_size)
-    num_batches = -(-(-(-len(selection.indices) // jax.process_count())) // local)
-    iterator = iter(ds.batch(local, batch_fn=stack).to_iter_dataset(_read_options(data_config)))
-    template = None
-    for _ in range(num_batches):
-        batch = next(iterator, None)
-        if batch is None:  # this process's shard is shorter than the longest one
-            if template is None:
-                raise ValueError(f"process {jax.process_index()} has no examples of split {selection.tfds_split}")
-            batch = {**template, "weight": np.zeros_like(template["weight"])}
-        else:
-            batch = pad_batch(batch, local)
-        template = batch
-        yield batch
+    num = len(selection.indices)
+    padded = -(-num // batch_size) * batch_size
+    positions = grain.MapDataset.source(np.arange(padded))
+    make_example, normalize = example_fn(data_config), normalize_fn(data_config)
 
+    def example_at(position: int) -> dict:
+        real = position < num
+        example = make_example(source[int(selection.indices[position if real else 0])])
+        return normalize({**example, "weight": np.float32(real)})
 
-def pad_batch(batch: dict, size: int) -> dict:
-    """Pads a batch to ``size`` examples by repeating its first one with weight 0."""
-    n = len(batch["weight"])
-    if n == size:
-        return batch
-    out = {}
-    for key, value in batch.items():
-        pad = np.repeat(value[:1], size - n, axis=0)
-        if key == "weight":
-            pad = np.zeros_like(pad)
-        out[key] = np.concatenate([value, pad], axis=0)
-    return out
+    ds = ProcessRows(positions, batch_size).map(lambda item: example_at(int(item[1])))
+    ds = ds.batch(local_batch_size(batch_size), batch_fn=stack)
+    yield from ds.to_iter_dataset(_read_options(data_config))

@@ -5,8 +5,9 @@
 
 The dataset is prepared on first use. Re-running the same command resumes from the latest
 checkpoint in the workdir. With ``--multihost``, ``jax.distributed.initialize()`` connects the
-processes of a multi-host job first (coordinator from the environment: TPU, Slurm, or
-``JAX_COORDINATOR_ADDRESS``/``JAX_NUM_PROCESSES``/``JAX_PROCESS_ID``).
+processes of a multi-host job first: on TPU pods, Slurm and Open MPI it finds its peers from
+the environment; elsewhere pass ``--coordinator_address``, ``--num_processes`` and
+``--process_id`` (``launch/multihost.py`` does that for processes on one machine).
 """
 
 from __future__ import annotations
@@ -24,6 +25,9 @@ from boneage_jax import train, writers
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Training configuration file.", lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics and results.")
 _MULTIHOST = flags.DEFINE_bool("multihost", False, "Call jax.distributed.initialize() before anything else.")
+_COORDINATOR = flags.DEFINE_string("coordinator_address", None, "host:port of process 0 (multi-host).")
+_NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Number of processes (multi-host).")
+_PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index (multi-host).")
 flags.mark_flags_as_required(["config", "workdir"])
 
 
@@ -33,7 +37,10 @@ def main(argv: list[str]) -> None:
     if not flags.FLAGS["verbosity"].present:
         logging.set_verbosity(logging.WARNING)  # progress goes to stdout; -v 0 shows library logs
     if _MULTIHOST.value:
-        jax.distributed.initialize()
+        jax.config.update("jax_cpu_collectives_implementation", "gloo")  # CPU collectives across processes
+        jax.distributed.initialize(
+            coordinator_address=_COORDINATOR.value, num_processes=_NUM_PROCESSES.value, process_id=_PROCESS_ID.value
+        )
     config = _CONFIG.value
     workdir = _WORKDIR.value
     os.makedirs(workdir, exist_ok=True)

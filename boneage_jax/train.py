@@ -100,7 +100,8 @@ def lr_scale(opt_state) -> float:
 
 def set_lr_scale(opt_state, value: float):
     old = opt_state[-1].hyperparams["step_size"]
-    opt_state[-1].hyperparams["step_size"] = jax.device_put(jnp.asarray(value, old.dtype), old.sharding)
+    new = np.asarray(value, old.dtype)
+    opt_state[-1].hyperparams["step_size"] = jax.make_array_from_process_local_data(old.sharding, new)
     return opt_state
 
 
@@ -226,15 +227,27 @@ def restore_checkpoint(manager: ocp.CheckpointManager, abstract_state: dict, ite
 # ----------------------------------------------------------------------------- the loop
 
 
-def build_model(config: ml_collections.ConfigDict, in_channels: int):
-    """The model split into (train graphdef, eval graphdef, params, rng state, other state)."""
-    model = models.create_model(config.model, in_channels=in_channels, image_size=config.data.image_size,
-                                seed=config.seed)
-    model.train()
-    graphdef, params, rng_state, rest = nnx.split(model, nnx.Param, nnx.RngState, ...)
-    model.eval()
-    eval_graphdef = nnx.split(model, nnx.Param, nnx.RngState, ...)[0]
-    return graphdef, eval_graphdef, params, rng_state, rest
+def init_model_state(config: ml_collections.ConfigDict, in_channels: int, tx: optax.GradientTransformation,
+                     sharding: NamedSharding):
+    """Builds the model inside ``jax.jit`` so its state lands replicated on every device of every
+    process. Returns (train graphdef, eval graphdef, train state, dropout RNG state)."""
+
+    def create() -> models.BoneAgeModel:
+        return models.create_model(config.model, in_channels=in_channels, image_size=config.data.image_size,
+                                   seed=config.seed)
+
+    def init():
+        _, params, rng_state, rest = nnx.split(create(), nnx.Param, nnx.RngState, ...)
+        state = {"step": jnp.zeros((), jnp.int32), "params": params, "rest": rest, "opt_state": tx.init(params)}
+        return state, rng_state
+
+    abstract = nnx.eval_shape(create)
+    abstract.train()
+    graphdef = nnx.split(abstract, nnx.Param, nnx.RngState, ...)[0]
+    abstract.eval()
+    eval_graphdef = nnx.split(abstract, nnx.Param, nnx.RngState, ...)[0]
+    state, rng_state = jax.jit(init, out_shardings=sharding)()
+    return graphdef, eval_graphdef, state, rng_state
 
 
 def _log(message: str) -> None:
@@ -276,15 +289,12 @@ def train_and_evaluate(
     )
 
     # Model and optimiser.
-    graphdef, eval_graphdef, params, rng_state, rest = build_model(config, in_channels)
-    num_params = sum(x.size for x in jax.tree.leaves(params))
-    _log(f"Model: {config.model.name} ({num_params:,} parameters), {total_steps} steps, "
-         f"batch {config.batch_size} on {jax.device_count()} device(s)")
     tx = make_optimizer(config, total_steps)
-    state = {"step": jnp.zeros((), jnp.int32), "params": params, "rest": rest, "opt_state": tx.init(params)}
-    state = jax.device_put(state, replicated)
-    rng_state = jax.device_put(rng_state, replicated)
-    base_key = jax.device_put(jax.random.key(config.seed), replicated)
+    graphdef, eval_graphdef, state, rng_state = init_model_state(config, in_channels, tx, replicated)
+    base_key = jax.jit(lambda: jax.random.key(config.seed), out_shardings=replicated)()
+    num_params = sum(x.size for x in jax.tree.leaves(state["params"]))
+    _log(f"Model: {config.model.name} ({num_params:,} parameters), {total_steps} steps, "
+         f"batch {config.batch_size} on {jax.device_count()} device(s) in {jax.process_count()} process(es)")
 
     step_fn = jax.jit(
         functools.partial(train_step, graphdef=graphdef, tx=tx, loss=loss_fn_for(config.loss), stats=stats),

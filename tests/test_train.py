@@ -39,13 +39,7 @@ def _final_params(workdir: str) -> dict:
 
 def test_main_writes_every_output(tiny_config, tmp_path):
     workdir = str(tmp_path / "run")
-    overrides = {
-        "data.manual_dir": tiny_config.data.manual_dir, "data.data_dir": tiny_config.data.data_dir,
-        "data.image_size": 32, "model.kwargs.filters": "(4,8)", "model.head_hidden": "(8,)", "batch_size": 8,
-        "eval_batch_size": 8, "num_train_steps": 4, "log_every": 2, "eval_every": 2, "checkpoint_every": 2,
-        "warmup_steps": 0,
-    }
-    args = [f"--config.{k}={v}" for k, v in overrides.items()]
+    args = _overrides(tiny_config, log_every=2)
     result = subprocess.run(
         [sys.executable, "-m", "boneage_jax.main", "--config=configs/demo.py", f"--workdir={workdir}", *args],
         cwd=REPO, capture_output=True, text=True, timeout=300,
@@ -99,29 +93,41 @@ def test_killed_run_resumes_to_identical_parameters(tiny_config, tmp_path):
     assert steps == sorted(set(steps)), "a resumed run must not log a step twice"
 
 
-def test_four_devices_give_the_same_losses_as_one(tiny_config, tmp_path):
-    tiny_config.num_train_steps = 4
-    tiny_config.log_every = 1
-    config_json = tiny_config.to_json()
-    script = f"""
-        import os, json, jax, ml_collections
-        from boneage_jax import train
-        config = ml_collections.ConfigDict(json.loads({config_json!r}))
-        config.model.kwargs.filters = tuple(config.model.kwargs.filters)
-        config.model.head_hidden = tuple(config.model.head_hidden)
-        train.train_and_evaluate(config, os.environ["WORKDIR"])
-        print("DEVICES", jax.device_count())
-    """
+def _overrides(config, **changes) -> list[str]:
+    values = {
+        "data.manual_dir": config.data.manual_dir, "data.data_dir": config.data.data_dir,
+        "data.image_size": config.data.image_size, "model.kwargs.filters": "(4,8)", "model.head_hidden": "(8,)",
+        "batch_size": 8, "eval_batch_size": 8, "num_train_steps": 4, "log_every": 1, "eval_every": 2,
+        "checkpoint_every": 2, "warmup_steps": 0, **changes,
+    }
+    return [f"--config.{k}={v}" for k, v in values.items()]
+
+
+def test_data_parallel_and_multi_process_give_the_same_losses(tiny_config, tmp_path):
+    """1 device, 4 devices, and 2 processes x 2 devices: the same global batch, the same losses."""
     losses = {}
     for devices in (1, 4):
         workdir = str(tmp_path / f"d{devices}")
-        result = _run_python(script, {"WORKDIR": workdir,
-                                      "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}"})
-        assert result.returncode == 0, result.stderr[-3000:]
-        assert f"DEVICES {devices}" in result.stdout
+        result = subprocess.run(
+            [sys.executable, "-m", "launch.local", "--config=configs/demo.py", f"--workdir={workdir}",
+             f"--cpu_devices={devices}", "--", *_overrides(tiny_config)],
+            cwd=REPO, capture_output=True, text=True, timeout=300)
+        assert result.returncode == 0, result.stdout[-3000:]
+        assert f"on {devices} device(s) in 1 process(es)" in result.stdout
         losses[devices] = [e["loss"] for e in _read_events(workdir) if e["split"] == "train"]
+    workdir = str(tmp_path / "multihost")
+    result = subprocess.run(
+        [sys.executable, "-m", "launch.multihost", "--num_processes=2", "--cpu_devices=2",
+         "--config=configs/demo.py", f"--workdir={workdir}", "--", *_overrides(tiny_config)],
+        cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert "on 4 device(s) in 2 process(es)" in result.stdout
+    losses["2x2"] = [e["loss"] for e in _read_events(workdir) if e["split"] == "train"]
     assert len(losses[1]) == 4
     np.testing.assert_allclose(losses[4], losses[1], rtol=2e-5)
+    np.testing.assert_allclose(losses["2x2"], losses[1], rtol=2e-5)
+    with open(os.path.join(workdir, "results.json")) as f:
+        assert json.load(f)["test"]["num_examples"] == 16  # gathered from both processes
 
 
 def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tiny_config, tmp_path):

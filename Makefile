@@ -1,0 +1,37 @@
+# boneage_jax: set-up, demo and tests. Every target creates or updates .venv first.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed-stamp
+
+PHANTOM_DIR := data/phantom
+DEMO_WORKDIR := runs/demo
+DEMO_TRAIN ?= 2000
+DEMO_VALIDATION ?= 200
+DEMO_TEST ?= 200
+
+.PHONY: venv demo test test-slow clean-demo
+
+venv: $(STAMP)
+
+$(STAMP): setup.cfg pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -e '.[test]'
+	touch $(STAMP)
+
+# Phantom radiographs -> TFDS build -> train configs/demo.py -> test MAE beside the baseline.
+demo: venv
+	test -f $(PHANTOM_DIR)/boneage-training-dataset.csv || $(PY) -m tfds_rsna.phantom --out $(PHANTOM_DIR) \
+		--num_train $(DEMO_TRAIN) --num_validation $(DEMO_VALIDATION) --num_test $(DEMO_TEST) --seed 0 --num_workers 2
+	$(PY) -m boneage_jax.main --config=configs/demo.py --workdir=$(DEMO_WORKDIR)
+
+test: venv
+	$(PY) -m pytest -q -m "not slow" tests
+
+# The papers' resolutions and long checks (minutes to hours on a CPU).
+test-slow: venv
+	$(PY) -m pytest -q -m slow tests
+
+clean-demo:
+	rm -rf $(PHANTOM_DIR) data/tfds $(DEMO_WORKDIR)

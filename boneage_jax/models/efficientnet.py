@@ -1,0 +1,211 @@
+"""EfficientNet B0-B7 in the layout of ``keras.applications.EfficientNetB*`` (``include_top=False,
+pooling="avg"``).
+
+Stem: ``stem_conv`` (3x3/2, no bias, Keras ``correct_pad`` zero padding), ``stem_bn``, swish.
+Then MBConv blocks ``block{stage}{letter}_`` (``expand_conv`` 1x1 + ``expand_bn`` + swish when the
+expand ratio is not 1; ``dwconv`` depthwise kxk, ``correct_pad`` before stride 2, ``"same"``
+otherwise; ``bn`` + swish; squeeze-excitation ``se_reduce`` (1x1 with bias, swish) and
+``se_expand`` (1x1 with bias, sigmoid) on the global average; ``project_conv`` 1x1 + ``project_bn``;
+identity shortcut with drop-connect (stochastic depth, rate ``0.2 * block / num_blocks``, one
+Bernoulli per example, as Keras's ``Dropout(noise_shape=(None, 1, 1, 1))``) when shapes allow).
+Then ``top_conv`` 1x1 + ``top_bn`` + swish and global average pooling. Widths and depths scale
+with Keras's ``round_filters`` / ``round_repeats``. BatchNorm epsilon 1e-3, momentum 0.99.
+Depthwise convolutions use ``layers.DepthwiseConv`` (shifted multiply-adds).
+
+Preprocessing. Keras's EfficientNet contains its input preprocessing: ``Rescaling(1/255)``, a
+``Normalization`` layer (its mean/variance are weights of the ImageNet files) and, for
+``weights="imagenet"``, a further ``Rescaling(1/sqrt(std))``; together they turn RGB in [0, 255]
+into ``(x / 255 - mean) / std`` with the ImageNet mean (0.485, 0.456, 0.406) and std (0.229,
+0.224, 0.225). Our backbone does NOT contain these layers (our pipeline normalises images
+itself; ``load_keras`` ignores the ``normalization``/``rescaling`` weights). To reproduce Keras
+with ImageNet weights either feed ``(x / 255 - mean) / std`` yourself, or scale images to [0, 1]
+(``data.normalize="value_range|grey_to_rgb"``) and build the backbone with
+``imagenet_normalize=True`` (``--config.model.kwargs.imagenet_normalize=True``; 3-channel input
+only), which applies that mean/std inside the model. With ``weights=None`` Keras's
+``Normalization`` is the identity, so a Keras model fed ``x`` equals ours fed ``x / 255``; the
+parity tests compare exactly that.
+"""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from boneage_jax.models import layers, register
+
+BN = {"epsilon": 1e-3, "momentum": 0.99}
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+# kernel, repeats, filters_in, filters_out, expand_ratio, strides (se_ratio 0.25, id_skip True)
+BLOCKS = (
+    (3, 1, 32, 16, 1, 1),
+    (3, 2, 16, 24, 6, 2),
+    (5, 2, 24, 40, 6, 2),
+    (3, 3, 40, 80, 6, 2),
+    (5, 3, 80, 112, 6, 1),
+    (5, 4, 112, 192, 6, 2),
+    (3, 1, 192, 320, 6, 1),
+)
+SE_RATIO = 0.25
+# name: (width coefficient, depth coefficient, default resolution, top dropout)
+VARIANTS = {
+    "b0": (1.0, 1.0, 224, 0.2),
+    "b1": (1.0, 1.1, 240, 0.2),
+    "b2": (1.1, 1.2, 260, 0.3),
+    "b3": (1.2, 1.4, 300, 0.3),
+    "b4": (1.4, 1.8, 380, 0.4),
+    "b5": (1.6, 2.2, 456, 0.4),
+    "b6": (1.8, 2.6, 528, 0.5),
+    "b7": (2.0, 3.1, 600, 0.5),
+}
+
+
+def round_filters(filters: float, width: float, divisor: int = 8) -> int:
+    filters *= width
+    new = max(divisor, int(filters + divisor / 2) // divisor * divisor)
+    if new < 0.9 * filters:
+        new += divisor
+    return int(new)
+
+
+def round_repeats(repeats: int, depth: float) -> int:
+    return int(math.ceil(depth * repeats))
+
+
+def correct_pad(size: tuple[int, int], kernel: int) -> tuple[tuple[int, int], tuple[int, int]]:
+    """``keras.applications.imagenet_utils.correct_pad`` for a known input size."""
+    adjust = (1 - size[0] % 2, 1 - size[1] % 2)
+    c = kernel // 2
+    return (c - adjust[0], c), (c - adjust[1], c)
+
+
+class MBConv(nnx.Module):
+    def __init__(self, name, cin, cout, kernel, strides, expand, drop_rate, *, dtype, rngs):
+        self.name = name
+        self.kernel = kernel
+        self.strides = strides
+        filters = cin * expand
+        self.expand = expand
+        if expand != 1:
+            self.expand_conv = nnx.Conv(cin, filters, (1, 1), use_bias=False, dtype=dtype, rngs=rngs)
+            self.expand_bn = nnx.BatchNorm(filters, **BN, dtype=dtype, rngs=rngs)
+        padding = "VALID" if strides == 2 else "SAME"
+        self.dwconv = layers.DepthwiseConv(filters, kernel, strides, padding=padding, use_bias=False, dtype=dtype, rngs=rngs)
+        self.bn = nnx.BatchNorm(filters, **BN, dtype=dtype, rngs=rngs)
+        se = max(1, int(cin * SE_RATIO))
+        self.se_reduce = nnx.Conv(filters, se, (1, 1), dtype=dtype, rngs=rngs)
+        self.se_expand = nnx.Conv(se, filters, (1, 1), dtype=dtype, rngs=rngs)
+        self.project_conv = nnx.Conv(filters, cout, (1, 1), use_bias=False, dtype=dtype, rngs=rngs)
+        self.project_bn = nnx.BatchNorm(cout, **BN, dtype=dtype, rngs=rngs)
+        self.skip = strides == 1 and cin == cout
+        self.drop = nnx.Dropout(drop_rate, broadcast_dims=(1, 2, 3), rngs=rngs)
+
+    def keras_layers(self):
+        names = (["expand_conv", "expand_bn"] if self.expand != 1 else []) + [
+            "dwconv", "bn", "se_reduce", "se_expand", "project_conv", "project_bn"]
+        return [(f"{self.name}{n}", getattr(self, n)) for n in names]
+
+    def __call__(self, inputs):
+        x = inputs
+        if self.expand != 1:
+            x = nnx.swish(self.expand_bn(self.expand_conv(x)))
+        if self.strides == 2:
+            top, left = correct_pad(x.shape[1:3], self.kernel)
+            x = jnp.pad(x, ((0, 0), top, left, (0, 0)))
+        x = nnx.swish(self.bn(self.dwconv(x)))
+        se = layers.global_avg_pool(x)[:, None, None, :]
+        se = jax.nn.sigmoid(self.se_expand(nnx.swish(self.se_reduce(se))))
+        x = self.project_bn(self.project_conv(x * se))
+        if self.skip:
+            x = self.drop(x) + inputs
+        return x
+
+
+class EfficientNet(nnx.Module):
+    def __init__(
+        self,
+        variant: str = "b0",
+        *,
+        in_channels: int = 3,
+        dtype=jnp.float32,
+        rngs: nnx.Rngs,
+        drop_connect_rate: float = 0.2,
+        imagenet_normalize: bool = False,
+    ):
+        if variant not in VARIANTS:
+            raise ValueError(f"EfficientNet variant {variant!r}; expected one of {sorted(VARIANTS)}")
+        if imagenet_normalize and in_channels != 3:
+            raise ValueError("imagenet_normalize needs in_channels=3 (per-channel RGB mean/std)")
+        width, depth, self.default_size, _ = VARIANTS[variant]
+        self.variant = variant
+        self.in_channels = in_channels
+        self.dtype = dtype
+        self.imagenet_normalize = imagenet_normalize
+        stem = round_filters(32, width)
+        self.stem_conv = nnx.Conv(in_channels, stem, (3, 3), (2, 2), padding="VALID", use_bias=False, dtype=dtype, rngs=rngs)
+        self.stem_bn = nnx.BatchNorm(stem, **BN, dtype=dtype, rngs=rngs)
+        total = float(sum(round_repeats(b[1], depth) for b in BLOCKS))
+        blocks, index = [], 0
+        for stage, (kernel, repeats, fin, fout, expand, strides) in enumerate(BLOCKS, start=1):
+            fin, fout = round_filters(fin, width), round_filters(fout, width)
+            for j in range(round_repeats(repeats, depth)):
+                blocks.append(MBConv(
+                    f"block{stage}{chr(j + 97)}_", fin if j == 0 else fout, fout, kernel, strides if j == 0 else 1,
+                    expand, drop_connect_rate * index / total, dtype=dtype, rngs=rngs,
+                ))
+                index += 1
+        self.blocks = nnx.List(blocks)
+        top = round_filters(1280, width)
+        self.top_conv = nnx.Conv(round_filters(320, width), top, (1, 1), use_bias=False, dtype=dtype, rngs=rngs)
+        self.top_bn = nnx.BatchNorm(top, **BN, dtype=dtype, rngs=rngs)
+        self.num_features = top
+
+    def features(self, x: jnp.ndarray) -> jnp.ndarray:
+        """The ``top_activation`` feature map (stride 32)."""
+        x = x.astype(self.dtype)
+        if self.imagenet_normalize:
+            x = (x - jnp.asarray(IMAGENET_MEAN, self.dtype)) / jnp.asarray(IMAGENET_STD, self.dtype)
+        top, left = correct_pad(x.shape[1:3], 3)
+        x = jnp.pad(x, ((0, 0), top, left, (0, 0)))
+        x = nnx.swish(self.stem_bn(self.stem_conv(x)))
+        for block in self.blocks:
+            x = block(x)
+        return nnx.swish(self.top_bn(self.top_conv(x)))
+
+    def __call__(self, x: jnp.ndarray) -> jnp.ndarray:
+        return layers.global_avg_pool(self.features(x))
+
+    def keras_layers(self) -> list[tuple[str, nnx.Module]]:
+        named = [("stem_conv", self.stem_conv), ("stem_bn", self.stem_bn)]
+        for block in self.blocks:
+            named += block.keras_layers()
+        return named + [("top_conv", self.top_conv), ("top_bn", self.top_bn)]
+
+    def load_keras(self, weights: dict[str, list[np.ndarray]]) -> None:
+        source = layers.KerasLayers(weights)
+        for name, module in self.keras_layers():
+            stem = self.in_channels if name == "stem_conv" else None
+            layers.keras_load(module, source.take(name), name, in_channels=stem)
+        source.finish()
+
+
+def _variant(variant):
+    def build(
+        *, in_channels: int, dtype=jnp.float32, rngs: nnx.Rngs, drop_connect_rate: float = 0.2,
+        imagenet_normalize: bool = False,
+    ) -> EfficientNet:
+        return EfficientNet(
+            variant, in_channels=in_channels, dtype=dtype, rngs=rngs, drop_connect_rate=drop_connect_rate,
+            imagenet_normalize=imagenet_normalize,
+        )
+
+    build.__doc__ = f"keras.applications.EfficientNet{variant.upper()} layout."
+    return build
+
+
+for _v in VARIANTS:
+    globals()[f"efficientnet_{_v}"] = register(f"efficientnet_{_v}")(_variant(_v))

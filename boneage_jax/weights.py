@@ -1,0 +1,317 @@
+"""Pretrained weights: import Keras / torch weight files into our backbones, save and restore them.
+
+Import protocol
+---------------
+A backbone class that can import weights implements one or both of
+
+- ``load_keras(self, layers: dict[str, list[np.ndarray]]) -> None``: ``layers`` maps each Keras
+  layer name to that layer's weight arrays in Keras order (``Conv2D``: kernel (kh, kw, in, out)
+  [, bias]; ``DepthwiseConv2D``: depthwise_kernel (kh, kw, C, 1) [, bias]; ``SeparableConv2D``:
+  depthwise_kernel, pointwise_kernel (1, 1, in, out) [, bias]; ``BatchNormalization``: [gamma]
+  [, beta], moving_mean, moving_variance; ``Dense``: kernel (in, out) [, bias]). Layers without
+  weights may be present with empty lists.
+- ``load_torch(self, tensors: dict[str, np.ndarray]) -> None``: ``tensors`` is a torch state dict
+  (``conv1.weight`` (out, in, kh, kw), ``bn1.running_mean``, ... as numpy arrays).
+
+Both copy every array through ``boneage_jax.models.layers.assign`` (or the loaders built on it:
+``keras_conv``, ``keras_bn``, ``keras_depthwise``, ``keras_dense``, ``torch_conv``, ``torch_bn``,
+``torch_linear``), which raises ``layers.WeightMismatchError`` naming the layer and both shapes.
+A layer the model needs but the file lacks raises ``WeightMismatchError("layer NAME: missing
+from the weight file")`` (``layers.KerasLayers.take`` / ``layers.TorchTensors.take`` do this),
+and a weighted layer of the file the model does not use raises too (their ``finish()``; the
+classifier of a with-top file is ignored). An RGB stem kernel is summed over its input channels
+when the backbone was built with ``in_channels=1`` (``layers.stem_kernel``). Typical shape::
+
+    def load_torch(self, tensors):
+        source = layers.TorchTensors(tensors, ignore=r"^fc\\.")
+        layers.torch_conv(self.conv1, source, "conv1", in_channels=self.in_channels)
+        layers.torch_bn(self.bn1, source, "bn1")
+        ...
+        source.finish()
+
+Readers
+-------
+``read_keras_h5`` reads the legacy Keras HDF5 layout of the official ImageNet files
+(``*_weights_tf_dim_ordering_tf_kernels_notop.h5``: root attribute ``layer_names``, each layer
+group with attribute ``weight_names`` naming its datasets in order), a full legacy model file
+(the same under ``model_weights``), and Keras 3 ``.weights.h5`` files (``layers/NAME/vars/i``).
+``read_safetensors`` reads ``.safetensors``; ``read_torch`` reads ``.pth``/``.pt`` with
+``torch.load(weights_only=True)`` (needs torch; otherwise convert the file to safetensors).
+
+Pretrained directories
+----------------------
+``python -m boneage_jax.weights --from keras|torch --model NAME --in FILE --out DIR
+[--in_channels 3]`` builds the backbone ``NAME``, imports ``FILE`` and writes ``DIR`` atomically
+(through a temporary sibling directory renamed at the end) with
+
+- ``DIR/state``: an Orbax checkpoint of the backbone's parameters and batch statistics as a pure
+  dict (``nnx.to_pure_dict`` of ``nnx.state(backbone, (nnx.Param, nnx.BatchStat))``, keys as
+  strings);
+- ``DIR/boneage_jax_weights.json``: model name, in_channels, source file, framework.
+
+``load_pretrained(backbone, DIR)`` restores it into a freshly built backbone of the same family
+(the training loop calls it on ``model.backbone`` for ``--config.init_from=DIR``, so the head
+stays freshly initialised) and names the first mismatching layer if it does not fit.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import sys
+import tempfile
+from collections.abc import Sequence
+
+import numpy as np
+from flax import nnx
+
+from boneage_jax.models import layers as L
+
+METADATA = "boneage_jax_weights.json"
+STATE = "state"
+FRAMEWORKS = ("keras", "torch")
+
+
+# ----------------------------------------------------------------------------- readers
+
+
+def _text(value) -> str:
+    return value.decode("utf8") if isinstance(value, bytes) else str(value)
+
+
+def read_keras_h5(path: str) -> dict[str, list[np.ndarray]]:
+    """Keras layer name -> weight arrays in Keras order, in the file's layer order."""
+    import h5py  # pylint: disable=import-outside-toplevel
+
+    with h5py.File(path, "r") as f:
+        root = f["model_weights"] if "model_weights" in f else f
+        if "layer_names" in root.attrs:
+            out = {}
+            for name in (_text(n) for n in root.attrs["layer_names"]):
+                group = root[name]
+                out[name] = [np.asarray(group[_text(w)]) for w in group.attrs.get("weight_names", [])]
+            return out
+        if "layers" in root:  # Keras 3 ``.weights.h5``: layers/NAME/vars/0, 1, ...
+            out = {}
+            for name, group in root["layers"].items():
+                arrays = group["vars"] if "vars" in group else {}
+                out[name] = [np.asarray(arrays[str(i)]) for i in range(len(arrays))]
+            return out
+    raise ValueError(
+        f"{path}: not a Keras weight file (no root attribute 'layer_names' and no 'layers' group)"
+    )
+
+
+def write_keras_h5(path: str, layers: dict[str, Sequence[np.ndarray]], weight_names: dict[str, Sequence[str]] | None = None) -> None:
+    """Writes the legacy layout of the official Keras ImageNet files.
+
+    Root attributes ``layer_names`` (all layers, in model order), ``backend`` and
+    ``keras_version``; one group per layer with attribute ``weight_names`` (``NAME/kernel:0``
+    style, as Keras 2 wrote them) and the datasets at those paths inside the group.
+    """
+    import h5py  # pylint: disable=import-outside-toplevel
+
+    with h5py.File(path, "w") as f:
+        f.attrs["layer_names"] = np.array([n.encode("utf8") for n in layers], dtype="S")
+        f.attrs["backend"] = b"tensorflow"
+        f.attrs["keras_version"] = b"2.2.4"
+        for name, arrays in layers.items():
+            group = f.create_group(name)
+            names = list(weight_names[name]) if weight_names and name in weight_names else [
+                f"{name}/w{i}:0" for i in range(len(arrays))
+            ]
+            group.attrs["weight_names"] = np.array([n.encode("utf8") for n in names], dtype="S")
+            for wname, array in zip(names, arrays):
+                group.create_dataset(wname, data=np.asarray(array))
+
+
+def read_safetensors(path: str) -> dict[str, np.ndarray]:
+    from safetensors.numpy import load_file  # pylint: disable=import-outside-toplevel
+
+    return dict(load_file(path))
+
+
+def read_torch(path: str) -> dict[str, np.ndarray]:
+    """A ``.pth``/``.pt`` state dict (or a checkpoint dict holding ``state_dict``/``model``)."""
+    try:
+        import torch  # pylint: disable=import-outside-toplevel
+    except ImportError as e:
+        raise ImportError(
+            f"reading {path} needs torch: `pip install torch`, or convert the state dict to safetensors "
+            "elsewhere (safetensors.torch.save_file(model.state_dict(), 'weights.safetensors')) and pass that"
+        ) from e
+    obj = torch.load(path, map_location="cpu", weights_only=True)
+    for key in ("state_dict", "model", "model_state_dict"):
+        if isinstance(obj, dict) and key in obj and isinstance(obj[key], dict):
+            obj = obj[key]
+    if not isinstance(obj, dict):
+        raise ValueError(f"{path}: expected a state dict, got {type(obj).__name__}")
+    out = {}
+    for name, tensor in obj.items():
+        if hasattr(tensor, "detach"):
+            tensor = tensor.detach().cpu()
+            out[name] = tensor.float().numpy() if tensor.is_floating_point() else tensor.numpy()
+    return {(k[len("module."):] if k.startswith("module.") else k): v for k, v in out.items()}
+
+
+def read_weights(path: str, framework: str):
+    """Reads ``path`` for ``framework`` ("keras": .h5; "torch": .safetensors, .pth, .pt, .bin)."""
+    if not os.path.exists(path):
+        raise FileNotFoundError(path)
+    lower = path.lower()
+    if framework == "keras":
+        if lower.endswith((".h5", ".hdf5", ".keras.h5", ".weights.h5")):
+            return read_keras_h5(path)
+        raise ValueError(f"{path}: Keras weights must be an HDF5 file (.h5)")
+    if framework == "torch":
+        if lower.endswith(".safetensors"):
+            return read_safetensors(path)
+        if lower.endswith((".pth", ".pt", ".bin", ".ckpt")):
+            return read_torch(path)
+        raise ValueError(f"{path}: torch weights must be .safetensors or .pth/.pt")
+    raise ValueError(f"framework {framework!r}; expected one of {FRAMEWORKS}")
+
+
+def import_weights(backbone: nnx.Module, path: str, framework: str) -> None:
+    """Reads ``path`` and copies it into ``backbone`` with its ``load_keras``/``load_torch``."""
+    method = {"keras": "load_keras", "torch": "load_torch"}.get(framework)
+    if method is None:
+        raise ValueError(f"framework {framework!r}; expected one of {FRAMEWORKS}")
+    if not hasattr(backbone, method):
+        raise ValueError(f"{type(backbone).__name__} cannot import {framework} weights (no {method} method)")
+    getattr(backbone, method)(read_weights(path, framework))
+
+
+# ----------------------------------------------------------------------------- save / restore
+
+
+def _saved_state(backbone: nnx.Module):
+    return nnx.state(backbone, (nnx.Param, nnx.BatchStat))
+
+
+def _stringify(tree):
+    if isinstance(tree, dict):
+        return {str(k): _stringify(v) for k, v in tree.items()}
+    return np.asarray(tree)
+
+
+def _flatten(tree, prefix: str = "") -> dict[str, np.ndarray]:
+    out = {}
+    for key, value in tree.items():
+        path = f"{prefix}/{key}" if prefix else str(key)
+        if isinstance(value, dict):
+            out.update(_flatten(value, path))
+        else:
+            out[path] = value
+    return out
+
+
+def save_pretrained(backbone: nnx.Module, directory: str, metadata: dict, overwrite: bool = False) -> None:
+    """Writes ``directory`` (Orbax ``state`` + metadata JSON) atomically."""
+    import orbax.checkpoint as ocp  # pylint: disable=import-outside-toplevel
+
+    directory = os.path.abspath(directory)
+    if os.path.exists(directory) and not overwrite:
+        raise FileExistsError(f"{directory} exists; pass --overwrite to replace it")
+    parent = os.path.dirname(directory)
+    os.makedirs(parent, exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(directory)}.tmp-", dir=parent)
+    try:
+        pure = _stringify(nnx.to_pure_dict(_saved_state(backbone)))
+        checkpointer = ocp.StandardCheckpointer()
+        checkpointer.save(os.path.join(tmp, STATE), pure)
+        checkpointer.wait_until_finished()
+        checkpointer.close()
+        with open(os.path.join(tmp, METADATA), "w") as f:
+            json.dump(metadata, f, indent=2)
+        if os.path.exists(directory):
+            shutil.rmtree(directory)
+        os.rename(tmp, directory)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def read_metadata(directory: str) -> dict:
+    with open(os.path.join(directory, METADATA)) as f:
+        return json.load(f)
+
+
+def load_pretrained(backbone: nnx.Module, directory: str) -> None:
+    """Restores a directory written by ``save_pretrained`` into ``backbone`` (in place).
+
+    Every parameter and batch statistic of ``backbone`` must be in the checkpoint with the same
+    shape and the checkpoint must hold nothing else; otherwise ``WeightMismatchError`` names the
+    first mismatching layer.
+    """
+    import orbax.checkpoint as ocp  # pylint: disable=import-outside-toplevel
+
+    directory = os.path.abspath(directory)
+    path = os.path.join(directory, STATE)
+    if not os.path.isdir(path):
+        raise FileNotFoundError(f"{directory} holds no pretrained weights (no {STATE}/); write it with "
+                                "python -m boneage_jax.weights")
+    meta = read_metadata(directory) if os.path.exists(os.path.join(directory, METADATA)) else {}
+    checkpointer = ocp.StandardCheckpointer()
+    restored = _flatten(checkpointer.restore(path))
+    checkpointer.close()
+    state = _saved_state(backbone)
+    expected = _flatten(_stringify(nnx.to_pure_dict(state)))
+    origin = f" ({meta.get('model')}, in_channels={meta.get('in_channels')})" if meta else ""
+    for name, value in expected.items():
+        if name not in restored:
+            raise L.WeightMismatchError(f"layer {name}: missing from the pretrained weights in {directory}{origin}")
+        if tuple(np.shape(restored[name])) != tuple(value.shape):
+            raise L.WeightMismatchError(
+                f"layer {name}: the model expects shape {tuple(value.shape)}, {directory}{origin} has "
+                f"{tuple(np.shape(restored[name]))}"
+            )
+    extra = [name for name in restored if name not in expected]
+    if extra:
+        raise L.WeightMismatchError(f"layer {extra[0]}: in {directory}{origin} but not in the model")
+    for path_key, variable in nnx.to_flat_state(state):
+        name = "/".join(str(k) for k in path_key)
+        L.assign(variable, np.asarray(restored[name]), name)
+    nnx.update(backbone, state)
+
+
+# ----------------------------------------------------------------------------- CLI
+
+
+def convert(model: str, framework: str, source: str, out: str, in_channels: int = 3, overwrite: bool = False) -> nnx.Module:
+    """Builds backbone ``model``, imports ``source`` and writes the pretrained directory ``out``."""
+    from boneage_jax import models  # pylint: disable=import-outside-toplevel
+
+    backbone = models.create_backbone(model, in_channels=in_channels, image_size=224, rngs=nnx.Rngs(0))
+    import_weights(backbone, source, framework)
+    save_pretrained(
+        backbone,
+        out,
+        {"model": model, "in_channels": in_channels, "source": os.path.abspath(source), "framework": framework},
+        overwrite=overwrite,
+    )
+    return backbone
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m boneage_jax.weights", description=__doc__.split("\n")[0])
+    parser.add_argument("--from", dest="framework", choices=FRAMEWORKS, required=True)
+    parser.add_argument("--model", required=True, help="a registered backbone name, e.g. resnet50")
+    parser.add_argument("--in", dest="source", required=True, help="the weight file")
+    parser.add_argument("--out", required=True, help="the directory to write")
+    parser.add_argument("--in_channels", type=int, default=3, choices=(1, 3))
+    parser.add_argument("--overwrite", action="store_true")
+    args = parser.parse_args(argv)
+    try:
+        convert(args.model, args.framework, args.source, args.out, args.in_channels, args.overwrite)
+    except (L.WeightMismatchError, ValueError, FileNotFoundError, FileExistsError, ImportError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    print(f"wrote {os.path.abspath(args.out)}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""Launchers: one process (local.py), several processes or hosts (multihost.py)."""
