@@ -1,4 +1,4 @@
-r"""The quick CPU demo: the 4-layer CNN (global-pooled) on phantom radiographs at 128 px.
+r"""The quick CPU demo: a small CNN in the style of Memon & Cuomo on phantom radiographs at 128 px.
 
     python -m tfds_rsna.phantom --out data/phantom --num_train 2000 --num_validation 200 \
         --num_test 200 --seed 0
@@ -22,12 +22,13 @@ def get_config():
     config.data.augment = "flip|affine(rotation=10, shift=0.05, zoom=0.05)"
     config.model.name = "cnn_memon"
     config.model.kwargs.pool = "avg"
-    config.model.kwargs.filters = (16, 32, 64, 128)
+    config.model.kwargs.filters = (16, 32, 64, 128, 128)  # one stage more than the paper's four
+    config.model.kwargs.batch_norm = True
     config.model.sex_fusion = "concat"
     config.model.head_hidden = (64,)
     config.batch_size = 32
     config.num_train_steps = 1500
-    config.learning_rate = 3e-3
+    config.learning_rate = 2e-3
     config.warmup_steps = 50
     config.log_every = 50
     config.eval_every = 250
