@@ -6,7 +6,7 @@ restores the latest checkpoint if there is one, runs the jit-compiled train step
 best checkpoint by validation MAE), and finally scores the best checkpoint on validation and
 test into ``results.json``.
 
-Bone age is regressed in z-score units of the training labels and reported in months.
+What the outputs mean and how they are trained (regression, Gaussian, age classes): ``objectives.py``.
 """
 
 from __future__ import annotations
@@ -31,7 +31,7 @@ from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from boneage_jax import data, input_pipeline, metrics, models, writers
+from boneage_jax import data, input_pipeline, metrics, models, objectives, writers
 
 
 class NonFiniteLossError(RuntimeError):
@@ -39,21 +39,6 @@ class NonFiniteLossError(RuntimeError):
 
 
 # ----------------------------------------------------------------------------- set-up
-
-
-@dataclasses.dataclass(frozen=True)
-class LabelStats:
-    """Training-label mean and standard deviation (months): the z-score of the targets."""
-
-    mean: float
-    std: float
-
-    @classmethod
-    def of(cls, boneage: np.ndarray) -> LabelStats:
-        boneage = boneage[~np.isnan(boneage)]
-        if len(boneage) < 2:
-            raise ValueError(f"the training split has {len(boneage)} labelled images; need at least 2")
-        return cls(float(boneage.mean()), float(max(boneage.std(), 1e-3)))
 
 
 def make_mesh() -> jax.sharding.Mesh:
@@ -105,22 +90,10 @@ def set_lr_scale(opt_state, value: float):
     return opt_state
 
 
-def loss_fn_for(name: str) -> Callable[[jnp.ndarray, jnp.ndarray], jnp.ndarray]:
-    """Elementwise regression loss on z-scored bone age."""
-    losses = {
-        "mse": lambda p, t: (p - t) ** 2,
-        "mae": lambda p, t: jnp.abs(p - t),
-        "huber": lambda p, t: optax.huber_loss(p, t, delta=1.0),
-    }
-    if name not in losses:
-        raise ValueError(f"config.loss {name!r}; expected one of {sorted(losses)}")
-    return losses[name]
-
-
 # ----------------------------------------------------------------------------- steps
 
 
-def train_step(state: dict, batch: dict, rng_state, base_key, *, graphdef, tx, loss, stats: LabelStats):
+def train_step(state: dict, batch: dict, rng_state, base_key, *, graphdef, tx, objective: objectives.Objective):
     """One AdamW step; pure, compiled once. Returns the new state and the step's metrics.
 
     Dropout draws from a key folded from ``base_key`` and the step number, so a resumed run
@@ -128,29 +101,28 @@ def train_step(state: dict, batch: dict, rng_state, base_key, *, graphdef, tx, l
     """
     model = nnx.merge(graphdef, state["params"], rng_state, state["rest"])
     nnx.reseed(model, dropout=jax.random.fold_in(base_key, state["step"]))
-    targets = (batch["boneage"] - stats.mean) / stats.std
 
-    def objective(model):
-        pred = model(batch["image"], batch["male"])[:, 0]
-        return jnp.mean(loss(pred, targets)), pred
+    def loss_fn(model):
+        outputs = model(batch["image"], batch["male"])
+        return jnp.mean(objective.loss(outputs, batch["boneage"])), outputs
 
-    (value, pred), grads = nnx.value_and_grad(objective, has_aux=True)(model)
+    (value, outputs), grads = nnx.value_and_grad(loss_fn, has_aux=True)(model)
     rest = nnx.split(model, nnx.Param, nnx.RngState, ...)[3]  # updated batch statistics
     updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
     params = optax.apply_updates(state["params"], updates)
     step_metrics = {
         "loss": value,
-        "mae_months": jnp.mean(jnp.abs(pred - targets)) * stats.std,
+        "mae_months": jnp.mean(jnp.abs(objective.predict(outputs)["boneage"] - batch["boneage"])),
         "grad_norm": optax.tree.norm(grads),
     }
     new_state = {"step": state["step"] + 1, "params": params, "rest": rest, "opt_state": opt_state}
     return new_state, step_metrics
 
 
-def predict_step(params, rest, rng_state, batch: dict, *, graphdef, stats: LabelStats):
-    """Bone age in months for a batch (inference mode)."""
+def predict_step(params, rest, rng_state, batch: dict, *, graphdef, objective: objectives.Objective):
+    """The objective's readout for a batch in inference mode: ``boneage`` in months and more."""
     model = nnx.merge(graphdef, params, rng_state, rest)
-    return model(batch["image"], batch["male"])[:, 0] * stats.std + stats.mean
+    return objective.predict(model(batch["image"], batch["male"]))
 
 
 def to_host(tree):
@@ -175,18 +147,25 @@ def predict_split(
     outputs = []
     for batch in input_pipeline.eval_batches(config.data, selection, config.eval_batch_size):
         device_batch = global_batch(batch, sharding)
-        pred = predict(device_batch)
-        outputs.append(to_host({"pred": pred, **{k: device_batch[k] for k in keep}}))
+        readout = {f"pred_{k}": v for k, v in predict(device_batch).items()}
+        outputs.append(to_host({**readout, **{k: device_batch[k] for k in keep}}))
     merged = {k: np.concatenate([o[k] for o in outputs]) for k in outputs[0]}
     real = merged.pop("weight") > 0
     return {k: v[real] for k, v in merged.items()}
 
 
-def score(predictions: dict[str, np.ndarray], stats: LabelStats) -> dict[str, float]:
+def score(predictions: dict[str, np.ndarray], objective: objectives.Objective) -> dict[str, float]:
+    """Metrics in months (and accuracy for age classes) of a split's predictions."""
     labelled = ~np.isnan(predictions["boneage"])
     if not labelled.any():
         return {"num_examples": int(len(labelled)), "labelled": False}
-    return metrics.regression_metrics(predictions["pred"][labelled], predictions["boneage"][labelled], stats.mean)
+    true = predictions["boneage"][labelled]
+    result = metrics.regression_metrics(predictions["pred_boneage"][labelled], true, objective.stats.mean)
+    if "pred_std" in predictions:
+        result["mean_predicted_std"] = float(np.mean(predictions["pred_std"][labelled]))
+    if "pred_class" in predictions:
+        result["accuracy"] = float(np.mean(predictions["pred_class"][labelled] == objective.true_classes(true)))
+    return result
 
 
 # ----------------------------------------------------------------------------- checkpoints
@@ -227,14 +206,14 @@ def restore_checkpoint(manager: ocp.CheckpointManager, abstract_state: dict, ite
 # ----------------------------------------------------------------------------- the loop
 
 
-def init_model_state(config: ml_collections.ConfigDict, in_channels: int, tx: optax.GradientTransformation,
-                     sharding: NamedSharding):
+def init_model_state(config: ml_collections.ConfigDict, in_channels: int, num_outputs: int,
+                     tx: optax.GradientTransformation, sharding: NamedSharding):
     """Builds the model inside ``jax.jit`` so its state lands replicated on every device of every
     process. Returns (train graphdef, eval graphdef, train state, dropout RNG state)."""
 
     def create() -> models.BoneAgeModel:
         return models.create_model(config.model, in_channels=in_channels, image_size=config.data.image_size,
-                                   seed=config.seed)
+                                   num_outputs=num_outputs, seed=config.seed)
 
     def init():
         _, params, rng_state, rest = nnx.split(create(), nnx.Param, nnx.RngState, ...)
@@ -277,7 +256,8 @@ def train_and_evaluate(
     # Data.
     builder = data.prepare(config.data)
     splits = data.select_splits(config.data, builder, config.seed)
-    stats = LabelStats.of(splits["train"].boneage)
+    stats = objectives.label_stats(config.model, splits["train"].boneage)
+    objective = objectives.Objective(config.model.head, stats, config.loss)
     writers.write_json(os.path.join(workdir, "label_stats.json"), dataclasses.asdict(stats))
     sample = next(input_pipeline.eval_batches(config.data, splits["validation"], jax.process_count()))
     in_channels = sample["image"].shape[-1]
@@ -290,19 +270,20 @@ def train_and_evaluate(
 
     # Model and optimiser.
     tx = make_optimizer(config, total_steps)
-    graphdef, eval_graphdef, state, rng_state = init_model_state(config, in_channels, tx, replicated)
+    graphdef, eval_graphdef, state, rng_state = init_model_state(config, in_channels, objective.num_outputs, tx,
+                                                                 replicated)
     base_key = jax.jit(lambda: jax.random.key(config.seed), out_shardings=replicated)()
     num_params = sum(x.size for x in jax.tree.leaves(state["params"]))
     _log(f"Model: {config.model.name} ({num_params:,} parameters), {total_steps} steps, "
          f"batch {config.batch_size} on {jax.device_count()} device(s) in {jax.process_count()} process(es)")
 
     step_fn = jax.jit(
-        functools.partial(train_step, graphdef=graphdef, tx=tx, loss=loss_fn_for(config.loss), stats=stats),
+        functools.partial(train_step, graphdef=graphdef, tx=tx, objective=objective),
         donate_argnums=(0,),
     )
-    predict_jit = jax.jit(functools.partial(predict_step, graphdef=eval_graphdef, stats=stats))
+    predict_jit = jax.jit(functools.partial(predict_step, graphdef=eval_graphdef, objective=objective))
 
-    def predict(batch: dict) -> jax.Array:
+    def predict(batch: dict) -> dict[str, jax.Array]:
         return predict_jit(state["params"], state["rest"], rng_state, batch)
 
     # Resume.
@@ -347,7 +328,7 @@ def train_and_evaluate(
 
         Returns True when early stopping ends the run."""
         nonlocal state
-        result = score(predict_split(predict, config, splits["validation"], batch_sharding), stats)
+        result = score(predict_split(predict, config, splits["validation"], batch_sharding), objective)
         writer.write(step, "validation", result)
         _log(f"step {step:>6}  validation mae {result['mae']:.2f}  rmse {result['rmse']:.2f}  "
              f"r2 {result['r2']:.3f}  (baseline mae {result['baseline_mae']:.2f})")
@@ -405,7 +386,7 @@ def train_and_evaluate(
     results = {}
     for name in ("validation", "test"):
         if name in splits:
-            results[name] = score(predict_split(predict, config, splits[name], batch_sharding), stats)
+            results[name] = score(predict_split(predict, config, splits[name], batch_sharding), objective)
             results[name]["checkpoint_step"] = int(jax.device_get(state["step"]))
             writer.write(step, f"final_{name}", results[name])
     writers.write_json(os.path.join(workdir, "results.json"), results)

@@ -24,6 +24,9 @@ def base_config() -> ml_collections.ConfigDict:
     model.name = "cnn_memon"
     model.kwargs = ml_collections.ConfigDict()  # family-specific arguments
     model.sex_fusion = "winner16bit"  # none, concat or winner16bit
+    model.head = "regression"  # regression, gaussian or classification (see boneage_jax/objectives.py)
+    model.num_classes = 3  # classification: equal-width age ranges, as pandas.cut makes them
+    model.class_edges = ()  # classification: explicit range edges in months (overrides num_classes)
     model.head_hidden = ()  # extra dense layers before the output
     model.dropout = 0.0
     model.dtype = "float32"  # compute dtype: float32 or bfloat16 (parameters stay float32)
@@ -32,7 +35,7 @@ def base_config() -> ml_collections.ConfigDict:
     config.eval_batch_size = 64
     config.num_train_steps = 1000
     config.num_epochs = 0.0  # if > 0, overrides num_train_steps
-    config.loss = "mse"  # on z-scored bone age: mse, mae or huber
+    config.loss = "mse"  # regression head, on z-scored bone age: mse, mae or huber
     config.learning_rate = 1e-3
     config.weight_decay = 1e-4
     config.adam_b1 = 0.9

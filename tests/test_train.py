@@ -149,6 +149,7 @@ def test_early_stopping_and_plateau(tiny_config, tmp_path):
     tiny_config.eval_every = 1
     tiny_config.checkpoint_every = 10
     tiny_config.learning_rate = 0.0  # validation MAE never improves after the first evaluation
+    tiny_config.model.kwargs.batch_norm = False  # (batch statistics would still change)
     tiny_config.plateau_patience = 1
     tiny_config.early_stopping_patience = 3
     workdir = str(tmp_path / "early")

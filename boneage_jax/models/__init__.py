@@ -79,7 +79,7 @@ class BoneAgeModel(nnx.Module):
 
 
 def create_model(
-    model_config: ml_collections.ConfigDict, *, in_channels: int, image_size: int, seed: int
+    model_config: ml_collections.ConfigDict, *, in_channels: int, image_size: int, num_outputs: int = 1, seed: int
 ) -> BoneAgeModel:
     """Builds the configured model; dropout draws from its own ``dropout`` RNG stream."""
     from boneage_jax.models import heads  # pylint: disable=import-outside-toplevel
@@ -98,7 +98,7 @@ def create_model(
         fusion=model_config.sex_fusion,
         hidden=tuple(model_config.head_hidden),
         dropout=model_config.dropout,
-        num_outputs=1,
+        num_outputs=num_outputs,
         dtype=compute_dtype(model_config.dtype),
         rngs=rngs,
     )

@@ -1,0 +1,122 @@
+"""What a model's outputs mean: the loss they are trained with and how they read out as months.
+
+``config.model.head`` chooses one:
+
+- ``regression``: one output, bone age in z-score units of the training labels; loss
+  ``config.loss`` (mse, mae or huber).
+- ``gaussian``: two outputs, mean (z units) and log-variance; Gaussian negative log-likelihood.
+  Each prediction comes with a standard deviation in months (its uncertainty).
+- ``classification``: ``model.num_classes`` logits over age ranges; cross-entropy. The ranges
+  are ``model.class_edges`` (months) when given, else equal-width bins over the training labels
+  as ``pandas.cut(ages, num_classes)`` makes them (Hamrouni & Hassen's 3, 5 and 10 classes).
+  The age readout is the expected age: class probabilities times each class's mean training
+  age, so MAE is reported for classifiers too.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+
+HEADS = ("regression", "gaussian", "classification")
+
+
+@dataclasses.dataclass(frozen=True)
+class LabelStats:
+    """What the objective needs from the training labels (saved with every run)."""
+
+    mean: float
+    std: float
+    class_edges: tuple[float, ...] = ()  # num_classes + 1 edges in months (classification)
+    class_means: tuple[float, ...] = ()  # mean training age of each class (months)
+
+
+def equal_width_edges(ages: np.ndarray, num_classes: int) -> np.ndarray:
+    """``pandas.cut(ages, num_classes)``'s bins: equal width over [min, max], the lowest edge
+    lowered by 0.1% of the range so that the minimum falls inside the first (left-open) bin."""
+    lo, hi = float(ages.min()), float(ages.max())
+    edges = np.linspace(lo, hi, num_classes + 1)
+    edges[0] -= (hi - lo) * 0.001
+    return edges
+
+
+def assign_classes(ages: np.ndarray, edges) -> np.ndarray:
+    """Class index of each age for right-closed bins (e_i, e_i+1]; ages beyond the ends are
+    put in the first or last class."""
+    edges = np.asarray(edges, np.float64)
+    return np.clip(np.searchsorted(edges, ages, side="left") - 1, 0, len(edges) - 2)
+
+
+def label_stats(model_config: ml_collections.ConfigDict, ages: np.ndarray) -> LabelStats:
+    ages = ages[~np.isnan(ages)]
+    if len(ages) < 2:
+        raise ValueError(f"the training split has {len(ages)} labelled images; need at least 2")
+    stats = LabelStats(float(ages.mean()), float(max(ages.std(), 1e-3)))
+    if model_config.head != "classification":
+        return stats
+    if model_config.class_edges:
+        edges = np.asarray(model_config.class_edges, np.float64)
+        if len(edges) < 3 or np.any(np.diff(edges) <= 0):
+            raise ValueError(f"config.model.class_edges {tuple(edges)} must be at least 3 increasing values")
+    else:
+        edges = equal_width_edges(ages, model_config.num_classes)
+    classes = assign_classes(ages, edges)
+    means = [float(ages[classes == k].mean()) if np.any(classes == k) else float((edges[k] + edges[k + 1]) / 2)
+             for k in range(len(edges) - 1)]
+    return dataclasses.replace(stats, class_edges=tuple(map(float, edges)), class_means=tuple(means))
+
+
+class Objective:
+    """Loss and readout of one head type, given the training label statistics."""
+
+    def __init__(self, head: str, stats: LabelStats, loss: str = "mse"):
+        if head not in HEADS:
+            raise ValueError(f"config.model.head {head!r}; expected one of {HEADS}")
+        if head == "classification" and not stats.class_edges:
+            raise ValueError("a classification head needs class edges in the label statistics")
+        self.head, self.stats, self.loss_name = head, stats, loss
+        losses = {
+            "mse": lambda p, t: (p - t) ** 2,
+            "mae": lambda p, t: jnp.abs(p - t),
+            "huber": lambda p, t: optax.huber_loss(p, t, delta=1.0),
+        }
+        if head == "regression" and loss not in losses:
+            raise ValueError(f"config.loss {loss!r}; expected one of {sorted(losses)}")
+        self._regression_loss = losses.get(loss)
+
+    @property
+    def num_outputs(self) -> int:
+        return {"regression": 1, "gaussian": 2, "classification": len(self.stats.class_edges) - 1}[self.head]
+
+    def loss(self, outputs: jax.Array, boneage: jax.Array) -> jax.Array:
+        """Per-example loss of outputs (B, num_outputs) against bone age in months (B,)."""
+        z = (boneage - self.stats.mean) / self.stats.std
+        if self.head == "regression":
+            return self._regression_loss(outputs[:, 0], z)
+        if self.head == "gaussian":
+            mean, log_var = outputs[:, 0], outputs[:, 1]
+            return 0.5 * (log_var + (z - mean) ** 2 * jnp.exp(-log_var) + jnp.log(2 * jnp.pi))
+        edges = jnp.asarray(self.stats.class_edges[1:-1], jnp.float32)
+        labels = jnp.searchsorted(edges, boneage, side="left")
+        return optax.softmax_cross_entropy_with_integer_labels(outputs, labels)
+
+    def predict(self, outputs: jax.Array) -> dict[str, jax.Array]:
+        """Readout in months: ``boneage`` always, ``std`` (gaussian), ``class`` (classification)."""
+        if self.head == "regression":
+            return {"boneage": outputs[:, 0] * self.stats.std + self.stats.mean}
+        if self.head == "gaussian":
+            return {
+                "boneage": outputs[:, 0] * self.stats.std + self.stats.mean,
+                "std": jnp.exp(0.5 * outputs[:, 1]) * self.stats.std,
+            }
+        probabilities = jax.nn.softmax(outputs, axis=-1)
+        means = jnp.asarray(self.stats.class_means, jnp.float32)
+        return {"boneage": probabilities @ means, "class": jnp.argmax(outputs, axis=-1)}
+
+    def true_classes(self, boneage: np.ndarray) -> np.ndarray:
+        return assign_classes(boneage, self.stats.class_edges)
