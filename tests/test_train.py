@@ -158,3 +158,15 @@ def test_early_stopping_and_plateau(tiny_config, tmp_path):
     assert max(e["step"] for e in events if e["split"] == "validation") == 4
     with open(os.path.join(workdir, "results.json")) as f:
         assert json.load(f)["validation"]["checkpoint_step"] == 1
+
+
+@pytest.mark.parametrize("head", ["gaussian", "classification"])
+def test_other_heads_train_and_report_months(tiny_config, tmp_path, head):
+    tiny_config.model.head = head
+    tiny_config.num_train_steps = 2
+    tiny_config.eval_every = 2
+    results = train.train_and_evaluate(tiny_config, str(tmp_path / head))
+    validation = results["validation"]
+    assert np.isfinite(validation["mae"]) and validation["num_examples"] == 16
+    assert ("mean_predicted_std" in validation) == (head == "gaussian")
+    assert ("accuracy" in validation) == (head == "classification")

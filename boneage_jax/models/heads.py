@@ -36,9 +36,9 @@ class FusionHead(nnx.Module):
             raise ValueError(f"config.model.sex_fusion {fusion!r}; expected one of {FUSIONS}")
         self.fusion = fusion
         width = num_features
-        self.sex_dense = None
-        if fusion == "winner16bit":
-            self.sex_dense = nnx.Linear(1, WINNER_SEX_UNITS, dtype=dtype, rngs=rngs)
+        winner = fusion == "winner16bit"
+        self.sex_dense = nnx.Linear(1, WINNER_SEX_UNITS, dtype=dtype, rngs=rngs) if winner else None
+        if winner:
             width += WINNER_SEX_UNITS
             hidden = WINNER_HIDDEN + tuple(hidden)
         elif fusion == "concat":
