@@ -42,7 +42,8 @@ class NonFiniteLossError(RuntimeError):
 
 
 def make_mesh() -> jax.sharding.Mesh:
-    return jax.make_mesh((jax.device_count(),), ("data",))
+    """A 1-d ``data`` mesh of all devices; the compiler propagates shardings (Auto axes)."""
+    return jax.make_mesh((jax.device_count(),), ("data",), axis_types=(jax.sharding.AxisType.Auto,))
 
 
 def num_train_steps(config: ml_collections.ConfigDict, num_train_examples: int) -> int:
