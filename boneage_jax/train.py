@@ -210,14 +210,29 @@ def restore_checkpoint(manager: ocp.CheckpointManager, abstract_state: dict, ite
 def init_model_state(config: ml_collections.ConfigDict, in_channels: int, num_outputs: int,
                      tx: optax.GradientTransformation, sharding: NamedSharding):
     """Builds the model inside ``jax.jit`` so its state lands replicated on every device of every
-    process. Returns (train graphdef, eval graphdef, train state, dropout RNG state)."""
+    process. With ``config.init_from``, the backbone starts from pretrained weights (written by
+    ``python -m boneage_jax.weights``) and the head is freshly initialised.
+
+    Returns (train graphdef, eval graphdef, train state, dropout RNG state)."""
 
     def create() -> models.BoneAgeModel:
         return models.create_model(config.model, in_channels=in_channels, image_size=config.data.image_size,
                                    num_outputs=num_outputs, seed=config.seed)
 
-    def init():
-        _, params, rng_state, rest = nnx.split(create(), nnx.Param, nnx.RngState, ...)
+    pretrained = None
+    if config.init_from:
+        from boneage_jax import weights  # pylint: disable=import-outside-toplevel
+
+        backbone = create().backbone
+        weights.load_pretrained(backbone, config.init_from)
+        pretrained = jax.tree.map(np.asarray, nnx.state(backbone))
+        _log(f"Backbone initialised from {config.init_from}")
+
+    def init(pretrained):
+        model = create()
+        if pretrained is not None:
+            nnx.update(model.backbone, pretrained)
+        _, params, rng_state, rest = nnx.split(model, nnx.Param, nnx.RngState, ...)
         state = {"step": jnp.zeros((), jnp.int32), "params": params, "rest": rest, "opt_state": tx.init(params)}
         return state, rng_state
 
@@ -226,7 +241,7 @@ def init_model_state(config: ml_collections.ConfigDict, in_channels: int, num_ou
     graphdef = nnx.split(abstract, nnx.Param, nnx.RngState, ...)[0]
     abstract.eval()
     eval_graphdef = nnx.split(abstract, nnx.Param, nnx.RngState, ...)[0]
-    state, rng_state = jax.jit(init, out_shardings=sharding)()
+    state, rng_state = jax.jit(init, out_shardings=sharding)(pretrained)
     return graphdef, eval_graphdef, state, rng_state
 
 

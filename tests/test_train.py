@@ -170,3 +170,27 @@ def test_other_heads_train_and_report_months(tiny_config, tmp_path, head):
     assert np.isfinite(validation["mae"]) and validation["num_examples"] == 16
     assert ("mean_predicted_std" in validation) == (head == "gaussian")
     assert ("accuracy" in validation) == (head == "classification")
+
+
+def test_init_from_pretrained_backbone(tiny_config, tmp_path):
+    from flax import nnx
+
+    from boneage_jax import models, weights
+    from boneage_jax.models.layers import WeightMismatchError
+
+    tiny_config.model.kwargs.batch_norm = False
+    backbone = models.create_backbone("cnn_memon", in_channels=1, image_size=32, rngs=nnx.Rngs(123),
+                                      **dict(tiny_config.model.kwargs))
+    weights.save_pretrained(backbone, str(tmp_path / "pretrained"), {"model": "cnn_memon", "in_channels": 1})
+    tiny_config.init_from = str(tmp_path / "pretrained")
+    tiny_config.learning_rate = 0.0
+    tiny_config.num_train_steps = 1
+    train.train_and_evaluate(tiny_config, str(tmp_path / "run"))
+    trained = _final_params(str(tmp_path / "run"))["backbone"]
+    expected = nnx.to_pure_dict(nnx.state(backbone, nnx.Param))
+    for x, y in zip(jax.tree.leaves(trained), jax.tree.leaves(expected), strict=True):
+        np.testing.assert_array_equal(x, y)
+
+    tiny_config.model.kwargs.filters = (4, 16)
+    with pytest.raises(WeightMismatchError, match=r"layer convs/1/(bias|kernel): the model expects shape"):
+        train.train_and_evaluate(tiny_config, str(tmp_path / "mismatch"))
