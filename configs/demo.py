@@ -22,7 +22,7 @@ def get_config():
     config.data.augment = "flip|affine(rotation=10, shift=0.05, zoom=0.05)"
     config.model.name = "cnn_memon"
     config.model.kwargs.pool = "avg"
-    config.model.kwargs.filters = (16, 32, 64, 128, 128)  # one stage more than the paper's four
+    config.model.kwargs.filters = (8, 16, 32, 64, 128)  # narrow early layers (CPU time), one stage more
     config.model.kwargs.batch_norm = True
     config.model.sex_fusion = "concat"
     config.model.head_hidden = (64,)
