@@ -34,15 +34,18 @@ Readers
 ``read_keras_h5`` reads the legacy Keras HDF5 layout of the official ImageNet files
 (``*_weights_tf_dim_ordering_tf_kernels_notop.h5``: root attribute ``layer_names``, each layer
 group with attribute ``weight_names`` naming its datasets in order), a full legacy model file
-(the same under ``model_weights``), and Keras 3 ``.weights.h5`` files (``layers/NAME/vars/i``).
+(the same under ``model_weights``); Keras 3 ``.weights.h5`` files name layers by type and position
+rather than by layer name and are refused with instructions (write the legacy layout from a
+Keras model with ``write_keras_h5``).
 ``read_safetensors`` reads ``.safetensors``; ``read_torch`` reads ``.pth``/``.pt`` with
 ``torch.load(weights_only=True)`` (needs torch; otherwise convert the file to safetensors).
 
 Pretrained directories
 ----------------------
 ``python -m boneage_jax.weights --from keras|torch --model NAME --in FILE --out DIR
-[--in_channels 3]`` builds the backbone ``NAME``, imports ``FILE`` and writes ``DIR`` atomically
-(through a temporary sibling directory renamed at the end) with
+[--in_channels 3] [--image_size 224] [--overwrite]`` builds the backbone ``NAME``, imports
+``FILE`` and writes ``DIR`` atomically (through a temporary sibling directory renamed at the end)
+with
 
 - ``DIR/state``: an Orbax checkpoint of the backbone's parameters and batch statistics as a pure
   dict (``nnx.to_pure_dict`` of ``nnx.state(backbone, (nnx.Param, nnx.BatchStat))``, keys as
@@ -57,6 +60,7 @@ stays freshly initialised) and names the first mismatching layer if it does not 
 from __future__ import annotations
 
 import argparse
+import inspect
 import json
 import os
 import shutil
@@ -93,18 +97,19 @@ def read_keras_h5(path: str) -> dict[str, list[np.ndarray]]:
                 group = root[name]
                 out[name] = [np.asarray(group[_text(w)]) for w in group.attrs.get("weight_names", [])]
             return out
-        if "layers" in root:  # Keras 3 ``.weights.h5``: layers/NAME/vars/0, 1, ...
-            out = {}
-            for name, group in root["layers"].items():
-                arrays = group["vars"] if "vars" in group else {}
-                out[name] = [np.asarray(arrays[str(i)]) for i in range(len(arrays))]
-            return out
-    raise ValueError(
-        f"{path}: not a Keras weight file (no root attribute 'layer_names' and no 'layers' group)"
-    )
+        if "layers" in root and "vars" in root:
+            raise ValueError(
+                f"{path} is a Keras 3 .weights.h5 file: it names layers by type and position (conv2d_7), "
+                "not by layer name. Load the model in Keras and write the legacy layout instead: "
+                "boneage_jax.weights.write_keras_h5(path, "
+                "{l.name: [w.numpy() for w in l.weights] for l in model.layers})"
+            )
+    raise ValueError(f"{path}: not a Keras weight file (no root attribute 'layer_names')")
 
 
-def write_keras_h5(path: str, layers: dict[str, Sequence[np.ndarray]], weight_names: dict[str, Sequence[str]] | None = None) -> None:
+def write_keras_h5(
+    path: str, layers: dict[str, Sequence[np.ndarray]], weight_names: dict[str, Sequence[str]] | None = None
+) -> None:
     """Writes the legacy layout of the official Keras ImageNet files.
 
     Root attributes ``layer_names`` (all layers, in model order), ``backend`` and
@@ -280,18 +285,23 @@ def load_pretrained(backbone: nnx.Module, directory: str) -> None:
 # ----------------------------------------------------------------------------- CLI
 
 
-def convert(model: str, framework: str, source: str, out: str, in_channels: int = 3, overwrite: bool = False) -> nnx.Module:
-    """Builds backbone ``model``, imports ``source`` and writes the pretrained directory ``out``."""
+def convert(
+    model: str, framework: str, source: str, out: str, in_channels: int = 3, image_size: int = 224,
+    overwrite: bool = False,
+) -> nnx.Module:
+    """Builds backbone ``model``, imports ``source`` and writes the pretrained directory ``out``.
+
+    ``image_size`` only matters for backbones whose layers depend on it (none of the ImageNet
+    families); it is recorded in the metadata then.
+    """
     from boneage_jax import models  # pylint: disable=import-outside-toplevel
 
-    backbone = models.create_backbone(model, in_channels=in_channels, image_size=224, rngs=nnx.Rngs(0))
+    backbone = models.create_backbone(model, in_channels=in_channels, image_size=image_size, rngs=nnx.Rngs(0))
     import_weights(backbone, source, framework)
-    save_pretrained(
-        backbone,
-        out,
-        {"model": model, "in_channels": in_channels, "source": os.path.abspath(source), "framework": framework},
-        overwrite=overwrite,
-    )
+    metadata = {"model": model, "in_channels": in_channels, "source": os.path.abspath(source), "framework": framework}
+    if "image_size" in inspect.signature(models.BACKBONES[model]).parameters:
+        metadata["image_size"] = image_size
+    save_pretrained(backbone, out, metadata, overwrite=overwrite)
     return backbone
 
 
@@ -301,11 +311,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--model", required=True, help="a registered backbone name, e.g. resnet50")
     parser.add_argument("--in", dest="source", required=True, help="the weight file")
     parser.add_argument("--out", required=True, help="the directory to write")
-    parser.add_argument("--in_channels", type=int, default=3, choices=(1, 3))
-    parser.add_argument("--overwrite", action="store_true")
+    parser.add_argument("--in_channels", type=int, default=3, choices=(1, 3),
+                        help="1: a grey stem (RGB stem kernels are summed over their input channels)")
+    parser.add_argument("--image_size", type=int, default=224, help="only for backbones whose layers depend on it")
+    parser.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
     args = parser.parse_args(argv)
     try:
-        convert(args.model, args.framework, args.source, args.out, args.in_channels, args.overwrite)
+        convert(args.model, args.framework, args.source, args.out, args.in_channels, args.image_size, args.overwrite)
     except (L.WeightMismatchError, ValueError, FileNotFoundError, FileExistsError, ImportError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1

@@ -2,22 +2,22 @@
 
 The AlexNet variant shipped with Caffe, as used by Lee et al. (2017), layer by layer:
 
-====== ============================================================ ==================
-layer  definition                                                   output at 227 px
-====== ============================================================ ==================
-conv1  96 x 11x11, stride 4, no padding, ReLU                        55 x 55 x 96
-pool1  max 3x3, stride 2 (Caffe rounds the output size up)          27 x 27 x 96
-norm1  LRN across channels: local_size 5, alpha 1e-4, beta 0.75      27 x 27 x 96
-conv2  256 x 5x5, pad 2, group 2, ReLU                               27 x 27 x 256
-pool2  max 3x3, stride 2                                            13 x 13 x 256
-norm2  LRN as norm1                                                 13 x 13 x 256
-conv3  384 x 3x3, pad 1, ReLU                                       13 x 13 x 384
-conv4  384 x 3x3, pad 1, group 2, ReLU                              13 x 13 x 384
-conv5  256 x 3x3, pad 1, group 2, ReLU                              13 x 13 x 256
-pool5  max 3x3, stride 2                                            6 x 6 x 256
-fc6    InnerProduct 4096, ReLU, Dropout 0.5                         4096
-fc7    InnerProduct 4096, ReLU, Dropout 0.5                         4096 (features)
-====== ============================================================ ==================
+=====  ========================================================  ===================
+layer  definition                                                output at 227 px
+=====  ========================================================  ===================
+conv1  96 x 11x11, stride 4, no padding, ReLU                    55 x 55 x 96
+pool1  max 3x3, stride 2 (Caffe rounds the output size up)       27 x 27 x 96
+norm1  LRN across channels: local_size 5, alpha 1e-4, beta 0.75  27 x 27 x 96
+conv2  256 x 5x5, pad 2, group 2, ReLU                           27 x 27 x 256
+pool2  max 3x3, stride 2                                         13 x 13 x 256
+norm2  LRN as norm1                                              13 x 13 x 256
+conv3  384 x 3x3, pad 1, ReLU                                    13 x 13 x 384
+conv4  384 x 3x3, pad 1, group 2, ReLU                           13 x 13 x 384
+conv5  256 x 3x3, pad 1, group 2, ReLU                           13 x 13 x 256
+pool5  max 3x3, stride 2                                         6 x 6 x 256
+fc6    InnerProduct 4096, ReLU, Dropout 0.5                      4096
+fc7    InnerProduct 4096, ReLU, Dropout 0.5                      4096 (the features)
+=====  ========================================================  ===================
 
 ``fc8`` (1000 classes) is the head's job. fc6 flattens pool5, so its size depends on the input:
 ``image_size`` (227 in the reference) fixes it. Caffe's LRN (``ACROSS_CHANNELS``):
@@ -84,7 +84,9 @@ def pool5_size(image_size: int) -> int:
     size = (image_size - 11) // 4 + 1  # conv1
     for stage in ("pool1", "pool2", "pool5"):  # conv2-5 keep the size
         if size < POOL[0]:
-            raise ValueError(f"caffenet: image_size {image_size} is too small ({size} px before {stage}; at least 55 px)")
+            raise ValueError(
+                f"caffenet: image_size {image_size} is too small ({size} px before {stage}; at least 55 px)"
+            )
         size = _pool_out(size)
     return size
 
@@ -109,7 +111,7 @@ class CaffeNet(nnx.Module):
                 cout,
                 (kernel, kernel),
                 strides=stride,
-                padding=[(pad, pad)] * 2,
+                padding=((pad, pad), (pad, pad)),
                 feature_group_count=groups,
                 dtype=dtype,
                 rngs=rngs,
@@ -146,7 +148,8 @@ class CaffeNet(nnx.Module):
     def load_torch(self, tensors: dict[str, np.ndarray]) -> None:
         source = layers.TorchTensors(tensors, ignore=r"^fc8\.")
         for name in CONVS:
-            layers.torch_conv(getattr(self, name), source, name, in_channels=self.in_channels if name == "conv1" else None)
+            stem_channels = self.in_channels if name == "conv1" else None
+            layers.torch_conv(getattr(self, name), source, name, in_channels=stem_channels)
         weight = source.take("fc6.weight")
         side, channels = self.pool5_side, CONVS["conv5"][0]
         if weight.ndim != 2 or weight.shape[1] != channels * side * side:
@@ -155,7 +158,8 @@ class CaffeNet(nnx.Module):
                 f"(pool5 {side}x{side}x{channels} at {self.image_size} px), the file has {weight.shape}"
             )
         # Caffe flattens pool5 as (C, H, W); ours is (H, W, C).
-        kernel = weight.reshape(weight.shape[0], channels, side, side).transpose(2, 3, 1, 0).reshape(-1, weight.shape[0])
+        outputs = weight.shape[0]
+        kernel = weight.reshape(outputs, channels, side, side).transpose(2, 3, 1, 0).reshape(-1, outputs)
         layers.assign(self.fc6.kernel, kernel, "fc6.weight")
         layers.assign(self.fc6.bias, source.take("fc6.bias"), "fc6.bias")
         layers.torch_linear(self.fc7, source, "fc7")

@@ -23,15 +23,31 @@ generic ``convmixer`` whose ``dim``, ``depth``, ``kernel_size``, ``patch_size`` 
 parameter counts are 51,625,960 (1536/20, the paper's 51.6M) and 21,110,248 (768/32, 21.1M);
 the backbones alone have 1000*(dim+1) fewer.
 
-Depthwise convolution: ``layers.DepthwiseConv``. ``depthwise_impl="shift"`` (default) sums
-k*k shifted multiply-adds, ``"grouped"`` calls ``lax.conv_general_dilated`` with
-``feature_group_count=dim``. Measured on XLA:CPU (2 shared cores, B=2, 32x32 maps, one layer,
-forward / forward+backward), the shifted form wins at every kernel size we use, including 9:
-dim 256: k=7 7.9/139 ms vs grouped 97/478 ms, k=9 13.5/268 ms vs 109/835 ms;
-dim 768: k=7 27/766 ms vs 224/4386 ms, k=9 115/1491 ms vs 488/7955 ms
-(``benchmarks``-style script in the report; ``tests/test_models_zoo.py`` checks both give the same
-output). On GPU the grouped form (cuDNN) may be faster: choose it with
-``--config.model.kwargs.depthwise_impl=grouped``.
+Depthwise convolution: ``layers.DepthwiseConv``, either as k*k shifted multiply-adds
+(``"shift"``) or as ``lax.conv_general_dilated(feature_group_count=dim)`` (``"grouped"``).
+``depthwise_impl="auto"`` (default) is ``"shift"`` on CPU and ``"grouped"`` on GPU/TPU, from these
+measurements (time of one jitted training step, forward + backward, after compilation, float32;
+the CPU runs on 2 cores shared with other jobs, so only the ratios mean something):
+
+=======  =============  ==========  ======  =====================  ========================
+backend  model          batch @ px  kernel  step: shift / grouped  compile: shift / grouped
+=======  =============  ==========  ======  =====================  ========================
+XLA:CPU  256/8          2 @ 224     9       4.6 s / 10.5 s         41 s / 18 s
+XLA:CPU  256/8          2 @ 224     7       2.4 s / 4.6 s          20 s / 13 s
+XLA:CPU  256/8          2 @ 224     5       1.2 s / 2.5 s          11 s / 6 s
+XLA:CPU  256/8          2 @ 224     3       0.8 s / 2.6 s          5 s / 5 s
+H100     1536/20        16 @ 224    9       1006 ms / 533 ms       59 s / 14 s
+H100     768/8          16 @ 224    9       126 ms / 109 ms        19 s / 5 s
+H100     1536/8         16 @ 224    7       109 ms / 79 ms         11 s / 12 s
+H100     768/32 (ReLU)  32 @ 224    7       185 ms / 280 ms        58 s / 28 s
+H100     768/8          16 @ 224    5       18 ms / 15 ms          7 s / 9 s
+H100     1536/8         16 @ 224    3       23 ms / 22 ms          4 s / 8 s
+=======  =============  ==========  ======  =====================  ========================
+
+On CPU the shifted form wins at every kernel size, including 9 (it compiles slower: at k=9 the
+gradient of its 81 taps takes ~40 s to compile). On the H100 the grouped form wins in all but
+one case (768/32 at batch 32, where the shifted one was 1.5x faster), so accelerators default to
+``"grouped"``; force either with ``--config.model.kwargs.depthwise_impl=shift|grouped``.
 
 ``load_torch`` reads the reference's ``nn.Sequential`` state dict (``0.*`` stem conv, ``2.*``
 stem BN, ``{3+i}.0.fn.0.*`` depthwise conv, ``{3+i}.0.fn.2.*`` its BN, ``{3+i}.1.*`` pointwise
@@ -45,11 +61,26 @@ from __future__ import annotations
 
 import functools
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
 from boneage_jax.models import layers, register
+
+# "auto": the faster depthwise form per backend (see the table above); others use "grouped".
+AUTO_DEPTHWISE = {"cpu": "shift"}
+DEPTHWISE_IMPLS = ("auto", "shift", "grouped")
+
+
+def depthwise_impl_for(impl: str = "auto", backend: str | None = None) -> str:
+    """Resolves ``"auto"`` to ``"shift"`` or ``"grouped"`` for ``backend`` (default: JAX's)."""
+    if impl not in DEPTHWISE_IMPLS:
+        raise ValueError(f"convmixer: depthwise_impl {impl!r}; expected one of {DEPTHWISE_IMPLS}")
+    if impl != "auto":
+        return impl
+    return AUTO_DEPTHWISE.get(backend or jax.default_backend(), "grouped")
+
 
 ACTIVATIONS = {
     "gelu": functools.partial(nnx.gelu, approximate=False),  # torch.nn.GELU() is the erf form
@@ -66,7 +97,13 @@ class MixerBlock(nnx.Module):
 
     def __init__(self, dim: int, kernel_size: int, *, activation: str, depthwise_impl: str, dtype, rngs: nnx.Rngs):
         self.depthwise = layers.DepthwiseConv(
-            dim, kernel_size, padding="SAME", use_bias=True, impl=depthwise_impl, dtype=dtype, rngs=rngs
+            dim,
+            kernel_size,
+            padding="SAME",
+            use_bias=True,
+            impl=depthwise_impl_for(depthwise_impl),
+            dtype=dtype,
+            rngs=rngs,
         )
         self.depthwise_bn = _bn(dim, dtype, rngs)
         self.pointwise = nnx.Conv(dim, dim, (1, 1), use_bias=True, dtype=dtype, rngs=rngs)
@@ -90,11 +127,12 @@ class ConvMixer(nnx.Module):
         kernel_size: int = 9,
         patch_size: int = 7,
         activation: str = "gelu",
-        depthwise_impl: str = "shift",
+        depthwise_impl: str = "auto",
         in_channels: int = 3,
         dtype=jnp.float32,
         rngs: nnx.Rngs,
     ):
+        depthwise_impl_for(depthwise_impl)  # validates the name
         if activation not in ACTIVATIONS:
             raise ValueError(f"convmixer: activation {activation!r}; expected one of {sorted(ACTIVATIONS)}")
         if min(dim, depth, kernel_size, patch_size) < 1:
@@ -113,7 +151,9 @@ class ConvMixer(nnx.Module):
         self.stem_bn = _bn(dim, dtype, rngs)
         self.blocks = nnx.List(
             [
-                MixerBlock(dim, kernel_size, activation=activation, depthwise_impl=depthwise_impl, dtype=dtype, rngs=rngs)
+                MixerBlock(
+                    dim, kernel_size, activation=activation, depthwise_impl=depthwise_impl, dtype=dtype, rngs=rngs
+                )
                 for _ in range(depth)
             ]
         )
@@ -166,7 +206,7 @@ def convmixer(
     kernel_size: int = 9,
     patch_size: int = 7,
     activation: str = "gelu",
-    depthwise_impl: str = "shift",
+    depthwise_impl: str = "auto",
 ) -> ConvMixer:
     """Any ConvMixer-dim/depth: ``--config.model.kwargs.dim=512 --config.model.kwargs.depth=12``."""
     return ConvMixer(
@@ -184,7 +224,7 @@ def convmixer(
 
 def _variant(name: str, dim: int, depth: int, kernel_size: int, patch_size: int, activation: str = "gelu"):
     @register(name)
-    def build(*, in_channels: int, dtype=jnp.float32, rngs: nnx.Rngs, depthwise_impl: str = "shift") -> ConvMixer:
+    def build(*, in_channels: int, dtype=jnp.float32, rngs: nnx.Rngs, depthwise_impl: str = "auto") -> ConvMixer:
         return ConvMixer(
             dim=dim,
             depth=depth,

@@ -10,7 +10,11 @@ identity shortcut with drop-connect (stochastic depth, rate ``0.2 * block / num_
 Bernoulli per example, as Keras's ``Dropout(noise_shape=(None, 1, 1, 1))``) when shapes allow).
 Then ``top_conv`` 1x1 + ``top_bn`` + swish and global average pooling. Widths and depths scale
 with Keras's ``round_filters`` / ``round_repeats``. BatchNorm epsilon 1e-3, momentum 0.99.
-Depthwise convolutions use ``layers.DepthwiseConv`` (shifted multiply-adds).
+Depthwise convolutions use ``layers.DepthwiseConv`` (``depthwise_impl="auto"``: shifted
+multiply-adds on CPU, several times faster there; ``feature_group_count`` on GPU; or force
+``"shift"``/``"grouped"``). Constructor keywords reachable through
+``config.model.kwargs``: ``drop_connect_rate`` (0.2, Keras's default), ``imagenet_normalize``,
+``depthwise_impl``.
 
 Preprocessing. Keras's EfficientNet contains its input preprocessing: ``Rescaling(1/255)``, a
 ``Normalization`` layer (its mean/variance are weights of the ImageNet files) and, for
@@ -83,24 +87,39 @@ def correct_pad(size: tuple[int, int], kernel: int) -> tuple[tuple[int, int], tu
     return (c - adjust[0], c), (c - adjust[1], c)
 
 
+def _conv(cin, cout, kernel=1, strides=1, *, use_bias=False, padding="SAME", dtype, rngs):
+    return nnx.Conv(
+        cin, cout, (kernel, kernel), (strides, strides), padding=padding, use_bias=use_bias,
+        kernel_init=layers.efficientnet_conv, dtype=dtype, rngs=rngs,
+    )
+
+
+def _bn(c, *, dtype, rngs):
+    return nnx.BatchNorm(c, **BN, dtype=dtype, rngs=rngs)
+
+
 class MBConv(nnx.Module):
-    def __init__(self, name, cin, cout, kernel, strides, expand, drop_rate, *, dtype, rngs):
+    """One inverted-residual block; attributes are named like its Keras layers (minus prefix)."""
+
+    def __init__(self, name, cin, cout, kernel, strides, expand, drop_rate, *, depthwise_impl="auto", dtype, rngs):
         self.name = name
         self.kernel = kernel
         self.strides = strides
         filters = cin * expand
         self.expand = expand
         if expand != 1:
-            self.expand_conv = nnx.Conv(cin, filters, (1, 1), use_bias=False, dtype=dtype, rngs=rngs)
-            self.expand_bn = nnx.BatchNorm(filters, **BN, dtype=dtype, rngs=rngs)
-        padding = "VALID" if strides == 2 else "SAME"
-        self.dwconv = layers.DepthwiseConv(filters, kernel, strides, padding=padding, use_bias=False, dtype=dtype, rngs=rngs)
-        self.bn = nnx.BatchNorm(filters, **BN, dtype=dtype, rngs=rngs)
+            self.expand_conv = _conv(cin, filters, dtype=dtype, rngs=rngs)
+            self.expand_bn = _bn(filters, dtype=dtype, rngs=rngs)
+        self.dwconv = layers.DepthwiseConv(
+            filters, kernel, strides, padding="VALID" if strides == 2 else "SAME", use_bias=False,
+            kernel_init=layers.efficientnet_depthwise, impl=depthwise_impl, dtype=dtype, rngs=rngs,
+        )
+        self.bn = _bn(filters, dtype=dtype, rngs=rngs)
         se = max(1, int(cin * SE_RATIO))
-        self.se_reduce = nnx.Conv(filters, se, (1, 1), dtype=dtype, rngs=rngs)
-        self.se_expand = nnx.Conv(se, filters, (1, 1), dtype=dtype, rngs=rngs)
-        self.project_conv = nnx.Conv(filters, cout, (1, 1), use_bias=False, dtype=dtype, rngs=rngs)
-        self.project_bn = nnx.BatchNorm(cout, **BN, dtype=dtype, rngs=rngs)
+        self.se_reduce = _conv(filters, se, use_bias=True, dtype=dtype, rngs=rngs)
+        self.se_expand = _conv(se, filters, use_bias=True, dtype=dtype, rngs=rngs)
+        self.project_conv = _conv(filters, cout, dtype=dtype, rngs=rngs)
+        self.project_bn = _bn(cout, dtype=dtype, rngs=rngs)
         self.skip = strides == 1 and cin == cout
         self.drop = nnx.Dropout(drop_rate, broadcast_dims=(1, 2, 3), rngs=rngs)
 
@@ -135,6 +154,7 @@ class EfficientNet(nnx.Module):
         rngs: nnx.Rngs,
         drop_connect_rate: float = 0.2,
         imagenet_normalize: bool = False,
+        depthwise_impl: str = "auto",
     ):
         if variant not in VARIANTS:
             raise ValueError(f"EfficientNet variant {variant!r}; expected one of {sorted(VARIANTS)}")
@@ -146,8 +166,8 @@ class EfficientNet(nnx.Module):
         self.dtype = dtype
         self.imagenet_normalize = imagenet_normalize
         stem = round_filters(32, width)
-        self.stem_conv = nnx.Conv(in_channels, stem, (3, 3), (2, 2), padding="VALID", use_bias=False, dtype=dtype, rngs=rngs)
-        self.stem_bn = nnx.BatchNorm(stem, **BN, dtype=dtype, rngs=rngs)
+        self.stem_conv = _conv(in_channels, stem, 3, 2, padding="VALID", dtype=dtype, rngs=rngs)
+        self.stem_bn = _bn(stem, dtype=dtype, rngs=rngs)
         total = float(sum(round_repeats(b[1], depth) for b in BLOCKS))
         blocks, index = [], 0
         for stage, (kernel, repeats, fin, fout, expand, strides) in enumerate(BLOCKS, start=1):
@@ -155,13 +175,13 @@ class EfficientNet(nnx.Module):
             for j in range(round_repeats(repeats, depth)):
                 blocks.append(MBConv(
                     f"block{stage}{chr(j + 97)}_", fin if j == 0 else fout, fout, kernel, strides if j == 0 else 1,
-                    expand, drop_connect_rate * index / total, dtype=dtype, rngs=rngs,
+                    expand, drop_connect_rate * index / total, depthwise_impl=depthwise_impl, dtype=dtype, rngs=rngs,
                 ))
                 index += 1
         self.blocks = nnx.List(blocks)
         top = round_filters(1280, width)
-        self.top_conv = nnx.Conv(round_filters(320, width), top, (1, 1), use_bias=False, dtype=dtype, rngs=rngs)
-        self.top_bn = nnx.BatchNorm(top, **BN, dtype=dtype, rngs=rngs)
+        self.top_conv = _conv(round_filters(320, width), top, dtype=dtype, rngs=rngs)
+        self.top_bn = _bn(top, dtype=dtype, rngs=rngs)
         self.num_features = top
 
     def features(self, x: jnp.ndarray) -> jnp.ndarray:
@@ -196,11 +216,11 @@ class EfficientNet(nnx.Module):
 def _variant(variant):
     def build(
         *, in_channels: int, dtype=jnp.float32, rngs: nnx.Rngs, drop_connect_rate: float = 0.2,
-        imagenet_normalize: bool = False,
+        imagenet_normalize: bool = False, depthwise_impl: str = "auto",
     ) -> EfficientNet:
         return EfficientNet(
             variant, in_channels=in_channels, dtype=dtype, rngs=rngs, drop_connect_rate=drop_connect_rate,
-            imagenet_normalize=imagenet_normalize,
+            imagenet_normalize=imagenet_normalize, depthwise_impl=depthwise_impl,
         )
 
     build.__doc__ = f"keras.applications.EfficientNet{variant.upper()} layout."

@@ -53,6 +53,13 @@ _IMAGENET_MEAN = (0.485, 0.456, 0.406)
 _IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
+def torchvision_transform_input(x: jnp.ndarray) -> jnp.ndarray:
+    """torchvision's ``transform_input`` on NHWC RGB: per channel ``x * std / 0.5 + (mean - 0.5) / 0.5``."""
+    std = jnp.asarray(_IMAGENET_STD, jnp.float32) / 0.5
+    shift = (jnp.asarray(_IMAGENET_MEAN, jnp.float32) - 0.5) / 0.5
+    return x.astype(jnp.float32) * std + shift
+
+
 def ceil_pads(size: int, kernel: int, stride: int, pad: int = 0) -> tuple[int, int]:
     """(before, after) padding that gives torch's (and Caffe's) ``ceil_mode`` pooling output.
 
@@ -77,7 +84,14 @@ class BasicConv2d(nnx.Module):
 
     def __init__(self, cin: int, cout: int, kernel: int, *, stride: int = 1, pad: int = 0, dtype, rngs: nnx.Rngs):
         self.conv = nnx.Conv(
-            cin, cout, (kernel, kernel), strides=stride, padding=[(pad, pad)] * 2, use_bias=False, dtype=dtype, rngs=rngs
+            cin,
+            cout,
+            (kernel, kernel),
+            strides=stride,
+            padding=((pad, pad), (pad, pad)),
+            use_bias=False,
+            dtype=dtype,
+            rngs=rngs,
         )
         self.bn = nnx.BatchNorm(cout, epsilon=1e-3, momentum=0.9, dtype=dtype, rngs=rngs)
 
@@ -162,11 +176,8 @@ class GoogLeNet(nnx.Module):
 
     def feature_map(self, x: jnp.ndarray) -> jnp.ndarray:
         """(B, H, W, C) -> (B, ~H/32, ~W/32, 1024), the output of inception5b."""
-        x = x.astype(jnp.float32)
         if self.transform_input:
-            std = jnp.asarray(_IMAGENET_STD) / 0.5
-            shift = (jnp.asarray(_IMAGENET_MEAN) - 0.5) / 0.5
-            x = x * std + shift
+            x = torchvision_transform_input(x)
         x = x.astype(self.dtype)
         x = max_pool_ceil(self.conv1(x), 3, 2)
         x = max_pool_ceil(self.conv3(self.conv2(x)), 3, 2)

@@ -31,7 +31,8 @@ class ConvBN(nnx.Module):
     """Keras ``conv2d_bn``: conv (no bias), BN without scale (eps 1e-3), ReLU."""
 
     def __init__(self, cin, cout, kernel, strides=1, padding="SAME", *, dtype, rngs):
-        self.conv = nnx.Conv(cin, cout, kernel, (strides, strides), padding=padding, use_bias=False, dtype=dtype, rngs=rngs)
+        self.conv = nnx.Conv(cin, cout, kernel, (strides, strides), padding=padding, use_bias=False,
+                             kernel_init=layers.glorot_uniform, dtype=dtype, rngs=rngs)
         self.bn = nnx.BatchNorm(cout, use_scale=False, epsilon=1e-3, momentum=0.99, dtype=dtype, rngs=rngs)
 
     def __call__(self, x):
@@ -145,7 +146,8 @@ class InceptionV3(nnx.Module):
         convs = source.auto("conv2d", NUM_UNITS)
         bns = source.auto("batch_normalization", NUM_UNITS)
         for i, (unit, conv_name, bn_name) in enumerate(zip(self.units, convs, bns)):
-            layers.keras_conv(unit.conv, source.take(conv_name), conv_name, in_channels=self.in_channels if i == 0 else None)
+            stem = self.in_channels if i == 0 else None
+            layers.keras_conv(unit.conv, source.take(conv_name), conv_name, in_channels=stem)
             layers.keras_bn(unit.bn, source.take(bn_name), bn_name)
         source.finish()
 

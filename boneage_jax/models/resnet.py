@@ -64,7 +64,10 @@ class KerasResNet(nnx.Module):
         names = []
 
         def conv(name, cin, cout, k, stride=1, padding="VALID"):
-            setattr(self, name, nnx.Conv(cin, cout, (k, k), (stride, stride), padding=padding, dtype=dtype, rngs=rngs))
+            setattr(self, name, nnx.Conv(
+                cin, cout, (k, k), (stride, stride), padding=padding, kernel_init=layers.glorot_uniform, dtype=dtype,
+                rngs=rngs,
+            ))
             names.append(name)
 
         def bn(name, c):
@@ -121,7 +124,7 @@ class KerasResNet(nnx.Module):
 def _conv(cin, cout, k, stride, padding, dtype, rngs):
     return nnx.Conv(
         cin, cout, (k, k), (stride, stride), padding=((padding, padding), (padding, padding)),
-        use_bias=False, dtype=dtype, rngs=rngs,
+        use_bias=False, kernel_init=layers.kaiming_normal_fan_out, dtype=dtype, rngs=rngs,
     )
 
 

@@ -69,7 +69,9 @@ class UpBlock(nnx.Module):
     """2x2 up-convolution halving the channels, concatenation with the skip, DoubleConv."""
 
     def __init__(self, cin: int, cout: int, *, batch_norm: bool, dtype, rngs: nnx.Rngs):
-        self.up = nnx.ConvTranspose(cin, cout, (2, 2), strides=(2, 2), padding="VALID", kernel_init=_HE, dtype=dtype, rngs=rngs)
+        self.up = nnx.ConvTranspose(
+            cin, cout, (2, 2), strides=(2, 2), padding="VALID", kernel_init=_HE, dtype=dtype, rngs=rngs
+        )
         self.convs = DoubleConv(2 * cout, cout, batch_norm=batch_norm, dtype=dtype, rngs=rngs)
 
     def __call__(self, x: jnp.ndarray, skip: jnp.ndarray) -> jnp.ndarray:
@@ -90,7 +92,9 @@ class UNet(nnx.Module):
         batch_norm: bool = False,
     ):
         if depth < 1 or base_filters < 1 or num_classes < 1:
-            raise ValueError(f"unet: depth {depth}, base_filters {base_filters}, num_classes {num_classes} must be >= 1")
+            raise ValueError(
+                f"unet: depth {depth}, base_filters {base_filters}, num_classes {num_classes} must be >= 1"
+            )
         kw = dict(batch_norm=batch_norm, dtype=dtype, rngs=rngs)
         self.depth = depth
         self.dtype = dtype

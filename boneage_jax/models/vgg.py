@@ -43,7 +43,9 @@ class VGG(nnx.Module):
             names = []
             for c in range(1, count + 1):
                 name = f"block{b}_conv{c}"
-                setattr(self, name, nnx.Conv(width, filters, (3, 3), padding="SAME", dtype=dtype, rngs=rngs))
+                setattr(self, name, nnx.Conv(
+                    width, filters, (3, 3), padding="SAME", kernel_init=layers.glorot_uniform, dtype=dtype, rngs=rngs
+                ))
                 names.append(name)
                 width = filters
             block_names.append(tuple(names))
@@ -76,7 +78,8 @@ class VGG(nnx.Module):
     def load_keras(self, weights: dict[str, list[np.ndarray]]) -> None:
         source = layers.KerasLayers(weights)
         for i, name in enumerate(self.conv_names()):
-            layers.keras_conv(getattr(self, name), source.take(name), name, in_channels=self.in_channels if i == 0 else None)
+            stem = self.in_channels if i == 0 else None
+            layers.keras_conv(getattr(self, name), source.take(name), name, in_channels=stem)
         source.finish()
 
     def torch_names(self) -> list[str]:

@@ -7,7 +7,8 @@ ReLU; blocks 2-4 of two separable convolutions (``SeparableConv2D``, no bias, BN
 three ReLU-separable-BN units with an identity shortcut. Exit flow: block 13 (728 then 1024
 filters, max pooling, 1x1/2 shortcut) and block 14 (1536 and 2048 filters, each followed by BN
 and ReLU). BatchNorm epsilon 1e-3, momentum 0.99. The separable convolutions use
-``layers.SeparableConv`` (a shifted multiply-add ``DepthwiseConv`` + 1x1 pointwise conv).
+``layers.SeparableConv`` (a ``DepthwiseConv`` + 1x1 pointwise conv; ``depthwise_impl="auto"``
+uses shifted multiply-adds on CPU and ``feature_group_count`` elsewhere).
 
 The four shortcut convolutions and their BNs are unnamed in Keras (``conv2d``/``conv2d_1``...,
 ``batch_normalization``...; session-dependent counters): ``load_keras`` pairs them with ours in
@@ -23,13 +24,13 @@ from flax import nnx
 from boneage_jax.models import layers, register
 
 BN = {"epsilon": 1e-3, "momentum": 0.99}
-# (block, filters of its separable convs, shortcut filters or None for identity, pooling)
+# (block, filters of its two separable convs, filters of its 1x1/2 shortcut)
 ENTRY = ((2, (128, 128), 128), (3, (256, 256), 256), (4, (728, 728), 728))
 EXIT = (13, (728, 1024), 1024)
 
 
 class Xception(nnx.Module):
-    def __init__(self, *, in_channels: int = 3, dtype=jnp.float32, rngs: nnx.Rngs):
+    def __init__(self, *, in_channels: int = 3, dtype=jnp.float32, rngs: nnx.Rngs, depthwise_impl: str = "auto"):
         self.in_channels = in_channels
         self.dtype = dtype
         names, shortcuts = [], []
@@ -39,18 +40,28 @@ class Xception(nnx.Module):
             names.append(name)
 
         def sep(name, cin, cout):
-            setattr(self, name, layers.SeparableConv(cin, cout, 3, padding="SAME", use_bias=False, dtype=dtype, rngs=rngs))
+            setattr(self, name, layers.SeparableConv(
+                cin, cout, 3, padding="SAME", use_bias=False, depthwise_impl=depthwise_impl, dtype=dtype, rngs=rngs
+            ))
             names.append(name)
             bn(f"{name}_bn", cout)
 
         def shortcut(cin, cout):
-            shortcuts.append(nnx.Conv(cin, cout, (1, 1), (2, 2), padding="SAME", use_bias=False, dtype=dtype, rngs=rngs))
+            shortcuts.append(nnx.Conv(
+                cin, cout, (1, 1), (2, 2), padding="SAME", use_bias=False, kernel_init=layers.glorot_uniform,
+                dtype=dtype, rngs=rngs,
+            ))
             shortcuts.append(nnx.BatchNorm(cout, **BN, dtype=dtype, rngs=rngs))
 
-        self.block1_conv1 = nnx.Conv(in_channels, 32, (3, 3), (2, 2), padding="VALID", use_bias=False, dtype=dtype, rngs=rngs)
+        self.block1_conv1 = nnx.Conv(
+            in_channels, 32, (3, 3), (2, 2), padding="VALID", use_bias=False, kernel_init=layers.glorot_uniform,
+            dtype=dtype, rngs=rngs,
+        )
         names.append("block1_conv1")
         bn("block1_conv1_bn", 32)
-        self.block1_conv2 = nnx.Conv(32, 64, (3, 3), padding="VALID", use_bias=False, dtype=dtype, rngs=rngs)
+        self.block1_conv2 = nnx.Conv(
+            32, 64, (3, 3), padding="VALID", use_bias=False, kernel_init=layers.glorot_uniform, dtype=dtype, rngs=rngs
+        )
         names.append("block1_conv2")
         bn("block1_conv2_bn", 64)
         width = 64
@@ -122,5 +133,5 @@ class Xception(nnx.Module):
 
 
 @register("xception")
-def xception(*, in_channels: int, dtype=jnp.float32, rngs: nnx.Rngs) -> Xception:
-    return Xception(in_channels=in_channels, dtype=dtype, rngs=rngs)
+def xception(*, in_channels: int, dtype=jnp.float32, rngs: nnx.Rngs, depthwise_impl: str = "auto") -> Xception:
+    return Xception(in_channels=in_channels, dtype=dtype, rngs=rngs, depthwise_impl=depthwise_impl)
