@@ -27,7 +27,7 @@ demo: venv
 	$(PY) -m boneage_jax.main --config=configs/demo.py --workdir=$(DEMO_WORKDIR)
 
 test: venv
-	$(PY) -m pytest -q -m "not slow" tests
+	$(PY) -m pytest -q tests
 
 # The papers' resolutions and long checks (minutes to hours on a CPU).
 test-slow: venv

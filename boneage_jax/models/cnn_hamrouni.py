@@ -9,6 +9,8 @@ that description, not a verified copy of the paper's network:**
   MaxPool 2x2/2 -> Dropout(``dropout``, default 0.25);
 - global average pooling: ``filters[-1]`` features (default 128).
 
+BatchNorm uses Keras's defaults (momentum 0.99, epsilon 1e-3).
+
 Parameters with the defaults and 1 input channel: 240,608 (+ the head's).
 """
 
