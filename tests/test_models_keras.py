@@ -47,6 +47,8 @@ CASES = {
     **{f"efficientnet_b{i}": (f"EfficientNetB{i}", 32, "rescale255") for i in range(8)},
 }
 MIN_SIZE = {"inception_v3": 75, "xception": 71}
+# Keras 3 on numpy 2 warns once per variable read (``__array__`` without ``copy``): noise here.
+pytestmark = pytest.mark.filterwarnings("ignore:__array__ implementation doesn't accept a copy keyword")
 
 
 @pytest.fixture(autouse=True)

@@ -20,6 +20,8 @@ from boneage_jax import models, weights  # noqa: E402
 from boneage_jax.models import layers  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# Keras 3 on numpy 2 warns once per variable read (``__array__`` without ``copy``): noise here.
+pytestmark = pytest.mark.filterwarnings("ignore:__array__ implementation doesn't accept a copy keyword")
 
 
 # ----------------------------------------------------------------------------- DepthwiseConv
