@@ -174,12 +174,18 @@ def score(predictions: dict[str, np.ndarray], objective: objectives.Objective) -
 
 def checkpoint_managers(workdir: str) -> tuple[ocp.CheckpointManager, ocp.CheckpointManager]:
     """``checkpoints/latest`` (for resuming) and ``checkpoints/best`` (by validation MAE)."""
-    options = ocp.CheckpointManagerOptions(max_to_keep=1, create=True)
     root = os.path.join(os.path.abspath(workdir), "checkpoints")
-    return (
-        ocp.CheckpointManager(os.path.join(root, "latest"), options=options),
-        ocp.CheckpointManager(os.path.join(root, "best"), options=options),
-    )
+
+    def manager(name: str) -> ocp.CheckpointManager:
+        # Both managers may save the same step at once: their multi-process barriers need
+        # distinct names.
+        options = ocp.CheckpointManagerOptions(
+            max_to_keep=1, create=True,
+            multiprocessing_options=ocp.options.MultiprocessingOptions(barrier_sync_key_prefix=name),
+        )
+        return ocp.CheckpointManager(os.path.join(root, name), options=options)
+
+    return manager("latest"), manager("best")
 
 
 def save_checkpoint(manager: ocp.CheckpointManager, state: dict, iterator, meta: dict) -> None:
