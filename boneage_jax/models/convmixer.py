@@ -195,55 +195,16 @@ class ConvMixer(nnx.Module):
         source.finish()
 
 
-@register("convmixer")
-def convmixer(
-    *,
-    in_channels: int,
-    dtype=jnp.float32,
-    rngs: nnx.Rngs,
-    dim: int = 256,
-    depth: int = 8,
-    kernel_size: int = 9,
-    patch_size: int = 7,
-    activation: str = "gelu",
-    depthwise_impl: str = "auto",
-) -> ConvMixer:
-    """Any ConvMixer-dim/depth: ``--config.model.kwargs.dim=512 --config.model.kwargs.depth=12``."""
-    return ConvMixer(
-        dim=dim,
-        depth=depth,
-        kernel_size=kernel_size,
-        patch_size=patch_size,
-        activation=activation,
-        depthwise_impl=depthwise_impl,
-        in_channels=in_channels,
-        dtype=dtype,
-        rngs=rngs,
-    )
+def _register(name: str, **architecture) -> None:
+    """Registers ConvMixer with fixed architecture defaults; ``model.kwargs`` may still set
+    ``depthwise_impl`` (and the generic ``convmixer``'s dim, depth, kernel and patch size)."""
+    register(name)(functools.partial(ConvMixer, **architecture))
 
 
-def _variant(name: str, dim: int, depth: int, kernel_size: int, patch_size: int, activation: str = "gelu"):
-    @register(name)
-    def build(*, in_channels: int, dtype=jnp.float32, rngs: nnx.Rngs, depthwise_impl: str = "auto") -> ConvMixer:
-        return ConvMixer(
-            dim=dim,
-            depth=depth,
-            kernel_size=kernel_size,
-            patch_size=patch_size,
-            activation=activation,
-            depthwise_impl=depthwise_impl,
-            in_channels=in_channels,
-            dtype=dtype,
-            rngs=rngs,
-        )
-
-    build.__name__ = name
-    build.__doc__ = f"ConvMixer-{dim}/{depth}, kernel {kernel_size}, patch {patch_size}, {activation}."
-    return build
-
-
-convmixer_1536_20 = _variant("convmixer_1536_20", 1536, 20, 9, 7)
-convmixer_768_32 = _variant("convmixer_768_32", 768, 32, 7, 7, activation="relu")
-convmixer_1024_20_ks9_p14 = _variant("convmixer_1024_20_ks9_p14", 1024, 20, 9, 14)
-convmixer_256_8 = _variant("convmixer_256_8", 256, 8, 9, 7)
-convmixer_128_4 = _variant("convmixer_128_4", 128, 4, 5, 4)
+# Any ConvMixer-dim/depth: ``--config.model.kwargs.dim=512 --config.model.kwargs.depth=12``.
+_register("convmixer", dim=256, depth=8)
+_register("convmixer_1536_20", dim=1536, depth=20, kernel_size=9, patch_size=7)
+_register("convmixer_768_32", dim=768, depth=32, kernel_size=7, patch_size=7, activation="relu")
+_register("convmixer_1024_20_ks9_p14", dim=1024, depth=20, kernel_size=9, patch_size=14)
+_register("convmixer_256_8", dim=256, depth=8, kernel_size=9, patch_size=7)
+_register("convmixer_128_4", dim=128, depth=4, kernel_size=5, patch_size=4)

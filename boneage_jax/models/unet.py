@@ -78,6 +78,7 @@ class UpBlock(nnx.Module):
         return self.convs(jnp.concatenate([skip, self.up(x)], axis=-1))
 
 
+@register("unet")  # listed and counted like the backbones
 class UNet(nnx.Module):
     def __init__(
         self,
@@ -138,28 +139,3 @@ class UNet(nnx.Module):
 
     def __call__(self, x: jnp.ndarray) -> jnp.ndarray:
         return layers.global_avg_pool(self.decode(x))
-
-
-@register("unet")
-def unet(
-    *,
-    in_channels: int,
-    dtype=jnp.float32,
-    rngs: nnx.Rngs,
-    depth: int = 4,
-    base_filters: int = 64,
-    num_classes: int = 1,
-    dropout: float = 0.5,
-    batch_norm: bool = False,
-) -> UNet:
-    """The segmentation U-Net, registered so it is listed and counted like the backbones."""
-    return UNet(
-        in_channels=in_channels,
-        dtype=dtype,
-        rngs=rngs,
-        depth=depth,
-        base_filters=base_filters,
-        num_classes=num_classes,
-        dropout=dropout,
-        batch_norm=batch_norm,
-    )
