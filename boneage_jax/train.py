@@ -67,13 +67,13 @@ def make_schedule(config: ml_collections.ConfigDict, total_steps: int) -> optax.
     raise ValueError(f"config.schedule {config.schedule!r}; expected 'constant' or 'cosine'")
 
 
-def make_optimizer(config: ml_collections.ConfigDict, total_steps: int) -> optax.GradientTransformation:
+def make_optimizer(config: ml_collections.ConfigDict, schedule: optax.Schedule) -> optax.GradientTransformation:
     """AdamW on the schedule, then a scale that reduce-on-plateau lowers (its ``step_size``)."""
     parts = []
     if config.grad_clip_norm:
         parts.append(optax.clip_by_global_norm(config.grad_clip_norm))
     parts.append(
-        optax.adamw(make_schedule(config, total_steps), b1=config.adam_b1, b2=config.adam_b2,
+        optax.adamw(schedule, b1=config.adam_b1, b2=config.adam_b2,
                     weight_decay=config.weight_decay)
     )
     parts.append(optax.inject_hyperparams(optax.scale)(step_size=1.0))
@@ -291,7 +291,8 @@ def train_and_evaluate(
     )
 
     # Model and optimiser.
-    tx = make_optimizer(config, total_steps)
+    schedule = make_schedule(config, total_steps)
+    tx = make_optimizer(config, schedule)
     graphdef, eval_graphdef, state, rng_state = init_model_state(config, in_channels, objective.num_outputs, tx,
                                                                  replicated)
     base_key = jax.jit(lambda: jax.random.key(config.seed), out_shardings=replicated)()
@@ -338,7 +339,7 @@ def train_and_evaluate(
                 f"{latest.directory} (lower config.learning_rate or set config.grad_clip_norm)"
             )
         averaged = {k: float(np.mean([m[k] for m in fetched])) for k in fetched[0]}
-        averaged["lr"] = float(make_schedule(config, total_steps)(step)) * lr_scale(state["opt_state"])
+        averaged["lr"] = float(schedule(step)) * lr_scale(state["opt_state"])
         if images_per_s is not None:
             averaged["images_per_s"] = images_per_s
         writer.write(step, "train", averaged)
