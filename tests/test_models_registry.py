@@ -63,6 +63,15 @@ def test_cnn_memon_is_the_papers_network():
     assert backbone(jnp.ones((1, 256, 256, 1))).shape == (1, 32768)
 
 
+def test_image_size_reaches_class_backbones():
+    """The flattening CNN is a class; its image_size must not fall back to the default 256."""
+    model = models.create_model(ml_collections.ConfigDict({"name": "cnn_memon", "sex_fusion": "winner16bit",
+                                                           "head_hidden": (), "dropout": 0.0, "dtype": "float32"}),
+                                in_channels=1, image_size=64, seed=0)
+    assert model.backbone.num_features == 4 * 4 * 128
+    assert model(jnp.ones((2, 64, 64, 1)), jnp.ones((2,))).shape == (2, 1)
+
+
 def _listing(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "boneage_jax.models", *args], capture_output=True, text=True,
                           timeout=900)

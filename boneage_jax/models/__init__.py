@@ -62,7 +62,9 @@ def create_backbone(
     if name not in BACKBONES:
         raise ValueError(f"unknown model {name!r}; registered: {', '.join(sorted(BACKBONES))}")
     constructor = BACKBONES[name]
-    if "image_size" in inspect.signature(constructor).parameters:
+    # A class's own __init__: nnx.Module's metaclass hides it from inspect.signature(class).
+    signature = inspect.signature(constructor.__init__ if inspect.isclass(constructor) else constructor)
+    if "image_size" in signature.parameters:
         kwargs["image_size"] = image_size
     return constructor(in_channels=in_channels, dtype=compute_dtype(dtype), rngs=rngs, **kwargs)
 

@@ -1,0 +1,126 @@
+r"""Training speed of every model family: compile time and train-step images/s.
+
+    python benchmarks/models.py [NAME ...] [--image_size=256] [--batch_size=8] \
+        [--min_steps=3] [--min_seconds=20] [--out=benchmarks/results/models_cpu.md]
+
+For each family it builds the model with the winner's sex head and a regression output, the
+AdamW optimiser and the training step exactly as ``boneage_jax.train`` runs them (3-channel
+input, float32), compiles the step ahead of time (timed as "compile"), runs one untimed step,
+then times at least ``--min_steps`` steps and at least ``--min_seconds``. Rows are written to
+``--out`` (Markdown) and ``<out>.json`` as each family finishes, so a long run that is stopped
+keeps what it measured. Families registered under two names (``googlenet``/``inception_v1``,
+``resnet50``/``resnet50_keras`` ...) are timed once.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import json
+import os
+import platform
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+sys.path.insert(0, os.path.abspath(os.path.join(os.path.dirname(__file__), "..")))
+
+from boneage_jax import models, objectives, train  # noqa: E402
+from configs.common import base_config  # noqa: E402
+
+# Second names of the same network: timing them again would only repeat a row.
+ALIASES = {"inception_v1": "googlenet", "resnet50_keras": "resnet50", "resnet101_keras": "resnet101",
+           "resnet152_keras": "resnet152", "convmixer": "convmixer_1536_20"}
+
+
+def benchmark(name: str, image_size: int, batch_size: int, min_steps: int, min_seconds: float) -> dict:
+    """Compile time (s) and images/s of one family's training step."""
+    config = base_config()
+    config.model.name = name
+    config.data.image_size = image_size
+    mesh = train.make_mesh()
+    replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+    data_sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("data"))
+    stats = objectives.LabelStats(mean=127.0, std=41.0)
+    objective = objectives.Objective("regression", stats, "mse")
+    tx = train.make_optimizer(config, train.make_schedule(config, 1000))
+    graphdef, _, state, rng_state = train.init_model_state(config, 3, objective.num_outputs, tx, replicated)
+    rng = np.random.default_rng(0)
+    batch = {
+        "image": rng.standard_normal((batch_size, image_size, image_size, 3), dtype=np.float32),
+        "male": (rng.random(batch_size) < 0.5).astype(np.float32),
+        "boneage": rng.uniform(0, 228, batch_size).astype(np.float32),
+    }
+    batch = jax.device_put(batch, data_sharding)
+    step = jax.jit(functools.partial(train.train_step, graphdef=graphdef, tx=tx, objective=objective),
+                   donate_argnums=(0,))
+    key = jax.random.key(0)
+    start = time.perf_counter()
+    compiled = step.lower(state, batch, rng_state, key).compile()
+    compile_s = time.perf_counter() - start
+    state, metrics = compiled(state, batch, rng_state, key)
+    jax.block_until_ready(metrics)
+    if not np.isfinite(float(metrics["loss"])):
+        raise FloatingPointError(f"{name}: non-finite loss {float(metrics['loss'])}")
+    steps, start = 0, time.perf_counter()
+    while steps < min_steps or time.perf_counter() - start < min_seconds:
+        state, metrics = compiled(state, batch, rng_state, key)
+        jax.block_until_ready(metrics)
+        steps += 1
+    elapsed = time.perf_counter() - start
+    params = sum(x.size for x in jax.tree.leaves(state["params"]))
+    return {"model": name, "parameters": int(params), "compile_s": round(compile_s, 1),
+            "step_s": round(elapsed / steps, 3), "images_per_s": round(steps * batch_size / elapsed, 2),
+            "timed_steps": steps}
+
+
+def markdown(rows: list[dict], header: str) -> str:
+    lines = [header, "", "| model | parameters (with head) | compile (s) | step (s) | images/s |",
+             "|---|---:|---:|---:|---:|"]
+    lines += [f"| {r['model']} | {r['parameters']:,} | {r['compile_s']} | {r['step_s']} | {r['images_per_s']} |"
+              for r in rows]
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("names", nargs="*", help="families (default: every registered name but aliases)")
+    parser.add_argument("--image_size", type=int, default=256)
+    parser.add_argument("--batch_size", type=int, default=8)
+    parser.add_argument("--min_steps", type=int, default=3)
+    parser.add_argument("--min_seconds", type=float, default=20.0)
+    parser.add_argument("--out", default="", help="Markdown table to write (and <out>.json)")
+    args = parser.parse_args(argv)
+    names = args.names or [n for n in models.available() if n not in ALIASES]
+    unknown = sorted(set(names) - set(models.available()))
+    if unknown:
+        parser.error(f"unknown model(s) {unknown}; registered: {models.available()}")
+    device = jax.devices()[0]
+    header = (f"Train step, batch {args.batch_size}, {args.image_size} px, float32, on "
+              f"{len(jax.devices())} x {device.device_kind} ({platform.processor() or platform.machine()}, "
+              f"{os.cpu_count()} cores), jax {jax.__version__}")
+    print(header, flush=True)
+    rows = []
+    for name in names:
+        try:
+            row = benchmark(name, args.image_size, args.batch_size, args.min_steps, args.min_seconds)
+        except Exception as error:  # noqa: BLE001 - one family failing must not lose the others' rows
+            print(f"{name}: FAILED: {type(error).__name__}: {error}", flush=True)
+            continue
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+        if args.out:
+            os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+            for path, text in ((args.out, markdown(rows, header)), (args.out + ".json", json.dumps(rows, indent=1))):
+                with open(path + ".tmp", "w") as f:
+                    f.write(text)
+                os.replace(path + ".tmp", path)
+    print(markdown(rows, header))
+    return 0 if len(rows) == len(names) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
