@@ -7,10 +7,12 @@ import math
 import cv2
 import numpy as np
 
-from boneage_jax.ops import AUGMENT_PRESETS, Sample, register_augment
+from boneage_jax.ops import AUGMENT_PRESETS, Sample, as_2d, register_augment, require_uint8
+from boneage_jax.ops.contrast import apply_lut, brighten, clahe, contrast_stretch, gamma_lut
 from boneage_jax.ops.geometry import BORDER_MODES, warp_sample
 
-__all__ = ["random_flip", "random_affine", "affine_matrix"]
+__all__ = ["random_flip", "random_affine", "affine_matrix", "brightness_jitter", "contrast_jitter", "gamma_jitter",
+           "clahe_or_gamma"]
 
 
 @register_augment("flip", on="sample")
@@ -77,6 +79,71 @@ def random_affine(
     matrix = affine_matrix((width / 2.0, height / 2.0), angle, scale, shear_angle, (dx, dy))
     return warp_sample(sample, matrix, (width, height), fill_mode=fill_mode, fill_value=fill_value,
                        interpolation=cv2.INTER_LINEAR)
+
+
+# ----------------------------------------------------------------------------- intensity
+
+
+def _factor(rng: np.random.Generator, max_delta: float) -> float:
+    if not 0 <= max_delta < 1:
+        raise ValueError(f"max_delta must be in [0, 1), got {max_delta}")
+    return float(rng.uniform(1.0 - max_delta, 1.0 + max_delta))
+
+
+@register_augment("brightness_jitter")
+def brightness_jitter(image: np.ndarray, rng: np.random.Generator, *, max_delta: float = 0.2) -> np.ndarray:
+    """PIL brightness (``trunc(v * f)``, clipped; see contrast.enhance) with f uniform in
+    [1 - max_delta, 1 + max_delta]."""
+    return brighten(require_uint8(image, "brightness_jitter"), _factor(rng, max_delta))
+
+
+@register_augment("contrast_jitter")
+def contrast_jitter(image: np.ndarray, rng: np.random.Generator, *, max_delta: float = 0.2) -> np.ndarray:
+    """PIL contrast (``trunc(m + f * (v - m))`` about the rounded mean grey level m, clipped; see
+    contrast.enhance) with f uniform in [1 - max_delta, 1 + max_delta]."""
+    return contrast_stretch(require_uint8(image, "contrast_jitter"), _factor(rng, max_delta))
+
+
+@register_augment("gamma_jitter")
+def gamma_jitter(image: np.ndarray, rng: np.random.Generator, *, low: float = 0.8, high: float = 1.25) -> np.ndarray:
+    """Gamma correction (see contrast.gamma) with gamma log-uniform in [low, high], so that with
+    low = 1 / high brightening and darkening are equally likely."""
+    if not 0 < low <= high:
+        raise ValueError(f"gamma_jitter: need 0 < low <= high, got low={low}, high={high}")
+    g = math.exp(rng.uniform(math.log(low), math.log(high)))
+    return apply_lut(require_uint8(image, "gamma_jitter"), gamma_lut(g))
+
+
+@register_augment("clahe_or_gamma")
+def clahe_or_gamma(
+    image: np.ndarray,
+    rng: np.random.Generator,
+    *,
+    p_clahe: float = 2.0 / 3.0,
+    clip_limit: float | tuple[float, float] = (1.0, 3.0),
+    tile_grid: int = 8,
+    gamma_low: float = 0.7,
+    gamma_high: float = 1.3,
+) -> np.ndarray:
+    """Deeplasia's contrast augmentation: CLAHE with probability ``p_clahe``, otherwise a gamma
+    correction with gamma uniform in [gamma_low, gamma_high].
+
+    Deeplasia (aimi-bonn/Deeplasia, lib/datasets.py, ``get_train_augmentation``) uses
+    ``A.OneOf([A.CLAHE(p=1, clip_limit=3), A.RandomGamma((70, 130), p=0.5)], p=1)``. Albumentations'
+    OneOf picks a transform with the members' p as weights, so CLAHE 1 / 1.5 = 2/3 of the time;
+    ``CLAHE(clip_limit=3)`` draws its clip limit uniformly in (1, 3) with an 8x8 tile grid;
+    ``RandomGamma((70, 130))`` draws gamma uniformly in [0.7, 1.3]. Those are the defaults here. A
+    number for ``clip_limit`` fixes it. Unlike albumentations' gamma table (truncated), the gamma
+    table here rounds (contrast.gamma). A grey image comes back (H, W), as from contrast.clahe."""
+    if not 0 < gamma_low <= gamma_high:
+        raise ValueError(f"clahe_or_gamma: need 0 < gamma_low <= gamma_high, got {gamma_low}, {gamma_high}")
+    low, high = clip_limit if isinstance(clip_limit, (tuple, list)) else (clip_limit, clip_limit)
+    if not 0 < low <= high:
+        raise ValueError(f"clahe_or_gamma: clip_limit must be positive, or a (low, high) range, got {clip_limit}")
+    image = require_uint8(as_2d(image), "clahe_or_gamma")
+    if rng.random() < p_clahe:
+        return clahe(image, clip_limit=float(rng.uniform(low, high)) if high > low else float(low), tile_grid=tile_grid)
+    return apply_lut(image, gamma_lut(float(rng.uniform(gamma_low, gamma_high))))
 
 
 # Nguyen et al.: horizontal flip, shifts of 15%, rotation up to 5 degrees, shear 0.01 (Keras's
