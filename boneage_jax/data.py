@@ -142,8 +142,99 @@ class SplitSelection:
         return bool(len(self.indices)) and not np.isnan(self.boneage).any()
 
 
+def kfold_split(labels: LabelIndex, indices: np.ndarray, num_folds: int, fold: int,
+                seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Deterministic, age-stratified k-fold: returns (train indices, fold ``fold``'s indices).
+
+    The records are sorted by (bone age, id) and cut into blocks of ``num_folds``
+    consecutive records; a seeded permutation gives each record of a block a different fold,
+    so every fold spans the whole age range and the folds partition ``indices``.
+    """
+    if num_folds < 2:
+        raise ValueError(f"config.data.num_folds must be 0 (off) or at least 2, got {num_folds}")
+    if not 0 <= fold < num_folds:
+        raise ValueError(f"config.data.fold must be in [0, {num_folds}), got {fold}")
+    indices = np.asarray(indices, np.int64)
+    order = indices[np.lexsort((labels.ids[indices], labels.boneage[indices]))]
+    rng = np.random.default_rng(seed)
+    folds = np.empty(len(order), np.int64)
+    for start in range(0, len(order), num_folds):
+        block = slice(start, start + num_folds)
+        folds[block] = rng.permutation(num_folds)[: len(folds[block])]
+    return np.sort(order[folds != fold]), np.sort(order[folds == fold])
+
+
+SEXES = ("both", "male", "female")
+
+
+def filter_indices(labels: LabelIndex, indices: np.ndarray, data_config: ml_collections.ConfigDict) -> np.ndarray:
+    """Keeps the records of the configured sex and bone-age range (``data.sex``,
+    ``data.min_age`` and ``data.max_age`` in months, inclusive). Unlabelled records pass the
+    age filter (their age is unknown)."""
+    sex = data_config.get("sex", "both")
+    if sex not in SEXES:
+        raise ValueError(f"config.data.sex is {sex!r}; expected one of {SEXES}")
+    keep = np.ones(len(indices), bool)
+    if sex != "both":
+        keep &= labels.male[indices] == (sex == "male")
+    ages = labels.boneage[indices]
+    low, high = data_config.get("min_age", 0.0), data_config.get("max_age", 240.0)
+    keep &= np.isnan(ages) | ((ages >= low) & (ages <= high))
+    return np.asarray(indices)[keep]
+
+
 def select_splits(data_config: ml_collections.ConfigDict, builder, seed: int) -> dict[str, SplitSelection]:
-    """Maps the run's ``train``, ``validation`` and (if present) ``test`` to record indices."""
+    """Maps the run's ``train``, ``validation`` and (if present) ``test`` to record indices.
+
+    With ``data.num_folds`` = k > 1, the whole TFDS ``train`` split is cut into k
+    age-stratified folds; fold ``data.fold`` validates and the others train (an official
+    validation split is then not used). Sex and age filters apply to every split."""
+    splits = _base_splits(data_config, builder, seed)
+    num_folds = data_config.get("num_folds", 0)
+    if num_folds:
+        train, held_out = splits["train"], splits["validation"]
+        pool = train.indices
+        if held_out.tfds_split == "train":  # the Kaggle layout: the hold-out returns to the pool
+            pool = np.concatenate([pool, held_out.indices])
+        train_idx, fold_idx = kfold_split(train.labels, pool, num_folds, data_config.fold, seed)
+        splits["train"] = SplitSelection("train", train_idx, train.labels)
+        splits["validation"] = SplitSelection("train", fold_idx, train.labels)
+    splits = {name: dataclasses.replace(s, indices=filter_indices(s.labels, s.indices, data_config))
+              for name, s in splits.items()}
+    for name in ("train", "validation"):
+        if not len(splits[name].indices):
+            raise ValueError(f"the {name} split is empty after the filters data.sex={data_config.get('sex')!r}, "
+                             f"data.min_age={data_config.get('min_age')}, data.max_age={data_config.get('max_age')}")
+    return splits
+
+
+def balanced_epoch(labels: LabelIndex, indices: np.ndarray, *, bins: int, per_bin: int,
+                   rng: np.random.Generator) -> np.ndarray:
+    """One epoch of class-balanced sampling (Nguyen et al.), shuffled.
+
+    The training ages are cut into ``bins`` equal-width bins over their range; from each bin
+    ``per_bin`` records are drawn, half boys and half girls (without replacement where a group
+    has enough records, with replacement where it has fewer; a sex missing from a bin is made
+    up by the other). Empty bins are skipped.
+    """
+    indices = np.asarray(indices, np.int64)
+    ages, male = labels.boneage[indices], labels.male[indices]
+    edges = np.linspace(ages.min(), ages.max(), bins + 1)
+    which = np.clip(np.searchsorted(edges, ages, side="right") - 1, 0, bins - 1)
+    chosen = []
+    for b in range(bins):
+        groups = [indices[(which == b) & male], indices[(which == b) & ~male]]
+        groups = [g for g in groups if len(g)]
+        if not groups:
+            continue
+        counts = [per_bin // len(groups) + (i < per_bin % len(groups)) for i in range(len(groups))]
+        for group, count in zip(groups, counts):
+            chosen.append(rng.choice(group, count, replace=len(group) < count))
+    epoch = np.concatenate(chosen)
+    return epoch[rng.permutation(len(epoch))]
+
+
+def _base_splits(data_config: ml_collections.ConfigDict, builder, seed: int) -> dict[str, SplitSelection]:
     available = set(builder.info.splits.keys())
     train_labels = label_index(data_config, "train")
     splits = {}

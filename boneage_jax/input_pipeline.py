@@ -11,6 +11,7 @@ the padding that completes an evaluation's last batch.
 
 from __future__ import annotations
 
+import functools
 import sys
 from collections.abc import Callable, Iterator
 
@@ -37,13 +38,23 @@ class SelectedRecords:
 
 
 def example_fn(data_config: ml_collections.ConfigDict) -> Callable[[dict], dict]:
-    """Decoded record -> preprocessed uint8 example (deterministic part of the pipeline)."""
+    """Decoded record -> preprocessed uint8 example (deterministic part of the pipeline).
+
+    The ops see a sample with the image, the record's hand mask and keypoints where the
+    dataset has them, and its id; the example keeps the (transformed) mask while the
+    augmentation may still move it."""
     preprocess = ops.build_preprocess(data_config.preprocess, size=data_config.image_size)
 
     def fn(record: dict) -> dict:
-        image = preprocess(record["image"])
+        sample = {"image": record["image"][:, :, 0], "id": int(record["id"])}
+        if record.get("has_mask"):
+            sample["mask"] = record["mask"][:, :, 0]
+        if record.get("has_keypoints"):
+            sample["keypoints"] = record["keypoints"]
+        sample = preprocess(sample)
         return {
-            "image": image,
+            "image": sample["image"],
+            "mask": sample.get("mask"),
             "male": np.float32(record["male"]),
             "boneage": np.float32(record["boneage"]) if record["has_boneage"] else np.float32(np.nan),
             "id": np.int64(record["id"]),
@@ -59,19 +70,31 @@ def augment_fn(data_config: ml_collections.ConfigDict, seed: int) -> Callable[[d
 
     def fn(example: dict, position: int) -> dict:
         rng = np.random.default_rng([seed, position])
-        return {**example, "image": augment(example["image"], rng)}
+        sample = augment({"image": example["image"], "mask": example["mask"], "id": int(example["id"])}, rng)
+        return {**example, "image": sample["image"], "mask": sample.get("mask")}
 
     return fn
 
 
 def normalize_fn(data_config: ml_collections.ConfigDict) -> Callable[[dict], dict]:
+    """Last ops to float32 (B, S, S, C); the mask goes into the batch only for segmentation
+    (``data.mask_in_batch``), as float32 (S, S, 1) in {0, 1}."""
     normalize = ops.build_preprocess(data_config.normalize, size=data_config.image_size)
+    with_mask = data_config.get("mask_in_batch", False)
 
     def fn(example: dict) -> dict:
         image = normalize(example["image"]).astype(np.float32)
         if image.ndim == 2:
             image = image[:, :, None]
-        return {**example, "image": image}
+        out = {k: v for k, v in example.items() if k != "mask"}
+        out["image"] = image
+        if with_mask:
+            mask = example["mask"]
+            if mask is None:
+                raise ValueError(f"example {example['id']} has no hand mask: segmentation needs masks "
+                                 f"(hand-masks/<id>.png beside the images, see tfds_rsna/rsna_bone_age.py)")
+            out["mask"] = (mask[:, :, None] > 127).astype(np.float32)
+        return out
 
     return fn
 
@@ -88,6 +111,29 @@ def local_batch_size(global_batch_size: int) -> int:
 
 def _read_options(data_config: ml_collections.ConfigDict) -> grain.ReadOptions:
     return grain.ReadOptions(num_threads=data_config.num_threads, prefetch_buffer_size=data_config.prefetch)
+
+
+class BalancedEpochs:
+    """An endless stream of record indices, epoch after epoch of class-balanced draws
+    (``data.balance_bins`` age bins x ``data.balance_per_bin`` records, sexes equal), each
+    epoch seeded by (seed, epoch) so any position can be recomputed after a restart."""
+
+    def __init__(self, selection: data.SplitSelection, bins: int, per_bin: int, seed: int):
+        self._selection, self._bins, self._per_bin, self._seed = selection, bins, per_bin, seed
+        self._epoch_size = len(self._epoch(0))
+
+    @functools.lru_cache(maxsize=4)
+    def _epoch(self, epoch: int) -> np.ndarray:
+        rng = np.random.default_rng([self._seed, epoch])
+        return data.balanced_epoch(self._selection.labels, self._selection.indices, bins=self._bins,
+                                   per_bin=self._per_bin, rng=rng)
+
+    def __len__(self) -> int:
+        return sys.maxsize
+
+    def __getitem__(self, position: int) -> int:
+        epoch, offset = divmod(position, self._epoch_size)
+        return int(self._epoch(epoch)[offset])
 
 
 class ProcessRows(grain.MapDataset):
@@ -120,7 +166,14 @@ def train_dataset(
 ) -> grain.IterDataset:
     """Infinite, shuffled, augmented batches: this process's rows of each global batch."""
     source = data.data_source(data_config, selection.tfds_split)
-    ds = grain.MapDataset.source(SelectedRecords(source, selection.indices)).seed(seed).shuffle().repeat(None)
+    sampling = data_config.get("sampling", "shuffle")
+    if sampling == "shuffle":
+        ds = grain.MapDataset.source(SelectedRecords(source, selection.indices)).seed(seed).shuffle().repeat(None)
+    elif sampling == "balanced":
+        ds = grain.MapDataset.source(BalancedEpochs(selection, data_config.balance_bins, data_config.balance_per_bin,
+                                                    seed)).map(lambda i: source[int(i)])
+    else:
+        raise ValueError(f"config.data.sampling is {sampling!r}; expected 'shuffle' or 'balanced'")
     make_example, augment, normalize = example_fn(data_config), augment_fn(data_config, seed), normalize_fn(data_config)
     ds = ProcessRows(ds, batch_size).map(lambda item: normalize(augment(make_example(item[1]), item[0])))
     ds = ds.batch(local_batch_size(batch_size), drop_remainder=True, batch_fn=stack)

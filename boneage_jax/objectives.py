@@ -24,6 +24,7 @@ import numpy as np
 import optax
 
 HEADS = ("regression", "gaussian", "classification")
+TASKS = ("boneage", "segmentation")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -72,7 +73,16 @@ def label_stats(model_config: ml_collections.ConfigDict, ages: np.ndarray) -> La
 
 
 class Objective:
-    """Loss and readout of one head type, given the training label statistics."""
+    """Loss and readout of one head type, given the training label statistics.
+
+    The training loop talks to every objective (this one and :class:`Segmentation`) through
+    ``batch_loss``, ``step_metrics``, ``predict``, ``host_readout``, ``score`` and ``monitor``
+    (the validation metric that picks the best checkpoint, with ``higher_is_better``).
+    """
+
+    task = "boneage"
+    monitor = "mae"
+    higher_is_better = False
 
     def __init__(self, head: str, stats: LabelStats, loss: str = "mse"):
         if head not in HEADS:
@@ -120,3 +130,98 @@ class Objective:
 
     def true_classes(self, boneage: np.ndarray) -> np.ndarray:
         return assign_classes(boneage, self.stats.class_edges)
+
+    def batch_loss(self, outputs: jax.Array, batch: dict) -> jax.Array:
+        return jnp.mean(self.loss(outputs, batch["boneage"]))
+
+    def step_metrics(self, outputs: jax.Array, batch: dict) -> dict[str, jax.Array]:
+        return {"mae_months": jnp.mean(jnp.abs(self.predict(outputs)["boneage"] - batch["boneage"]))}
+
+    def host_readout(self, readout: dict[str, np.ndarray], batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """Per-example host arrays kept for scoring (here: the readout as it is)."""
+        del batch
+        return readout
+
+    def score(self, predictions: dict[str, np.ndarray]) -> dict[str, float]:
+        """Metrics in months (and accuracy for age classes) of a split's predictions."""
+        from boneage_jax import metrics  # pylint: disable=import-outside-toplevel
+
+        labelled = ~np.isnan(predictions["boneage"])
+        if not labelled.any():
+            return {"num_examples": int(len(labelled)), "labelled": False}
+        true = predictions["boneage"][labelled]
+        result = metrics.regression_metrics(predictions["pred_boneage"][labelled], true, self.stats.mean)
+        if "pred_std" in predictions:
+            result["mean_predicted_std"] = float(np.mean(predictions["pred_std"][labelled]))
+        if "pred_class" in predictions:
+            result["accuracy"] = float(np.mean(predictions["pred_class"][labelled] == self.true_classes(true)))
+        return result
+
+
+def jaccard(predicted: np.ndarray, true: np.ndarray) -> np.ndarray:
+    """Per-image Jaccard index (IoU) of boolean masks (B, H, W); 1 where both are empty."""
+    axes = tuple(range(1, predicted.ndim))
+    intersection = np.logical_and(predicted, true).sum(axes)
+    union = np.logical_or(predicted, true).sum(axes)
+    return np.where(union > 0, intersection / np.maximum(union, 1), 1.0).astype(np.float32)
+
+
+class Segmentation:
+    """Hand segmentation (U-Net): one logit per pixel against the mask in ``batch["mask"]``.
+
+    Loss: binary cross-entropy plus soft Dice loss (1 - Dice), averaged over the batch. Scored by
+    the Jaccard index (IoU) per image: of the raw thresholded output (``jaccard``) and after the
+    post-processing that keeps the hand-sized component and drops spots (``jaccard_post``,
+    ``boneage_jax.ops.hand.keep_hand``).
+    """
+
+    task = "segmentation"
+    monitor = "jaccard"
+    higher_is_better = True
+    num_outputs = 1
+
+    def __init__(self, stats: LabelStats):
+        self.stats = stats
+
+    def batch_loss(self, logits: jax.Array, batch: dict) -> jax.Array:
+        target = batch["mask"]
+        logits = logits.astype(jnp.float32)
+        bce = jnp.mean(optax.sigmoid_binary_cross_entropy(logits, target), axis=(1, 2, 3))
+        p = jax.nn.sigmoid(logits)
+        dice = (2 * jnp.sum(p * target, axis=(1, 2, 3)) + 1.0) / (jnp.sum(p + target, axis=(1, 2, 3)) + 1.0)
+        return jnp.mean(bce + 1.0 - dice)
+
+    def step_metrics(self, logits: jax.Array, batch: dict) -> dict[str, jax.Array]:
+        predicted, true = logits[..., 0] > 0, batch["mask"][..., 0] > 0.5
+        intersection = jnp.sum(predicted & true, axis=(1, 2))
+        union = jnp.sum(predicted | true, axis=(1, 2))
+        return {"jaccard": jnp.mean(jnp.where(union > 0, intersection / jnp.maximum(union, 1), 1.0))}
+
+    def predict(self, logits: jax.Array) -> dict[str, jax.Array]:
+        return {"mask": logits[..., 0] > 0}
+
+    def host_readout(self, readout: dict[str, np.ndarray], batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """Turns each batch's predicted masks into per-image Jaccard (raw and post-processed),
+        so that a split's masks never pile up in memory."""
+        from boneage_jax.ops import hand  # pylint: disable=import-outside-toplevel
+
+        predicted = np.asarray(readout.pop("pred_mask"), bool)
+        true = np.asarray(batch["mask"])[..., 0] > 0.5
+        post = np.stack([hand.keep_hand(m.astype(np.uint8) * 255) > 0 for m in predicted])
+        return {**readout, "pred_jaccard": jaccard(predicted, true), "pred_jaccard_post": jaccard(post, true)}
+
+    def score(self, predictions: dict[str, np.ndarray]) -> dict[str, float]:
+        raw, post = predictions["pred_jaccard"], predictions["pred_jaccard_post"]
+        return {"num_examples": int(len(raw)), "jaccard": float(raw.mean()), "jaccard_median": float(np.median(raw)),
+                "jaccard_min": float(raw.min()), "jaccard_post": float(post.mean()),
+                "jaccard_post_min": float(post.min())}
+
+
+def make_objective(config: ml_collections.ConfigDict, stats: LabelStats):
+    """The objective of ``config.task``: bone age (``config.model.head``) or segmentation."""
+    task = config.get("task", "boneage")
+    if task == "boneage":
+        return Objective(config.model.head, stats, config.loss)
+    if task == "segmentation":
+        return Segmentation(stats)
+    raise ValueError(f"config.task {task!r}; expected one of {TASKS}")

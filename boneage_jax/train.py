@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import json
 import math
 import os
 import time
@@ -105,17 +106,13 @@ def train_step(state: dict, batch: dict, rng_state, base_key, *, graphdef, tx, o
 
     def loss_fn(model):
         outputs = model(batch["image"], batch["male"])
-        return jnp.mean(objective.loss(outputs, batch["boneage"])), outputs
+        return objective.batch_loss(outputs, batch), outputs
 
     (value, outputs), grads = nnx.value_and_grad(loss_fn, has_aux=True)(model)
     rest = nnx.split(model, nnx.Param, nnx.RngState, ...)[3]  # updated batch statistics
     updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
     params = optax.apply_updates(state["params"], updates)
-    step_metrics = {
-        "loss": value,
-        "mae_months": jnp.mean(jnp.abs(objective.predict(outputs)["boneage"] - batch["boneage"])),
-        "grad_norm": optax.tree.norm(grads),
-    }
+    step_metrics = {"loss": value, **objective.step_metrics(outputs, batch), "grad_norm": optax.tree.norm(grads)}
     new_state = {"step": state["step"] + 1, "params": params, "rest": rest, "opt_state": opt_state}
     return new_state, step_metrics
 
@@ -141,32 +138,26 @@ def global_batch(batch: dict, sharding: NamedSharding) -> dict:
 
 
 def predict_split(
-    predict: Callable, config: ml_collections.ConfigDict, selection: data.SplitSelection, sharding: NamedSharding
+    predict: Callable, config: ml_collections.ConfigDict, selection: data.SplitSelection, sharding: NamedSharding,
+    objective,
 ) -> dict[str, np.ndarray]:
     """Predictions for every example of a split (padding removed), with labels and ids."""
     keep = ("boneage", "male", "id", "weight")
     outputs = []
     for batch in input_pipeline.eval_batches(config.data, selection, config.eval_batch_size):
         device_batch = global_batch(batch, sharding)
-        readout = {f"pred_{k}": v for k, v in predict(device_batch).items()}
-        outputs.append(to_host({**readout, **{k: device_batch[k] for k in keep}}))
+        readout = to_host({f"pred_{k}": v for k, v in predict(device_batch).items()})
+        host_batch = to_host(device_batch)
+        readout = objective.host_readout(readout, host_batch)
+        outputs.append({**readout, **{k: host_batch[k] for k in keep}})
     merged = {k: np.concatenate([o[k] for o in outputs]) for k in outputs[0]}
     real = merged.pop("weight") > 0
     return {k: v[real] for k, v in merged.items()}
 
 
-def score(predictions: dict[str, np.ndarray], objective: objectives.Objective) -> dict[str, float]:
-    """Metrics in months (and accuracy for age classes) of a split's predictions."""
-    labelled = ~np.isnan(predictions["boneage"])
-    if not labelled.any():
-        return {"num_examples": int(len(labelled)), "labelled": False}
-    true = predictions["boneage"][labelled]
-    result = metrics.regression_metrics(predictions["pred_boneage"][labelled], true, objective.stats.mean)
-    if "pred_std" in predictions:
-        result["mean_predicted_std"] = float(np.mean(predictions["pred_std"][labelled]))
-    if "pred_class" in predictions:
-        result["accuracy"] = float(np.mean(predictions["pred_class"][labelled] == objective.true_classes(true)))
-    return result
+def score(predictions: dict[str, np.ndarray], objective) -> dict[str, float]:
+    """The objective's metrics of a split's predictions."""
+    return objective.score(predictions)
 
 
 # ----------------------------------------------------------------------------- checkpoints
@@ -223,13 +214,13 @@ def init_model_state(config: ml_collections.ConfigDict, in_channels: int, num_ou
 
     def create() -> models.BoneAgeModel:
         return models.create_model(config.model, in_channels=in_channels, image_size=config.data.image_size,
-                                   num_outputs=num_outputs, seed=config.seed)
+                                   num_outputs=num_outputs, seed=config.seed, task=config.get("task", "boneage"))
 
     pretrained = None
     if config.init_from:
         from boneage_jax import weights  # pylint: disable=import-outside-toplevel
 
-        backbone = create().backbone
+        backbone = _pretrainable(create())
         weights.load_pretrained(backbone, config.init_from)
         pretrained = jax.tree.map(np.asarray, nnx.state(backbone))
         _log(f"Backbone initialised from {config.init_from}")
@@ -237,7 +228,7 @@ def init_model_state(config: ml_collections.ConfigDict, in_channels: int, num_ou
     def init(pretrained):
         model = create()
         if pretrained is not None:
-            nnx.update(model.backbone, pretrained)
+            nnx.update(_pretrainable(model), pretrained)
         _, params, rng_state, rest = nnx.split(model, nnx.Param, nnx.RngState, ...)
         state = {"step": jnp.zeros((), jnp.int32), "params": params, "rest": rest, "opt_state": tx.init(params)}
         return state, rng_state
@@ -249,6 +240,11 @@ def init_model_state(config: ml_collections.ConfigDict, in_channels: int, num_ou
     eval_graphdef = nnx.split(abstract, nnx.Param, nnx.RngState, ...)[0]
     state, rng_state = jax.jit(init, out_shardings=sharding)(pretrained)
     return graphdef, eval_graphdef, state, rng_state
+
+
+def _pretrainable(model: nnx.Module) -> nnx.Module:
+    """The part that ``init_from`` initialises: the backbone, or a segmentation network."""
+    return model.backbone if isinstance(model, models.BoneAgeModel) else model.network
 
 
 def _log(message: str) -> None:
@@ -266,6 +262,9 @@ def train_and_evaluate(
     called with the step number after every step (for progress hooks and tests).
     """
     os.makedirs(workdir, exist_ok=True)
+    writers.write_json(os.path.join(workdir, "config.json"), json.loads(config.to_json_best_effort()))
+    if config.get("task", "boneage") == "segmentation" and not config.data.get("mask_in_batch", False):
+        raise ValueError("config.task='segmentation' needs config.data.mask_in_batch=True (masks in the batches)")
     mesh = make_mesh()
     if config.batch_size % jax.device_count() or config.eval_batch_size % jax.device_count():
         raise ValueError(
@@ -279,7 +278,7 @@ def train_and_evaluate(
     builder = data.prepare(config.data)
     splits = data.select_splits(config.data, builder, config.seed)
     stats = objectives.label_stats(config.model, splits["train"].boneage)
-    objective = objectives.Objective(config.model.head, stats, config.loss)
+    objective = objectives.make_objective(config, stats)
     writers.write_json(os.path.join(workdir, "label_stats.json"), dataclasses.asdict(stats))
     sample = next(input_pipeline.eval_batches(config.data, splits["validation"], jax.process_count()))
     in_channels = sample["image"].shape[-1]
@@ -312,7 +311,7 @@ def train_and_evaluate(
     # Resume.
     train_iter = iter(input_pipeline.train_dataset(config.data, splits["train"], config.batch_size, config.seed))
     latest, best = checkpoint_managers(workdir)
-    meta = {"best_mae": None, "best_step": None, "evals_since_best": 0, "evals_since_lr_drop": 0,
+    meta = {"best_value": None, "best_step": None, "evals_since_best": 0, "evals_since_lr_drop": 0,
             "label_mean": stats.mean, "label_std": stats.std, "stopped_early": False}
     if latest.latest_step() is not None:
         abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, state)
@@ -343,7 +342,9 @@ def train_and_evaluate(
         if images_per_s is not None:
             averaged["images_per_s"] = images_per_s
         writer.write(step, "train", averaged)
-        _log(f"step {step:>6}/{total_steps}  loss {averaged['loss']:.4f}  mae {averaged['mae_months']:.2f} mo  "
+        shown = "".join(f"  {k.removesuffix('_months')} {v:.3f}" for k, v in averaged.items()
+                        if k in ("mae_months", "jaccard"))
+        _log(f"step {step:>6}/{total_steps}  loss {averaged['loss']:.4f}{shown}  "
              f"lr {averaged['lr']:.2e}" + (f"  {images_per_s:.1f} img/s" if images_per_s else ""))
 
     def evaluate_validation(step: int) -> bool:
@@ -351,12 +352,13 @@ def train_and_evaluate(
 
         Returns True when early stopping ends the run."""
         nonlocal state
-        result = score(predict_split(predict, config, splits["validation"], batch_sharding), objective)
+        result = score(predict_split(predict, config, splits["validation"], batch_sharding, objective), objective)
         writer.write(step, "validation", result)
-        _log(f"step {step:>6}  validation mae {result['mae']:.2f}  rmse {result['rmse']:.2f}  "
-             f"r2 {result['r2']:.3f}  (baseline mae {result['baseline_mae']:.2f})")
-        if meta["best_mae"] is None or result["mae"] < meta["best_mae"] - config.min_delta:
-            meta.update(best_mae=result["mae"], best_step=step, evals_since_best=0, evals_since_lr_drop=0)
+        _log(f"step {step:>6}  validation " + _summary(result))
+        value = result[objective.monitor]
+        sign = -1.0 if objective.higher_is_better else 1.0
+        if meta["best_value"] is None or sign * value < sign * meta["best_value"] - config.min_delta:
+            meta.update(best_value=value, best_step=step, evals_since_best=0, evals_since_lr_drop=0)
             save_checkpoint(best, state, train_iter, meta)
             return False
         meta["evals_since_best"] += 1
@@ -365,7 +367,7 @@ def train_and_evaluate(
             scale = max(lr_scale(state["opt_state"]) * config.plateau_factor, config.plateau_min_scale)
             state["opt_state"] = set_lr_scale(state["opt_state"], scale)
             meta["evals_since_lr_drop"] = 0
-            _log(f"step {step:>6}  validation MAE plateaued: learning rate scaled to {scale:.3g}")
+            _log(f"step {step:>6}  validation {objective.monitor} plateaued: learning rate scaled to {scale:.3g}")
         if config.early_stopping_patience and meta["evals_since_best"] >= config.early_stopping_patience:
             _log(f"step {step:>6}  early stopping: no improvement in {meta['evals_since_best']} evaluations")
             meta["stopped_early"] = True
@@ -409,7 +411,12 @@ def train_and_evaluate(
     results = {}
     for name in ("validation", "test"):
         if name in splits:
-            results[name] = score(predict_split(predict, config, splits[name], batch_sharding), objective)
+            predictions = predict_split(predict, config, splits[name], batch_sharding, objective)
+            results[name] = score(predictions, objective)
+            if "pred_jaccard" in predictions and jax.process_index() == 0:
+                writers.write_csv(os.path.join(workdir, f"jaccard_{name}.csv"), ["id", "jaccard", "jaccard_post"],
+                                  zip(predictions["id"].tolist(), predictions["pred_jaccard"].tolist(),
+                                      predictions["pred_jaccard_post"].tolist()))
             results[name]["checkpoint_step"] = int(jax.device_get(state["step"]))
             writer.write(step, f"final_{name}", results[name])
     writers.write_json(os.path.join(workdir, "results.json"), results)
@@ -420,8 +427,22 @@ def train_and_evaluate(
     return results
 
 
+def _summary(result: dict) -> str:
+    if "jaccard" in result:
+        return f"jaccard {result['jaccard']:.4f}  (post-processed {result['jaccard_post']:.4f}, min {result['jaccard_min']:.3f})"
+    if "mae" not in result:
+        return f"{result['num_examples']} images (unlabelled)"
+    return (f"mae {result['mae']:.2f}  rmse {result['rmse']:.2f}  r2 {result['r2']:.3f}  "
+            f"(baseline mae {result['baseline_mae']:.2f})")
+
+
 def results_table(results: dict[str, dict[str, float]]) -> str:
     """A short text table: each split's MAE beside the predict-the-training-mean baseline."""
+    if any("jaccard" in r for r in results.values()):
+        lines = [f"{'split':<12}{'images':>8}{'Jaccard':>10}{'post-processed':>16}{'min':>8}"]
+        lines += [f"{name:<12}{r['num_examples']:>8}{r['jaccard']:>10.4f}{r['jaccard_post']:>16.4f}{r['jaccard_min']:>8.3f}"
+                  for name, r in results.items()]
+        return "\n".join(lines)
     lines = [f"{'split':<12}{'images':>8}{'MAE (months)':>15}{'baseline MAE':>15}{'RMSE':>9}{'R2':>8}"]
     for name, r in results.items():
         if "mae" not in r:

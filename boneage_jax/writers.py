@@ -5,6 +5,7 @@ TensorBoard files are written by tensorboardX, which needs no TensorFlow.
 
 from __future__ import annotations
 
+import csv
 import json
 import math
 import os
@@ -69,4 +70,14 @@ def write_json(path: str, obj) -> None:
     with open(tmp, "w") as f:
         json.dump(obj, f, indent=2, sort_keys=True, default=_jsonable)
         f.write("\n")
+    os.replace(tmp, path)
+
+
+def write_csv(path: str, header, rows) -> None:
+    """Writes a CSV atomically (a temporary file renamed into place)."""
+    tmp = f"{path}.tmp"
+    with open(tmp, "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(header)
+        writer.writerows(rows)
     os.replace(tmp, path)

@@ -6,6 +6,7 @@ import ml_collections
 def base_config() -> ml_collections.ConfigDict:
     config = ml_collections.ConfigDict()
     config.seed = 0
+    config.task = "boneage"  # boneage, or segmentation (U-Net hand masks; see configs/unet_segmentation.py)
 
     config.data = data = ml_collections.ConfigDict()
     data.manual_dir = ""  # the RSNA download (Kaggle or official layout) or a phantom folder
@@ -19,6 +20,15 @@ def base_config() -> ml_collections.ConfigDict:
     data.num_threads = 2  # grain read threads per process
     data.prefetch = 64  # grain prefetch buffer (examples)
     data.num_workers = 0  # grain worker processes (0: threads in the main process)
+    data.sex = "both"  # both, male or female (sex-specific models, Lee et al.)
+    data.min_age = 0.0  # months, inclusive: keep only labelled images in [min_age, max_age]
+    data.max_age = 240.0
+    data.num_folds = 0  # k > 1: k-fold cross-validation on train, fold data.fold validates
+    data.fold = 0
+    data.sampling = "shuffle"  # shuffle, or balanced (Nguyen et al.: equal draws per age bin and sex)
+    data.balance_bins = 10  # balanced: equal-width bone-age bins over the training range
+    data.balance_per_bin = 500  # balanced: images drawn per bin and epoch, half of each sex
+    data.mask_in_batch = False  # batches carry the hand mask (segmentation)
 
     config.model = model = ml_collections.ConfigDict()
     model.name = "cnn_memon"

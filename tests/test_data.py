@@ -76,3 +76,70 @@ def test_kaggle_layout_holds_out_validation(tmp_path, phantom_dir):
     assert len(splits["validation"].indices) == 12 and len(splits["train"].indices) == 36
     assert splits["validation"].tfds_split == "train"
     assert not set(splits["train"].ids) & set(splits["validation"].ids)
+
+
+def test_kfold_partitions_and_stratifies():
+    labels = _labels(503)
+    pool = np.arange(503)
+    folds = [data.kfold_split(labels, pool, 5, i, seed=0) for i in range(5)]
+    held = np.concatenate([f[1] for f in folds])
+    np.testing.assert_array_equal(np.sort(held), pool)  # every record validates exactly once
+    for train_idx, fold_idx in folds:
+        assert not set(train_idx) & set(fold_idx) and len(train_idx) + len(fold_idx) == 503
+        assert 100 <= len(fold_idx) <= 101
+        assert abs(np.median(labels.boneage[fold_idx]) - np.median(labels.boneage)) < 6
+    np.testing.assert_array_equal(folds[2][1], data.kfold_split(labels, pool, 5, 2, seed=0)[1])
+    with pytest.raises(ValueError, match="data.fold must be in"):
+        data.kfold_split(labels, pool, 5, 5, seed=0)
+    with pytest.raises(ValueError, match="num_folds"):
+        data.kfold_split(labels, pool, 1, 0, seed=0)
+
+
+def test_sex_and_age_filters():
+    labels = _labels(200)
+    labels.boneage[:3] = np.nan  # unlabelled records pass the age filter
+    config = ml_collections.ConfigDict({"sex": "female", "min_age": 24.0, "max_age": 120.0})
+    kept = data.filter_indices(labels, np.arange(200), config)
+    labelled = kept[~np.isnan(labels.boneage[kept])]
+    assert not labels.male[kept].any() and len(labelled) > 20
+    assert labels.boneage[labelled].min() >= 24 and labels.boneage[labelled].max() <= 120
+    expected = [i for i in range(200) if not labels.male[i]
+                and (np.isnan(labels.boneage[i]) or 24 <= labels.boneage[i] <= 120)]
+    np.testing.assert_array_equal(kept, expected)
+    with pytest.raises(ValueError, match="data.sex is 'boys'"):
+        data.filter_indices(labels, np.arange(200), ml_collections.ConfigDict({"sex": "boys"}))
+
+
+def test_balanced_epoch_has_equal_bins_and_sexes():
+    rng = np.random.default_rng(0)
+    n = 2000
+    ages = np.concatenate([rng.normal(150, 20, n - 60), rng.uniform(0, 40, 60)]).clip(0, 228).astype(np.float32)
+    male = rng.random(n) < 0.7
+    labels = data.LabelIndex(boneage=ages, male=male, ids=np.arange(n))
+    epoch = data.balanced_epoch(labels, np.arange(n), bins=4, per_bin=100, rng=np.random.default_rng(1))
+    edges = np.linspace(ages.min(), ages.max(), 5)
+    which = np.clip(np.searchsorted(edges, ages[epoch], side="right") - 1, 0, 3)
+    counts = np.bincount(which, minlength=4)
+    assert set(counts) == {100}  # the rare young bin is drawn as often as the crowded ones
+    for b in range(4):
+        boys = male[epoch][which == b].sum()
+        assert boys == 50
+    again = data.balanced_epoch(labels, np.arange(n), bins=4, per_bin=100, rng=np.random.default_rng(1))
+    np.testing.assert_array_equal(epoch, again)
+
+
+def test_kfold_and_filters_in_select_splits(tiny_config):
+    builder = data.prepare(tiny_config.data)
+    tiny_config.data.num_folds = 4
+    tiny_config.data.fold = 1
+    splits = data.select_splits(tiny_config.data, builder, seed=0)
+    assert len(splits["validation"].indices) == 12 and len(splits["train"].indices) == 36
+    assert splits["validation"].tfds_split == "train" and len(splits["test"].indices) == 16
+    tiny_config.data.num_folds = 0
+    tiny_config.data.sex = "male"
+    splits = data.select_splits(tiny_config.data, builder, seed=0)
+    assert all(s.male.all() for s in splits.values())
+    tiny_config.data.sex = "both"
+    tiny_config.data.min_age = 300.0
+    with pytest.raises(ValueError, match="train split is empty after the filters"):
+        data.select_splits(tiny_config.data, builder, seed=0)

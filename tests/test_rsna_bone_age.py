@@ -266,3 +266,72 @@ def test_builds_the_real_sample(tmp_path):
     example = train[1377]
     assert example["boneage"] == 180.0 and not example["male"]
     assert max(example["image"].shape[:2]) == 512 and example["image"].shape[2] == 1
+
+
+# ----------------------------------------------------------------------------- masks and keypoints
+
+
+def _write_annotations(root: str, images: dict[int, np.ndarray], ids) -> dict[int, np.ndarray]:
+    masks = {}
+    for i in ids:
+        mask = np.zeros(images[i].shape[:2], np.uint8)
+        mask[2:-2, 3:-3] = 200  # binarised to 255 by the builder
+        masks[i] = mask
+        _write_png(os.path.join(root, "hand-masks", f"{i}.png"), mask)
+    _write(os.path.join(root, "keypoints.csv"), "id,name,x,y\n1,capitate,10.5,20\n1,middle_tip,11,2\n2,mcp3,4,5\n")
+    return masks
+
+
+def test_masks_and_keypoints_beside_the_images(tmp_path):
+    manual = str(tmp_path / "manual")
+    images = write_kaggle(manual)
+    masks = _write_annotations(manual, images, ids=(1, 3))
+    build(manual, str(tmp_path / "data"))
+    train = read(str(tmp_path / "data"), "train")
+    assert train[1]["has_mask"] and train[3]["has_mask"] and not train[2]["has_mask"]
+    np.testing.assert_array_equal(train[1]["mask"][:, :, 0], np.where(masks[1] > 127, 255, 0))
+    assert train[2]["mask"].shape == (1, 1, 1)
+    assert train[1]["has_keypoints"] and train[2]["has_keypoints"] and not train[3]["has_keypoints"]
+    from tfds_rsna.keypoints import KEYPOINT_INDEX
+
+    points = train[1]["keypoints"]
+    np.testing.assert_allclose(points[KEYPOINT_INDEX["capitate"]], [10.5, 20])
+    assert np.isnan(points[KEYPOINT_INDEX["mcp3"]]).all()
+    assert np.isnan(train[3]["keypoints"]).all()
+
+
+def test_masks_and_keypoints_follow_the_downscale(tmp_path):
+    manual = str(tmp_path / "manual")
+    images = write_kaggle(manual)
+    big = np.zeros((1200, 600), np.uint8)
+    big[100:1100, 100:500] = 150
+    _write_png(os.path.join(manual, "boneage-training-dataset", "boneage-training-dataset", "1.png"), big)
+    mask = np.zeros_like(big)
+    mask[100:1100, 100:500] = 255
+    _write_png(os.path.join(manual, "hand-masks", "1.png"), mask)
+    _write(os.path.join(manual, "keypoints.csv"), "id,name,x,y\n1,capitate,599.5,1199.5\n")
+    del images
+    build(manual, str(tmp_path / "data"), "max512")
+    example = read(str(tmp_path / "data"), "train", "max512")[1]
+    assert example["image"].shape == example["mask"].shape == (512, 256, 1)
+    np.testing.assert_allclose(example["keypoints"][2], [255.5, 511.5], atol=1e-3)  # the far corner stays there
+    assert abs(int((example["mask"] > 0).sum()) - 1000 * 400 * (512 / 1200) ** 2) < 2000
+
+
+def test_mask_of_the_wrong_size_is_named(tmp_path):
+    manual = str(tmp_path / "manual")
+    write_kaggle(manual)
+    _write_png(os.path.join(manual, "hand-masks", "2.png"), np.zeros((5, 5), np.uint8))
+    with pytest.raises(rsna_bone_age.RsnaFormatError, match=r"hand-masks/2.png: mask is 5x5 px; expected"):
+        build(manual, str(tmp_path / "data"))
+
+
+def test_bad_keypoints_csv_is_named(tmp_path):
+    manual = str(tmp_path / "manual")
+    write_kaggle(manual)
+    _write(os.path.join(manual, "keypoints.csv"), "id,name,x,y\n1,elbow,1,2\n")
+    with pytest.raises(rsna_bone_age.RsnaFormatError, match=r"keypoints.csv:2: unknown keypoint name 'elbow'"):
+        build(manual, str(tmp_path / "data"))
+    _write(os.path.join(manual, "keypoints.csv"), "id,name,x,y\n1,capitate,left,2\n")
+    with pytest.raises(rsna_bone_age.RsnaFormatError, match=r"keypoints.csv:2: x, y are 'left'"):
+        build(manual, str(tmp_path / "data"))

@@ -22,6 +22,17 @@ split built from ``boneage-test-dataset.csv`` alone has no ages: its examples ha
 ``boneage = NaN`` and ``has_boneage = False``, and ``info.metadata['labelled_splits']``
 leaves it out.
 
+Optional annotations beside the images (the phantom generator writes both):
+
+    hand-masks/<id>.png                 hand mask, same size as the image (>127: hand)
+    keypoints.csv                       id,name,x,y   (x, y in pixels of the original image;
+                                        names from tfds_rsna.keypoints.KEYPOINT_NAMES)
+
+Every example has ``mask`` (uint8 (H, W, 1), 0 or 255, the image's size; 1x1 when absent),
+``has_mask``, ``keypoints`` (float32 (27, 2) x, y in pixels of the *stored* image, NaN where
+unknown) and ``has_keypoints``. Hand masks from a trained U-Net are written in the same
+layout by ``python -m boneage_jax.segment`` into a folder the ``hand_mask`` op reads.
+
 Images are stored as 8-bit greyscale PNG of shape (H, W, 1). Conversions: RGB and palette
 images become grey with ITU-R BT.601 luma (OpenCV's ``COLOR_BGR2GRAY``); RGBA images drop
 their alpha channel first; 16-bit images are scaled linearly from their own minimum and
@@ -47,6 +58,8 @@ import re
 import zipfile
 from collections.abc import Iterator, Sequence
 
+from tfds_rsna.keypoints import KEYPOINT_NAMES
+
 import cv2
 import numpy as np
 import tensorflow_datasets as tfds
@@ -63,6 +76,10 @@ TEST_CSV = "boneage-test-dataset.csv"
 TEST_HEADER = ["Case ID", "Sex"]
 TEST_XLSX = "Bone age ground truth.xlsx"
 TEST_XLSX_HEADER = ["Case ID", "Sex", "Ground truth bone age (months)"]
+
+MASKS_DIR = "hand-masks"  # optional: <id>.png hand masks, same size as the images
+KEYPOINTS_CSV = "keypoints.csv"  # optional: id,name,x,y (pixels of the original image)
+KEYPOINTS_HEADER = ["id", "name", "x", "y"]
 
 TRAIN_IMAGES = "boneage-training-dataset"
 VALIDATION_IMAGES = "boneage-validation-dataset"  # -1 and -2, folders or zips
@@ -324,7 +341,42 @@ def encode_png(image: np.ndarray) -> bytes:
     return buf.tobytes()
 
 
+def _read_mask(masks_dir: str | None, image_id: int, original_shape: tuple, stored_shape: tuple) -> np.ndarray | None:
+    """The hand mask of an image, binarised to 0/255 and resized (nearest) like the image; None if absent."""
+    if masks_dir is None:
+        return None
+    path = os.path.join(masks_dir, f"{image_id}.png")
+    if not os.path.isfile(path):
+        return None
+    with open(path, "rb") as f:
+        mask = decode_grey(f.read(), path)
+    if mask.shape != tuple(original_shape[:2]):
+        raise RsnaFormatError(f"{path}: mask is {mask.shape[1]}x{mask.shape[0]} px; expected the image's "
+                              f"{original_shape[1]}x{original_shape[0]}")
+    if mask.shape != tuple(stored_shape[:2]):
+        mask = cv2.resize(mask, (stored_shape[1], stored_shape[0]), interpolation=cv2.INTER_NEAREST)
+    return np.where(mask > 127, 255, 0).astype(np.uint8)
+
+
 # ----------------------------------------------------------------------------- splits
+
+
+def read_keypoints(path: str) -> dict[int, np.ndarray]:
+    """Reads ``keypoints.csv`` (``id,name,x,y``) into id -> (27, 2) float32, NaN where not given."""
+    index = {name: i for i, name in enumerate(KEYPOINT_NAMES)}
+    out: dict[int, np.ndarray] = {}
+    for where, row in _read_csv(path, KEYPOINTS_HEADER):
+        image_id = _parse_id(row[0], where, "id")
+        name = row[1].strip()
+        if name not in index:
+            raise RsnaFormatError(f"{where}: unknown keypoint name {name!r}; expected one of {list(KEYPOINT_NAMES)}")
+        try:
+            xy = float(row[2]), float(row[3])
+        except ValueError:
+            raise RsnaFormatError(f"{where}: x, y are {row[2]!r}, {row[3]!r}; expected numbers (pixels)") from None
+        points = out.setdefault(image_id, np.full((len(KEYPOINT_NAMES), 2), np.nan, np.float32))
+        points[index[name]] = xy
+    return out
 
 
 @dataclasses.dataclass(frozen=True)
@@ -332,6 +384,8 @@ class SplitSource:
     rows: list[LabelRow]
     images: dict[int, ImageRef]
     labelled: bool
+    masks_dir: str | None = None
+    keypoints: dict[int, np.ndarray] = dataclasses.field(default_factory=dict)
 
 
 def find_splits(manual_dir: str) -> dict[str, SplitSource]:
@@ -359,6 +413,15 @@ def find_splits(manual_dir: str) -> dict[str, SplitSource]:
     elif os.path.isfile(test_csv):
         splits["test"] = SplitSource(read_test_csv(test_csv), index_images(manual_dir, TEST_IMAGES), False)
 
+    masks_dir = os.path.join(manual_dir, MASKS_DIR)
+    keypoints_csv = os.path.join(manual_dir, KEYPOINTS_CSV)
+    keypoints = read_keypoints(keypoints_csv) if os.path.isfile(keypoints_csv) else {}
+    splits = {
+        name: dataclasses.replace(split, masks_dir=masks_dir if os.path.isdir(masks_dir) else None,
+                                  keypoints=keypoints)
+        for name, split in splits.items()
+    }
+
     all_rows: list[LabelRow] = []
     for name, split in splits.items():
         _check_unique(split.rows)
@@ -384,8 +447,11 @@ class RsnaBoneAgeConfig(tfds.core.BuilderConfig):
 class RsnaBoneAge(tfds.core.GeneratorBasedBuilder):
     """RSNA Pediatric Bone Age radiographs with bone age (months) and sex."""
 
-    VERSION = tfds.core.Version("1.0.0")
-    RELEASE_NOTES = {"1.0.0": "First release: Kaggle and official layouts, three stored resolutions."}
+    VERSION = tfds.core.Version("1.1.0")
+    RELEASE_NOTES = {
+        "1.0.0": "First release: Kaggle and official layouts, three stored resolutions.",
+        "1.1.0": "Optional hand masks (hand-masks/<id>.png) and keypoints (keypoints.csv).",
+    }
     BUILDER_CONFIGS = [
         RsnaBoneAgeConfig(name="original", max_side=None, description="Images at their original size."),
         RsnaBoneAgeConfig(name="max1024", max_side=1024, description="Longest side at most 1024 px."),
@@ -408,6 +474,12 @@ class RsnaBoneAge(tfds.core.GeneratorBasedBuilder):
                     "has_boneage": tfds.features.Scalar(np.bool_, doc="False for an unlabelled test split."),
                     "male": tfds.features.Scalar(np.bool_),
                     "id": tfds.features.Scalar(np.int64),
+                    "mask": tfds.features.Image(shape=(None, None, 1), dtype=np.uint8, encoding_format="png",
+                                                doc="Hand mask (255 on the hand), 1x1 when has_mask is False."),
+                    "has_mask": tfds.features.Scalar(np.bool_),
+                    "keypoints": tfds.features.Tensor(shape=(len(KEYPOINT_NAMES), 2), dtype=np.float32,
+                                                      doc="x, y in stored-image pixels; NaN where unknown."),
+                    "has_keypoints": tfds.features.Scalar(np.bool_),
                 }
             ),
             metadata=tfds.core.MetadataDict(),
@@ -435,8 +507,18 @@ class RsnaBoneAge(tfds.core.GeneratorBasedBuilder):
                 data = ref.read_bytes()
             except OSError as e:
                 raise RsnaFormatError(f"{ref}: cannot read image ({e})") from e
-            image = resize_longest_side(decode_grey(data, str(ref)), max_side)
+            original = decode_grey(data, str(ref))
+            image = resize_longest_side(original, max_side)
+            mask = _read_mask(split.masks_dir, row.image_id, original.shape, image.shape)
+            points = split.keypoints.get(row.image_id)
+            if points is not None:  # pixel centres scale about the corner half a pixel out
+                scale = np.float32([image.shape[1] / original.shape[1], image.shape[0] / original.shape[0]])
+                points = (points + 0.5) * scale - 0.5
             return row.image_id, {
+                "mask": encode_png((mask if mask is not None else np.zeros((1, 1), np.uint8))[:, :, None]),
+                "has_mask": mask is not None,
+                "keypoints": points if points is not None else np.full((len(KEYPOINT_NAMES), 2), np.nan, np.float32),
+                "has_keypoints": points is not None,
                 "image": encode_png(image[:, :, None]),
                 "boneage": np.float32(row.boneage),
                 "has_boneage": not math.isnan(row.boneage),

@@ -80,13 +80,36 @@ class BoneAgeModel(nnx.Module):
         return self.head(self.backbone(images), male)
 
 
+class SegmentationModel(nnx.Module):
+    """A segmentation network (the ``unet`` family) behind the training loop's call
+    convention: ``model(images, male) -> (B, H, W, 1)`` mask logits; sex is not used."""
+
+    def __init__(self, network: nnx.Module):
+        self.network = network
+
+    def __call__(self, images: jnp.ndarray, male: jnp.ndarray) -> jnp.ndarray:
+        del male
+        return self.network.segment(images)
+
+
 def create_model(
-    model_config: ml_collections.ConfigDict, *, in_channels: int, image_size: int, num_outputs: int = 1, seed: int
-) -> BoneAgeModel:
-    """Builds the configured model; dropout draws from its own ``dropout`` RNG stream."""
+    model_config: ml_collections.ConfigDict, *, in_channels: int, image_size: int, num_outputs: int = 1, seed: int,
+    task: str = "boneage",
+) -> BoneAgeModel | SegmentationModel:
+    """Builds the configured model; dropout draws from its own ``dropout`` RNG stream.
+
+    ``task="segmentation"`` wraps a network with a ``segment`` method (the U-Net) instead of
+    adding a sex-fusion head."""
     from boneage_jax.models import heads  # pylint: disable=import-outside-toplevel
 
     rngs = nnx.Rngs(params=seed, dropout=seed + 1)
+    if task == "segmentation":
+        network = create_backbone(model_config.name, in_channels=in_channels, image_size=image_size,
+                                  dtype=model_config.dtype, rngs=rngs, **dict(model_config.get("kwargs", {})))
+        if not hasattr(network, "segment"):
+            raise ValueError(f"config.task='segmentation' needs a segmentation network such as 'unet'; "
+                             f"{model_config.name!r} has no segment method")
+        return SegmentationModel(network)
     backbone = create_backbone(
         model_config.name,
         in_channels=in_channels,

@@ -57,20 +57,22 @@ def random_affine(
     height_shift: float | None = None,
     shear: float = 0.0,
     zoom: float = 0.0,
+    zoom_range: tuple[float, float] | None = None,
     fill_mode: str = "constant",
     fill_value: int = 0,
 ) -> Sample:
     """One random warp about the centre, as Keras's ImageDataGenerator draws it: rotation
     uniform in +-``rotation`` degrees, shifts uniform in +-``width_shift`` / +-``height_shift``
     of the side (both default to ``shift``), shear uniform in +-``shear`` degrees, scale
-    uniform in [1 - zoom, 1 + zoom]. ``fill_mode``: constant (``fill_value``), nearest or reflect."""
+    uniform in [1 - zoom, 1 + zoom] or in ``zoom_range`` (low, high) when given (Deeplasia:
+    (0.8, 1.25)). ``fill_mode``: constant (``fill_value``), nearest or reflect."""
     if fill_mode not in BORDER_MODES:
         raise ValueError(f"affine: fill_mode {fill_mode!r}; expected one of {sorted(BORDER_MODES)}")
     height, width = sample["image"].shape[:2]
     width_shift = shift if width_shift is None else width_shift
     height_shift = shift if height_shift is None else height_shift
     angle = _uniform(rng, rotation)
-    scale = 1.0 + _uniform(rng, zoom)
+    scale = float(rng.uniform(*zoom_range)) if zoom_range else 1.0 + _uniform(rng, zoom)
     dx = _uniform(rng, width_shift) * width
     dy = _uniform(rng, height_shift) * height
     shear_angle = _uniform(rng, shear)

@@ -1,0 +1,1 @@
+"""Command-line tools that look at data and runs (``python -m boneage_jax.tools.show``)."""
