@@ -1,4 +1,5 @@
-"""Run outputs: ``metrics.jsonl`` (one JSON object per event) and TensorBoard event files.
+"""Run outputs: ``metrics.jsonl`` (one JSON object per event, with its wall-clock ``time``) and
+TensorBoard event files.
 
 TensorBoard files are written by tensorboardX, which needs no TensorFlow.
 """
@@ -9,6 +10,7 @@ import csv
 import json
 import math
 import os
+import time
 
 import jax
 
@@ -31,7 +33,8 @@ class MetricWriter:
     def write(self, step: int, split: str, metrics: dict[str, float]) -> None:
         if not self.enabled:
             return
-        event = {"step": int(step), "split": split, **{k: _jsonable(v) for k, v in metrics.items()}}
+        event = {"step": int(step), "split": split, **{k: _jsonable(v) for k, v in metrics.items()},
+                 "time": round(time.time(), 3)}  # wall clock (Unix seconds), for reports
         with open(self.path, "a") as f:
             f.write(json.dumps(event) + "\n")
         for key, value in metrics.items():

@@ -1,0 +1,215 @@
+"""boneage_jax.evaluate, report and explain on one tiny trained run (trained once per module)."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import re
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from boneage_jax import evaluate, explain, inference, report, train
+
+REPO = os.path.abspath(os.path.join(os.path.dirname(__file__), ".."))
+
+
+@pytest.fixture(scope="module")
+def workdir(phantom_dir, data_root, tmp_path_factory) -> str:
+    """configs/demo.py at 32 px (as conftest's tiny_config), trained for 6 steps."""
+    from configs import demo
+
+    config = demo.get_config()
+    config.data.manual_dir = phantom_dir
+    config.data.data_dir = data_root
+    config.data.image_size = 32
+    config.data.num_threads = 1
+    config.data.prefetch = 8
+    config.model.kwargs.filters = (4, 8)
+    config.model.head_hidden = (8,)
+    config.batch_size = 8
+    config.eval_batch_size = 8
+    config.num_train_steps = 6
+    config.warmup_steps = 0
+    config.log_every = 2
+    config.eval_every = 3
+    config.checkpoint_every = 2
+    path = str(tmp_path_factory.mktemp("evaluate") / "run")
+    train.train_and_evaluate(config, path)
+    return path
+
+
+def _results(workdir: str) -> dict:
+    with open(os.path.join(workdir, "results.json")) as f:
+        return json.load(f)
+
+
+def test_test_split_matches_results_json(workdir):
+    ev = evaluate.evaluate(workdir, split="test", verbose=False)
+    assert ev.json_path == os.path.join(workdir, "evaluation_test.json")
+    with open(ev.json_path) as f:
+        saved = json.load(f)
+    expected = _results(workdir)["test"]
+    assert saved["num_examples"] == 16
+    assert saved["checkpoint_step"] == expected["checkpoint_step"]
+    for key in ("mae", "rmse", "r2", "baseline_mae"):
+        assert saved[key] == pytest.approx(expected[key], abs=1e-4), key
+    assert saved["mad_difference"] == pytest.approx(saved["mae"])
+    assert {"mse", "mad_deviation", "ccc", "mean_error", "sd_error", "inference", "breakdown"} <= set(saved)
+    breakdown = saved["breakdown"]
+    assert sum(m["num_examples"] for m in breakdown["sex"].values()) == 16
+    assert set(breakdown["age_band"]) == {"0-2y", "2-6y", "6-10y", "10-14y", "14-19y"}  # JSON keys are sorted
+    assert list(ev.result["breakdown"]["age_band"]) == ["0-2y", "2-6y", "6-10y", "10-14y", "14-19y"]
+    assert sum(m["num_examples"] for m in breakdown["age_band"].values()) == 16
+    assert saved["inference"]["model_ms_per_image"] > 0 and saved["inference"]["peak_host_mib"] > 0
+    with open(ev.csv_path) as f:
+        rows = list(csv.DictReader(f))
+    assert ev.csv_path.endswith("predictions_test.csv") and len(rows) == 16
+    assert list(rows[0]) == ["id", "male", "boneage", "pred_boneage"]
+    pred = np.array([float(r["pred_boneage"]) for r in rows])
+    true = np.array([float(r["boneage"]) for r in rows])
+    assert np.mean(np.abs(pred - true)) == pytest.approx(expected["mae"], abs=1e-3)
+
+
+def test_split_all_scores_every_labelled_image(workdir):
+    ev = evaluate.evaluate(workdir, split="all", verbose=False)
+    assert ev.result["num_examples"] == 80
+    assert ev.result["tfds_splits"] == ["test", "train", "validation"]
+    assert os.path.isfile(os.path.join(workdir, "evaluation_all.json"))
+
+
+def test_tta_is_close_but_different(workdir):
+    plain = evaluate.evaluate(workdir, split="validation", verbose=False).result
+    tta = evaluate.evaluate(workdir, split="validation", tta=True, verbose=False)
+    assert tta.json_path.endswith("evaluation_validation_tta.json")
+    assert tta.result["tta"] == {"views": 4, "flip": True, "angles": [-5.0, 5.0]}
+    assert tta.result["mae"] != plain["mae"]
+    assert abs(tta.result["mae"] - plain["mae"]) < 0.2 * plain["mae"]
+
+
+def test_ensemble_of_one_run_twice_equals_the_run(workdir):
+    single = evaluate.evaluate(workdir, split="test", verbose=False)
+    double = evaluate.evaluate(workdir, split="test", ensemble=[workdir], verbose=False)
+    assert double.json_path.endswith("evaluation_test_ensemble.json")
+    assert len(double.result["members"]) == 2
+    np.testing.assert_allclose(double.predictions["pred_boneage"], single.predictions["pred_boneage"], rtol=1e-6)
+    for key in ("mae", "rmse", "r2", "ccc"):
+        assert double.result[key] == pytest.approx(single.result[key], rel=1e-6)
+
+
+def test_bias_correction_is_fitted_on_validation(workdir):
+    ev = evaluate.evaluate(workdir, split="test", bias_correction=True, verbose=False)
+    bc = ev.result["bias_correction"]
+    assert ev.json_path.endswith("evaluation_test_bc.json")
+    assert bc["num_fitted"] == 16 and not bc["in_sample"]
+    validation = evaluate.evaluate(workdir, split="validation", verbose=False).predictions
+    slope, intercept = np.polyfit(validation["pred_boneage"], validation["boneage"], 1)
+    assert bc["slope"] == pytest.approx(slope, rel=1e-4) and bc["intercept"] == pytest.approx(intercept, rel=1e-4)
+    np.testing.assert_allclose(ev.predictions["pred_boneage"],
+                               ev.predictions["pred_boneage_uncorrected"] * slope + intercept, rtol=1e-4)
+    assert bc["uncorrected"]["mae"] == pytest.approx(_results(workdir)["test"]["mae"], abs=1e-4)
+
+
+def test_report_cli_with_config_override(workdir):
+    """python -m boneage_jax.report with a --config override: figures and report.md, every link there."""
+    result = subprocess.run(
+        [sys.executable, "-m", "boneage_jax.report", f"--workdir={workdir}", "--split=validation",
+         "--config.eval_batch_size=4", "--report_images=4"],
+        cwd=REPO, env={**os.environ, "PYTHONPATH": REPO}, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "MAE" in result.stdout and "report.md" in result.stdout
+    out = os.path.join(workdir, "report")
+    for name in ("learning_curves", "predicted_vs_true", "bland_altman", "error_by_age", "gradcam"):
+        assert os.path.getsize(os.path.join(out, f"{name}.png")) > 1000, name
+    with open(os.path.join(out, "report.md")) as f:
+        text = f.read()
+    links = re.findall(r"\]\(([^)]+)\)", text)
+    assert len(links) >= 7  # 5 figures, the JSON and the CSV
+    for link in links:
+        assert os.path.isfile(os.path.join(out, link)), link
+    for words in ("training time", "inference time per image", "peak host memory", "By age band"):
+        assert words in text
+    with open(os.path.join(workdir, "evaluation_validation.json")) as f:
+        assert json.load(f)["overrides"] == ["--config.eval_batch_size=4"]
+
+
+def test_missing_workdir_and_checkpoint_errors(workdir, tmp_path):
+    result = subprocess.run([sys.executable, "-m", "boneage_jax.evaluate", f"--workdir={tmp_path}/nowhere"],
+                            cwd=REPO, env={**os.environ, "PYTHONPATH": REPO}, capture_output=True, text=True,
+                            timeout=120)
+    assert result.returncode == 1
+    assert f"workdir {tmp_path}/nowhere does not exist" in result.stderr
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(FileNotFoundError, match=re.escape(str(empty / "config.json"))):
+        evaluate.evaluate(str(empty), verbose=False)
+    with pytest.raises(FileNotFoundError, match="no checkpoint in .*checkpoints/latest"):
+        # A copy without checkpoints.
+        copy = tmp_path / "copy"
+        copy.mkdir()
+        for name in ("config.json", "label_stats.json"):
+            (copy / name).write_text(open(os.path.join(workdir, name)).read())
+        evaluate.evaluate(str(copy), which="latest", verbose=False)
+
+
+def test_overrides_keep_the_model(workdir):
+    config = evaluate.load_config(workdir, ["--config.data.min_age=24"])
+    assert config.data.min_age == 24.0
+    with pytest.raises(ValueError, match="model settings cannot change.*model.name"):
+        evaluate.load_config(workdir, ["--config.model.name=resnet18"])
+    with pytest.raises(ValueError, match="data.image_size"):
+        evaluate.load_config(workdir, ["--config.data.image_size=64"])
+    with pytest.raises(ValueError, match="unknown config key"):
+        evaluate.load_config(workdir, ["--config.data.no_such_key=1"])
+    assert evaluate.split_config_args(["--split=test", "--config.a", "1", "--config.b=2", "--tta"]) == (
+        ["--split=test", "--tta"], ["--config.a=1", "--config.b=2"])
+
+
+def test_gradcam_equals_the_gradient_at_the_last_feature_map(workdir):
+    """The generic Grad-CAM equals one computed by hand from cnn_memon's layers."""
+    run = inference.load_run(workdir)
+    batch = report.example_batch(run, 4)
+    cams, info = explain.gradcam(run, batch["image"], batch["male"])
+    assert cams.shape == (4, 32, 32) and info["shape"] == (8, 8, 8)
+    model = run.model()
+    backbone = model.backbone
+
+    def feature_map(x):
+        for conv, norm in zip(backbone.convs, backbone.norms):
+            x = nnx.max_pool(nnx.relu(norm(conv(x))), (2, 2), strides=(2, 2))
+        return x
+
+    images, male = jnp.asarray(batch["image"]), jnp.asarray(batch["male"])
+    a = feature_map(images)
+    np.testing.assert_allclose(model.head(a.mean(axis=(1, 2)), male),
+                               model(images, male), rtol=1e-5, atol=1e-5)  # the split is the model
+    grads = jax.grad(lambda a: run.objective.predict(model.head(a.mean(axis=(1, 2)), male))["boneage"].sum())(a)
+    expected = np.asarray(jax.nn.relu(jnp.sum(grads.mean(axis=(1, 2), keepdims=True) * a, axis=-1)))
+    import cv2
+
+    expected = np.stack([cv2.resize(m, (32, 32), interpolation=cv2.INTER_LINEAR) for m in expected])
+    expected /= np.maximum(expected.max(axis=(1, 2), keepdims=True), 1e-12)
+    np.testing.assert_allclose(cams, expected, atol=1e-4)
+    assert explain.attention_maps(run, batch["image"]) is None  # cnn_memon has no attention map
+
+
+def test_combine_and_tta_views():
+    a = {"boneage": np.array([10.0, 20.0]), "std": np.array([1.0, 2.0]), "class": np.array([0, 2])}
+    b = {"boneage": np.array([14.0, 20.0]), "std": np.array([1.0, 2.0]), "class": np.array([1, 2])}
+    out = evaluate.combine([a, b], class_means=[10.5, 13.0, 20.0])
+    np.testing.assert_allclose(out["boneage"], [12.0, 20.0])
+    # Mixture of N(10, 1) and N(14, 1): variance 1 + 4.
+    np.testing.assert_allclose(out["std"], [np.sqrt(5.0), 2.0], rtol=1e-6)
+    np.testing.assert_array_equal(out["class"], [1, 2])  # tie 0/1 -> class mean 13 is nearer 12 than 10.5
+    images = np.random.default_rng(0).normal(size=(2, 16, 16, 1)).astype(np.float32)
+    views = evaluate.tta_views(images, flip=True, angles=(-5.0, 5.0))
+    assert len(views) == 4 and all(v.shape == images.shape and v.dtype == np.float32 for v in views)
+    np.testing.assert_array_equal(views[1][:, :, ::-1], images)
+    np.testing.assert_allclose(evaluate.rotate(images, 0.0), images, atol=1e-6)
+    assert not np.allclose(views[2], images)
