@@ -1,0 +1,560 @@
+r"""Bone age of new hand radiographs from a trained run.
+
+    python -m boneage_jax.predict --workdir runs/demo --sex F hand.png [more.jpg scans/ ...] \
+        [--out preds.csv] [--heatmaps heatmaps/] [--which best] [--batch_size 16]
+
+Prints the predicted bone age in months and years for each image (with the standard deviation
+of a ``gaussian`` head and the age class of a ``classification`` head). ``--sex`` (M/F, male/
+female) applies to every image. Inputs are PNG, JPEG or DICOM files, or folders, which expand
+to the .png, .jpg, .jpeg and .dcm files (and other files that start like DICOM) in them, sorted;
+folders are not searched recursively. ``--out`` writes a CSV with the columns ``file,sex,
+boneage_months`` (``boneage_std_months`` for a gaussian head, ``age_class`` for a classification
+head). An unreadable image is reported on stderr with its name and skipped; the exit status is
+then 1 (0 when every image was predicted).
+
+Each image goes through what validation images went through in training: the dataset's stored
+resolution (``data.builder_config``: longest side at most 512 or 1024 px), then the run's
+``data.preprocess`` and ``data.normalize`` (:func:`boneage_jax.inference.prepare_image`). Single
+images have no dataset hand mask: ``hand_mask(source='dataset')`` (and ``source='cache'``) become
+``hand_mask(source='classical')``, the Otsu mask of :func:`boneage_jax.ops.hand.classical_mask`,
+and a note says so. Keypoint ops (``roi_crop`` with region roi1/roi2/roi3, from the spec or
+``data.roi``, and ``align(source='keypoints')``) cannot run without keypoints: such a run stops
+with an error before any image is read.
+
+DICOM (pydicom): RescaleSlope/RescaleIntercept are applied, then the first WindowCenter/
+WindowWidth (the DICOM linear VOI function) when present, else min-max scaling, to 8 bits;
+MONOCHROME1 images (white background) are inverted. Compressed DICOM needs pydicom's pixel
+data plug-ins (e.g. pylibjpeg) installed.
+
+``--heatmaps DIR`` writes ``<name>_heatmap.png`` per image: the network's input (after
+preprocessing) overlaid with a saliency map, the smoothed magnitude of the gradient of the
+predicted bone age with respect to the input pixels; for models whose backbone has an
+``attention_map`` (``vgg19_attention``) the attention map instead.
+
+Compiled code is kept in JAX's persistent compilation cache (``--cache_dir``, default
+``$BONEAGE_JAX_CACHE`` or ``~/.cache/boneage_jax/jax``; ``--cache_dir=''`` turns it off), so
+a repeated call does not compile again. Batches are padded to a power of two (at most
+``--batch_size``), which bounds the number of compiled shapes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import functools
+import os
+import sys
+import tempfile
+from collections.abc import Callable, Sequence
+
+import numpy as np
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".dcm")
+DICOM_MAGIC = b"DICM"  # at byte 128 of a DICOM Part 10 file
+DEFAULT_CACHE = os.path.join("~", ".cache", "boneage_jax", "jax")
+_SEXES = {"m": True, "male": True, "f": False, "female": False}
+
+
+class ImageReadError(ValueError):
+    """An input image could not be read or preprocessed."""
+
+
+# ----------------------------------------------------------------------------- compilation cache
+
+
+def enable_compilation_cache(cache_dir: str | None) -> str | None:
+    """Turns on JAX's persistent compilation cache in ``cache_dir`` (None: the default
+    location; empty: off) for every compilation, however short; returns the folder used."""
+    import jax  # pylint: disable=import-outside-toplevel
+
+    if cache_dir is None:
+        cache_dir = os.environ.get("BONEAGE_JAX_CACHE", DEFAULT_CACHE)
+    if not cache_dir:
+        return None
+    cache_dir = os.path.abspath(os.path.expanduser(cache_dir))
+    os.makedirs(cache_dir, exist_ok=True)
+    jax.config.update("jax_compilation_cache_dir", cache_dir)
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+    jax.config.update("jax_persistent_cache_min_entry_size_bytes", -1)
+    return cache_dir
+
+
+# ----------------------------------------------------------------------------- reading images
+
+
+def is_dicom(path: str) -> bool:
+    try:
+        with open(path, "rb") as f:
+            head = f.read(132)
+    except OSError:
+        return False
+    return head[128:132] == DICOM_MAGIC
+
+
+def expand_inputs(paths: Sequence[str]) -> list[str]:
+    """Files stay as they are; a folder becomes its image files (by suffix or DICOM magic), sorted."""
+    files = []
+    for path in paths:
+        if os.path.isdir(path):
+            for name in sorted(os.listdir(path)):
+                full = os.path.join(path, name)
+                if name.startswith(".") or not os.path.isfile(full):
+                    continue
+                if name.lower().endswith(IMAGE_SUFFIXES) or is_dicom(full):
+                    files.append(full)
+        else:
+            files.append(path)
+    return files
+
+
+def _first(value) -> float:
+    """A DICOM numeric value that may be multi-valued -> its first value."""
+    if isinstance(value, (list, tuple)) or type(value).__name__ == "MultiValue":
+        value = value[0]
+    return float(value)
+
+
+def dicom_to_uint8(pixels: np.ndarray, *, photometric: str = "MONOCHROME2", slope: float = 1.0,
+                   intercept: float = 0.0, window_center: float | None = None,
+                   window_width: float | None = None) -> np.ndarray:
+    """Stored DICOM pixel values -> uint8 grey: modality rescale, then the linear VOI window
+    (PS3.3 C.11.2.1.2.1) when given, else min-max; MONOCHROME1 is inverted (bone white)."""
+    values = pixels.astype(np.float64) * slope + intercept
+    if window_center is not None and window_width is not None and window_width >= 1:
+        c, w = window_center, window_width
+        scaled = np.clip(((values - (c - 0.5)) / max(w - 1.0, 1.0) + 0.5), 0.0, 1.0)
+    else:
+        lo, hi = float(values.min()), float(values.max())
+        scaled = (values - lo) / (hi - lo) if hi > lo else np.zeros_like(values)
+    out = np.round(scaled * 255.0).astype(np.uint8)
+    if photometric.strip().upper() == "MONOCHROME1":
+        out = 255 - out
+    return out
+
+
+def read_dicom(path: str) -> np.ndarray:
+    """A DICOM radiograph -> uint8 grey (H, W) (see :func:`dicom_to_uint8`)."""
+    try:
+        import pydicom  # pylint: disable=import-outside-toplevel
+    except ImportError as e:
+        raise ImportError("reading DICOM needs pydicom: pip install pydicom") from e
+    try:
+        ds = pydicom.dcmread(path)
+    except Exception as e:  # pydicom raises several types for damaged files
+        raise ImageReadError(f"{path}: not a readable DICOM file ({e})") from e
+    if "PixelData" not in ds:
+        raise ImageReadError(f"{path}: DICOM file has no pixel data")
+    try:
+        pixels = ds.pixel_array
+    except Exception as e:
+        raise ImageReadError(f"{path}: cannot decode the DICOM pixel data "
+                             f"(transfer syntax {ds.file_meta.get('TransferSyntaxUID', '?')}): {e}") from e
+    photometric = str(ds.get("PhotometricInterpretation", "MONOCHROME2"))
+    if int(ds.get("NumberOfFrames", 1) or 1) > 1:
+        raise ImageReadError(f"{path}: multi-frame DICOM ({ds.NumberOfFrames} frames) is not supported")
+    if int(ds.get("SamplesPerPixel", 1)) > 1:
+        import cv2  # pylint: disable=import-outside-toplevel
+
+        pixels = cv2.cvtColor(np.ascontiguousarray(pixels[..., :3]), cv2.COLOR_RGB2GRAY)
+        photometric = "MONOCHROME2"
+    if pixels.ndim != 2:
+        raise ImageReadError(f"{path}: unsupported DICOM pixel array shape {pixels.shape}")
+    center = ds.get("WindowCenter")
+    width = ds.get("WindowWidth")
+    try:
+        center = _first(center) if center is not None and str(center) != "" else None
+        width = _first(width) if width is not None and str(width) != "" else None
+    except (TypeError, ValueError, IndexError):
+        center = width = None
+    return dicom_to_uint8(pixels, photometric=photometric, slope=float(ds.get("RescaleSlope", 1.0) or 1.0),
+                          intercept=float(ds.get("RescaleIntercept", 0.0) or 0.0), window_center=center,
+                          window_width=width)
+
+
+def read_image(path: str) -> np.ndarray:
+    """PNG, JPEG or DICOM file -> uint8 grey (H, W); ImageReadError (naming the file) otherwise."""
+    from tfds_rsna import rsna_bone_age  # pylint: disable=import-outside-toplevel
+
+    if not os.path.exists(path):
+        raise ImageReadError(f"{path}: no such file")
+    if os.path.isdir(path):
+        raise ImageReadError(f"{path}: is a folder")
+    if path.lower().endswith(".dcm") or is_dicom(path):
+        return read_dicom(path)
+    try:
+        with open(path, "rb") as f:
+            data = f.read()
+    except OSError as e:
+        raise ImageReadError(f"{path}: {e.strerror}") from e
+    try:
+        return rsna_bone_age.decode_grey(data, path)
+    except rsna_bone_age.RsnaFormatError as e:
+        raise ImageReadError(str(e)) from e
+
+
+# ----------------------------------------------------------------------------- preprocessing specs
+
+
+def format_spec(calls) -> str:
+    """Op calls -> a spec string that ``ops.parse_spec`` reads back."""
+    parts = []
+    for call in calls:
+        args = ", ".join(f"{k}={v!r}" for k, v in call.kwargs.items())
+        parts.append(f"{call.name}({args})" if args else call.name)
+    return "|".join(parts)
+
+
+def spec_defaults(data_config) -> dict:
+    """Op arguments that the run's data config supplies (``ops.spec_defaults``: ``size``, and
+    ``region`` / ``cache_dir`` from ``data.roi`` / ``data.mask_cache`` where set)."""
+    from boneage_jax import ops  # pylint: disable=import-outside-toplevel
+
+    if hasattr(ops, "spec_defaults"):
+        return ops.spec_defaults(data_config)
+    return {"size": data_config.image_size}
+
+
+def single_image_spec(spec: str, defaults: dict | None = None) -> tuple[str, list[str]]:
+    """The preprocessing spec for images outside the dataset, and notes on what changed.
+
+    ``hand_mask`` with ``source='dataset'`` (the default) or ``'cache'`` reads a mask that only
+    dataset records have: it becomes ``source='classical'``. Ops that need keypoints raise
+    ValueError: ``roi_crop`` of region roi1/roi2/roi3 (given in the spec or, as ``region``,
+    in ``defaults``, i.e. ``data.roi``) and ``align(source='keypoints')``."""
+    from boneage_jax import ops  # pylint: disable=import-outside-toplevel
+
+    defaults = defaults or {}
+    calls, notes = [], []
+    for call in ops.parse_spec(spec):
+        kwargs = dict(call.kwargs)
+        if call.name == "hand_mask" and kwargs.get("source", "dataset") in ("dataset", "cache"):
+            old = kwargs.get("source", "dataset")
+            kwargs["source"] = "classical"
+            kwargs.pop("cache_dir", None)
+            notes.append(f"hand_mask(source={old!r}) -> hand_mask(source='classical'): single images have no "
+                         f"{'dataset' if old == 'dataset' else 'cached'} hand mask; the classical Otsu mask is used")
+        elif call.name == "roi_crop" and kwargs.get("region", defaults.get("region", "hand")) != "hand":
+            region = kwargs.get("region", defaults.get("region"))
+            raise ValueError(f"data.preprocess {spec!r}: roi_crop(region={region!r}) needs hand keypoints, which "
+                             f"single images do not have; this run cannot predict images outside its dataset")
+        elif call.name == "align" and kwargs.get("source", "mask") == "keypoints":
+            raise ValueError(f"data.preprocess {spec!r}: align(source='keypoints') needs hand keypoints, which "
+                             f"single images do not have; this run cannot predict images outside its dataset")
+        calls.append(ops.OpCall(call.name, kwargs))
+    return format_spec(calls), notes
+
+
+def stored_max_side(data_config) -> int | None:
+    """The longest side that the run's TFDS builder config stores images at (None: original)."""
+    from tfds_rsna import rsna_bone_age  # pylint: disable=import-outside-toplevel
+
+    name = data_config.get("builder_config", "max512")
+    for builder_config in rsna_bone_age.RsnaBoneAge.BUILDER_CONFIGS:
+        if builder_config.name == name:
+            return builder_config.max_side
+    raise ValueError(f"data.builder_config {name!r}: unknown; expected one of "
+                     f"{[c.name for c in rsna_bone_age.RsnaBoneAge.BUILDER_CONFIGS]}")
+
+
+# ----------------------------------------------------------------------------- the predictor
+
+
+def parse_sex(value: str) -> bool:
+    """'M'/'male' -> True, 'F'/'female' -> False (any case)."""
+    key = str(value).strip().lower()
+    if key not in _SEXES:
+        raise ValueError(f"sex {value!r}: expected M, F, male or female")
+    return _SEXES[key]
+
+
+def padded_size(n: int, batch_size: int) -> int:
+    """The batch size that ``n`` images are padded to: the next power of two, at most ``batch_size``."""
+    return min(batch_size, 1 << max(0, (n - 1).bit_length()))
+
+
+@dataclasses.dataclass
+class Prediction:
+    file: str
+    male: bool
+    boneage: float
+    std: float | None = None
+    age_class: int | None = None
+
+    @property
+    def sex(self) -> str:
+        return "M" if self.male else "F"
+
+
+class Predictor:
+    """A loaded run with the single-image preprocessing and jitted readout / saliency."""
+
+    def __init__(self, workdir: str, which: str = "best", batch_size: int = 16):
+        from boneage_jax import inference  # pylint: disable=import-outside-toplevel
+
+        self.run = inference.load_run(workdir, which=which)
+        if self.run.config.get("task", "boneage") != "boneage":
+            raise ValueError(f"{workdir} is a {self.run.config.task} run; predict needs a bone age run")
+        self.data_config = self.run.config.data.copy_and_resolve_references()
+        self.data_config.preprocess, self.notes = single_image_spec(self.run.config.data.preprocess,
+                                                                    spec_defaults(self.data_config))
+        self.max_side = stored_max_side(self.data_config)
+        self.batch_size = max(1, batch_size)
+        self.image_size = int(self.data_config.image_size)
+
+    # -- images
+
+    def load(self, path: str) -> np.ndarray:
+        """A file -> the image the TFDS builder would have stored (uint8, longest side capped)."""
+        from tfds_rsna import rsna_bone_age  # pylint: disable=import-outside-toplevel
+
+        return rsna_bone_age.resize_longest_side(read_image(path), self.max_side)
+
+    def prepare(self, image: np.ndarray, path: str = "image") -> np.ndarray:
+        from boneage_jax import inference  # pylint: disable=import-outside-toplevel
+
+        try:
+            return inference.prepare_image(self.data_config, image)
+        except Exception as e:  # an op failing on this image (e.g. an empty hand mask)
+            raise ImageReadError(f"{path}: preprocessing failed: {e}") from e
+
+    def preprocessed_uint8(self, image: np.ndarray) -> np.ndarray:
+        """The image after ``data.preprocess`` only (what the heatmap is drawn on)."""
+        from boneage_jax import ops  # pylint: disable=import-outside-toplevel
+
+        preprocess = ops.build_preprocess(self.data_config.preprocess, **spec_defaults(self.data_config))
+        return np.asarray(ops.as_2d(preprocess({"image": image, "id": 0})["image"]))
+
+    # -- the network
+
+    def _padded(self, images: np.ndarray, male: np.ndarray) -> tuple[dict, int]:
+        n = len(images)
+        size = padded_size(n, self.batch_size)
+        pad = size - n
+        images = np.concatenate([images, np.repeat(images[:1], pad, axis=0)]) if pad else images
+        male = np.concatenate([male, np.repeat(male[:1], pad)]) if pad else male
+        return {"image": images.astype(np.float32), "male": male.astype(np.float32)}, n
+
+    def predict_arrays(self, images: np.ndarray, male: np.ndarray) -> dict[str, np.ndarray]:
+        """(N, S, S, C) network inputs and (N,) male flags -> readout numpy arrays, in batches."""
+        import jax  # pylint: disable=import-outside-toplevel
+
+        outputs: dict[str, list] = {}
+        for start in range(0, len(images), self.batch_size):
+            batch, n = self._padded(images[start:start + self.batch_size], male[start:start + self.batch_size])
+            readout = jax.device_get(self.run.predict(batch))
+            for key, value in readout.items():
+                outputs.setdefault(key, []).append(np.asarray(value)[:n])
+        return {k: np.concatenate(v) for k, v in outputs.items()}
+
+    @functools.cached_property
+    def _saliency_fn(self) -> tuple[str, Callable]:
+        import jax  # pylint: disable=import-outside-toplevel
+        import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
+        from flax import nnx  # pylint: disable=import-outside-toplevel
+
+        run = self.run
+        if hasattr(run.model().backbone, "attention_map"):
+
+            def attention(params, rest, rng_state, images, male):
+                del male
+                model = nnx.merge(run.graphdef, params, rng_state, rest)
+                return model.backbone.attention_map(images)
+
+            return "attention", jax.jit(attention)
+
+        def gradient(params, rest, rng_state, images, male):
+            def total_age(x):
+                model = nnx.merge(run.graphdef, params, rng_state, rest)
+                return jnp.sum(run.objective.predict(model(x, male))["boneage"])
+
+            return jnp.max(jnp.abs(jax.grad(total_age)(images)), axis=-1)
+
+        return "gradient", jax.jit(gradient)
+
+    def saliency(self, images: np.ndarray, male: np.ndarray) -> tuple[str, np.ndarray]:
+        """Per-image maps (N, S, S) in [0, 1]: smoothed |d boneage / d input| or the attention map."""
+        import cv2  # pylint: disable=import-outside-toplevel
+        import jax  # pylint: disable=import-outside-toplevel
+
+        kind, fn = self._saliency_fn
+        maps = []
+        for start in range(0, len(images), self.batch_size):
+            batch, n = self._padded(images[start:start + self.batch_size], male[start:start + self.batch_size])
+            out = np.asarray(jax.device_get(fn(self.run.params, self.run.rest, self.run.rng_state, batch["image"],
+                                               batch["male"])), np.float32)[:n]
+            maps.extend(out)
+        result = []
+        size = self.image_size
+        for m in maps:
+            if m.shape != (size, size):
+                m = cv2.resize(m, (size, size), interpolation=cv2.INTER_CUBIC)
+            if kind == "gradient":
+                m = cv2.GaussianBlur(m, (0, 0), sigmaX=max(1.0, size / 64))
+                top = float(np.percentile(m, 99.5))
+                m = m / top if top > 0 else np.zeros_like(m)
+            result.append(np.clip(m, 0.0, 1.0))
+        return kind, np.stack(result) if result else np.zeros((0, size, size), np.float32)
+
+
+def overlay(image: np.ndarray, heat: np.ndarray, min_side: int = 256) -> np.ndarray:
+    """uint8 grey (S, S) and a map in [0, 1] -> a BGR uint8 overlay (JET colours), upscaled to
+    at least ``min_side`` px."""
+    import cv2  # pylint: disable=import-outside-toplevel
+
+    grey = image if image.dtype == np.uint8 else np.clip(image, 0, 255).astype(np.uint8)
+    base = cv2.cvtColor(grey, cv2.COLOR_GRAY2BGR)
+    colour = cv2.applyColorMap(np.round(heat * 255).astype(np.uint8), cv2.COLORMAP_JET)
+    alpha = (0.6 * heat)[..., None]
+    out = np.round(base * (1 - alpha) + colour * alpha).astype(np.uint8)
+    side = max(out.shape[:2])
+    if side < min_side:
+        scale = min_side / side
+        out = cv2.resize(out, (round(out.shape[1] * scale), round(out.shape[0] * scale)),
+                         interpolation=cv2.INTER_NEAREST)
+    return out
+
+
+def write_bytes_atomic(path: str, data: bytes) -> None:
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=folder)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def heatmap_names(files: Sequence[str]) -> list[str]:
+    """``<stem>_heatmap.png`` per file, numbered where two files share a stem."""
+    names, seen = [], {}
+    for path in files:
+        stem = os.path.splitext(os.path.basename(path))[0] or "image"
+        count = seen.get(stem, 0) + 1
+        seen[stem] = count
+        names.append(f"{stem}_heatmap.png" if count == 1 else f"{stem}_{count}_heatmap.png")
+    return names
+
+
+def _print_error(message: str) -> None:
+    print(message, file=sys.stderr)
+
+
+def predict_files(predictor: Predictor, files: Sequence[str], male: bool, *, heatmaps: str | None = None,
+                  log: Callable[[str], None] = print,
+                  error: Callable[[str], None] = _print_error) -> tuple[list[Prediction], list[str]]:
+    """Predicts every readable file (``log`` gets a line per prediction, ``error`` one per
+    failure); returns the predictions and the files that failed."""
+    import cv2  # pylint: disable=import-outside-toplevel
+
+    inputs, kept, originals, failed = [], [], [], []
+    for path in files:
+        try:
+            image = predictor.load(path)
+            inputs.append(predictor.prepare(image, path))
+        except (ImageReadError, OSError) as e:
+            error(f"error: {e}")
+            failed.append(path)
+            continue
+        kept.append(path)
+        if heatmaps:
+            originals.append(image)
+    if not kept:
+        return [], failed
+    images = np.stack(inputs)
+    males = np.full(len(kept), male, np.float32)
+    readout = predictor.predict_arrays(images, males)
+    predictions = []
+    for i, path in enumerate(kept):
+        predictions.append(Prediction(
+            file=path, male=male, boneage=float(readout["boneage"][i]),
+            std=float(readout["std"][i]) if "std" in readout else None,
+            age_class=int(readout["class"][i]) if "class" in readout else None))
+        log(describe(predictions[-1]))
+    if heatmaps:
+        kind, maps = predictor.saliency(images, males)
+        os.makedirs(heatmaps, exist_ok=True)
+        for name, image, heat in zip(heatmap_names(kept), originals, maps):
+            picture = overlay(predictor.preprocessed_uint8(image), heat)
+            ok, buf = cv2.imencode(".png", picture)
+            if not ok:
+                raise RuntimeError("cv2.imencode failed")
+            write_bytes_atomic(os.path.join(heatmaps, name), buf.tobytes())
+        log(f"{len(kept)} heatmap(s) ({'attention map' if kind == 'attention' else 'gradient saliency'}) "
+            f"written to {heatmaps}")
+    return predictions, failed
+
+
+def describe(p: Prediction) -> str:
+    text = f"{p.file}  sex {p.sex}  bone age {p.boneage:.1f} months ({p.boneage / 12:.2f} years)"
+    if p.std is not None:
+        text += f"  ± {p.std:.1f} months"
+    if p.age_class is not None:
+        text += f"  age class {p.age_class}"
+    return text
+
+
+def csv_rows(predictions: Sequence[Prediction]) -> tuple[list[str], list[list]]:
+    header = ["file", "sex", "boneage_months"]
+    with_std = any(p.std is not None for p in predictions)
+    with_class = any(p.age_class is not None for p in predictions)
+    header += ["boneage_std_months"] * with_std + ["age_class"] * with_class
+    rows = []
+    for p in predictions:
+        row = [p.file, p.sex, f"{p.boneage:.4f}"]
+        if with_std:
+            row.append(f"{p.std:.4f}")
+        if with_class:
+            row.append(p.age_class)
+        rows.append(row)
+    return header, rows
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("images", nargs="+", help="image files (PNG, JPEG, DICOM) or folders of them")
+    parser.add_argument("--workdir", required=True, help="a run's workdir (written by boneage_jax.main)")
+    parser.add_argument("--sex", required=True, help="M or F (male/female) for every image")
+    parser.add_argument("--which", default="best", choices=("best", "latest"), help="checkpoint to load")
+    parser.add_argument("--out", default=None, help="CSV file for the predictions")
+    parser.add_argument("--heatmaps", default=None, help="folder for saliency / attention overlays")
+    parser.add_argument("--batch_size", type=int, default=16)
+    parser.add_argument("--cache_dir", default=None,
+                        help=f"persistent compilation cache (default $BONEAGE_JAX_CACHE or {DEFAULT_CACHE}; '' off)")
+    args = parser.parse_args(argv)
+    try:
+        male = parse_sex(args.sex)
+    except ValueError as e:
+        parser.error(str(e))
+    enable_compilation_cache(args.cache_dir)
+
+    from boneage_jax import writers  # pylint: disable=import-outside-toplevel
+
+    try:
+        predictor = Predictor(args.workdir, which=args.which, batch_size=args.batch_size)
+    except (ValueError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    for note in predictor.notes:
+        print(f"note: {note}")
+    files = expand_inputs(args.images)
+    if not files:
+        print("error: no image files found in " + ", ".join(args.images), file=sys.stderr)
+        return 1
+    predictions, failed = predict_files(predictor, files, male, heatmaps=args.heatmaps)
+    if args.out:
+        header, rows = csv_rows(predictions)
+        os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+        writers.write_csv(args.out, header, rows)
+        print(f"{len(rows)} prediction(s) written to {args.out}")
+    if failed:
+        print(f"{len(failed)} of {len(files)} image(s) failed: {', '.join(failed)}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,194 @@
+"""python -m boneage_jax.predict: PNG, JPEG and DICOM inputs, CSV, heatmaps, failures, cache,
+and parity with the TFDS evaluation pipeline."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import subprocess
+import sys
+
+import cv2
+import numpy as np
+import pytest
+
+from boneage_jax import predict
+
+REPO = os.path.abspath(os.path.join(os.path.dirname(__file__), ".."))
+
+
+def tiny_run_config(phantom_dir: str, data_root: str):
+    """The conftest ``tiny_config`` (a function-scoped fixture), for module-scoped runs."""
+    from configs import demo
+
+    config = demo.get_config()
+    config.data.manual_dir = phantom_dir
+    config.data.data_dir = data_root
+    config.data.image_size = 32
+    config.data.num_threads = 1
+    config.data.prefetch = 8
+    config.model.kwargs.filters = (4, 8)
+    config.model.head_hidden = (8,)
+    config.batch_size = 8
+    config.eval_batch_size = 8
+    config.num_train_steps = 2
+    config.warmup_steps = 0
+    config.log_every = 2
+    config.eval_every = 2
+    config.checkpoint_every = 2
+    return config
+
+
+def train_tiny(config, workdir: str) -> str:
+    from boneage_jax import train, writers
+
+    os.makedirs(workdir, exist_ok=True)
+    writers.write_json(os.path.join(workdir, "config.json"), json.loads(config.to_json_best_effort()))
+    train.train_and_evaluate(config, workdir)
+    return workdir
+
+
+@pytest.fixture(scope="module")
+def run_dir(phantom_dir, data_root, tmp_path_factory) -> str:
+    return train_tiny(tiny_run_config(phantom_dir, data_root), str(tmp_path_factory.mktemp("predict") / "run"))
+
+
+def write_dicom(path: str, pixels: np.ndarray, photometric: str = "MONOCHROME2", center=None, width=None,
+                slope=None, intercept=None) -> None:
+    """A 16-bit single-frame DICOM file (uncompressed, explicit VR little endian)."""
+    from pydicom.dataset import Dataset, FileMetaDataset
+    from pydicom.uid import ExplicitVRLittleEndian, SecondaryCaptureImageStorage, generate_uid
+
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID = SecondaryCaptureImageStorage
+    meta.MediaStorageSOPInstanceUID = generate_uid()
+    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds = Dataset()
+    ds.file_meta = meta
+    ds.SOPClassUID, ds.SOPInstanceUID = meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID
+    ds.Modality = "CR"
+    ds.Rows, ds.Columns = pixels.shape
+    ds.SamplesPerPixel = 1
+    ds.PhotometricInterpretation = photometric
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 16, 15, 0
+    if center is not None:
+        ds.WindowCenter, ds.WindowWidth = center, width
+    if slope is not None:
+        ds.RescaleSlope, ds.RescaleIntercept = slope, intercept
+    ds.PixelData = pixels.astype(np.uint16).tobytes()
+    ds.save_as(path, enforce_file_format=True)
+
+
+def test_dicom_monochrome_window_and_rescale(tmp_path):
+    pixels = (np.arange(64 * 48).reshape(64, 48) * 20).astype(np.uint16)  # 0 .. 61420
+    mono2, mono1 = str(tmp_path / "m2.dcm"), str(tmp_path / "m1")  # no suffix: found by its DICM magic
+    write_dicom(mono2, pixels, "MONOCHROME2", center=[30000, 20000], width=[40000, 1000])  # first value used
+    write_dicom(mono1, pixels, "MONOCHROME1", center=30000, width=40000)
+    a, b = predict.read_image(mono2), predict.read_image(mono1)
+    assert a.dtype == np.uint8 and a.shape == (64, 48)
+    np.testing.assert_array_equal(b, 255 - a)  # MONOCHROME1 is inverted
+    values = pixels.astype(np.float64)
+    assert np.all(a[values <= 10000] == 0) and np.all(a[values >= 50000] == 255)
+    inside = (values > 12000) & (values < 48000)
+    expected = np.clip((values - 29999.5) / 39999 + 0.5, 0, 1) * 255
+    assert np.max(np.abs(a[inside] - expected[inside])) <= 0.5 + 1e-6
+    # No window: min-max after the modality rescale (a negative slope flips the ramp).
+    flipped = str(tmp_path / "rescaled.dcm")
+    write_dicom(flipped, pixels, slope=-2.0, intercept=100.0)
+    c = predict.read_image(flipped)
+    assert c[0, 0] == 255 and c[-1, -1] == 0
+    assert predict.expand_inputs([str(tmp_path)]) == sorted([mono1, mono2, flipped])
+
+
+def test_single_image_spec():
+    spec, notes = predict.single_image_spec("hand_mask|align|roi_crop(region='hand')|resize_pad|clahe(clip_limit=2.0)")
+    assert spec == "hand_mask(source='classical')|align|roi_crop(region='hand')|resize_pad|clahe(clip_limit=2.0)"
+    assert len(notes) == 1 and "classical" in notes[0]
+    assert predict.single_image_spec("hand_mask(source='cache', cache_dir='/x', apply=False)")[0] == \
+        "hand_mask(source='classical', apply=False)"
+    assert predict.single_image_spec("resize_pad") == ("resize_pad", [])
+    for spec in ("hand_mask|roi_crop(region='roi2')|resize_pad", "align(source='keypoints')|resize_pad"):
+        with pytest.raises(ValueError, match="keypoints"):
+            predict.single_image_spec(spec)
+    with pytest.raises(ValueError, match="roi3"):  # the region from data.roi
+        predict.single_image_spec("roi_crop|resize_pad", {"size": 32, "region": "roi3"})
+    assert predict.single_image_spec("roi_crop|resize_pad", {"region": "hand"})[0] == "roi_crop|resize_pad"
+
+
+def test_csv_columns_by_head():
+    rows = [predict.Prediction("a.png", True, 100.0, std=5.0), predict.Prediction("b.png", False, 50.0, std=4.0)]
+    assert predict.csv_rows(rows)[0] == ["file", "sex", "boneage_months", "boneage_std_months"]
+    classes = [predict.Prediction("a.png", True, 100.0, age_class=2)]
+    header, body = predict.csv_rows(classes)
+    assert header == ["file", "sex", "boneage_months", "age_class"] and body == [["a.png", "M", "100.0000", 2]]
+    assert predict.parse_sex("female") is False and predict.parse_sex("M") is True
+    assert [predict.padded_size(n, 16) for n in (1, 2, 3, 5, 16, 40)] == [1, 2, 4, 8, 16, 16]
+
+
+def test_cli_png_jpeg_dicom_csv_heatmaps_and_failure(run_dir, phantom_dir, tmp_path, capsys):
+    source = os.path.join(phantom_dir, "boneage-test-dataset")
+    name = sorted(os.listdir(source), key=lambda n: int(n.split(".")[0]))[0]
+    grey = cv2.imread(os.path.join(source, name), cv2.IMREAD_GRAYSCALE)
+    images = tmp_path / "images"
+    images.mkdir()
+    cv2.imwrite(str(images / "a.png"), grey)
+    cv2.imwrite(str(images / "b.jpg"), grey, [cv2.IMWRITE_JPEG_QUALITY, 95])
+    # 16-bit; this window maps v = 257 g back to g exactly (65535 = 257 * 255).
+    write_dicom(str(images / "c.dcm"), grey.astype(np.uint16) * 257, center=32768, width=65536)
+    np.testing.assert_array_equal(predict.read_image(str(images / "c.dcm")), grey)
+    (images / "notes.txt").write_text("not an image")  # skipped by the folder expansion
+    broken = tmp_path / "broken.png"
+    broken.write_bytes(b"\x89PNG\r\n\x1a\n" + b"\x00" * 40)
+    out, heatmaps = str(tmp_path / "out" / "preds.csv"), str(tmp_path / "heat")
+    code = predict.main(["--workdir", run_dir, "--sex", "female", "--cache_dir", "", str(images), str(broken),
+                         "--out", out, "--heatmaps", heatmaps])
+    captured = capsys.readouterr()
+    assert code == 1
+    assert "broken.png" in captured.err and "error:" in captured.err
+    assert "months" in captured.out and "years" in captured.out
+    with open(out) as f:
+        rows = list(csv.DictReader(f))
+    assert list(rows[0]) == ["file", "sex", "boneage_months"]
+    assert [os.path.basename(r["file"]) for r in rows] == ["a.png", "b.jpg", "c.dcm"]
+    assert all(r["sex"] == "F" for r in rows)
+    ages = [float(r["boneage_months"]) for r in rows]
+    assert ages[2] == pytest.approx(ages[0], abs=1e-3)  # the DICOM holds the PNG's pixels
+    assert abs(ages[1] - ages[0]) < 5  # JPEG: nearly the same pixels
+    assert sorted(os.listdir(heatmaps)) == ["a_heatmap.png", "b_heatmap.png", "c_heatmap.png"]
+    heat = cv2.imread(os.path.join(heatmaps, "a_heatmap.png"))
+    assert heat.shape == (256, 256, 3) and heat.std() > 0
+
+
+def test_prediction_matches_tfds_pipeline(run_dir, phantom_dir):
+    """A phantom test image read from its file equals the same record through TFDS + grain."""
+    from boneage_jax import data, inference, input_pipeline
+
+    predictor = predict.Predictor(run_dir)
+    config = predictor.run.config
+    selection = data.select_splits(config.data, data.prepare(config.data), config.seed)["test"]
+    batch = next(input_pipeline.eval_batches(config.data, selection, 8))
+    expected = np.asarray(predictor.run.predict({"image": batch["image"], "male": batch["male"]})["boneage"])
+    files = [os.path.join(phantom_dir, "boneage-test-dataset", f"{int(i)}.png") for i in batch["id"]]
+    images = np.stack([predictor.prepare(predictor.load(f)) for f in files])
+    np.testing.assert_allclose(images, batch["image"], atol=1e-6)
+    ours = predictor.predict_arrays(images, np.asarray(batch["male"]))["boneage"]
+    np.testing.assert_allclose(ours, expected, atol=1e-4)
+    assert inference.prepare_image(config.data, predictor.load(files[0])).shape == images[0].shape
+
+
+def test_repeat_run_reuses_compilation_cache(run_dir, phantom_dir, tmp_path):
+    image = os.path.join(phantom_dir, "boneage-test-dataset", sorted(os.listdir(
+        os.path.join(phantom_dir, "boneage-test-dataset")))[0])
+    cache = str(tmp_path / "jax_cache")
+    cmd = [sys.executable, "-m", "boneage_jax.predict", "--workdir", run_dir, "--sex", "M", "--cache_dir", cache,
+           image]
+    env = {**os.environ, "PYTHONPATH": REPO}
+    first = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert first.returncode == 0, first.stderr[-2000:]
+    entries = sorted(os.listdir(cache))
+    assert any("predict_step" in e for e in entries), entries
+    second = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert second.returncode == 0, second.stderr[-2000:]
+    assert sorted(os.listdir(cache)) == entries  # nothing compiled anew
+    assert second.stdout == first.stdout
