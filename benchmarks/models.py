@@ -9,7 +9,7 @@ input, float32), compiles the step ahead of time (timed as "compile"), runs one 
 then times at least ``--min_steps`` steps and at least ``--min_seconds``. Rows are written to
 ``--out`` (Markdown) and ``<out>.json`` as each family finishes, so a long run that is stopped
 keeps what it measured. Families registered under two names (``googlenet``/``inception_v1``,
-``resnet50``/``resnet50_keras`` ...) are timed once.
+``resnet50``/``resnet50_keras``, ``resnet101``/``resnet101_torch`` ...) are timed once.
 """
 
 from __future__ import annotations
@@ -32,8 +32,8 @@ from boneage_jax import models, objectives, train  # noqa: E402
 from configs.common import base_config  # noqa: E402
 
 # Second names of the same network: timing them again would only repeat a row.
-ALIASES = {"inception_v1": "googlenet", "resnet50_keras": "resnet50", "resnet101_keras": "resnet101",
-           "resnet152_keras": "resnet152", "convmixer": "convmixer_1536_20"}
+ALIASES = {"inception_v1": "googlenet", "resnet50_keras": "resnet50", "resnet18_torch": "resnet18",
+           "resnet34_torch": "resnet34", "resnet101_torch": "resnet101", "resnet152_torch": "resnet152"}
 
 
 def benchmark(name: str, image_size: int, batch_size: int, min_steps: int, min_seconds: float) -> dict:

@@ -12,6 +12,7 @@ import dataclasses
 import hashlib
 import os
 
+import cv2
 import jax
 import ml_collections
 import numpy as np
@@ -66,11 +67,41 @@ def prepare(data_config: ml_collections.ConfigDict) -> tfds.core.DatasetBuilder:
 
 
 def data_source(data_config: ml_collections.ConfigDict, split: str, decode_images: bool = True):
-    """The random-access source of one TFDS split (images decoded to uint8 (H, W, 1))."""
-    decoders = None if decode_images else {"image": tfds.decode.SkipDecoding()}
-    return tfds.data_source(
-        dataset_name(data_config), data_dir=data_dir_for(data_config), split=split, decoders=decoders
-    )
+    """The random-access source of one TFDS split.
+
+    With ``decode_images``, ``image`` and ``mask`` come decoded to uint8 (H, W, 1) by OpenCV
+    (about 1.7x faster than TFDS's own PNG decoding, and it releases the GIL for grain's
+    threads); a record without a mask keeps the 1x1 placeholder. Without, both stay PNG bytes.
+    """
+    skip = {"image": tfds.decode.SkipDecoding(), "mask": tfds.decode.SkipDecoding()}
+    source = tfds.data_source(dataset_name(data_config), data_dir=data_dir_for(data_config), split=split,
+                              decoders=skip)
+    return DecodedRecords(source) if decode_images else source
+
+
+def decode_png(data: bytes) -> np.ndarray:
+    """PNG bytes of a grey image -> uint8 (H, W, 1)."""
+    image = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_UNCHANGED)
+    if image is None:
+        raise ValueError("undecodable image in the prepared dataset; rebuild it (delete its folder)")
+    return image[:, :, None] if image.ndim == 2 else image
+
+
+class DecodedRecords:
+    """A TFDS data source whose records have their image (and mask) decoded by OpenCV."""
+
+    def __init__(self, source):
+        self._source = source
+
+    def __len__(self) -> int:
+        return len(self._source)
+
+    def __getitem__(self, index: int) -> dict:
+        record = dict(self._source[index])
+        record["image"] = decode_png(record["image"])
+        if "mask" in record:
+            record["mask"] = decode_png(record["mask"]) if record["has_mask"] else np.zeros((1, 1, 1), np.uint8)
+        return record
 
 
 @dataclasses.dataclass(frozen=True)
@@ -188,7 +219,9 @@ def select_splits(data_config: ml_collections.ConfigDict, builder, seed: int) ->
 
     With ``data.num_folds`` = k > 1, the whole TFDS ``train`` split is cut into k
     age-stratified folds; fold ``data.fold`` validates and the others train (an official
-    validation split is then not used). Sex and age filters apply to every split."""
+    validation split is then not used). Sex and age filters apply to every split. Then
+    ``data.test_from_validation`` = n moves n random validation images into the test split
+    (replacing it), and ``data.train_subset`` = n keeps n random training images."""
     splits = _base_splits(data_config, builder, seed)
     num_folds = data_config.get("num_folds", 0)
     if num_folds:
@@ -201,6 +234,20 @@ def select_splits(data_config: ml_collections.ConfigDict, builder, seed: int) ->
         splits["validation"] = SplitSelection("train", fold_idx, train.labels)
     splits = {name: dataclasses.replace(s, indices=filter_indices(s.labels, s.indices, data_config))
               for name, s in splits.items()}
+    test_size = data_config.get("test_from_validation", 0)
+    if test_size:  # Nguyen et al.: the test set is a random draw from the validation images
+        validation = splits["validation"]
+        if test_size >= len(validation.indices):
+            raise ValueError(f"config.data.test_from_validation={test_size} needs more than the "
+                             f"{len(validation.indices)} validation images")
+        drawn = np.random.default_rng([seed, 1]).permutation(len(validation.indices))
+        splits["test"] = dataclasses.replace(validation, indices=np.sort(validation.indices[drawn[:test_size]]))
+        splits["validation"] = dataclasses.replace(validation, indices=np.sort(validation.indices[drawn[test_size:]]))
+    train_size = data_config.get("train_subset", 0)
+    if train_size and train_size < len(splits["train"].indices):  # Lee et al.: 1,000 training images per sex
+        train = splits["train"]
+        drawn = np.random.default_rng([seed, 2]).permutation(len(train.indices))[:train_size]
+        splits["train"] = dataclasses.replace(train, indices=np.sort(train.indices[drawn]))
     for name in ("train", "validation"):
         if not len(splits[name].indices):
             raise ValueError(f"the {name} split is empty after the filters data.sex={data_config.get('sex')!r}, "

@@ -43,7 +43,7 @@ def example_fn(data_config: ml_collections.ConfigDict) -> Callable[[dict], dict]
     The ops see a sample with the image, the record's hand mask and keypoints where the
     dataset has them, and its id; the example keeps the (transformed) mask while the
     augmentation may still move it."""
-    preprocess = ops.build_preprocess(data_config.preprocess, size=data_config.image_size)
+    preprocess = ops.build_preprocess(data_config.preprocess, **ops.spec_defaults(data_config))
 
     def fn(record: dict) -> dict:
         sample = {"image": record["image"][:, :, 0], "id": int(record["id"])}
@@ -79,7 +79,7 @@ def augment_fn(data_config: ml_collections.ConfigDict, seed: int) -> Callable[[d
 def normalize_fn(data_config: ml_collections.ConfigDict) -> Callable[[dict], dict]:
     """Last ops to float32 (B, S, S, C); the mask goes into the batch only for segmentation
     (``data.mask_in_batch``), as float32 (S, S, 1) in {0, 1}."""
-    normalize = ops.build_preprocess(data_config.normalize, size=data_config.image_size)
+    normalize = ops.build_preprocess(data_config.normalize, **ops.spec_defaults(data_config))
     with_mask = data_config.get("mask_in_batch", False)
 
     def fn(example: dict) -> dict:

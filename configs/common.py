@@ -29,6 +29,10 @@ def base_config() -> ml_collections.ConfigDict:
     data.balance_bins = 10  # balanced: equal-width bone-age bins over the training range
     data.balance_per_bin = 500  # balanced: images drawn per bin and epoch, half of each sex
     data.mask_in_batch = False  # batches carry the hand mask (segmentation)
+    data.test_from_validation = 0  # n > 0: the test split is n random validation images (Nguyen et al.)
+    data.train_subset = 0  # n > 0: train on n random training images (after the filters)
+    data.roi = "hand"  # default region of the roi_crop op: hand, roi1, roi2 or roi3 (Lee et al.)
+    data.mask_cache = ""  # default cache_dir of hand_mask(source='cache'): python -m boneage_jax.segment --out
 
     config.model = model = ml_collections.ConfigDict()
     model.name = "cnn_memon"

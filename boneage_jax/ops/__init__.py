@@ -10,7 +10,7 @@ with a spec string in the style of big_vision, for example::
 Ops are applied left to right to a *sample*: a dict with the ``image`` ((H, W) or (H, W, C),
 uint8 until a normalisation op makes it float32) and, where the data has them, the hand
 ``mask`` ((H, W) uint8, 255 on the hand), the ``keypoints`` ((K, 2) float32 x, y in pixels,
-NaN where unknown; names in ``tfds_rsna.phantom.KEYPOINT_NAMES``) and the record ``id``.
+NaN where unknown; names in ``tfds_rsna.keypoints.KEYPOINT_NAMES``) and the record ``id``.
 Geometric ops move the mask and the keypoints with the image, so a ROI crop after an
 alignment or an augmentation still finds its bones.
 
@@ -23,8 +23,10 @@ Two kinds of op:
   ``on="sample"``; augmentations ``fn(sample, rng, **kwargs)``.
 
 Augmentations draw from a ``numpy.random.Generator`` that the pipeline seeds per example, so
-they are reproducible. Keyword arguments in a spec are Python literals; ``size`` is taken from
-``data.image_size`` unless given. ``build_preprocess`` and ``build_augment`` return a function
+they are reproducible. Keyword arguments in a spec are Python literals. Some arguments default
+to data-config fields unless the spec gives them (``spec_defaults``): ``size`` from
+``data.image_size``, ``region`` (of ``roi_crop``) from ``data.roi`` and ``cache_dir`` (of
+``hand_mask``) from ``data.mask_cache``; so ``--config.data.roi=roi2`` switches a config's crop. ``build_preprocess`` and ``build_augment`` return a function
 that takes a sample dict (and returns one) or a bare image (and returns an image).
 """
 
@@ -161,6 +163,16 @@ def _image_or_sample(apply: Callable) -> Callable:
         return apply({"image": x}, *args)["image"]
 
     return wrapped
+
+
+def spec_defaults(data_config) -> dict:
+    """Op arguments that come from the data config unless a spec sets them."""
+    defaults = {"size": data_config.image_size}
+    if data_config.get("roi"):
+        defaults["region"] = data_config.roi
+    if data_config.get("mask_cache"):
+        defaults["cache_dir"] = data_config.mask_cache
+    return defaults
 
 
 def build_preprocess(spec: str, **defaults) -> Callable:

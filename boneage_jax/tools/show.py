@@ -107,9 +107,9 @@ def render(config, split: str, num: int, seed: int, side: int) -> np.ndarray:
     source = data.data_source(config.data, selection.tfds_split)
     rng = np.random.default_rng(seed)
     chosen = rng.choice(selection.indices, size=min(num, len(selection.indices)), replace=False)
-    preprocess = ops.build_preprocess(config.data.preprocess, size=config.data.image_size)
+    preprocess = ops.build_preprocess(config.data.preprocess, **ops.spec_defaults(config.data))
     augment = ops.build_augment(config.data.augment)
-    normalize = ops.build_preprocess(config.data.normalize, size=config.data.image_size)
+    normalize = ops.build_preprocess(config.data.normalize, **ops.spec_defaults(config.data))
     header = np.full((20, side * len(STAGES), 3), 0, np.uint8)
     for column, stage in enumerate(STAGES):
         cv2.putText(header, stage, (column * side + 4, 14), cv2.FONT_HERSHEY_SIMPLEX, 0.45, (255, 255, 255), 1,

@@ -1,0 +1,120 @@
+r"""Writes hand masks predicted by a trained U-Net for every image of a dataset.
+
+    python -m boneage_jax.segment --workdir=runs/unet --out=data/unet_masks \
+        [--manual_dir=OTHER_DATASET] [--data_dir=PREPARED_ROOT] [--batch_size=16]
+
+Loads the run's best checkpoint (``configs/unet_segmentation.py``), predicts the mask of each
+image of every split of the dataset (the run's own ``data.manual_dir`` unless given), undoes
+the ``resize_pad`` to the stored image size, keeps the hand-sized component
+(``ops.hand.keep_hand``) and writes ``<out>/<id>.png`` (uint8, 255 on the hand). Those files
+are what ``hand_mask(source='cache', cache_dir=OUT)`` reads in a bone-age config, and they can
+also be copied to ``hand-masks/`` beside the images. Where the dataset has masks of its own
+(the phantoms), the Jaccard index of the written masks against them is printed. Each file is
+written to a temporary name and renamed, so an interrupted run leaves no partial PNG; re-running
+rewrites every mask.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+
+import cv2
+import numpy as np
+from absl import app, flags
+
+from boneage_jax import data, inference, objectives, ops
+from boneage_jax.ops import hand
+
+_WORKDIR = flags.DEFINE_string("workdir", None, "Workdir of a trained segmentation run.")
+_OUT = flags.DEFINE_string("out", None, "Folder for <id>.png masks.")
+_MANUAL_DIR = flags.DEFINE_string("manual_dir", None, "Dataset folder (default: the run's data.manual_dir).")
+_DATA_DIR = flags.DEFINE_string("data_dir", None, "Prepared-data root (default: the run's data.data_dir).")
+_BATCH = flags.DEFINE_integer("batch_size", 16, "Images per prediction batch.")
+_MIN_AREA = flags.DEFINE_float("min_area_fraction", 0.05, "Smallest hand, as a fraction of the image.")
+flags.mark_flags_as_required(["workdir", "out"])
+
+# Ops that change only intensities; masks predicted after them map back through resize_pad alone.
+_GEOMETRIC = {"resize", "center_crop", "align", "roi_crop", "hand_mask", "suppress_markers"}
+
+
+def check_invertible(preprocess: str) -> None:
+    calls = ops.parse_spec(preprocess)
+    names = [c.name for c in calls]
+    if names.count("resize_pad") != 1 or set(names) & _GEOMETRIC:
+        raise ValueError(f"segment: data.preprocess {preprocess!r} must resize with one resize_pad and no other "
+                         f"geometric op, so that masks map back to the stored images")
+
+
+def unpad_mask(mask: np.ndarray, height: int, width: int) -> np.ndarray:
+    """A (S, S) mask predicted on a ``resize_pad`` canvas -> (height, width) at the stored size."""
+    size = mask.shape[0]
+    scale = size / max(height, width)
+    new_w, new_h = max(1, round(width * scale)), max(1, round(height * scale))
+    top, left = (size - new_h) // 2, (size - new_w) // 2
+    inner = mask[top : top + new_h, left : left + new_w]
+    return cv2.resize(inner, (width, height), interpolation=cv2.INTER_NEAREST)
+
+
+def _write_png(path: str, mask: np.ndarray) -> None:
+    tmp = path + ".tmp.png"
+    if not cv2.imwrite(tmp, mask):
+        raise OSError(f"could not write {path}")
+    os.replace(tmp, path)
+
+
+def segment_dataset(workdir: str, out: str, manual_dir: str | None = None, data_dir: str | None = None,
+                    batch_size: int = 16, min_area_fraction: float = 0.05) -> dict[str, float]:
+    """Writes every image's mask; returns counts and (where the dataset has masks) Jaccard."""
+    run = inference.load_run(workdir)
+    if run.config.get("task") != "segmentation":
+        raise ValueError(f"{workdir} is not a segmentation run (config.task is {run.config.get('task')!r})")
+    config = run.config
+    if manual_dir:
+        config.data.manual_dir = manual_dir
+    if data_dir:
+        config.data.data_dir = data_dir
+    check_invertible(config.data.preprocess)
+    builder = data.prepare(config.data)
+    os.makedirs(out, exist_ok=True)
+    written, scores, start = 0, [], time.perf_counter()
+    for split in sorted(builder.info.splits.keys()):
+        source = data.data_source(config.data, split)
+        for begin in range(0, len(source), batch_size):
+            records = [source[i] for i in range(begin, min(begin + batch_size, len(source)))]
+            images = np.stack([inference.prepare_image(config.data, r["image"]) for r in records])
+            predicted = np.asarray(run.predict({"image": images, "male": np.zeros(len(records), np.float32)})["mask"])
+            for record, logits_mask in zip(records, predicted):
+                height, width = record["image"].shape[:2]
+                mask = unpad_mask(logits_mask.astype(np.uint8) * 255, height, width)
+                mask = hand.keep_hand(mask, min_area_fraction=min_area_fraction)
+                _write_png(os.path.join(out, f"{int(record['id'])}.png"), mask)
+                written += 1
+                if record["has_mask"]:
+                    truth = record["mask"][:, :, 0] > 127
+                    scores.append(float(objectives.jaccard((mask > 0)[None], truth[None])[0]))
+            print(f"\r{split}: {min(begin + batch_size, len(source))}/{len(source)} masks", end="", flush=True)
+        print()
+    result = {"masks": written, "seconds": round(time.perf_counter() - start, 1)}
+    if scores:
+        result.update(jaccard_mean=float(np.mean(scores)), jaccard_min=float(np.min(scores)))
+    return result
+
+
+def main(argv: list[str]) -> None:
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    try:
+        result = segment_dataset(_WORKDIR.value, _OUT.value, _MANUAL_DIR.value, _DATA_DIR.value, _BATCH.value,
+                                 _MIN_AREA.value)
+    except (FileNotFoundError, ValueError) as e:
+        sys.exit(f"error: {e}")
+    line = f"Wrote {result['masks']} masks to {_OUT.value} in {result['seconds']} s"
+    if "jaccard_mean" in result:
+        line += f"; Jaccard against the dataset's masks: mean {result['jaccard_mean']:.4f}, min {result['jaccard_min']:.4f}"
+    print(line)
+
+
+if __name__ == "__main__":
+    app.run(main)
