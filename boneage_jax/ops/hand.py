@@ -486,6 +486,8 @@ def hand_mask(sample: Sample, *, source: str = "dataset", cache_dir: str = "", a
     * ``"classical"``: :func:`classical_mask` of the image.
     * ``"cache"``: ``<cache_dir>/<id>.png`` (e.g. U-Net predictions), resized with nearest
       neighbour to the image if needed and binarised at 128; FileNotFoundError if missing.
+      The cached masks match the stored images, so put ``hand_mask`` before any geometric op
+      (resize, crop, align) in the spec.
 
     With ``apply`` the background (mask 0) of the image is set to ``fill_value``.
     """
