@@ -71,7 +71,7 @@ def data_source(data_config: ml_collections.ConfigDict, split: str, decode_image
 
     With ``decode_images``, ``image`` and ``mask`` come decoded to uint8 (H, W, 1) by OpenCV
     (about 1.7x faster than TFDS's own PNG decoding, and it releases the GIL for grain's
-    threads); a record without a mask keeps the 1x1 placeholder. Without, both stay PNG bytes.
+    threads); a record without a mask keeps its 1x1 empty mask. Without, both stay PNG bytes.
     """
     skip = {"image": tfds.decode.SkipDecoding(), "mask": tfds.decode.SkipDecoding()}
     source = tfds.data_source(dataset_name(data_config), data_dir=data_dir_for(data_config), split=split,

@@ -14,7 +14,7 @@ def base_config() -> ml_collections.ConfigDict:
     data.builder_config = "max512"  # stored resolution: original, max1024 or max512
     data.image_size = 256
     data.validation_fraction = 0.1  # held out of train when the data has no validation split
-    data.preprocess = "resize_pad"  # uint8 ops for every split (see boneage_jax/ops.py)
+    data.preprocess = "resize_pad"  # uint8 ops for every split (see boneage_jax/ops/)
     data.augment = ""  # uint8 ops for training only
     data.normalize = "zscore"  # last ops: to float32, channels
     data.num_threads = 2  # grain read threads per process
