@@ -293,6 +293,8 @@ def test_parameter_counts_against_references():
 
 def test_convmixer_depthwise_impl_choice():
     assert convmixer.depthwise_impl_for("auto", "cpu") == "shift"
+    assert convmixer.depthwise_impl_for("auto", "cpu", dim=256, depth=8) == "shift"
+    assert convmixer.depthwise_impl_for("auto", "cpu", dim=768, depth=32) == "grouped"  # memory
     assert convmixer.depthwise_impl_for("auto", "gpu") == "grouped"
     assert convmixer.depthwise_impl_for("shift", "gpu") == "shift"
     assert convmixer.depthwise_impl_for("grouped", "cpu") == "grouped"

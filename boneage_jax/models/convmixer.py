@@ -45,7 +45,9 @@ H100     1536/8         16 @ 224    3       23 ms / 22 ms          4 s / 8 s
 =======  =============  ==========  ======  =====================  ========================
 
 On CPU the shifted form wins at every kernel size, including 9 (it compiles slower: at k=9 the
-gradient of its 81 taps takes ~40 s to compile). On the H100 the grouped form wins in all but
+gradient of its 81 taps takes ~40 s to compile), but it needs far more memory: ConvMixer-768/32
+at 256 px, batch 8, needs 55.5 GB of temporary buffers shifted against 6.3 GB grouped, so on the
+CPU ``"auto"`` takes the shifted form only for mixers with dim x depth <= 4096 (256/8, 128/4). On the H100 the grouped form wins in all but
 one case (768/32 at batch 32, where the shifted one was 1.5x faster), so accelerators default to
 ``"grouped"``; force either with ``--config.model.kwargs.depthwise_impl=shift|grouped``.
 
@@ -73,12 +75,22 @@ AUTO_DEPTHWISE = {"cpu": "shift"}
 DEPTHWISE_IMPLS = ("auto", "shift", "grouped")
 
 
-def depthwise_impl_for(impl: str = "auto", backend: str | None = None) -> str:
-    """Resolves ``"auto"`` to ``"shift"`` or ``"grouped"`` for ``backend`` (default: JAX's)."""
+# On XLA:CPU the shifted form keeps about k*k copies of each block's input for the backward
+# pass: ConvMixer-768/32 at 256 px, batch 8, needs 55.5 GB of temporary memory that way and
+# 6.3 GB grouped (``compiled.memory_analysis()``). Wide and deep mixers therefore use the grouped
+# form on the CPU too.
+SHIFT_MAX_DIM_X_DEPTH = 4096
+
+
+def depthwise_impl_for(impl: str = "auto", backend: str | None = None, dim: int = 0, depth: int = 0) -> str:
+    """Resolves ``"auto"`` to ``"shift"`` or ``"grouped"`` for ``backend`` (default: JAX's) and
+    the mixer's size (``dim * depth`` above ``SHIFT_MAX_DIM_X_DEPTH``: grouped)."""
     if impl not in DEPTHWISE_IMPLS:
         raise ValueError(f"convmixer: depthwise_impl {impl!r}; expected one of {DEPTHWISE_IMPLS}")
     if impl != "auto":
         return impl
+    if dim * depth > SHIFT_MAX_DIM_X_DEPTH:
+        return "grouped"
     return AUTO_DEPTHWISE.get(backend or jax.default_backend(), "grouped")
 
 
@@ -132,7 +144,7 @@ class ConvMixer(nnx.Module):
         dtype=jnp.float32,
         rngs: nnx.Rngs,
     ):
-        depthwise_impl_for(depthwise_impl)  # validates the name
+        depthwise_impl = depthwise_impl_for(depthwise_impl, dim=dim, depth=depth)  # validates the name
         if activation not in ACTIVATIONS:
             raise ValueError(f"convmixer: activation {activation!r}; expected one of {sorted(ACTIVATIONS)}")
         if min(dim, depth, kernel_size, patch_size) < 1:

@@ -22,8 +22,6 @@
 """
 from __future__ import annotations
 
-import functools
-
 import re
 from collections.abc import Sequence
 
@@ -154,31 +152,6 @@ def _pair(v) -> tuple[int, int]:
 # ----------------------------------------------------------------------------- depthwise conv
 
 
-@functools.partial(jax.checkpoint, static_argnums=(2, 3, 4))
-def _shifted_depthwise(x: jnp.ndarray, kernel: jnp.ndarray, pads, kernel_size, strides) -> jnp.ndarray:
-    """Sum over taps of a strided slice of the padded input times the tap's weights (float32).
-
-    Rematerialised (``jax.checkpoint``): the backward pass recomputes the slices from the input
-    instead of keeping kh*kw copies of it, which for ConvMixer's 7x7 and 9x9 kernels would
-    need tens of GB."""
-    kh, kw = kernel_size
-    sh, sw = strides
-    xp = jnp.pad(x, ((0, 0), tuple(pads[0]), tuple(pads[1]), (0, 0)))
-    hp, wp = xp.shape[1], xp.shape[2]
-    ho, wo = (hp - kh) // sh + 1, (wp - kw) // sw + 1
-    if ho <= 0 or wo <= 0:
-        raise ValueError(f"DepthwiseConv: input {x.shape[1:3]} too small for kernel {kernel_size}")
-    k = kernel.astype(jnp.float32)
-    y = None
-    for i in range(kh):
-        for j in range(kw):
-            view = jax.lax.slice(xp, (0, i, j, 0), (xp.shape[0], i + (ho - 1) * sh + 1, j + (wo - 1) * sw + 1,
-                                                    xp.shape[3]), (1, sh, sw, 1))
-            term = view.astype(jnp.float32) * k[i, j, 0]
-            y = term if y is None else y + term
-    return y
-
-
 class DepthwiseConv(nnx.Module):
     """Depthwise 2D convolution (one filter per channel, depth multiplier 1).
 
@@ -243,8 +216,23 @@ class DepthwiseConv(nnx.Module):
                 preferred_element_type=jnp.float32,
             )
         else:
-            y = _shifted_depthwise(x.astype(self.dtype), kernel.astype(self.dtype), tuple(map(tuple, pads)), self.kernel_size,
-                                   self.strides)
+            xp = jnp.pad(x.astype(self.dtype), ((0, 0), pads[0], pads[1], (0, 0)))
+            hp, wp = xp.shape[1], xp.shape[2]
+            ho, wo = (hp - kh) // sh + 1, (wp - kw) // sw + 1
+            if ho <= 0 or wo <= 0:
+                raise ValueError(f"DepthwiseConv: input {x.shape[1:3]} too small for kernel {self.kernel_size}")
+            k = kernel.astype(self.dtype).astype(jnp.float32)
+            y = None
+            for i in range(kh):
+                for j in range(kw):
+                    view = jax.lax.slice(
+                        xp,
+                        (0, i, j, 0),
+                        (xp.shape[0], i + (ho - 1) * sh + 1, j + (wo - 1) * sw + 1, xp.shape[3]),
+                        (1, sh, sw, 1),
+                    )
+                    term = view.astype(jnp.float32) * k[i, j, 0]
+                    y = term if y is None else y + term
         if self.use_bias:
             y = y + self.bias[...].astype(self.dtype).astype(jnp.float32)
         return y.astype(self.dtype)
