@@ -37,24 +37,38 @@ class SelectedRecords:
         return self._source[int(self._indices[index])]
 
 
+# Ops that read the hand mask or the keypoints; without them (and without segmentation) the
+# pipeline neither decodes nor transforms the annotations.
+MASK_OPS = {"hand_mask", "align", "roi_crop", "suppress_markers"}
+KEYPOINT_OPS = {"align", "roi_crop"}
+
+
+def needs_annotations(data_config: ml_collections.ConfigDict) -> tuple[bool, bool]:
+    """(mask, keypoints): whether the config's ops or batches use them."""
+    names = {c.name for c in ops.parse_spec(data_config.preprocess)}
+    return bool(names & MASK_OPS) or data_config.get("mask_in_batch", False), bool(names & KEYPOINT_OPS)
+
+
 def example_fn(data_config: ml_collections.ConfigDict) -> Callable[[dict], dict]:
     """Decoded record -> preprocessed uint8 example (deterministic part of the pipeline).
 
-    The ops see a sample with the image, the record's hand mask and keypoints where the
-    dataset has them, and its id; the example keeps the (transformed) mask while the
-    augmentation may still move it."""
+    The ops see a sample with the image, its id and, where the ops use them and the dataset has
+    them, the record's hand mask and keypoints. The example keeps the (transformed) mask only
+    for segmentation batches, where augmentation must still move it."""
     preprocess = ops.build_preprocess(data_config.preprocess, **ops.spec_defaults(data_config))
+    use_mask, use_keypoints = needs_annotations(data_config)
+    keep_mask = data_config.get("mask_in_batch", False)
 
     def fn(record: dict) -> dict:
         sample = {"image": record["image"][:, :, 0], "id": int(record["id"])}
-        if record.get("has_mask"):
+        if use_mask and record.get("has_mask"):
             sample["mask"] = record["mask"][:, :, 0]
-        if record.get("has_keypoints"):
+        if use_keypoints and record.get("has_keypoints"):
             sample["keypoints"] = record["keypoints"]
         sample = preprocess(sample)
         return {
             "image": sample["image"],
-            "mask": sample.get("mask"),
+            "mask": sample.get("mask") if keep_mask else None,
             "male": np.float32(record["male"]),
             "boneage": np.float32(record["boneage"]) if record["has_boneage"] else np.float32(np.nan),
             "id": np.int64(record["id"]),
@@ -165,7 +179,7 @@ def train_dataset(
     data_config: ml_collections.ConfigDict, selection: data.SplitSelection, batch_size: int, seed: int
 ) -> grain.IterDataset:
     """Infinite, shuffled, augmented batches: this process's rows of each global batch."""
-    source = data.data_source(data_config, selection.tfds_split)
+    source = data.data_source(data_config, selection.tfds_split, decode_masks=needs_annotations(data_config)[0])
     sampling = data_config.get("sampling", "shuffle")
     if sampling == "shuffle":
         ds = grain.MapDataset.source(SelectedRecords(source, selection.indices)).seed(seed).shuffle().repeat(None)
@@ -191,7 +205,7 @@ def eval_batches(
     The last global batch is completed with copies of the first example of weight 0, so every
     process yields the same number of batches and multi-host evaluation stays in step.
     """
-    source = data.data_source(data_config, selection.tfds_split)
+    source = data.data_source(data_config, selection.tfds_split, decode_masks=needs_annotations(data_config)[0])
     num = len(selection.indices)
     padded = -(-num // batch_size) * batch_size
     positions = grain.MapDataset.source(np.arange(padded))
