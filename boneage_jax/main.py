@@ -20,7 +20,7 @@ import jax
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from boneage_jax import train, writers
+from boneage_jax import train
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Training configuration file.", lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics and results.")
@@ -50,7 +50,6 @@ def main(argv: list[str]) -> None:
             previous = json.load(f)
         if previous != json.loads(config.to_json_best_effort()):
             logging.warning("%s differs from this run's config; it is overwritten", saved)
-    writers.write_json(saved, json.loads(config.to_json_best_effort()))
     logging.info("JAX devices: %s (process %d of %d)", jax.devices(), jax.process_index(), jax.process_count())
     try:
         train.train_and_evaluate(config, workdir)
