@@ -24,9 +24,8 @@ def data_root(tmp_path_factory) -> str:
     return str(tmp_path_factory.mktemp("tfds"))
 
 
-@pytest.fixture
-def tiny_config(phantom_dir, data_root):
-    """configs/demo.py shrunk to seconds: 32 px, batch 8, a few steps."""
+def tiny_demo_config(phantom_dir: str, data_root: str, num_train_steps: int = 6):
+    """configs/demo.py shrunk to seconds: 32 px, batch 8, a few steps (for module-scoped runs too)."""
     from configs import demo
 
     config = demo.get_config()
@@ -39,9 +38,15 @@ def tiny_config(phantom_dir, data_root):
     config.model.head_hidden = (8,)
     config.batch_size = 8
     config.eval_batch_size = 8
-    config.num_train_steps = 6
+    config.num_train_steps = num_train_steps
     config.warmup_steps = 0
     config.log_every = 2
     config.eval_every = 3
     config.checkpoint_every = 2
     return config
+
+
+@pytest.fixture
+def tiny_config(phantom_dir, data_root):
+    """configs/demo.py shrunk to seconds: 32 px, batch 8, 6 steps."""
+    return tiny_demo_config(phantom_dir, data_root)

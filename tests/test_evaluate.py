@@ -13,6 +13,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import tiny_demo_config
 from flax import nnx
 
 from boneage_jax import evaluate, explain, inference, report, train
@@ -23,23 +24,7 @@ REPO = os.path.abspath(os.path.join(os.path.dirname(__file__), ".."))
 @pytest.fixture(scope="module")
 def workdir(phantom_dir, data_root, tmp_path_factory) -> str:
     """configs/demo.py at 32 px (as conftest's tiny_config), trained for 6 steps."""
-    from configs import demo
-
-    config = demo.get_config()
-    config.data.manual_dir = phantom_dir
-    config.data.data_dir = data_root
-    config.data.image_size = 32
-    config.data.num_threads = 1
-    config.data.prefetch = 8
-    config.model.kwargs.filters = (4, 8)
-    config.model.head_hidden = (8,)
-    config.batch_size = 8
-    config.eval_batch_size = 8
-    config.num_train_steps = 6
-    config.warmup_steps = 0
-    config.log_every = 2
-    config.eval_every = 3
-    config.checkpoint_every = 2
+    config = tiny_demo_config(phantom_dir, data_root)
     path = str(tmp_path_factory.mktemp("evaluate") / "run")
     train.train_and_evaluate(config, path)
     return path

@@ -10,8 +10,9 @@ import textwrap
 
 import numpy as np
 import pytest
+from conftest import tiny_demo_config
 
-from boneage_jax import export, inference, train, writers
+from boneage_jax import export, inference, train
 
 # Runs in a fresh interpreter that may import nothing but jax and numpy.
 _RELOAD = """
@@ -36,19 +37,11 @@ _RELOAD = """
 def run_dir(phantom_dir, data_root, tmp_path_factory) -> str:
     """The conftest ``tiny_config`` (function-scoped) for a module-scoped run of 2 steps, with
     a gaussian head (two outputs: boneage and std)."""
-    from configs import demo
-
-    config = demo.get_config()
-    config.data.manual_dir, config.data.data_dir = phantom_dir, data_root
-    config.data.image_size, config.data.num_threads, config.data.prefetch = 32, 1, 8
-    config.model.kwargs.filters, config.model.head_hidden, config.model.head = (4, 8), (8,), "gaussian"
-    config.batch_size = config.eval_batch_size = 8
-    config.num_train_steps = config.log_every = config.eval_every = config.checkpoint_every = 2
-    config.warmup_steps = 0
+    config = tiny_demo_config(phantom_dir, data_root, num_train_steps=2)
+    config.model.head = "gaussian"
+    config.eval_every = 2
     workdir = str(tmp_path_factory.mktemp("export") / "run")
-    os.makedirs(workdir)
-    writers.write_json(os.path.join(workdir, "config.json"), json.loads(config.to_json_best_effort()))
-    train.train_and_evaluate(config, workdir)
+    train.train_and_evaluate(config, workdir)  # writes config.json
     return workdir
 
 

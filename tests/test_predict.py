@@ -12,6 +12,7 @@ import sys
 import cv2
 import numpy as np
 import pytest
+from conftest import tiny_demo_config
 
 from boneage_jax import predict
 
@@ -19,33 +20,16 @@ REPO = os.path.abspath(os.path.join(os.path.dirname(__file__), ".."))
 
 
 def tiny_run_config(phantom_dir: str, data_root: str):
-    """The conftest ``tiny_config`` (a function-scoped fixture), for module-scoped runs."""
-    from configs import demo
-
-    config = demo.get_config()
-    config.data.manual_dir = phantom_dir
-    config.data.data_dir = data_root
-    config.data.image_size = 32
-    config.data.num_threads = 1
-    config.data.prefetch = 8
-    config.model.kwargs.filters = (4, 8)
-    config.model.head_hidden = (8,)
-    config.batch_size = 8
-    config.eval_batch_size = 8
-    config.num_train_steps = 2
-    config.warmup_steps = 0
-    config.log_every = 2
+    """The conftest ``tiny_config`` (a function-scoped fixture) at 2 steps, for module-scoped runs."""
+    config = tiny_demo_config(phantom_dir, data_root, num_train_steps=2)
     config.eval_every = 2
-    config.checkpoint_every = 2
     return config
 
 
 def train_tiny(config, workdir: str) -> str:
-    from boneage_jax import train, writers
+    from boneage_jax import train
 
-    os.makedirs(workdir, exist_ok=True)
-    writers.write_json(os.path.join(workdir, "config.json"), json.loads(config.to_json_best_effort()))
-    train.train_and_evaluate(config, workdir)
+    train.train_and_evaluate(config, workdir)  # writes config.json
     return workdir
 
 
