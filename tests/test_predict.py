@@ -4,7 +4,6 @@ and parity with the TFDS evaluation pipeline."""
 from __future__ import annotations
 
 import csv
-import json
 import os
 import subprocess
 import sys
