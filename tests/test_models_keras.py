@@ -25,6 +25,8 @@ import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 from flax import nnx  # noqa: E402
 
+from helpers import grad_step  # noqa: E402
+
 from boneage_jax import models, weights  # noqa: E402
 from boneage_jax.models import layers  # noqa: E402
 
@@ -257,15 +259,7 @@ def train_step_check(
     model.train()
     stats_before = [np.asarray(v) for v in jax.tree_util.tree_leaves(nnx.state(model, nnx.BatchStat))]
 
-    @nnx.jit
-    def step(model, x):
-        def loss(m):
-            y = m(x)
-            return y.astype(jnp.float32).mean(), y
-
-        return nnx.value_and_grad(loss, has_aux=True)(model)
-
-    (loss, y), grads = step(model, x)
+    (loss, y), grads = grad_step(model, x)
     assert y.shape == (2, model.num_features) and y.dtype == jnp.dtype(dtype)
     assert np.isfinite(float(loss))
     leaves = jax.tree_util.tree_leaves(grads)

@@ -25,6 +25,7 @@ import pytest
 from flax import nnx
 
 from boneage_jax import models, weights
+from helpers import fast_init
 from boneage_jax.models import caffenet, convmixer, googlenet, layers, unet, vgg19_attention
 
 safetensors_numpy = pytest.importorskip("safetensors.numpy")
@@ -43,34 +44,6 @@ ZOO = (
     "vgg19_attention",
     "unet",
 )
-
-_KEY = []
-
-
-def fast_init(build, seed: int = 0):
-    """``build()`` without running its initialisers: kernels N(0, 2/fan_in), biases 0, BN 1/0."""
-    if not _KEY:
-        _KEY.append(jax.random.key(seed))
-    graphdef, state = nnx.split(nnx.eval_shape(build))
-    rng = np.random.default_rng(seed)
-    for path, var in jax.tree_util.tree_leaves_with_path(state, is_leaf=lambda v: isinstance(v, nnx.Variable)):
-        name = getattr(path[-1], "key", str(path[-1]))
-        shape, dtype = var.get_value().shape, var.get_value().dtype
-        if isinstance(var, nnx.RngKey):
-            var.set_value(_KEY[0])
-            continue
-        if isinstance(var, nnx.Param) and name == "kernel":
-            fan_in = max(1, math.prod(shape[:-1]))
-            value = rng.standard_normal(shape) * np.sqrt(2.0 / fan_in)
-        elif isinstance(var, nnx.RngCount) or name in ("bias", "mean"):
-            value = np.zeros(shape)
-        elif name in ("scale", "var") or isinstance(var, vgg19_attention.FixedWeight):
-            value = np.ones(shape)
-        else:
-            raise AssertionError(f"fast_init: no rule for {type(var).__name__} {jax.tree_util.keystr(path)}")
-        var.set_value(jnp.asarray(np.asarray(value, dtype)))  # cast on the host: no per-shape compile
-    return nnx.merge(graphdef, state)
-
 
 def build(name: str, *, in_channels: int = 3, image_size: int = 32, **kwargs):
     return fast_init(

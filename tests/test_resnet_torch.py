@@ -16,6 +16,8 @@ import pytest
 from flax import nnx
 from safetensors.numpy import save_file
 
+from helpers import grad_step
+
 from boneage_jax import models, weights
 from boneage_jax.models import layers
 
@@ -263,15 +265,7 @@ def train_step_check(name, in_channels, dtype="float32", size=32):
     model.train()
     before = np.asarray(model.bn1.mean[...]).copy()
 
-    @nnx.jit
-    def step(model, x):
-        def loss(m):
-            y = m(x)
-            return y.astype(jnp.float32).mean(), y
-
-        return nnx.value_and_grad(loss, has_aux=True)(model)
-
-    (loss, y), grads = step(model, x)
+    (loss, y), grads = grad_step(model, x)
     assert y.shape == (2, model.num_features) and y.dtype == jnp.dtype(dtype)
     assert np.isfinite(float(loss))
     leaves = jax.tree_util.tree_leaves(grads)

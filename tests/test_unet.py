@@ -8,7 +8,6 @@ initialiser, without compiling JAX's random initialisers once per parameter shap
 
 from __future__ import annotations
 
-import math
 
 import jax
 import jax.numpy as jnp
@@ -17,27 +16,10 @@ import optax
 import pytest
 from flax import nnx
 
+from helpers import fast_init
+
 from boneage_jax import models
 from boneage_jax.models import unet
-
-
-def he_init(build, seed: int = 0):
-    graphdef, state = nnx.split(nnx.eval_shape(build))
-    rng = np.random.default_rng(seed)
-    for path, var in jax.tree_util.tree_leaves_with_path(state, is_leaf=lambda v: isinstance(v, nnx.Variable)):
-        name = getattr(path[-1], "key", str(path[-1]))
-        shape, dtype = var.get_value().shape, var.get_value().dtype
-        if isinstance(var, nnx.RngKey):
-            var.set_value(jax.random.key(seed))
-            continue
-        if name == "kernel":
-            value = rng.standard_normal(shape) * np.sqrt(2.0 / math.prod(shape[:-1]))
-        elif name in ("scale", "var"):
-            value = np.ones(shape)
-        else:  # bias, mean, RNG count
-            value = np.zeros(shape)
-        var.set_value(jnp.asarray(np.asarray(value, dtype)))  # cast on the host: no per-shape compile
-    return nnx.merge(graphdef, state)
 
 
 def ellipses(n: int, size: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
@@ -68,7 +50,7 @@ def iou(logits: np.ndarray, masks: np.ndarray) -> float:
 
 def test_unet_fits_synthetic_ellipses():
     size, batch, steps = 64, 4, 200
-    model = he_init(
+    model = fast_init(
         lambda: models.create_backbone("unet", in_channels=1, image_size=size, rngs=nnx.Rngs(0), base_filters=8)
     )
     assert model.depth == 4 and model.num_features == 8
@@ -107,7 +89,7 @@ def test_unet_fits_synthetic_ellipses():
 
 
 def test_unet_segment_shapes_classes_and_dropout():
-    model = he_init(lambda: unet.UNet(in_channels=3, rngs=nnx.Rngs(0), depth=2, base_filters=4, num_classes=3))
+    model = fast_init(lambda: unet.UNet(in_channels=3, rngs=nnx.Rngs(0), depth=2, base_filters=4, num_classes=3))
     x = jnp.asarray(np.random.default_rng(3).normal(size=(2, 13, 18, 3)), jnp.float32)  # not multiples of 4
 
     @nnx.jit
