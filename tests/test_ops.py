@@ -121,7 +121,7 @@ def test_affine_fill_modes():
 
 
 def test_spec_parsing_and_errors():
-    fn = ops.build_preprocess("resize_pad(pad_value=255)|clahe(clip_limit=3.0)", size=32)
+    fn = ops.build_preprocess("resize_pad(pad_value=255)|clahe(clip_limit=3.0)", image_size=32)
     assert fn(_hand_like()).shape == (32, 32)
     assert [c.name for c in ops.parse_spec(" resize_pad | | zscore ")] == ["resize_pad", "zscore"]
     with pytest.raises(ValueError, match="unknown preprocess op 'sharpen'"):
