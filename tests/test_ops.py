@@ -183,7 +183,8 @@ def test_registration_needs_the_facts(monkeypatch):
     with pytest.raises(ValueError, match="augmentations get no annotations"):
         ops.register_augment("peeking", on="sample", geometric=False, reads=("mask",))(op)
     with pytest.raises(ValueError, match="does not take"):
-        ops.register_preprocess("wrong_default", on="sample", geometric=False, config_defaults={"side": "image_size"})(op)
+        ops.register_preprocess("wrong_default", on="sample", geometric=False,
+                                config_defaults={"side": "image_size"})(op)
     with pytest.raises(ValueError, match="registered twice"):
         ops.register_preprocess("clahe")(op)
     # Defaults are declared, not matched by keyword name: an op with a `size` argument that does

@@ -87,10 +87,6 @@ class Op:
     without_mask: Callable[[dict], dict] | None  # spec arguments -> those that make its own mask
     arguments: Mapping[str, Any]  # keyword-only arguments -> their defaults (inspect.Parameter.empty if none)
 
-    @property
-    def kind(self) -> str:
-        return "augment" if self.random else "preprocess"
-
 
 OPS: dict[str, Op] = {}
 # Named augmentation sets that expand to a spec (see augment.py).
