@@ -14,7 +14,7 @@ file runs without this codebase, with JAX alone::
     out["boneage"]                     # months; also "std" (gaussian) or "class" (classification)
 
 ``images`` must be preprocessed as in training (``data.preprocess`` then ``data.normalize``,
-see the sidecar and :func:`boneage_jax.inference.prepare_image`). By default the batch
+see the sidecar and :func:`boneage_jax.input_pipeline.prepare_image`). By default the batch
 dimension is symbolic (any batch size works); ``--batch_size N`` fixes it. The function is
 lowered for CPU, CUDA GPUs and TPUs at once (``--platforms`` chooses), so the file runs on any
 of them whichever machine exported it.

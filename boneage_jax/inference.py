@@ -4,9 +4,8 @@
 ``label_stats.json`` and ``checkpoints/best`` or ``checkpoints/latest``) and returns a
 :class:`LoadedRun` whose ``predict(batch)`` maps a batch (``image`` float32 (B, S, S, C),
 ``male`` float32 (B,)) to the objective's readout (``boneage`` in months, and ``std`` or
-``class`` where the head gives them; ``mask`` for segmentation). ``prepare_image`` runs the
-run's deterministic preprocessing and normalisation on one decoded radiograph, so images from
-outside the dataset go through exactly what validation images went through.
+``class`` where the head gives them; ``mask`` for segmentation). The network input of a
+radiograph from outside the dataset comes from :func:`boneage_jax.input_pipeline.prepare_image`.
 """
 
 from __future__ import annotations
@@ -23,7 +22,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 from flax import nnx
 
-from boneage_jax import models, objectives, ops, train
+from boneage_jax import input_pipeline, models, objectives, train
 
 
 @dataclasses.dataclass
@@ -54,13 +53,6 @@ def read_config(workdir: str) -> ml_collections.ConfigDict:
     return ml_collections.ConfigDict(raw)
 
 
-def input_channels(data_config: ml_collections.ConfigDict) -> int:
-    """Channels of the network input that ``data.normalize`` produces from a grey image."""
-    normalize = ops.build_preprocess(data_config.normalize, **ops.spec_defaults(data_config))
-    probe = normalize(np.full((data_config.image_size, data_config.image_size), 128, np.uint8))
-    return 1 if probe.ndim == 2 else int(probe.shape[-1])
-
-
 def load_run(workdir: str, which: str = "best", config: ml_collections.ConfigDict | None = None) -> LoadedRun:
     """Loads a run's weights from ``checkpoints/<which>`` (best or latest).
 
@@ -76,7 +68,7 @@ def load_run(workdir: str, which: str = "best", config: ml_collections.ConfigDic
     stats = objectives.LabelStats(mean=raw["mean"], std=raw["std"], class_edges=tuple(raw.get("class_edges", ())),
                                   class_means=tuple(raw.get("class_means", ())))
     objective = objectives.make_objective(config, stats)
-    in_channels = input_channels(config.data)
+    in_channels = input_pipeline.input_channels(config.data)
 
     def create() -> nnx.Module:
         return models.create_model(config.model, in_channels=in_channels, image_size=config.data.image_size,
@@ -114,15 +106,3 @@ def load_run(workdir: str, which: str = "best", config: ml_collections.ConfigDic
                      step=int(jax.device_get(state["step"])), in_channels=in_channels, graphdef=graphdef,
                      params=params, rest=rest, rng_state=rng_state, predict=predict)
 
-
-def prepare_image(data_config: ml_collections.ConfigDict, image: np.ndarray, *, mask: np.ndarray | None = None,
-                  sample_id: int = 0) -> np.ndarray:
-    """One decoded uint8 grey radiograph -> the network input (S, S, C) float32, through the
-    run's ``data.preprocess`` and ``data.normalize`` (no augmentation)."""
-    preprocess = ops.build_preprocess(data_config.preprocess, **ops.spec_defaults(data_config))
-    normalize = ops.build_preprocess(data_config.normalize, **ops.spec_defaults(data_config))
-    sample = {"image": ops.as_2d(image), "id": sample_id}
-    if mask is not None:
-        sample["mask"] = mask
-    out = normalize(preprocess(sample))["image"].astype(np.float32)
-    return out[:, :, None] if out.ndim == 2 else out

@@ -7,6 +7,13 @@ and devices, so a run on 2 hosts x 4 GPUs sees exactly the batches of a run on 1
 A batch is a dict of numpy arrays: ``image`` float32 (B, S, S, C), ``male`` float32 (B,),
 ``boneage`` float32 months (B,), ``id`` int64 (B,) and ``weight`` float32 (B,), which is 0 for
 the padding that completes an evaluation's last batch.
+
+The ops come from the data config's :class:`boneage_jax.ops.Pipeline` (its specs parsed once):
+a record's hand mask and keypoints are decoded and handed to the ops exactly when a
+preprocessing op declares that it reads them (or, for the mask, segmentation batches carry it).
+``input_channels`` is the network input's channel count (what the model is built for) and
+``prepare_image`` runs one radiograph from outside the dataset through the deterministic part
+of the pipeline, as validation images go.
 """
 
 from __future__ import annotations
@@ -37,16 +44,26 @@ class SelectedRecords:
         return self._source[int(self._indices[index])]
 
 
-# Ops that read the hand mask or the keypoints; without them (and without segmentation) the
-# pipeline neither decodes nor transforms the annotations.
-MASK_OPS = {"hand_mask", "align", "roi_crop", "suppress_markers"}
-KEYPOINT_OPS = {"align", "roi_crop"}
-
-
 def needs_annotations(data_config: ml_collections.ConfigDict) -> tuple[bool, bool]:
     """(mask, keypoints): whether the config's ops or batches use them."""
-    names = {c.name for c in ops.parse_spec(data_config.preprocess)}
-    return bool(names & MASK_OPS) or data_config.get("mask_in_batch", False), bool(names & KEYPOINT_OPS)
+    pipeline = ops.Pipeline.from_config(data_config)
+    return pipeline.reads_mask or data_config.get("mask_in_batch", False), pipeline.reads_keypoints
+
+
+def input_channels(data_config: ml_collections.ConfigDict) -> int:
+    """Channels of the network input that the config's ops make from a grey radiograph."""
+    return ops.Pipeline.from_config(data_config).num_channels
+
+
+def prepare_image(data_config: ml_collections.ConfigDict, image: np.ndarray, *, mask: np.ndarray | None = None,
+                  sample_id: int = 0) -> np.ndarray:
+    """One decoded uint8 grey radiograph -> the network input (S, S, C) float32, through the
+    run's ``data.preprocess`` and ``data.normalize`` (no augmentation)."""
+    pipeline = ops.Pipeline.from_config(data_config)
+    sample = {"image": ops.as_2d(image), "id": sample_id}
+    if mask is not None:
+        sample["mask"] = mask
+    return pipeline.network_input(pipeline.preprocess(sample)["image"])
 
 
 def example_fn(data_config: ml_collections.ConfigDict) -> Callable[[dict], dict]:
@@ -55,7 +72,7 @@ def example_fn(data_config: ml_collections.ConfigDict) -> Callable[[dict], dict]
     The ops see a sample with the image, its id and, where the ops use them and the dataset has
     them, the record's hand mask and keypoints. The example keeps the (transformed) mask only
     for segmentation batches, where augmentation must still move it."""
-    preprocess = ops.build_preprocess(data_config.preprocess, **ops.spec_defaults(data_config))
+    preprocess = ops.Pipeline.from_config(data_config).preprocess
     use_mask, use_keypoints = needs_annotations(data_config)
     keep_mask = data_config.get("mask_in_batch", False)
 
@@ -80,7 +97,7 @@ def example_fn(data_config: ml_collections.ConfigDict) -> Callable[[dict], dict]
 
 def augment_fn(data_config: ml_collections.ConfigDict, seed: int) -> Callable[[dict, int], dict]:
     """Augments an example with an RNG seeded by (seed, its global position in the stream)."""
-    augment = ops.build_augment(data_config.augment)
+    augment = ops.Pipeline.from_config(data_config).augment
 
     def fn(example: dict, position: int) -> dict:
         rng = np.random.default_rng([seed, position])
@@ -93,15 +110,12 @@ def augment_fn(data_config: ml_collections.ConfigDict, seed: int) -> Callable[[d
 def normalize_fn(data_config: ml_collections.ConfigDict) -> Callable[[dict], dict]:
     """Last ops to float32 (B, S, S, C); the mask goes into the batch only for segmentation
     (``data.mask_in_batch``), as float32 (S, S, 1) in {0, 1}."""
-    normalize = ops.build_preprocess(data_config.normalize, **ops.spec_defaults(data_config))
+    pipeline = ops.Pipeline.from_config(data_config)
     with_mask = data_config.get("mask_in_batch", False)
 
     def fn(example: dict) -> dict:
-        image = normalize(example["image"]).astype(np.float32)
-        if image.ndim == 2:
-            image = image[:, :, None]
         out = {k: v for k, v in example.items() if k != "mask"}
-        out["image"] = image
+        out["image"] = pipeline.network_input(example["image"])
         if with_mask:
             mask = example["mask"]
             if mask is None:

@@ -14,9 +14,10 @@ then 1 (0 when every image was predicted).
 
 Each image goes through what validation images went through in training: the dataset's stored
 resolution (``data.builder_config``: longest side at most 512 or 1024 px), then the run's
-``data.preprocess`` and ``data.normalize`` (:func:`boneage_jax.inference.prepare_image`). Single
-images have no dataset hand mask: ``hand_mask(source='dataset')`` (and ``source='cache'``) become
-``hand_mask(source='classical')``, the Otsu mask of :func:`boneage_jax.ops.hand.classical_mask`,
+``data.preprocess`` and ``data.normalize`` (:func:`boneage_jax.input_pipeline.prepare_image`).
+Single images have no dataset hand mask: ops that read a stored mask make their own, as their
+registry entry declares (``hand_mask(source='dataset')`` and ``source='cache'`` become
+``hand_mask(source='classical')``, the Otsu mask of :func:`boneage_jax.ops.hand.classical_mask`),
 and a note says so. Keypoint ops (``roi_crop`` with region roi1/roi2/roi3, from the spec or
 ``data.roi``, and ``align(source='keypoints')``) cannot run without keypoints: such a run stops
 with an error before any image is read.
@@ -195,53 +196,25 @@ def read_image(path: str) -> np.ndarray:
 # ----------------------------------------------------------------------------- preprocessing specs
 
 
-def format_spec(calls) -> str:
-    """Op calls -> a spec string that ``ops.parse_spec`` reads back."""
-    parts = []
-    for call in calls:
-        args = ", ".join(f"{k}={v!r}" for k, v in call.kwargs.items())
-        parts.append(f"{call.name}({args})" if args else call.name)
-    return "|".join(parts)
-
-
 def spec_defaults(data_config) -> dict:
     """Op arguments that the run's data config supplies (``ops.spec_defaults``: ``size``, and
     ``region`` / ``cache_dir`` from ``data.roi`` / ``data.mask_cache`` where set)."""
     from boneage_jax import ops  # pylint: disable=import-outside-toplevel
 
-    if hasattr(ops, "spec_defaults"):
-        return ops.spec_defaults(data_config)
-    return {"size": data_config.image_size}
+    return ops.spec_defaults(data_config)
 
 
-def single_image_spec(spec: str, defaults: dict | None = None) -> tuple[str, list[str]]:
+def single_image_spec(spec: str, data_config=None) -> tuple[str, list[str]]:
     """The preprocessing spec for images outside the dataset, and notes on what changed.
 
-    ``hand_mask`` with ``source='dataset'`` (the default) or ``'cache'`` reads a mask that only
-    dataset records have: it becomes ``source='classical'``. Ops that need keypoints raise
-    ValueError: ``roi_crop`` of region roi1/roi2/roi3 (given in the spec or, as ``region``,
-    in ``defaults``, i.e. ``data.roi``) and ``align(source='keypoints')``."""
+    Ops that read a stored hand mask make their own (``hand_mask`` with ``source='dataset'``, the
+    default, or ``'cache'`` becomes ``source='classical'``); ops that need keypoints raise
+    ValueError (``roi_crop`` of region roi1/roi2/roi3, given in the spec or by ``data.roi`` in
+    ``data_config``, and ``align(source='keypoints')``): ``ops.Chain.for_single_images``."""
     from boneage_jax import ops  # pylint: disable=import-outside-toplevel
 
-    defaults = defaults or {}
-    calls, notes = [], []
-    for call in ops.parse_spec(spec):
-        kwargs = dict(call.kwargs)
-        if call.name == "hand_mask" and kwargs.get("source", "dataset") in ("dataset", "cache"):
-            old = kwargs.get("source", "dataset")
-            kwargs["source"] = "classical"
-            kwargs.pop("cache_dir", None)
-            notes.append(f"hand_mask(source={old!r}) -> hand_mask(source='classical'): single images have no "
-                         f"{'dataset' if old == 'dataset' else 'cached'} hand mask; the classical Otsu mask is used")
-        elif call.name == "roi_crop" and kwargs.get("region", defaults.get("region", "hand")) != "hand":
-            region = kwargs.get("region", defaults.get("region"))
-            raise ValueError(f"data.preprocess {spec!r}: roi_crop(region={region!r}) needs hand keypoints, which "
-                             f"single images do not have; this run cannot predict images outside its dataset")
-        elif call.name == "align" and kwargs.get("source", "mask") == "keypoints":
-            raise ValueError(f"data.preprocess {spec!r}: align(source='keypoints') needs hand keypoints, which "
-                             f"single images do not have; this run cannot predict images outside its dataset")
-        calls.append(ops.OpCall(call.name, kwargs))
-    return format_spec(calls), notes
+    chain, notes = ops.Chain(spec, config=data_config, name="data.preprocess").for_single_images()
+    return chain.spec, notes
 
 
 def stored_max_side(data_config) -> int | None:
@@ -295,8 +268,7 @@ class Predictor:
         if self.run.config.get("task", "boneage") != "boneage":
             raise ValueError(f"{workdir} is a {self.run.config.task} run; predict needs a bone age run")
         self.data_config = self.run.config.data.copy_and_resolve_references()
-        self.data_config.preprocess, self.notes = single_image_spec(self.run.config.data.preprocess,
-                                                                    spec_defaults(self.data_config))
+        self.data_config.preprocess, self.notes = single_image_spec(self.run.config.data.preprocess, self.data_config)
         self.max_side = stored_max_side(self.data_config)
         self.batch_size = max(1, batch_size)
         self.image_size = int(self.data_config.image_size)
@@ -310,10 +282,10 @@ class Predictor:
         return rsna_bone_age.resize_longest_side(read_image(path), self.max_side)
 
     def prepare(self, image: np.ndarray, path: str = "image") -> np.ndarray:
-        from boneage_jax import inference  # pylint: disable=import-outside-toplevel
+        from boneage_jax import input_pipeline  # pylint: disable=import-outside-toplevel
 
         try:
-            return inference.prepare_image(self.data_config, image)
+            return input_pipeline.prepare_image(self.data_config, image)
         except Exception as e:  # an op failing on this image (e.g. an empty hand mask)
             raise ImageReadError(f"{path}: preprocessing failed: {e}") from e
 
@@ -321,7 +293,7 @@ class Predictor:
         """The image after ``data.preprocess`` only (what the heatmap is drawn on)."""
         from boneage_jax import ops  # pylint: disable=import-outside-toplevel
 
-        preprocess = ops.build_preprocess(self.data_config.preprocess, **spec_defaults(self.data_config))
+        preprocess = ops.Pipeline.from_config(self.data_config).preprocess
         return np.asarray(ops.as_2d(preprocess({"image": image, "id": 0})["image"]))
 
     # -- the network

@@ -24,7 +24,7 @@ import cv2
 import numpy as np
 from absl import app, flags
 
-from boneage_jax import data, inference, objectives, ops
+from boneage_jax import data, inference, input_pipeline, objectives, ops
 from boneage_jax.ops import hand
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "Workdir of a trained segmentation run.")
@@ -35,14 +35,11 @@ _BATCH = flags.DEFINE_integer("batch_size", 16, "Images per prediction batch.")
 _MIN_AREA = flags.DEFINE_float("min_area_fraction", 0.05, "Smallest hand, as a fraction of the image.")
 flags.mark_flags_as_required(["workdir", "out"])
 
-# Ops that change only intensities; masks predicted after them map back through resize_pad alone.
-_GEOMETRIC = {"resize", "center_crop", "align", "roi_crop", "hand_mask", "suppress_markers"}
-
 
 def check_invertible(preprocess: str) -> None:
-    calls = ops.parse_spec(preprocess)
-    names = [c.name for c in calls]
-    if names.count("resize_pad") != 1 or set(names) & _GEOMETRIC:
+    """Masks predicted after ``preprocess`` map back to the stored images through one
+    ``resize_pad``: the spec must have it and no other geometric op (one that moves pixels)."""
+    if ops.Chain(preprocess, name="data.preprocess").geometric != ("resize_pad",):
         raise ValueError(f"segment: data.preprocess {preprocess!r} must resize with one resize_pad and no other "
                          f"geometric op, so that masks map back to the stored images")
 
@@ -83,7 +80,9 @@ def segment_dataset(workdir: str, out: str, manual_dir: str | None = None, data_
         source = data.data_source(config.data, split)
         for begin in range(0, len(source), batch_size):
             records = [source[i] for i in range(begin, min(begin + batch_size, len(source)))]
-            images = np.stack([inference.prepare_image(config.data, r["image"]) for r in records])
+            images = np.stack([input_pipeline.prepare_image(config.data, r["image"], sample_id=int(r["id"]),
+                                                            mask=r["mask"][:, :, 0] if r["has_mask"] else None)
+                               for r in records])
             predicted = np.asarray(run.predict({"image": images, "male": np.zeros(len(records), np.float32)})["mask"])
             for record, logits_mask in zip(records, predicted):
                 height, width = record["image"].shape[:2]

@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import numpy as np
+import pytest
 
-from boneage_jax import data, input_pipeline
+from boneage_jax import data, input_pipeline, ops
 
 
 def _splits(config):
@@ -106,3 +107,42 @@ def test_balanced_sampling_is_reproducible_and_resumable(tiny_config):
     tiny_config.data.sampling = "stratified"
     with np.testing.assert_raises_regex(ValueError, "data.sampling is 'stratified'"):
         input_pipeline.train_dataset(tiny_config.data, splits["train"], 8, 0)
+
+
+def test_a_new_op_that_reads_the_mask_gets_it_decoded(tiny_config, monkeypatch):
+    """The pipeline asks the registry: an op declaring ``reads=("mask",)`` is handed the record's mask."""
+    monkeypatch.setattr(ops, "OPS", dict(ops.OPS))  # the op registered here is dropped afterwards
+
+    @ops.register_preprocess("mask_as_image", on="sample", geometric=False, reads=("mask",))
+    def mask_as_image(sample: dict) -> dict:
+        if sample.get("mask") is None:
+            raise ValueError(f"sample {sample['id']} came without its mask")
+        return {**sample, "image": sample["mask"]}
+
+    tiny_config.data.preprocess = "mask_as_image|resize_pad"
+    tiny_config.data.normalize = "value_range"
+    assert input_pipeline.needs_annotations(tiny_config.data) == (True, False)
+    batch = next(input_pipeline.eval_batches(tiny_config.data, _splits(tiny_config)["validation"], 4))
+    assert batch["image"].max() == 1.0 and 0.05 < batch["image"].mean() < 0.95
+    tiny_config.data.preprocess = "resize_pad|clahe"
+    assert input_pipeline.needs_annotations(tiny_config.data) == (False, False)
+
+
+def test_ops_are_parsed_once_not_per_example(tiny_config, monkeypatch):
+    splits = _splits(tiny_config)
+    tiny_config.data.augment = "nguyen"
+    dataset = input_pipeline.train_dataset(tiny_config.data, splits["train"], 8, 0)
+    monkeypatch.setattr(ops, "parse_spec", lambda *args: pytest.fail(f"spec parsed again: {args}"))
+    assert next(iter(dataset))["image"].shape == (8, 32, 32, 1)
+
+
+def test_input_channels_and_prepare_image_match_the_batches(tiny_config):
+    splits = _splits(tiny_config)
+    for normalize, channels in (("zscore", 1), ("grey_to_rgb|preprocess_input(mode='torch')", 3)):
+        tiny_config.data.normalize = normalize
+        batch = next(input_pipeline.eval_batches(tiny_config.data, splits["validation"], 4))
+        assert input_pipeline.input_channels(tiny_config.data) == channels == batch["image"].shape[-1]
+        source = data.data_source(tiny_config.data, splits["validation"].tfds_split)
+        record = source[int(splits["validation"].indices[0])]
+        image = input_pipeline.prepare_image(tiny_config.data, record["image"])
+        np.testing.assert_allclose(image, batch["image"][0], atol=1e-6)

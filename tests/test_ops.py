@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import cv2
 import numpy as np
 import pytest
@@ -121,7 +123,7 @@ def test_affine_fill_modes():
 
 
 def test_spec_parsing_and_errors():
-    fn = ops.build_preprocess("resize_pad(pad_value=255)|clahe(clip_limit=3.0)", size=32)
+    fn = ops.build_preprocess("resize_pad(pad_value=255)|clahe(clip_limit=3.0)", image_size=32)
     assert fn(_hand_like()).shape == (32, 32)
     assert [c.name for c in ops.parse_spec(" resize_pad | | zscore ")] == ["resize_pad", "zscore"]
     with pytest.raises(ValueError, match="unknown preprocess op 'sharpen'"):
@@ -132,3 +134,177 @@ def test_spec_parsing_and_errors():
         ops.parse_spec("clahe(2.0)")
     augment = ops.build_augment("flip(p=1.0)|affine(rotation=5)")
     assert augment(_hand_like(), np.random.default_rng(0)).shape == (120, 90)
+
+
+# ----------------------------------------------------------------------------- the registry and pipelines
+
+
+def _data_config(**overrides) -> dict:
+    config = {"preprocess": "resize_pad", "augment": "", "normalize": "zscore", "image_size": 32, "roi": "hand",
+              "mask_cache": ""}
+    return {**config, **overrides}
+
+
+def test_every_op_declares_its_facts():
+    assert len(ops.OPS) >= 26
+    for name, op in ops.OPS.items():
+        assert op.name == name and op.on in ("image", "sample")
+        assert isinstance(op.random, bool) and isinstance(op.geometric, bool)
+        assert op.reads <= ops.ANNOTATIONS
+        if op.on == "image":
+            assert not op.geometric and not op.reads, name  # image ops see only the image
+        if op.random:
+            assert not op.reads, name
+        assert set(op.config_defaults) <= set(op.arguments), name
+    reading = lambda what: {n for n, o in ops.OPS.items() if what in o.reads}  # noqa: E731
+    assert reading("mask") == {"hand_mask", "align", "roi_crop", "suppress_markers"}
+    assert reading("keypoints") == {"align", "roi_crop"}
+    assert {n for n, o in ops.OPS.items() if o.random} == {
+        "flip", "affine", "brightness_jitter", "contrast_jitter", "gamma_jitter", "clahe_or_gamma"}
+    assert {n for n, o in ops.OPS.items() if o.geometric} == {
+        "resize_pad", "resize", "center_crop", "align", "roi_crop", "flip", "affine"}
+    assert {(n, a, f) for n, o in ops.OPS.items() for a, f in o.config_defaults.items()} == {
+        ("resize_pad", "size", "image_size"), ("resize", "size", "image_size"), ("roi_crop", "region", "roi"),
+        ("hand_mask", "cache_dir", "mask_cache")}
+
+
+def test_registration_needs_the_facts(monkeypatch):
+    monkeypatch.setattr(ops, "OPS", dict(ops.OPS))  # whatever registers here is dropped afterwards
+
+    def op(sample, *, size=1):
+        return sample
+
+    with pytest.raises(ValueError, match="must declare geometric"):
+        ops.register_preprocess("undeclared", on="sample")(op)
+    with pytest.raises(ValueError, match="sees only the image"):
+        ops.register_preprocess("moving_image_op", geometric=True)(op)
+    with pytest.raises(ValueError, match="subset"):
+        ops.register_preprocess("bones", on="sample", geometric=False, reads=("bones",))(op)
+    with pytest.raises(ValueError, match="augmentations get no annotations"):
+        ops.register_augment("peeking", on="sample", geometric=False, reads=("mask",))(op)
+    with pytest.raises(ValueError, match="does not take"):
+        ops.register_preprocess("wrong_default", on="sample", geometric=False,
+                                config_defaults={"side": "image_size"})(op)
+    with pytest.raises(ValueError, match="registered twice"):
+        ops.register_preprocess("clahe")(op)
+    # Defaults are declared, not matched by keyword name: an op with a `size` argument that does
+    # not declare it gets no data.image_size.
+    ops.register_preprocess("sized", on="sample", geometric=False)(op)
+    assert ops.Chain("sized|resize_pad", config=_data_config(image_size=48)).ops[0].kwargs == {}
+
+
+def test_spec_defaults_come_from_the_data_config():
+    config = _data_config(preprocess="hand_mask(source='cache')|roi_crop|resize_pad|resize(size=20)", image_size=40,
+                          roi="roi1", mask_cache="/masks")
+    hand_mask, roi_crop, resize_pad, resize = ops.Pipeline.from_config(config).preprocess.ops
+    assert hand_mask.kwargs == {"cache_dir": "/masks", "source": "cache"}
+    assert roi_crop.kwargs == {"region": "roi1"} and resize_pad.kwargs == {"size": 40}
+    assert resize.kwargs == {"size": 20}  # the spec wins
+    assert ops.spec_defaults(config) == {"size": 40, "region": "roi1", "cache_dir": "/masks"}
+    unset = _data_config(preprocess="roi_crop|resize_pad", roi="", mask_cache="")
+    assert ops.spec_defaults(unset) == {"size": 32}
+    assert ops.Pipeline.from_config(unset).preprocess.ops[0].arguments["region"] == "hand"  # the op's own default
+    with pytest.raises(ValueError, match="data-config field"):
+        ops.build_preprocess("resize_pad", size=32)  # arguments are not defaults: fields are
+
+
+def test_pipeline_is_parsed_once_per_config(monkeypatch):
+    config = _data_config(preprocess="resize_pad|clahe", augment="nguyen", normalize="grey_to_rgb|value_range")
+    pipeline = ops.Pipeline.from_config(config)
+    calls = []
+    monkeypatch.setattr(ops, "parse_spec", lambda *args: calls.append(args))
+    assert ops.Pipeline.from_config(dict(config)) is pipeline
+    sample = pipeline.augment(pipeline.preprocess({"image": _hand_like(), "id": 0}), np.random.default_rng(0))
+    assert pipeline.network_input(sample["image"]).shape == (32, 32, 3)
+    assert calls == []
+    assert pipeline.augment.geometric == ("flip", "affine") and pipeline.augment.random
+    assert pipeline.preprocess.geometric == ("resize_pad",) and not pipeline.reads_mask
+    monkeypatch.undo()
+    assert ops.Pipeline.from_config({**config, "image_size": 16}) is not pipeline
+
+
+def test_specs_keep_augmentations_and_preprocessing_apart():
+    with pytest.raises(ValueError, match="'flip' is an augmentation"):
+        ops.build_preprocess("resize_pad|flip")
+    with pytest.raises(ValueError, match="'clahe' is not an augmentation"):
+        ops.build_augment("flip|clahe")
+    with pytest.raises(ValueError, match="^data.normalize: 'affine' is an augmentation"):
+        ops.Pipeline.from_config(_data_config(normalize="affine"))
+    with pytest.raises(ValueError, match="^data.augment: unknown augment op 'twist'"):
+        ops.Pipeline.from_config(_data_config(augment="flip|twist"))
+
+
+@pytest.mark.parametrize("name, kwargs", [(name, {}) for name in sorted(ops.OPS)] + [
+    ("preprocess_input", {"mode": "torch"}), ("preprocess_input", {"mode": "caffe"})])
+def test_declared_channels_match_the_output(name, kwargs):
+    """The network input's channel count comes from the ops' declarations: they must be right."""
+    image = _hand_like()
+    mask = np.where(image > 60, 255, 0).astype(np.uint8)
+    chain = ops.Chain(ops.format_spec([ops.OpCall(name, kwargs)]), random=ops.OPS[name].random,
+                      config={"image_size": 24})
+    out = chain({"image": image, "mask": mask, "id": 0}, np.random.default_rng(0))["image"]
+    assert (1 if out.ndim == 2 else out.shape[2]) == chain.channels(1)
+
+
+def test_configs_keep_the_channels_their_runs_were_built_with():
+    """Runs written before the registry built their model for what data.normalize made of a grey image."""
+    import glob
+    import importlib
+    import os
+
+    root = os.path.join(os.path.dirname(__file__), "..")
+    names = sorted(os.path.basename(p)[:-3] for p in glob.glob(os.path.join(root, "configs", "*.py")))
+    checked = 0
+    for name in names:
+        module = importlib.import_module(f"configs.{name}")
+        if not hasattr(module, "get_config"):
+            continue
+        data = module.get_config().data
+        probe = ops.Chain(data.normalize, config=data)(np.full((data.image_size,) * 2, 128, np.uint8))
+        assert ops.Pipeline.from_config(data).num_channels == (1 if probe.ndim == 2 else probe.shape[2]), name
+        checked += 1
+    assert checked >= 10
+
+
+_SEGMENT_REFUSES = """
+import json
+from boneage_jax import ops, segment
+
+def refuses(spec):
+    try:
+        segment.check_invertible(spec)
+    except ValueError:
+        return True
+    return False
+
+assert not refuses("hand_mask(source='cache')|resize_pad|clahe") and refuses("clahe")
+print(json.dumps(sorted(name for name, op in ops.OPS.items() if not op.random and refuses(name + "|resize_pad"))))
+"""
+
+
+def test_geometric_ops_are_what_segment_refuses():
+    """In a subprocess: segment defines absl flags that other command modules define too."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    root = os.path.abspath(os.path.join(os.path.dirname(__file__), ".."))
+    result = subprocess.run([sys.executable, "-c", _SEGMENT_REFUSES], cwd=root, capture_output=True, text=True,
+                            timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    refused = set(json.loads(result.stdout.splitlines()[-1]))
+    assert refused == {name for name, op in ops.OPS.items() if op.geometric and not op.random}
+    assert refused >= {"resize_pad", "align", "roi_crop"} and not refused & {"hand_mask", "suppress_markers"}
+
+
+def test_single_images_make_their_own_mask_or_stop(monkeypatch):
+    chain, notes = ops.Chain("hand_mask|align|resize_pad", config=_data_config()).for_single_images()
+    assert chain.spec == "hand_mask(source='classical')|align|resize_pad"
+    assert notes == ["hand_mask -> hand_mask(source='classical'): single images have no stored (dataset or cached) "
+                     "hand mask; the mask is made from the image"]
+    with pytest.raises(ValueError, match=r"roi_crop\(region='roi2'\) needs hand keypoints"):
+        ops.Chain("roi_crop|resize_pad", config=_data_config(roi="roi2"), name="data.preprocess").for_single_images()
+    monkeypatch.setitem(ops.OPS, "hand_mask", dataclasses.replace(ops.OPS["hand_mask"], without_mask=None))
+    with pytest.raises(ValueError, match="needs a stored hand mask"):
+        ops.Chain("hand_mask(source='dataset')").for_single_images()

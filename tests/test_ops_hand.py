@@ -286,7 +286,7 @@ def test_suppress_markers_blanks_marker_box_keeps_hand():
 def test_spec_string_pipeline():
     sample = _phantom(3)
     sample = {"image": sample["image"], "mask": sample["mask"], "keypoints": sample["keypoints"], "id": 3}
-    fn = ops.build_preprocess("hand_mask(source='classical')|align|roi_crop(region='hand')|resize_pad", size=64)
+    fn = ops.build_preprocess("hand_mask(source='classical')|align|roi_crop(region='hand')|resize_pad", image_size=64)
     out = fn(sample)
     assert out["image"].shape == out["mask"].shape == (64, 64) and out["image"].dtype == np.uint8
     assert out["keypoints"].shape == (27, 2) and out["id"] == 3
@@ -294,6 +294,6 @@ def test_spec_string_pipeline():
     assert abs(_tilt(out["keypoints"])) < 12.0  # upright
     assert np.isfinite(out["keypoints"]).all() and (out["keypoints"] >= -1).all() and (out["keypoints"] <= 65).all()
     for name in ("hand_mask", "align", "roi_crop", "suppress_markers"):
-        assert ops.PREPROCESS_OPS[name].on == "sample"
-    roi3 = ops.build_preprocess("roi_crop(region='roi3', fill_value=0)|resize_pad", size=32)
+        assert ops.OPS[name].on == "sample"
+    roi3 = ops.build_preprocess("roi_crop(region='roi3', fill_value=0)|resize_pad", image_size=32)
     assert roi3(sample)["image"].shape == (32, 32)

@@ -78,7 +78,7 @@ def test_segment_writes_a_mask_per_image_for_the_mask_op(unet_run, tmp_path):
 
     from boneage_jax import ops
 
-    sample = ops.build_preprocess("hand_mask(source='cache')|resize_pad", size=64, cache_dir=out)(
+    sample = ops.build_preprocess("hand_mask(source='cache')|resize_pad", image_size=64, mask_cache=out)(
         {"image": image, "id": int(some[:-4])})
     assert sample["mask"].shape == (64, 64)
     assert np.mean(sample["image"][sample["mask"] == 0] == 0) > 0.9  # background zeroed (resizing blurs edges)

@@ -1,4 +1,5 @@
-"""Named preprocessing and augmentation ops, composed by a config into a pipeline.
+"""Named preprocessing and augmentation ops: one registry of ops and the facts they declare,
+and :class:`Pipeline`, a data config's specs parsed once.
 
 Every op is a small pure numpy/OpenCV function registered under a name. A config chooses ops
 with a spec string in the style of big_vision, for example::
@@ -11,8 +12,6 @@ Ops are applied left to right to a *sample*: a dict with the ``image`` ((H, W) o
 uint8 until a normalisation op makes it float32) and, where the data has them, the hand
 ``mask`` ((H, W) uint8, 255 on the hand), the ``keypoints`` ((K, 2) float32 x, y in pixels,
 NaN where unknown; names in ``tfds_rsna.keypoints.KEYPOINT_NAMES``) and the record ``id``.
-Geometric ops move the mask and the keypoints with the image, so a ROI crop after an
-alignment or an augmentation still finds its bones.
 
 Two kinds of op:
 
@@ -22,12 +21,30 @@ Two kinds of op:
 * sample ops ``fn(sample, **kwargs) -> sample`` (geometry, masks, crops), registered with
   ``on="sample"``; augmentations ``fn(sample, rng, **kwargs)``.
 
-Augmentations draw from a ``numpy.random.Generator`` that the pipeline seeds per example, so
-they are reproducible. Keyword arguments in a spec are Python literals. Some arguments default
-to data-config fields unless the spec gives them (``spec_defaults``): ``size`` from
-``data.image_size``, ``region`` (of ``roi_crop``) from ``data.roi`` and ``cache_dir`` (of
-``hand_mask``) from ``data.mask_cache``; so ``--config.data.roi=roi2`` switches a config's crop. ``build_preprocess`` and ``build_augment`` return a function
-that takes a sample dict (and returns one) or a bare image (and returns an image).
+Each entry of :data:`OPS` (an :class:`Op`) carries the facts the rest of the code asks about,
+declared where the op is registered:
+
+* ``random``: an augmentation, drawing from a ``numpy.random.Generator`` that the pipeline
+  seeds per example (so it is reproducible); it belongs in ``data.augment`` and nowhere else.
+* ``geometric``: it moves pixels (so it moves the mask and keypoints with the image; a sample
+  op must say whether it does). ``boneage_jax.segment`` maps masks back through one
+  ``resize_pad`` only, so it refuses every other geometric op.
+* ``reads``: the annotations (``mask``, ``keypoints``) it uses where the sample has them: the
+  input pipeline decodes a record's mask exactly when a preprocessing op reads it.
+  ``requires(arguments)`` says which of them it cannot run without, and ``without_mask`` how
+  its spec arguments change to make its own mask instead (single images, ``predict``).
+* ``config_defaults``: the arguments whose default comes from a data-config field unless the
+  spec sets them (``size`` of ``resize_pad`` from ``data.image_size``, ``region`` of
+  ``roi_crop`` from ``data.roi``, ``cache_dir`` of ``hand_mask`` from ``data.mask_cache``; so
+  ``--config.data.roi=roi2`` switches a config's crop).
+* ``channels``: the image channels it outputs (None: as many as it gets), from which the
+  pipeline knows the network input's channel count without running it.
+
+Keyword arguments in a spec are Python literals. :class:`Chain` is one spec parsed and bound
+(``build_preprocess`` and ``build_augment`` make one): a function of a sample dict (returning
+one) or of a bare image (returning an image), plus ``rng`` for augmentations.
+:class:`Pipeline` holds a data config's three chains (built once per distinct config by
+``Pipeline.from_config``), what they read, and the network input's channel count.
 """
 
 from __future__ import annotations
@@ -36,7 +53,8 @@ import ast
 import dataclasses
 import functools
 import inspect
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
+from typing import Any
 
 import cv2
 import numpy as np
@@ -45,41 +63,92 @@ import numpy as np
 cv2.setNumThreads(1)
 
 Sample = dict
+ANNOTATIONS = frozenset({"mask", "keypoints"})
+
+
+def _no_requirements(arguments: Mapping[str, Any]) -> frozenset[str]:
+    del arguments
+    return frozenset()
 
 
 @dataclasses.dataclass(frozen=True)
 class Op:
+    """A registered op and the facts it declares (see the module docstring)."""
+
+    name: str
     fn: Callable
     on: str  # "image" or "sample"
+    random: bool
+    geometric: bool
+    reads: frozenset[str]
+    config_defaults: Mapping[str, str]  # argument -> data-config field that provides its default
+    channels: Callable[[Mapping[str, Any]], int | None]  # arguments -> output channels (None: unchanged)
+    requires: Callable[[Mapping[str, Any]], frozenset[str]]  # arguments -> annotations it cannot run without
+    without_mask: Callable[[dict], dict] | None  # spec arguments -> those that make its own mask
+    arguments: Mapping[str, Any]  # keyword-only arguments -> their defaults (inspect.Parameter.empty if none)
 
 
-PREPROCESS_OPS: dict[str, Op] = {}
-AUGMENT_OPS: dict[str, Op] = {}
+OPS: dict[str, Op] = {}
 # Named augmentation sets that expand to a spec (see augment.py).
 AUGMENT_PRESETS: dict[str, str] = {}
 
 
-def _register(registry: dict, name: str, on: str) -> Callable:
+def register(
+    name: str,
+    *,
+    random: bool,
+    on: str = "image",
+    geometric: bool | None = None,
+    reads: tuple[str, ...] = (),
+    config_defaults: Mapping[str, str] | None = None,
+    channels: int | Callable[[Mapping[str, Any]], int | None] | None = None,
+    requires: Callable[[Mapping[str, Any]], frozenset[str]] | None = None,
+    without_mask: Callable[[dict], dict] | None = None,
+) -> Callable:
+    """Registers ``fn`` under ``name`` with its facts; ``geometric`` is required for sample ops.
+
+    Image ops see only the image, so they are never geometric and read no annotations;
+    augmentations read none either (the pipeline hands them the mask only to move it)."""
     if on not in ("image", "sample"):
         raise ValueError(f"op {name!r}: on={on!r}; expected 'image' or 'sample'")
+    if on == "sample" and geometric is None:
+        raise ValueError(f"sample op {name!r} must declare geometric=True (it moves pixels) or False")
+    if on == "image" and (geometric or reads):
+        raise ValueError(f"image op {name!r} sees only the image: it cannot be geometric or read {list(reads)}")
+    if not set(reads) <= ANNOTATIONS:
+        raise ValueError(f"op {name!r}: reads={list(reads)}; expected a subset of {sorted(ANNOTATIONS)}")
+    if random and reads:
+        raise ValueError(f"augmentation {name!r} cannot read {list(reads)}: augmentations get no annotations")
+    if without_mask is not None and "mask" not in reads:
+        raise ValueError(f"op {name!r}: without_mask is given but the op does not read the mask")
+    fixed = channels
 
     def wrap(fn: Callable) -> Callable:
-        if name in registry:
+        if name in OPS:
             raise ValueError(f"op {name!r} registered twice")
-        registry[name] = Op(fn, on)
+        arguments = {p.name: p.default for p in inspect.signature(fn).parameters.values()
+                     if p.kind == p.KEYWORD_ONLY}
+        missing = set(config_defaults or {}) - set(arguments)
+        if missing:
+            raise ValueError(f"op {name!r}: config_defaults name argument(s) {sorted(missing)} it does not take")
+        OPS[name] = Op(
+            name=name, fn=fn, on=on, random=random, geometric=bool(geometric), reads=frozenset(reads),
+            config_defaults=dict(config_defaults or {}),
+            channels=fixed if callable(fixed) else (lambda arguments: fixed),
+            requires=requires or _no_requirements, without_mask=without_mask, arguments=arguments)
         return fn
 
     return wrap
 
 
-def register_preprocess(name: str, on: str = "image") -> Callable:
+def register_preprocess(name: str, on: str = "image", **facts) -> Callable:
     """Registers ``fn(image, **kw) -> image`` (or ``fn(sample, **kw) -> sample`` with on="sample")."""
-    return _register(PREPROCESS_OPS, name, on)
+    return register(name, random=False, on=on, **facts)
 
 
-def register_augment(name: str, on: str = "image") -> Callable:
+def register_augment(name: str, on: str = "image", **facts) -> Callable:
     """Registers ``fn(image, rng, **kw) -> image`` (or ``fn(sample, rng, **kw)`` with on="sample")."""
-    return _register(AUGMENT_OPS, name, on)
+    return register(name, random=True, on=on, **facts)
 
 
 def as_2d(image: np.ndarray) -> np.ndarray:
@@ -100,6 +169,10 @@ def require_uint8(image: np.ndarray, op: str) -> np.ndarray:
 class OpCall:
     name: str
     kwargs: dict
+
+    def __str__(self) -> str:
+        args = ", ".join(f"{k}={v!r}" for k, v in self.kwargs.items())
+        return f"{self.name}({args})" if args else self.name
 
 
 def parse_spec(spec: str, presets: dict[str, str] | None = None) -> list[OpCall]:
@@ -130,74 +203,215 @@ def parse_spec(spec: str, presets: dict[str, str] | None = None) -> list[OpCall]
     return calls
 
 
-def _keyword_names(fn: Callable) -> set[str]:
-    return {p.name for p in inspect.signature(fn).parameters.values() if p.kind == p.KEYWORD_ONLY}
+def format_spec(calls) -> str:
+    """Op calls -> a spec string that ``parse_spec`` reads back."""
+    return "|".join(str(call) for call in calls)
 
 
-def _bind(registry: dict, kind: str, call: OpCall, defaults: dict) -> tuple[Callable, str]:
-    if call.name not in registry:
-        raise ValueError(f"unknown {kind} op {call.name!r}; known: {', '.join(sorted(registry))}")
-    op = registry[call.name]
-    accepted = _keyword_names(op.fn)
-    unknown = set(call.kwargs) - accepted
-    if unknown:
-        raise ValueError(f"{kind} op {call.name!r} has no argument(s) {sorted(unknown)}; it takes {sorted(accepted)}")
-    kwargs = {k: v for k, v in defaults.items() if k in accepted}
-    kwargs.update(call.kwargs)
-    return functools.partial(op.fn, **kwargs), op.on
+def config_value(config: Mapping, field: str) -> Any:
+    """A data-config field's value, None where it is missing or empty (it then provides no default)."""
+    value = config.get(field)
+    return None if value is None or value == "" else value
 
 
-def _on_sample(fn: Callable, on: str, with_rng: bool) -> Callable:
-    if on == "sample":
-        return fn
-    if with_rng:
-        return lambda sample, rng: {**sample, "image": fn(sample["image"], rng)}
-    return lambda sample: {**sample, "image": fn(sample["image"])}
-
-
-def _image_or_sample(apply: Callable) -> Callable:
-    @functools.wraps(apply)
-    def wrapped(x, *args):
-        if isinstance(x, dict):
-            return apply(x, *args)
-        return apply({"image": x}, *args)["image"]
-
-    return wrapped
-
-
-def spec_defaults(data_config) -> dict:
-    """Op arguments that come from the data config unless a spec sets them."""
-    defaults = {"size": data_config.image_size}
-    if data_config.get("roi"):
-        defaults["region"] = data_config.roi
-    if data_config.get("mask_cache"):
-        defaults["cache_dir"] = data_config.mask_cache
+def spec_defaults(data_config: Mapping) -> dict:
+    """Op arguments that data-config fields provide (``size``, and ``region`` / ``cache_dir``
+    where ``data.roi`` / ``data.mask_cache`` are set), as the registered ops declare them."""
+    defaults = {}
+    for op in OPS.values():
+        for argument, field in op.config_defaults.items():
+            value = config_value(data_config, field)
+            if value is not None:
+                defaults[argument] = value
     return defaults
 
 
-def build_preprocess(spec: str, **defaults) -> Callable:
-    """Composes a preprocessing spec into one function; ``defaults`` fill matching arguments."""
-    fns = [_on_sample(*_bind(PREPROCESS_OPS, "preprocess", c, defaults), with_rng=False) for c in parse_spec(spec)]
+class BoundOp:
+    """An op with its arguments: the spec's, over those its data-config fields provide."""
 
-    def apply(sample: Sample) -> Sample:
-        for fn in fns:
-            sample = fn(sample)
-        return sample
+    def __init__(self, op: Op, call: OpCall, config: Mapping):
+        self.op, self.call = op, call
+        provided = {arg: config_value(config, field) for arg, field in op.config_defaults.items()}
+        self.kwargs = {**{k: v for k, v in provided.items() if v is not None}, **call.kwargs}
+        fn = functools.partial(op.fn, **self.kwargs)
+        if op.on == "sample":
+            self._apply = fn if op.random else (lambda sample, rng: fn(sample))
+        elif op.random:
+            self._apply = lambda sample, rng: {**sample, "image": fn(sample["image"], rng)}
+        else:
+            self._apply = lambda sample, rng: {**sample, "image": fn(sample["image"])}
 
-    return _image_or_sample(apply)
+    @property
+    def arguments(self) -> dict:
+        """Every keyword argument the op runs with (its own defaults included)."""
+        return {**self.op.arguments, **self.kwargs}
+
+    def __call__(self, sample: Sample, rng: np.random.Generator | None = None) -> Sample:
+        return self._apply(sample, rng)
+
+    def __str__(self) -> str:
+        """The call with the arguments that the spec and the data config give."""
+        return str(OpCall(self.op.name, self.kwargs))
 
 
-def build_augment(spec: str, **defaults) -> Callable:
-    """Composes an augmentation spec (presets expanded) into one function of ``(sample, rng)``."""
-    calls = parse_spec(spec, AUGMENT_PRESETS)
-    fns = [_on_sample(*_bind(AUGMENT_OPS, "augment", c, defaults), with_rng=True) for c in calls]
+def _bind(call: OpCall, random: bool, config: Mapping) -> BoundOp:
+    kind = "augment" if random else "preprocess"
+    op = OPS.get(call.name)
+    if op is None:
+        known = sorted(name for name, o in OPS.items() if o.random == random)
+        raise ValueError(f"unknown {kind} op {call.name!r}; known: {', '.join(known)}")
+    if op.random != random:
+        if op.random:
+            raise ValueError(f"{call.name!r} is an augmentation (it draws random numbers): put it in data.augment, "
+                             f"not in a preprocess or normalize spec")
+        raise ValueError(f"{call.name!r} is not an augmentation: put it in data.preprocess or data.normalize, "
+                         f"not in an augment spec")
+    unknown = set(call.kwargs) - set(op.arguments)
+    if unknown:
+        raise ValueError(f"{kind} op {call.name!r} has no argument(s) {sorted(unknown)}; "
+                         f"it takes {sorted(op.arguments)}")
+    return BoundOp(op, call, config)
 
-    def apply(sample: Sample, rng: np.random.Generator) -> Sample:
-        for fn in fns:
-            sample = fn(sample, rng)
-        return sample
 
-    return _image_or_sample(apply)
+class Chain:
+    """One spec, parsed and bound once: its ops applied left to right.
+
+    Call it with a sample dict (returns one) or a bare image (returns an image), and for an
+    augment chain (``random=True``, presets expanded) a ``numpy.random.Generator``.
+    ``config`` (a data config, or any mapping of its fields) provides the ops' declared
+    defaults; ``name`` (e.g. ``data.preprocess``) starts its error messages."""
+
+    def __init__(self, spec: str, *, random: bool = False, config: Mapping | None = None, name: str = ""):
+        self.spec, self.random, self.name = spec, random, name
+        self._config = config if config is not None else {}
+        try:
+            calls = parse_spec(spec, AUGMENT_PRESETS if random else None)
+            self.ops: tuple[BoundOp, ...] = tuple(_bind(call, random, self._config) for call in calls)
+        except ValueError as e:
+            raise ValueError(f"{name}: {e}" if name else str(e)) from e
+
+    def __call__(self, x: Sample | np.ndarray, rng: np.random.Generator | None = None):
+        if self.random and self.ops and rng is None:
+            raise ValueError(f"{self.name or 'augment'} {self.spec!r} draws random numbers: pass a numpy Generator")
+        sample = x if isinstance(x, dict) else {"image": x}
+        for op in self.ops:
+            sample = op(sample, rng)
+        return sample if isinstance(x, dict) else sample["image"]
+
+    @property
+    def reads(self) -> frozenset[str]:
+        """The annotations its ops use where the sample has them."""
+        return frozenset().union(*(op.op.reads for op in self.ops))
+
+    @property
+    def geometric(self) -> tuple[str, ...]:
+        """Names of its ops that move pixels, in order."""
+        return tuple(op.op.name for op in self.ops if op.op.geometric)
+
+    def channels(self, channels_in: int) -> int:
+        """The image channels out of the chain for ``channels_in`` in, from the ops' declarations."""
+        channels = channels_in
+        for op in self.ops:
+            out = op.op.channels(op.arguments)
+            channels = channels if out is None else out
+        return channels
+
+    def for_single_images(self) -> tuple[Chain, list[str]]:
+        """This chain for images outside the dataset (no stored mask, no keypoints), with notes.
+
+        An op that cannot run without a stored hand mask makes its own where it declares how
+        (``without_mask``: ``hand_mask`` turns to ``source='classical'``), and a note says so.
+        ValueError for an op that needs keypoints, or a stored mask it cannot replace."""
+        where = f"{self.name or 'spec'} {self.spec!r}"
+        calls, notes = [], []
+        for op in self.ops:
+            required = op.op.requires(op.arguments)
+            if "keypoints" in required:
+                raise ValueError(f"{where}: {op} needs hand keypoints, which single images do not have; "
+                                 f"this run cannot predict images outside its dataset")
+            if "mask" in required:
+                if op.op.without_mask is None:
+                    raise ValueError(f"{where}: {op} needs a stored hand mask, which single images do not have; "
+                                     f"this run cannot predict images outside its dataset")
+                call = OpCall(op.call.name, op.op.without_mask(dict(op.call.kwargs)))
+                notes.append(f"{op} -> {call}: single images have no stored (dataset or cached) hand mask; "
+                             f"the mask is made from the image")
+                calls.append(call)
+            else:
+                calls.append(op.call)
+        return Chain(format_spec(calls), random=self.random, config=self._config, name=self.name), notes
+
+    def __repr__(self) -> str:
+        return f"Chain({self.spec!r}, random={self.random})"
+
+
+def build_preprocess(spec: str, **config_fields) -> Chain:
+    """Composes a preprocessing spec; ``config_fields`` (data-config field names, e.g.
+    ``image_size=64``) provide the ops' declared defaults."""
+    return Chain(spec, random=False, config=_checked_fields(config_fields))
+
+
+def build_augment(spec: str, **config_fields) -> Chain:
+    """Composes an augmentation spec (presets expanded) into a function of ``(sample, rng)``."""
+    return Chain(spec, random=True, config=_checked_fields(config_fields))
+
+
+def _checked_fields(config_fields: dict) -> dict:
+    declared = {field for op in OPS.values() for field in op.config_defaults.values()}
+    unknown = set(config_fields) - declared
+    if unknown:
+        raise ValueError(f"no op takes a default from data-config field(s) {sorted(unknown)}; "
+                         f"declared fields: {sorted(declared)}")
+    return config_fields
+
+
+# ----------------------------------------------------------------------------- the pipeline
+
+
+@dataclasses.dataclass(frozen=True)
+class Pipeline:
+    """A data config's ``preprocess``, ``augment`` and ``normalize`` specs, parsed once.
+
+    Stored images are grey; ``num_channels`` is the channel count of the network input, as
+    the ops declare it. The normalize ops see the image alone."""
+
+    preprocess: Chain
+    augment: Chain
+    normalize: Chain
+
+    @classmethod
+    def from_config(cls, data_config: Mapping) -> Pipeline:
+        """The pipeline of ``data_config``; built once per distinct specs and op-default fields."""
+        fields = sorted({field for op in OPS.values() for field in op.config_defaults.values()})
+        values = tuple((field, config_value(data_config, field)) for field in fields)
+        return _pipeline(data_config["preprocess"], data_config["augment"], data_config["normalize"], values)
+
+    @property
+    def reads_mask(self) -> bool:
+        """Whether a preprocessing op uses the record's hand mask (so it must be decoded)."""
+        return "mask" in self.preprocess.reads
+
+    @property
+    def reads_keypoints(self) -> bool:
+        return "keypoints" in self.preprocess.reads
+
+    @property
+    def num_channels(self) -> int:
+        """Channels of the network input that the three chains make from a grey image."""
+        return self.normalize.channels(self.augment.channels(self.preprocess.channels(1)))
+
+    def network_input(self, image: np.ndarray) -> np.ndarray:
+        """A preprocessed (and augmented) uint8 image -> float32 (S, S, C) through the normalize ops."""
+        out = np.asarray(self.normalize(image)).astype(np.float32)
+        return out[:, :, None] if out.ndim == 2 else out
+
+
+@functools.lru_cache(maxsize=32)
+def _pipeline(preprocess: str, augment: str, normalize: str, values: tuple) -> Pipeline:
+    config = dict(values)
+    return Pipeline(preprocess=Chain(preprocess, config=config, name="data.preprocess"),
+                    augment=Chain(augment, random=True, config=config, name="data.augment"),
+                    normalize=Chain(normalize, config=config, name="data.normalize"))
 
 
 # The op families register themselves on import; their functions are reachable as ops.<name>.

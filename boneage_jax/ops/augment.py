@@ -15,7 +15,7 @@ __all__ = ["random_flip", "random_affine", "affine_matrix", "brightness_jitter",
            "clahe_or_gamma"]
 
 
-@register_augment("flip", on="sample")
+@register_augment("flip", on="sample", geometric=True)
 def random_flip(sample: Sample, rng: np.random.Generator, *, p: float = 0.5) -> Sample:
     """Horizontal flip with probability ``p`` (a left hand becomes a right hand)."""
     if rng.random() >= p:
@@ -46,7 +46,7 @@ def _uniform(rng: np.random.Generator, bound: float) -> float:
     return float(rng.uniform(-bound, bound)) if bound else 0.0
 
 
-@register_augment("affine", on="sample")
+@register_augment("affine", on="sample", geometric=True)
 def random_affine(
     sample: Sample,
     rng: np.random.Generator,

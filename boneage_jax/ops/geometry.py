@@ -76,7 +76,7 @@ def _resize_sample(sample: Sample, new_w: int, new_h: int) -> Sample:
     return out
 
 
-@register_preprocess("resize_pad", on="sample")
+@register_preprocess("resize_pad", on="sample", geometric=True, config_defaults={"size": "image_size"})
 def resize_pad(sample: Sample, *, size: int, pad_value: int = 0) -> Sample:
     """Aspect-preserving resize so the longest side is ``size``, centred on a square canvas.
 
@@ -100,13 +100,13 @@ def resize_pad(sample: Sample, *, size: int, pad_value: int = 0) -> Sample:
     return out
 
 
-@register_preprocess("resize", on="sample")
+@register_preprocess("resize", on="sample", geometric=True, config_defaults={"size": "image_size"})
 def resize(sample: Sample, *, size: int) -> Sample:
     """Plain resize to ``size`` x ``size`` (aspect not kept)."""
     return _resize_sample(sample, size, size)
 
 
-@register_preprocess("center_crop", on="sample")
+@register_preprocess("center_crop", on="sample", geometric=True)
 def center_crop(sample: Sample, *, fraction: float = 0.9) -> Sample:
     """Keeps the central ``fraction`` of each side (aspect kept)."""
     if not 0.0 < fraction <= 1.0:
@@ -117,7 +117,7 @@ def center_crop(sample: Sample, *, fraction: float = 0.9) -> Sample:
     return crop_sample(sample, (left, top, left + new_w, top + new_h))
 
 
-@register_preprocess("grey_to_rgb")
+@register_preprocess("grey_to_rgb", channels=3)
 def grey_to_rgb(image: np.ndarray) -> np.ndarray:
     """Repeats a grey image to 3 channels (for ImageNet models with RGB stems)."""
     image = as_2d(image)

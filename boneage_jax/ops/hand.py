@@ -1,6 +1,6 @@
 """Hand masks, rotation alignment, ROI crops and marker suppression.
 
-Sample ops (they move the mask and keypoints with the image)::
+Sample ops (``align`` and ``roi_crop`` move the mask and keypoints with the image)::
 
     hand_mask(source='dataset'|'classical'|'cache', cache_dir='', apply=True, fill_value=0)
     align(fill_mode='constant', fill_value=0, source='mask'|'keypoints')
@@ -477,7 +477,19 @@ def _cache_path(cache_dir: str, sample_id) -> str:
     return os.path.join(cache_dir, f"{sample_id}.png")
 
 
-@register_preprocess("hand_mask", on="sample")
+def _hand_mask_requires(arguments: dict) -> frozenset[str]:
+    """A stored mask (the dataset's or a cached file) unless the mask is classical."""
+    return frozenset({"mask"}) if arguments["source"] in ("dataset", "cache") else frozenset()
+
+
+def _hand_mask_classical(kwargs: dict) -> dict:
+    """Spec arguments that make the mask from the image instead of reading a stored one."""
+    return {**{k: v for k, v in kwargs.items() if k != "cache_dir"}, "source": "classical"}
+
+
+@register_preprocess("hand_mask", on="sample", geometric=False, reads=("mask",),
+                     config_defaults={"cache_dir": "mask_cache"}, requires=_hand_mask_requires,
+                     without_mask=_hand_mask_classical)
 def hand_mask(sample: Sample, *, source: str = "dataset", cache_dir: str = "", apply: bool = True,
               fill_value: int = 0) -> Sample:
     """Sets ``sample["mask"]`` (uint8, 255 on the hand) from ``source``:
@@ -520,7 +532,8 @@ def hand_mask(sample: Sample, *, source: str = "dataset", cache_dir: str = "", a
 _ALIGN_SIDE = 128  # pixels: the mask size on which align finds the angle
 
 
-@register_preprocess("align", on="sample")
+@register_preprocess("align", on="sample", geometric=True, reads=("mask", "keypoints"),
+                     requires=lambda arguments: frozenset({"keypoints"} if arguments["source"] == "keypoints" else ()))
 def align(sample: Sample, *, fill_mode: str = "constant", fill_value: int = 0, source: str = "mask") -> Sample:
     """Rotates the sample (image, mask, keypoints; same canvas) so the hand is upright, fingers
     up (:func:`upright_angle`): about the mask's centroid with ``source="mask"`` (the sample's
@@ -556,14 +569,16 @@ def align(sample: Sample, *, fill_mode: str = "constant", fill_value: int = 0, s
                        fill_value=fill_value)
 
 
-@register_preprocess("roi_crop", on="sample")
+@register_preprocess("roi_crop", on="sample", geometric=True, reads=("mask", "keypoints"),
+                     config_defaults={"region": "roi"},
+                     requires=lambda arguments: frozenset({"keypoints"} if arguments["region"] != "hand" else ()))
 def roi_crop(sample: Sample, *, region: str = "hand", margin: float = 1.15, fill_value: int = 0) -> Sample:
     """Crops a region of interest (see :func:`roi_box`: "hand", "roi1", "roi2", "roi3"); the
     mask and keypoints are cropped with it, parts past the image are ``fill_value``."""
     return crop_sample(sample, roi_box(sample, region, margin), fill_value=fill_value)
 
 
-@register_preprocess("suppress_markers", on="sample")
+@register_preprocess("suppress_markers", on="sample", geometric=False, reads=("mask",))
 def suppress_markers(sample: Sample, *, source: str = "mask", fill_value: int = 0, dilate: float = 0.02) -> Sample:
     """Blanks burned-in markers and collimation borders: pixels farther than ``dilate`` x the
     longer side from the hand mask become ``fill_value`` (soft-tissue edges survive, unlike

@@ -53,7 +53,12 @@ _TORCH_STD = np.array([0.229, 0.224, 0.225], np.float32)
 _CAFFE_MEAN = np.array([103.939, 116.779, 123.68], np.float32)  # BGR
 
 
-@register_preprocess("preprocess_input")
+def _preprocess_input_channels(arguments: dict) -> int | None:
+    """Mode 'tf' keeps the channels; 'torch' and 'caffe' make RGB."""
+    return None if arguments["mode"] == "tf" else 3
+
+
+@register_preprocess("preprocess_input", channels=_preprocess_input_channels)
 def preprocess_input(image: np.ndarray, *, mode: str = "tf") -> np.ndarray:
     """Keras's ``imagenet_utils.preprocess_input`` (channels last), float32:
 

@@ -13,6 +13,8 @@ One row per example (id, bone age and sex written on it), one column per stage:
 - ``mask``: the preprocessed image with its hand mask outlined (red) where the sample has
   one (from the dataset, or set by the ``hand_mask`` op); the classical mask (yellow) otherwise;
 - ``normalised``: the network input (``data.normalize``), first channel, min-max scaled.
+
+The stages are the config's :class:`boneage_jax.ops.Pipeline`, as training runs them.
 """
 
 from __future__ import annotations
@@ -107,9 +109,7 @@ def render(config, split: str, num: int, seed: int, side: int) -> np.ndarray:
     source = data.data_source(config.data, selection.tfds_split)
     rng = np.random.default_rng(seed)
     chosen = rng.choice(selection.indices, size=min(num, len(selection.indices)), replace=False)
-    preprocess = ops.build_preprocess(config.data.preprocess, **ops.spec_defaults(config.data))
-    augment = ops.build_augment(config.data.augment)
-    normalize = ops.build_preprocess(config.data.normalize, **ops.spec_defaults(config.data))
+    pipeline = ops.Pipeline.from_config(config.data)
     header = np.full((20, side * len(STAGES), 3), 0, np.uint8)
     for column, stage in enumerate(STAGES):
         cv2.putText(header, stage, (column * side + 4, 14), cv2.FONT_HERSHEY_SIMPLEX, 0.45, (255, 255, 255), 1,
@@ -122,16 +122,16 @@ def render(config, split: str, num: int, seed: int, side: int) -> np.ndarray:
             raw["mask"] = record["mask"][:, :, 0]
         if record["has_keypoints"]:
             raw["keypoints"] = record["keypoints"]
-        prepared = preprocess(dict(raw))
-        augmented = augment(dict(prepared), np.random.default_rng([seed, int(index)]))
-        network_input = normalize(dict(augmented))
+        prepared = pipeline.preprocess(dict(raw))
+        augmented = pipeline.augment(dict(prepared), np.random.default_rng([seed, int(index)]))
+        network_input = pipeline.network_input(augmented["image"])
         age = f"{record['boneage']:.0f} mo" if record["has_boneage"] else "no age"
         tiles = [
             _label(_raw_tile(raw, side), f"{record['id']}  {age}  {'M' if record['male'] else 'F'}"),
             _tile(_to_bgr(prepared["image"]), side)[0],
             _tile(_to_bgr(augmented["image"]), side)[0],
             _mask_tile(augmented, side),
-            _tile(_to_bgr(network_input["image"]), side)[0],
+            _tile(_to_bgr(network_input), side)[0],
         ]
         rows.append(np.concatenate(tiles, axis=1))
     return np.concatenate(rows, axis=0)
