@@ -38,7 +38,7 @@ from __future__ import annotations
 import jax.numpy as jnp
 from flax import nnx
 
-from boneage_jax.models import layers, register
+from boneage_jax.models import SEGMENTATION_NETWORKS, layers
 
 _HE = nnx.initializers.he_normal()
 
@@ -78,12 +78,12 @@ class UpBlock(nnx.Module):
         return self.convs(jnp.concatenate([skip, self.up(x)], axis=-1))
 
 
-@register("unet")  # listed and counted like the backbones
 class UNet(nnx.Module):
     def __init__(
         self,
         *,
         in_channels: int = 1,
+        image_size: int | None = None,
         dtype=jnp.float32,
         rngs: nnx.Rngs,
         depth: int = 4,
@@ -96,6 +96,7 @@ class UNet(nnx.Module):
             raise ValueError(
                 f"unet: depth {depth}, base_filters {base_filters}, num_classes {num_classes} must be >= 1"
             )
+        del image_size  # any input size works (padded to a multiple of 2**depth)
         kw = dict(batch_norm=batch_norm, dtype=dtype, rngs=rngs)
         self.depth = depth
         self.dtype = dtype
@@ -139,3 +140,6 @@ class UNet(nnx.Module):
 
     def __call__(self, x: jnp.ndarray) -> jnp.ndarray:
         return layers.global_avg_pool(self.decode(x))
+
+
+SEGMENTATION_NETWORKS.register("unet", UNet)
