@@ -1,17 +1,21 @@
 """ResNets in two layouts: ``keras.applications`` (ResNet v1) and torchvision ("ResNet v1.5").
 
-=================  =========  ==============================================================
-registered name    layout     reference
-=================  =========  ==============================================================
-``resnet50``       Keras      ``keras.applications.ResNet50`` (also ``resnet50_keras``)
-``resnet101_keras`` Keras     ``keras.applications.ResNet101``
-``resnet152_keras`` Keras     ``keras.applications.ResNet152``
-``resnet18``       torch      ``torchvision.models.resnet18`` (also ``resnet18_torch``)
-``resnet34``       torch      ``torchvision.models.resnet34`` (also ``resnet34_torch``)
-``resnet50_torch`` torch      ``torchvision.models.resnet50``
-``resnet101``      torch      ``torchvision.models.resnet101`` (also ``resnet101_torch``)
-``resnet152``      torch      ``torchvision.models.resnet152`` (also ``resnet152_torch``)
-=================  =========  ==============================================================
+===================  =============  ======  ==================================
+registered name      alias          layout  reference
+===================  =============  ======  ==================================
+``resnet50_keras``   ``resnet50``   Keras   ``keras.applications.ResNet50``
+``resnet101_keras``                 Keras   ``keras.applications.ResNet101``
+``resnet152_keras``                 Keras   ``keras.applications.ResNet152``
+``resnet18_torch``   ``resnet18``   torch   ``torchvision.models.resnet18``
+``resnet34_torch``   ``resnet34``   torch   ``torchvision.models.resnet34``
+``resnet50_torch``                  torch   ``torchvision.models.resnet50``
+``resnet101_torch``  ``resnet101``  torch   ``torchvision.models.resnet101``
+``resnet152_torch``  ``resnet152``  torch   ``torchvision.models.resnet152``
+===================  =============  ======  ==================================
+
+The aliases are the names these networks had before the layout was part of every name (so
+``resnet50`` is the Keras layout and the deeper plain names torchvision's); saved runs that use
+them build the same network.
 
 Keras layout (``KerasResNet``): ``conv1_pad`` (zero padding 3), 7x7/2 ``conv1_conv`` with bias,
 ``conv1_bn``, ReLU, ``pool1_pad`` (zero padding 1), 3x3/2 max pooling; bottleneck blocks

@@ -28,9 +28,11 @@ Use:
 
 - ``UNet.segment(x) -> (B, H, W, num_classes)`` float32 logits: for the segmentation training;
 - ``UNet.decode(x) -> (B, H, W, base_filters)``: the last decoder feature map;
-- ``UNet(x) -> (B, base_filters)``: global average pool of ``decode(x)``, so the registered
-  ``unet`` behaves like any backbone (``num_features = base_filters``) for counting and listing;
-  it is not meant as a bone age regressor.
+- ``UNet(x) -> (B, base_filters)``: global average pool of ``decode(x)`` (``num_features =
+  base_filters``); it is not meant as a bone age regressor.
+
+Registered as ``unet`` in ``models.SEGMENTATION_NETWORKS`` (not among the backbones):
+``config.task="segmentation"`` wraps it in ``models.SegmentationModel``, which calls ``segment``.
 """
 
 from __future__ import annotations
