@@ -274,7 +274,8 @@ def train_step_check(
 
 
 @pytest.mark.parametrize(
-    "name,in_channels", [("vgg16", 1), ("resnet50_keras", 3), ("inception_v3", 1), ("xception", 3), ("efficientnet_b0", 1)]
+    "name,in_channels",
+    [("vgg16", 1), ("resnet50_keras", 3), ("inception_v3", 1), ("xception", 3), ("efficientnet_b0", 1)],
 )
 def test_train_step(name, in_channels):
     train_step_check(name, in_channels, MIN_SIZE.get(name, 32))

@@ -95,8 +95,9 @@ def test_parameter_paths_are_unchanged():
     paths = {"/".join(map(str, path)) for path, _ in nnx.to_flat_state(nnx.state(model, nnx.Param))}
     assert paths == {"backbone/convs/0/kernel", "backbone/convs/0/bias", "backbone/convs/1/kernel",
                      "backbone/convs/1/bias", "head/out/kernel", "head/out/bias"}
-    unet = nnx.eval_shape(lambda: models.create_model(_model_config(name="unet", kwargs={"depth": 1, "base_filters": 2}),
-                                                      in_channels=1, image_size=16, seed=0, task="segmentation"))
+    unet_config = _model_config(name="unet", kwargs={"depth": 1, "base_filters": 2})
+    unet = nnx.eval_shape(lambda: models.create_model(unet_config, in_channels=1, image_size=16, seed=0,
+                                                      task="segmentation"))
     paths = {"/".join(map(str, path)) for path, _ in nnx.to_flat_state(nnx.state(unet, nnx.Param))}
     assert "network/down/0/conv1/kernel" in paths and "network/head/kernel" in paths
 

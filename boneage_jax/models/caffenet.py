@@ -45,7 +45,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from boneage_jax.models import BACKBONES, layers
+from boneage_jax.models import BACKBONES
 from boneage_jax.weights import loaders
 from boneage_jax.models.googlenet import ceil_pads, max_pool_ceil
 

@@ -256,7 +256,8 @@ class TorchResNet(nnx.Module):
 # Names say the layout; the older names stay as aliases (``resnet50`` was, and still is, the Keras
 # layout; ``resnet18/34/101/152`` torchvision's).
 for _depth in KERAS_STAGES:
-    BACKBONES.register(f"resnet{_depth}_keras", KerasResNet, depth=_depth, aliases=("resnet50",) if _depth == 50 else ())
+    BACKBONES.register(f"resnet{_depth}_keras", KerasResNet, depth=_depth,
+                       aliases=("resnet50",) if _depth == 50 else ())
 for _depth in TORCH_STAGES:
     BACKBONES.register(f"resnet{_depth}_torch", TorchResNet, depth=_depth,
                        aliases=() if _depth == 50 else (f"resnet{_depth}",))
