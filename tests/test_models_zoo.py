@@ -228,7 +228,9 @@ def nchw(x):
 def test_registered():
     names = models.available()
     for name in ZOO:
-        assert name in names
+        assert models.registry_of(name).resolve(name) in names
+    assert models.BACKBONES.aliases["inception_v1"] == "googlenet"
+    assert models.SEGMENTATION_NETWORKS.resolve("unet") == "unet"
 
 
 @pytest.mark.parametrize("name", ["convmixer", "googlenet", "caffenet", "cnn_hamrouni", "vgg19_attention", "unet"])
