@@ -8,8 +8,8 @@ AdamW optimiser and the training step exactly as ``boneage_jax.train`` runs them
 input, float32), compiles the step ahead of time (timed as "compile"), runs one untimed step,
 then times at least ``--min_steps`` steps and at least ``--min_seconds``. Rows are written to
 ``--out`` (Markdown) and ``<out>.json`` as each family finishes, so a long run that is stopped
-keeps what it measured. Families registered under two names (``googlenet``/``inception_v1``,
-``resnet50``/``resnet50_keras``, ``resnet101``/``resnet101_torch`` ...) are timed once.
+keeps what it measured. By default every registered backbone is timed once, under its registered
+name (``resnet50_keras``, not its alias ``resnet50``; see ``models.BACKBONES.aliases``).
 """
 
 from __future__ import annotations
@@ -30,11 +30,6 @@ sys.path.insert(0, os.path.abspath(os.path.join(os.path.dirname(__file__), "..")
 
 from boneage_jax import models, objectives, train  # noqa: E402
 from configs.common import base_config  # noqa: E402
-
-# Second names of the same network: timing them again would only repeat a row.
-ALIASES = {"inception_v1": "googlenet", "resnet50_keras": "resnet50", "resnet18_torch": "resnet18",
-           "resnet34_torch": "resnet34", "resnet101_torch": "resnet101", "resnet152_torch": "resnet152"}
-
 
 def benchmark(name: str, image_size: int, batch_size: int, min_steps: int, min_seconds: float) -> dict:
     """Compile time (s) and images/s of one family's training step."""
@@ -87,17 +82,17 @@ def markdown(rows: list[dict], header: str) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("names", nargs="*", help="families (default: every registered name but aliases)")
+    parser.add_argument("names", nargs="*", help="backbones (default: every registered name, without aliases)")
     parser.add_argument("--image_size", type=int, default=256)
     parser.add_argument("--batch_size", type=int, default=8)
     parser.add_argument("--min_steps", type=int, default=3)
     parser.add_argument("--min_seconds", type=float, default=20.0)
     parser.add_argument("--out", default="", help="Markdown table to write (and <out>.json)")
     args = parser.parse_args(argv)
-    names = args.names or [n for n in models.available() if n not in ALIASES]
-    unknown = sorted(set(names) - set(models.available()))
+    names = args.names or models.BACKBONES.names()
+    unknown = sorted(name for name in names if models.BACKBONES.resolve(name) is None)
     if unknown:
-        parser.error(f"unknown model(s) {unknown}; registered: {models.available()}")
+        parser.error(f"unknown backbone(s) {unknown}; registered: {models.BACKBONES.describe()}")
     device = jax.devices()[0]
     header = (f"Train step, batch {args.batch_size}, {args.image_size} px, float32, on "
               f"{len(jax.devices())} x {device.device_kind} ({platform.processor() or platform.machine()}, "

@@ -25,7 +25,7 @@ import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 from flax import nnx  # noqa: E402
 
-from helpers import grad_step  # noqa: E402
+from helpers import fast_init, grad_step  # noqa: E402
 
 from boneage_jax import models, weights  # noqa: E402
 from boneage_jax.models import layers  # noqa: E402
@@ -41,7 +41,7 @@ needs_keras = pytest.mark.skipif(not KERAS_OK, reason="needs keras on its JAX ba
 CASES = {
     "vgg16": ("VGG16", 32, None),
     "vgg19": ("VGG19", 32, None),
-    "resnet50": ("ResNet50", 32, None),
+    "resnet50_keras": ("ResNet50", 32, None),
     "resnet101_keras": ("ResNet101", 32, None),
     "resnet152_keras": ("ResNet152", 32, None),
     "inception_v3": ("InceptionV3", 75, None),
@@ -134,7 +134,7 @@ def keras_and_ours(name: str, tmp_path, in_channels: int = 3, seed: int = 0):
     arrays, names = randomise(keras_model, seed)
     path = str(tmp_path / f"{name}_weights_tf_dim_ordering_tf_kernels_notop.h5")
     weights.write_keras_h5(path, arrays, names)
-    ours = models.create_backbone(name, in_channels=in_channels, image_size=size, rngs=nnx.Rngs(1))
+    ours = fast_init(lambda: models.create_backbone(name, in_channels=in_channels, image_size=size, rngs=nnx.Rngs(1)))
     weights.import_weights(ours, path, "keras")
     ours.eval()
     return keras_model, ours
@@ -162,7 +162,7 @@ def check_parity(name: str, tmp_path, seed: int = 0) -> None:
     assert layers.count_params(ours, batch_stats=True) == keras_count
 
 
-DEFAULT_PARITY = ["vgg16", "vgg19", "resnet50", "inception_v3", "xception", "efficientnet_b0", "efficientnet_b3"]
+DEFAULT_PARITY = ["vgg16", "vgg19", "resnet50_keras", "inception_v3", "xception", "efficientnet_b0", "efficientnet_b3"]
 
 
 @pytest.mark.parametrize("name", DEFAULT_PARITY)
@@ -176,14 +176,14 @@ def test_keras_parity_slow(name, tmp_path, host_random):
     check_parity(name, tmp_path)
 
 
-@pytest.mark.parametrize("name", ["vgg16", pytest.param("resnet50", marks=pytest.mark.slow),
+@pytest.mark.parametrize("name", ["vgg16", pytest.param("resnet50_keras", marks=pytest.mark.slow),
                                   pytest.param("xception", marks=pytest.mark.slow)])
 def test_grey_stem_equals_rgb_on_repeated_grey(name, tmp_path, host_random):
     """RGB weights imported into a 1-channel stem: grey input gives Keras's output on grey*3."""
     _, size, _ = CASES[name]
     keras_model, _ = keras_and_ours(name, tmp_path)
     path = str(tmp_path / f"{name}_weights_tf_dim_ordering_tf_kernels_notop.h5")
-    grey_model = models.create_backbone(name, in_channels=1, image_size=size, rngs=nnx.Rngs(2))
+    grey_model = fast_init(lambda: models.create_backbone(name, in_channels=1, image_size=size, rngs=nnx.Rngs(2)))
     weights.import_weights(grey_model, path, "keras")
     grey_model.eval()
     g = np.random.default_rng(3).uniform(-1.0, 1.0, (1, size, size, 1)).astype(np.float32)
@@ -215,7 +215,7 @@ def test_inception_auto_names_with_offset(tmp_path, host_random):
     arrays, names = randomise(keras_model)
     path = str(tmp_path / "inception.h5")
     weights.write_keras_h5(path, arrays, names)
-    ours = models.create_backbone("inception_v3", in_channels=3, image_size=75, rngs=nnx.Rngs(0))
+    ours = fast_init(lambda: models.create_backbone("inception_v3", in_channels=3, image_size=75, rngs=nnx.Rngs(0)))
     weights.import_weights(ours, path, "keras")
     ours.eval()
     x = np.random.default_rng(0).uniform(-1, 1, (1, 75, 75, 3)).astype(np.float32)
@@ -226,7 +226,7 @@ def test_inception_auto_names_with_offset(tmp_path, host_random):
 # ----------------------------------------------------------------------------- smoke tests
 
 KERAS_LAYOUT = [
-    "vgg16", "vgg19", "resnet50", "resnet50_keras", "resnet101_keras", "resnet152_keras", "inception_v3", "xception",
+    "vgg16", "vgg19", "resnet50_keras", "resnet101_keras", "resnet152_keras", "inception_v3", "xception",
     *[f"efficientnet_b{i}" for i in range(8)],
 ]
 
@@ -248,8 +248,8 @@ def train_step_check(
     statistics, drop-connect active): features of the right shape and dtype, finite float32
     gradients reaching the stem, BatchNorm running statistics that moved. ``eval_forward`` also
     compiles the eval-mode forward (the parity tests above already do for each family)."""
-    model = models.create_backbone(name, in_channels=in_channels, image_size=size, dtype=dtype,
-                                   rngs=nnx.Rngs(params=0, dropout=1))
+    model = fast_init(lambda: models.create_backbone(name, in_channels=in_channels, image_size=size, dtype=dtype,
+                                                     rngs=nnx.Rngs(params=0, dropout=1)))
     x = jnp.asarray(np.random.default_rng(0).normal(size=(2, size, size, in_channels)), jnp.float32)
     if eval_forward:
         model.eval()
@@ -274,7 +274,8 @@ def train_step_check(
 
 
 @pytest.mark.parametrize(
-    "name,in_channels", [("vgg16", 1), ("resnet50", 3), ("inception_v3", 1), ("xception", 3), ("efficientnet_b0", 1)]
+    "name,in_channels",
+    [("vgg16", 1), ("resnet50_keras", 3), ("inception_v3", 1), ("xception", 3), ("efficientnet_b0", 1)],
 )
 def test_train_step(name, in_channels):
     train_step_check(name, in_channels, MIN_SIZE.get(name, 32))
@@ -289,6 +290,8 @@ def test_forward_and_train_step_all(name, dtype):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("size", [256, 384, 500, 512])
-@pytest.mark.parametrize("name", ["vgg16", "resnet50", "inception_v3", "xception", "efficientnet_b0", "efficientnet_b4"])
+@pytest.mark.parametrize(
+    "name", ["vgg16", "resnet50_keras", "inception_v3", "xception", "efficientnet_b0", "efficientnet_b4"]
+)
 def test_papers_resolutions(name, size):
     train_step_check(name, 1, size)

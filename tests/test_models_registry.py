@@ -1,7 +1,10 @@
-"""The model registry, the listing command and the sex-fusion head."""
+"""The model registries, their aliases, ``create_model`` per task, the listing command and the
+sex-fusion head."""
 
 from __future__ import annotations
 
+import functools
+import inspect
 import json
 import subprocess
 import sys
@@ -27,6 +30,76 @@ def _model_config(**changes):
 def test_unknown_model_lists_the_registered_ones():
     with pytest.raises(ValueError, match="unknown model 'resnet9000'; registered: .*cnn_memon"):
         models.create_backbone("resnet9000", in_channels=3, image_size=32, rngs=nnx.Rngs(0))
+
+
+def test_every_family_takes_the_same_constructor_keywords():
+    """One way to register: a partial of the family class, called with in_channels, image_size,
+    dtype and rngs whatever the family."""
+    for registry in models.REGISTRIES:
+        for name in registry.names():
+            constructor = registry.constructors[name]
+            assert isinstance(constructor, functools.partial) and inspect.isclass(constructor.func), name
+            parameters = inspect.signature(constructor.func.__init__).parameters
+            assert {"in_channels", "image_size", "dtype", "rngs"} <= set(parameters), name
+
+
+@pytest.mark.parametrize("alias, name", [("resnet50", "resnet50_keras"), ("resnet18", "resnet18_torch"),
+                                         ("resnet34", "resnet34_torch"), ("resnet101", "resnet101_torch"),
+                                         ("resnet152", "resnet152_torch"), ("inception_v1", "googlenet")])
+def test_old_names_are_aliases_of_the_layout_names(alias, name):
+    """A run's config.json written with an old name builds the same network, parameter paths included."""
+    assert models.BACKBONES.aliases[alias] == name and models.BACKBONES.resolve(alias) == name
+    assert alias not in models.available() and name in models.available()
+    old, new = (nnx.eval_shape(lambda n=n: models.create_backbone(n, in_channels=1, image_size=32, rngs=nnx.Rngs(0)))
+                for n in (alias, name))
+    assert type(old) is type(new)
+    assert jax.tree.map(lambda x: x.shape, nnx.state(old)) == jax.tree.map(lambda x: x.shape, nnx.state(new))
+
+
+def test_registering_a_name_twice_fails():
+    with pytest.raises(ValueError, match="model 'vgg16' registered twice"):
+        models.BACKBONES.register("vgg16", object)
+    with pytest.raises(ValueError, match="model 'resnet50' registered twice"):
+        models.SEGMENTATION_NETWORKS.register("resnet50", object)
+
+
+def test_segmentation_networks_have_their_own_registry():
+    assert models.SEGMENTATION_NETWORKS.names() == ["unet"]
+    assert "unet" not in models.BACKBONES.names() and "unet" in models.available()
+    with pytest.raises(ValueError, match="unknown model 'unet'; registered: .*cnn_memon"):
+        models.create_backbone("unet", in_channels=1, image_size=32, rngs=nnx.Rngs(0))
+
+
+def test_create_model_dispatches_by_task_and_names_the_registry():
+    unet = _model_config(name="unet", kwargs={"depth": 1, "base_filters": 2})
+    model = models.create_model(unet, in_channels=1, image_size=16, seed=0, task="segmentation")
+    assert isinstance(model, models.SegmentationModel) and model.pretrained_part() is model.network
+    assert model(jnp.ones((2, 16, 16, 1)), jnp.ones((2,))).shape == (2, 16, 16, 1)
+    boneage = models.create_model(_model_config(), in_channels=1, image_size=32, seed=0)
+    assert isinstance(boneage, models.BoneAgeModel) and boneage.pretrained_part() is boneage.backbone
+    with pytest.raises(ValueError, match=r"^config.model.name 'unet' is a segmentation network, not a backbone "
+                                         r"\(config.task='boneage'\); backbones: .*cnn_memon"):
+        models.create_model(unet, in_channels=1, image_size=16, seed=0)
+    with pytest.raises(ValueError, match=r"^config.model.name 'cnn_memon' is a backbone, not a segmentation network "
+                                         r"\(config.task='segmentation'\); segmentation networks: unet$"):
+        models.create_model(_model_config(), in_channels=1, image_size=32, seed=0, task="segmentation")
+    with pytest.raises(ValueError, match=r"^config.model.name 'resnet9000' is not a registered backbone"):
+        models.create_model(_model_config(name="resnet9000"), in_channels=1, image_size=32, seed=0)
+    with pytest.raises(ValueError, match=r"^config.task 'detection'; expected one of \['boneage', 'segmentation'\]"):
+        models.create_model(_model_config(), in_channels=1, image_size=32, seed=0, task="detection")
+
+
+def test_parameter_paths_are_unchanged():
+    """Checkpoints of earlier runs restore: the wrappers keep their attribute names."""
+    model = nnx.eval_shape(lambda: models.create_model(_model_config(), in_channels=1, image_size=32, seed=0))
+    paths = {"/".join(map(str, path)) for path, _ in nnx.to_flat_state(nnx.state(model, nnx.Param))}
+    assert paths == {"backbone/convs/0/kernel", "backbone/convs/0/bias", "backbone/convs/1/kernel",
+                     "backbone/convs/1/bias", "head/out/kernel", "head/out/bias"}
+    unet_config = _model_config(name="unet", kwargs={"depth": 1, "base_filters": 2})
+    unet = nnx.eval_shape(lambda: models.create_model(unet_config, in_channels=1, image_size=16, seed=0,
+                                                      task="segmentation"))
+    paths = {"/".join(map(str, path)) for path, _ in nnx.to_flat_state(nnx.state(unet, nnx.Param))}
+    assert "network/down/0/conv1/kernel" in paths and "network/head/kernel" in paths
 
 
 @pytest.mark.parametrize("fusion, extra", [("none", 0), ("concat", 1), ("winner16bit", 32)])

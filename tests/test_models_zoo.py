@@ -7,9 +7,11 @@ against numpy / ``lax`` references fed the torch-layout weights, ``load_torch`` 
 error naming the layer when an entry has the wrong shape or is missing. The papers' resolutions
 run under ``-m slow``.
 
-Models are built with ``fast_init``: ``nnx.eval_shape`` plus numpy-filled weights. JAX's random
-initialisers compile once per parameter shape (0.5-2 s each on the shared 2-core CPU, a minute
-for GoogLeNet); these tests only need weights of the right shapes, or set their own.
+Models are built with ``fast_init``: kernels filled with numpy, everything else from the
+networks' own initialisers in one compiled call. JAX's random initialisers compile once per
+parameter shape (0.5-2 s each on the shared 2-core CPU, a minute for GoogLeNet); these tests only
+need weights of the right shapes, or set their own. The U-Net is built from its own registry
+(``models.SEGMENTATION_NETWORKS``), the others from ``models.BACKBONES``.
 """
 
 from __future__ import annotations
@@ -24,9 +26,11 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from boneage_jax import models, weights
 from helpers import fast_init
+
+from boneage_jax import models, weights
 from boneage_jax.models import caffenet, convmixer, googlenet, layers, unet, vgg19_attention
+from boneage_jax.weights import loaders
 
 safetensors_numpy = pytest.importorskip("safetensors.numpy")
 
@@ -47,7 +51,7 @@ ZOO = (
 
 def build(name: str, *, in_channels: int = 3, image_size: int = 32, **kwargs):
     return fast_init(
-        lambda: models.create_backbone(
+        lambda: models.registry_of(name).create(
             name, in_channels=in_channels, image_size=image_size, rngs=nnx.Rngs(params=0, dropout=1), **kwargs
         )
     )
@@ -55,7 +59,7 @@ def build(name: str, *, in_channels: int = 3, image_size: int = 32, **kwargs):
 
 def abstract(name: str, *, in_channels: int = 3, image_size: int = 224, **kwargs):
     return nnx.eval_shape(
-        lambda: models.create_backbone(
+        lambda: models.registry_of(name).create(
             name, in_channels=in_channels, image_size=image_size, rngs=nnx.Rngs(params=0, dropout=1), **kwargs
         )
     )
@@ -65,7 +69,7 @@ def output_shape(name: str, fn, input_shape, *, in_channels: int = 3, image_size
     """Shape/dtype of ``fn(model, zeros(input_shape))``, traced without running anything."""
 
     def run():
-        model = models.create_backbone(
+        model = models.registry_of(name).create(
             name, in_channels=in_channels, image_size=image_size, rngs=nnx.Rngs(params=0, dropout=1), **kwargs
         )
         model.eval()
@@ -224,7 +228,9 @@ def nchw(x):
 def test_registered():
     names = models.available()
     for name in ZOO:
-        assert name in names
+        assert models.registry_of(name).resolve(name) in names
+    assert models.BACKBONES.aliases["inception_v1"] == "googlenet"
+    assert models.SEGMENTATION_NETWORKS.resolve("unet") == "unet"
 
 
 @pytest.mark.parametrize("name", ["convmixer", "googlenet", "caffenet", "cnn_hamrouni", "vgg19_attention", "unet"])
@@ -439,13 +445,13 @@ def test_convmixer_wrong_and_missing_entries(tmp_path):
     model = build("convmixer", dim=8, depth=2, kernel_size=3, patch_size=4)
     t = convmixer_state_dict(8, 2, 3, 4)
     bad = dict(t, **{"4.0.fn.0.weight": np.zeros((8, 1, 5, 5))})
-    with pytest.raises(layers.WeightMismatchError, match=r"4\.0\.fn\.0\.weight"):
+    with pytest.raises(loaders.WeightMismatchError, match=r"4\.0\.fn\.0\.weight"):
         save_and_import(model, bad, tmp_path)
     missing = {k: v for k, v in t.items() if k != "3.3.running_mean"}
-    with pytest.raises(layers.WeightMismatchError, match=r"3\.3\.running_mean"):
+    with pytest.raises(loaders.WeightMismatchError, match=r"3\.3\.running_mean"):
         model.load_torch(missing)
     deeper = convmixer_state_dict(8, 3, 3, 4)  # a file with one block too many
-    with pytest.raises(layers.WeightMismatchError, match=r"^layer 5\.0\.fn\.0"):
+    with pytest.raises(loaders.WeightMismatchError, match=r"^layer 5\.0\.fn\.0"):
         model.load_torch(deeper)
 
 
@@ -559,10 +565,10 @@ def test_googlenet_weight_errors_and_single_channel():
         model.conv1.conv.kernel.get_value(), summed_stem(t["conv1.conv.weight"]), rtol=1e-5, atol=1e-7
     )
     bad = dict(t, **{"inception4c.branch3.1.conv.weight": np.zeros((64, 24, 5, 5))})  # the paper's 5x5
-    with pytest.raises(layers.WeightMismatchError, match=r"inception4c\.branch3\.1\.conv\.weight"):
+    with pytest.raises(loaders.WeightMismatchError, match=r"inception4c\.branch3\.1\.conv\.weight"):
         model.load_torch(bad)
     extra = dict(t, **{"inception6a.branch1.conv.weight": np.zeros((8, 8, 1, 1))})
-    with pytest.raises(layers.WeightMismatchError, match="inception6a"):
+    with pytest.raises(loaders.WeightMismatchError, match="inception6a"):
         model.load_torch(extra)
 
 
@@ -637,11 +643,11 @@ def test_caffenet_fc6_reads_caffe_flattening():
 def test_caffenet_weight_errors():
     model = build("caffenet", image_size=67)
     t = caffenet_state_dict(side=caffenet.pool5_size(227))  # fc6 for 227 px: 9216 inputs
-    with pytest.raises(layers.WeightMismatchError, match=r"fc6\.weight.*\(4096, 256\).*\(4096, 9216\)"):
+    with pytest.raises(loaders.WeightMismatchError, match=r"fc6\.weight.*\(4096, 256\).*\(4096, 9216\)"):
         model.load_torch(t)
     t = caffenet_state_dict(side=caffenet.pool5_size(67))
     t["conv4.weight"] = np.zeros((384, 384, 3, 3))  # without the group split
-    with pytest.raises(layers.WeightMismatchError, match=r"conv4\.weight"):
+    with pytest.raises(loaders.WeightMismatchError, match=r"conv4\.weight"):
         model.load_torch(t)
     with pytest.raises(ValueError, match="too small"):
         abstract("caffenet", image_size=48)
@@ -707,7 +713,7 @@ def test_vgg19_attention_load_torch_fills_vgg19(tmp_path):
     )
     np.testing.assert_array_equal(model.vgg.block5_conv4.bias.get_value(), t["features.34.bias"].astype(np.float32))
     t["features.34.weight"] = np.zeros((512, 512, 1, 1))
-    with pytest.raises(layers.WeightMismatchError, match=r"features\.34\.weight"):
+    with pytest.raises(loaders.WeightMismatchError, match=r"features\.34\.weight"):
         model.load_torch(t)
 
 

@@ -16,10 +16,11 @@ import pytest
 from flax import nnx
 from safetensors.numpy import save_file
 
-from helpers import grad_step
+from helpers import fast_init, grad_step
 
 from boneage_jax import models, weights
 from boneage_jax.models import layers
+from boneage_jax.weights import loaders
 
 # torchvision: block type and blocks per stage; parameter counts with the 1000-class fc.
 TORCHVISION = {
@@ -29,7 +30,7 @@ TORCHVISION = {
     101: ("bottleneck", (3, 4, 23, 3), 44_549_160),
     152: ("bottleneck", (3, 8, 36, 3), 60_192_808),
 }
-NAMES = {18: "resnet18", 34: "resnet34", 50: "resnet50_torch", 101: "resnet101", 152: "resnet152"}
+NAMES = {depth: f"resnet{depth}_torch" for depth in (18, 34, 50, 101, 152)}
 
 
 @pytest.fixture(autouse=True)
@@ -102,8 +103,8 @@ def random_state_dict(depth: int, seed: int = 0) -> dict[str, np.ndarray]:
 
 
 def build(depth: int, in_channels: int = 3, dtype: str = "float32"):
-    return models.create_backbone(NAMES[depth], in_channels=in_channels, image_size=32, dtype=dtype,
-                                  rngs=nnx.Rngs(params=0, dropout=1))
+    return fast_init(lambda: models.create_backbone(NAMES[depth], in_channels=in_channels, image_size=32,
+                                                    dtype=dtype, rngs=nnx.Rngs(params=0, dropout=1)))
 
 
 def imported(depth: int, tmp_path, in_channels: int = 3, seed: int = 0):
@@ -228,19 +229,19 @@ def test_wrong_shape_missing_and_extra_tensors_are_named(tmp_path):
     model = build(18)
     bad = dict(sd, **{"layer2.0.conv1.weight": np.zeros((128, 64, 5, 5), np.float32)})
     save_file(bad, str(tmp_path / "bad.safetensors"))
-    with pytest.raises(layers.WeightMismatchError, match=r"layer2\.0\.conv1\.weight.*\(3, 3, 64, 128\).*\(5, 5, 64, 128\)"):
+    with pytest.raises(loaders.WeightMismatchError, match=r"layer2\.0\.conv1\.weight.*\(3, 3, 64, 128\).*\(5, 5, 64, 128\)"):
         weights.import_weights(model, str(tmp_path / "bad.safetensors"), "torch")
     missing = {k: v for k, v in sd.items() if k != "layer3.1.bn2.running_var"}
     save_file(missing, str(tmp_path / "missing.safetensors"))
-    with pytest.raises(layers.WeightMismatchError, match=r"layer3\.1\.bn2\.running_var: missing"):
+    with pytest.raises(loaders.WeightMismatchError, match=r"layer3\.1\.bn2\.running_var: missing"):
         weights.import_weights(model, str(tmp_path / "missing.safetensors"), "torch")
     extra = dict(sd, **{"layer5.0.conv1.weight": np.zeros((1,), np.float32)})
     save_file(extra, str(tmp_path / "extra.safetensors"))
-    with pytest.raises(layers.WeightMismatchError, match=r"layer5\.0\.conv1\.weight: in the weight file but not in the model"):
+    with pytest.raises(loaders.WeightMismatchError, match=r"layer5\.0\.conv1\.weight: in the weight file but not in the model"):
         weights.import_weights(model, str(tmp_path / "extra.safetensors"), "torch")
     # A resnet50 file into resnet18 fails on the first differing layer.
     save_file(random_state_dict(50), str(tmp_path / "r50.safetensors"))
-    with pytest.raises(layers.WeightMismatchError, match=r"layer1\.0\.conv1\.weight"):
+    with pytest.raises(loaders.WeightMismatchError, match=r"layer1\.0\.conv1\.weight"):
         weights.import_weights(model, str(tmp_path / "r50.safetensors"), "torch")
 
 
@@ -259,8 +260,8 @@ def test_pth_without_torch_says_what_to_do(tmp_path):
 def train_step_check(name, in_channels, dtype="float32", size=32):
     """One jitted forward + gradient of the mean feature in train mode: finite
     float32 gradients, a non-zero stem gradient, and moved BatchNorm statistics."""
-    model = models.create_backbone(name, in_channels=in_channels, image_size=size, dtype=dtype,
-                                   rngs=nnx.Rngs(params=0, dropout=1))
+    model = fast_init(lambda: models.create_backbone(name, in_channels=in_channels, image_size=size, dtype=dtype,
+                                                     rngs=nnx.Rngs(params=0, dropout=1)))
     x = jnp.asarray(np.random.default_rng(0).normal(size=(2, size, size, in_channels)), jnp.float32)
     model.train()
     before = np.asarray(model.bn1.mean[...]).copy()
@@ -277,17 +278,17 @@ def train_step_check(name, in_channels, dtype="float32", size=32):
 
 def test_forward_and_train_step_bfloat16():
     """BasicBlock ResNet with a 1-channel stem in bfloat16 compute (float32 parameters)."""
-    train_step_check("resnet18", 1, "bfloat16")
+    train_step_check("resnet18_torch", 1, "bfloat16")
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("name", ["resnet18", "resnet34", "resnet50_torch", "resnet101", "resnet152"])
+@pytest.mark.parametrize("name", list(NAMES.values()))
 def test_forward_and_train_step_all(name):
     train_step_check(name, 3)
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("size", [256, 384, 500, 512])
-@pytest.mark.parametrize("name", ["resnet18", "resnet50_torch"])
+@pytest.mark.parametrize("name", ["resnet18_torch", "resnet50_torch"])
 def test_papers_resolutions(name, size):
     train_step_check(name, 1, size=size)

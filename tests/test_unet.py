@@ -51,7 +51,9 @@ def iou(logits: np.ndarray, masks: np.ndarray) -> float:
 def test_unet_fits_synthetic_ellipses():
     size, batch, steps = 64, 4, 200
     model = fast_init(
-        lambda: models.create_backbone("unet", in_channels=1, image_size=size, rngs=nnx.Rngs(0), base_filters=8)
+        lambda: models.SEGMENTATION_NETWORKS.create(
+            "unet", in_channels=1, image_size=size, rngs=nnx.Rngs(0), base_filters=8
+        )
     )
     assert model.depth == 4 and model.num_features == 8
     train_x, train_y = ellipses(256, size, seed=0)

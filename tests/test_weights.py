@@ -1,4 +1,5 @@
-"""Shared layers (DepthwiseConv, padding, initialisers) and the weight import/export machinery."""
+"""Weight import and export: the Keras HDF5 layout, the per-layer loaders' errors, pretrained
+directories and the ``python -m boneage_jax.weights`` command."""
 
 from __future__ import annotations
 
@@ -16,89 +17,14 @@ import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 from flax import nnx  # noqa: E402
 
+from helpers import fast_init  # noqa: E402
+
 from boneage_jax import models, weights  # noqa: E402
-from boneage_jax.models import layers  # noqa: E402
+from boneage_jax.weights import loaders  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # Keras 3 on numpy 2 warns once per variable read (``__array__`` without ``copy``): noise here.
 pytestmark = pytest.mark.filterwarnings("ignore:__array__ implementation doesn't accept a copy keyword")
-
-
-# ----------------------------------------------------------------------------- DepthwiseConv
-
-
-def grouped_reference(x, kernel, strides, pads):
-    return jax.lax.conv_general_dilated(
-        x, kernel, (strides, strides), pads, dimension_numbers=("NHWC", "HWIO", "NHWC"),
-        feature_group_count=x.shape[-1], precision=jax.lax.Precision.HIGHEST,
-    )
-
-
-@pytest.mark.parametrize("kernel", [3, 5])
-@pytest.mark.parametrize("strides", [1, 2])
-@pytest.mark.parametrize("padding", ["SAME", "VALID", 1])
-def test_depthwise_equals_grouped_conv(kernel, strides, padding):
-    """Odd height and even width: TF "same" pads asymmetrically at stride 2 on the even axis."""
-    rng = np.random.default_rng(kernel * 10 + strides)
-    conv = layers.DepthwiseConv(6, kernel, strides, padding=padding, use_bias=True, impl="shift",
-                                rngs=nnx.Rngs(0))
-    conv.bias.set_value(jnp.asarray(rng.normal(size=6), jnp.float32))
-    x = jnp.asarray(rng.normal(size=(2, 11, 12, 6)), jnp.float32)
-    pads = padding if isinstance(padding, str) else [(padding, padding)] * 2
-    expected = grouped_reference(x, conv.kernel[...], strides, pads) + conv.bias[...]
-    got = nnx.jit(lambda c, x: c(x))(conv, x)
-    assert got.shape == expected.shape
-    np.testing.assert_allclose(np.asarray(got), np.asarray(expected), atol=1e-5, rtol=1e-5)
-
-
-@pytest.mark.parametrize("kernel,strides", [(3, 1), (5, 2)])
-def test_depthwise_gradients_equal_grouped(kernel, strides):
-    x = jax.random.normal(jax.random.key(0), (2, 10, 10, 4))
-    shift = layers.DepthwiseConv(4, kernel, strides, use_bias=False, impl="shift", rngs=nnx.Rngs(0))
-    grouped = layers.DepthwiseConv(4, kernel, strides, use_bias=False, impl="grouped", rngs=nnx.Rngs(0))
-
-    def grads(conv):
-        return nnx.jit(nnx.grad(lambda c, x: jnp.sum(jnp.sin(c(x))), argnums=(0, 1)))(conv, x)
-
-    (gs_conv, gs_x), (gg_conv, gg_x) = grads(shift), grads(grouped)
-    np.testing.assert_allclose(np.asarray(gs_x), np.asarray(gg_x), atol=1e-4)
-    np.testing.assert_allclose(np.asarray(gs_conv["kernel"][...]), np.asarray(gg_conv["kernel"][...]), atol=1e-4)
-
-
-def test_depthwise_bfloat16():
-    conv = layers.DepthwiseConv(8, 3, 2, dtype=jnp.bfloat16, impl="shift", rngs=nnx.Rngs(0))
-    x = jax.random.normal(jax.random.key(1), (1, 8, 8, 8))
-    y = conv(x)
-    assert y.dtype == jnp.bfloat16 and conv.kernel[...].dtype == jnp.float32
-    ref = grouped_reference(x, conv.kernel[...], 2, "SAME")
-    np.testing.assert_allclose(np.asarray(y, np.float32), np.asarray(ref), atol=0.05, rtol=0.02)
-
-
-def test_same_pads_follow_tensorflow():
-    for size in range(5, 12):
-        for k in (1, 3, 5, 7):
-            for s in (1, 2):
-                assert layers.same_pads(size, k, s) == tuple(jax.lax.padtype_to_pads((size,), (k,), (s,), "SAME")[0])
-    assert layers.same_pads(32, 3, 2) == (0, 1)  # TF pads after; torch would pad (1, 1)
-    assert layers.resolve_padding(1, (8, 8), (3, 3), (2, 2)) == [(1, 1), (1, 1)]
-
-
-def test_host_initialisers_have_the_reference_statistics():
-    key = jax.random.key(0)
-    glorot = np.asarray(layers.glorot_uniform(key, (3, 3, 64, 128)))
-    limit = np.sqrt(6.0 / (9 * 64 + 9 * 128))
-    assert np.abs(glorot).max() <= limit and np.abs(glorot).max() > 0.99 * limit
-    kaiming = np.asarray(layers.kaiming_normal_fan_out(key, (3, 3, 64, 128)))
-    np.testing.assert_allclose(kaiming.std(), np.sqrt(2.0 / (9 * 128)), rtol=0.02)
-    trunc = np.asarray(layers.efficientnet_conv(key, (1, 1, 256, 512)))
-    np.testing.assert_allclose(trunc.std(), np.sqrt(2.0 / 512), rtol=0.02)
-    assert np.abs(trunc).max() <= 2 * np.sqrt(2.0 / 512) / 0.87962566103423978 + 1e-6
-    # deterministic in the key, different across keys
-    np.testing.assert_array_equal(glorot, np.asarray(layers.glorot_uniform(key, (3, 3, 64, 128))))
-    assert not np.array_equal(glorot, np.asarray(layers.glorot_uniform(jax.random.key(1), (3, 3, 64, 128))))
-    # under a transformation the jax initialiser with the same distribution is used
-    abstract = jax.eval_shape(lambda k: layers.glorot_uniform(k, (3, 3, 4, 8)), key)
-    assert abstract.shape == (3, 3, 4, 8)
 
 
 # ----------------------------------------------------------------------------- HDF5 layout
@@ -146,18 +72,19 @@ def test_full_model_h5_with_model_weights_group(tmp_path):
 
 
 def test_keras_import_errors_name_the_layer():
-    model = models.create_backbone("vgg16", in_channels=3, image_size=32, rngs=nnx.Rngs(0))
+    model = fast_init(lambda: models.create_backbone("vgg16", in_channels=3, image_size=32, rngs=nnx.Rngs(0)))
     arrays = keras_vgg16_layers()
     bad = dict(arrays, block3_conv2=[np.zeros((3, 3, 256, 128), np.float32), np.zeros(128, np.float32)])
-    with pytest.raises(layers.WeightMismatchError, match=r"block3_conv2 \(kernel\).*\(3, 3, 256, 256\).*\(3, 3, 256, 128\)"):
+    with pytest.raises(loaders.WeightMismatchError, match=r"block3_conv2 \(kernel\).*\(3, 3, 256, 256\).*\(3, 3, 256, 128\)"):
         model.load_keras(bad)
     missing = {k: v for k, v in arrays.items() if k != "block4_conv1"}
-    with pytest.raises(layers.WeightMismatchError, match="block4_conv1: missing"):
+    with pytest.raises(loaders.WeightMismatchError, match="block4_conv1: missing"):
         model.load_keras(missing)
-    with pytest.raises(layers.WeightMismatchError, match="block3_conv4: missing"):
-        models.create_backbone("vgg19", in_channels=3, image_size=32, rngs=nnx.Rngs(0)).load_keras(arrays)
+    with pytest.raises(loaders.WeightMismatchError, match="block3_conv4: missing"):
+        vgg19 = fast_init(lambda: models.create_backbone("vgg19", in_channels=3, image_size=32, rngs=nnx.Rngs(0)))
+        vgg19.load_keras(arrays)
     extra = dict(arrays, block6_conv1=[np.zeros(1)])
-    with pytest.raises(layers.WeightMismatchError, match="block6_conv1: in the weight file but not in the model"):
+    with pytest.raises(loaders.WeightMismatchError, match="block6_conv1: in the weight file but not in the model"):
         model.load_keras(extra)
     # A with-top file's classifier layers are ignored.
     model.load_keras(dict(arrays, fc1=[np.zeros((2, 2))], predictions=[np.zeros((2, 2))]))
@@ -165,7 +92,7 @@ def test_keras_import_errors_name_the_layer():
 
 def test_vgg_load_torch_names():
     """torchvision vgg16 ``features.{i}`` indices: ReLU and MaxPool take slots too."""
-    model = models.create_backbone("vgg16", in_channels=1, image_size=32, rngs=nnx.Rngs(0))
+    model = fast_init(lambda: models.create_backbone("vgg16", in_channels=1, image_size=32, rngs=nnx.Rngs(0)))
     assert model.torch_names()[:4] == ["features.0", "features.2", "features.5", "features.7"]
     assert model.torch_names()[-1] == "features.28"
     rng = np.random.default_rng(0)
@@ -185,25 +112,25 @@ def test_vgg_load_torch_names():
 
 
 def test_save_and_load_pretrained_roundtrip(tmp_path):
-    source = models.create_backbone("resnet18", in_channels=1, image_size=32, rngs=nnx.Rngs(0))
+    source = fast_init(lambda: models.create_backbone("resnet18", in_channels=1, image_size=32, rngs=nnx.Rngs(0)))
     source.train()
     source(jnp.ones((2, 32, 32, 1)))  # moves the batch statistics away from their init
     out = str(tmp_path / "pre")
     weights.save_pretrained(source, out, {"model": "resnet18", "in_channels": 1})
     assert sorted(os.listdir(out)) == ["boneage_jax_weights.json", "state"]
     assert [p for p in os.listdir(tmp_path) if p != "pre"] == []  # no temporary directory left
-    target = models.create_backbone("resnet18", in_channels=1, image_size=32, rngs=nnx.Rngs(5))
+    target = fast_init(lambda: models.create_backbone("resnet18", in_channels=1, image_size=32, rngs=nnx.Rngs(5)), 5)
     weights.load_pretrained(target, out)
     for a, b in zip(jax.tree_util.tree_leaves(nnx.state(source, (nnx.Param, nnx.BatchStat))),
                     jax.tree_util.tree_leaves(nnx.state(target, (nnx.Param, nnx.BatchStat)))):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
     with pytest.raises(FileExistsError):
         weights.save_pretrained(source, out, {})
-    rgb = models.create_backbone("resnet18", in_channels=3, image_size=32, rngs=nnx.Rngs(0))
-    with pytest.raises(layers.WeightMismatchError, match=r"conv1/kernel.*\(7, 7, 3, 64\).*\(7, 7, 1, 64\)"):
+    rgb = fast_init(lambda: models.create_backbone("resnet18", in_channels=3, image_size=32, rngs=nnx.Rngs(0)))
+    with pytest.raises(loaders.WeightMismatchError, match=r"conv1/kernel.*\(7, 7, 3, 64\).*\(7, 7, 1, 64\)"):
         weights.load_pretrained(rgb, out)
-    deeper = models.create_backbone("resnet34", in_channels=1, image_size=32, rngs=nnx.Rngs(0))
-    with pytest.raises(layers.WeightMismatchError, match=r"layer1/2/.*missing"):
+    deeper = fast_init(lambda: models.create_backbone("resnet34", in_channels=1, image_size=32, rngs=nnx.Rngs(0)))
+    with pytest.raises(loaders.WeightMismatchError, match=r"layer1/2/.*missing"):
         weights.load_pretrained(deeper, out)
 
 
@@ -213,9 +140,9 @@ def test_load_pretrained_into_model_backbone_keeps_head_fresh(tmp_path):
     config = ml_collections.ConfigDict(
         {"name": "vgg16", "dtype": "float32", "sex_fusion": "concat", "head_hidden": (8,), "dropout": 0.0, "kwargs": {}}
     )
-    source = models.create_model(config, in_channels=1, image_size=32, seed=0)
+    source = fast_init(lambda: models.create_model(config, in_channels=1, image_size=32, seed=0))
     weights.save_pretrained(source.backbone, str(tmp_path / "pre"), {"model": "vgg16"})
-    model = models.create_model(config, in_channels=1, image_size=32, seed=7)
+    model = fast_init(lambda: models.create_model(config, in_channels=1, image_size=32, seed=7), 7)
     head_before = [np.asarray(v) for v in jax.tree_util.tree_leaves(nnx.state(model.head, nnx.Param))]
     weights.load_pretrained(model.backbone, str(tmp_path / "pre"))
     np.testing.assert_array_equal(np.asarray(model.backbone.block5_conv3.kernel[...]),
@@ -247,8 +174,8 @@ def test_cli_end_to_end_on_tiny_keras_vgg16(tmp_path, capsys):
     done = subprocess.run(cli + ["--out", out, "--in_channels", "1"], capture_output=True, text=True, env=env, cwd=ROOT)
     assert done.returncode == 0, done.stderr
     meta = json.load(open(os.path.join(out, "boneage_jax_weights.json")))
-    assert meta == {"model": "vgg16", "in_channels": 1, "source": source, "framework": "keras"}
-    grey = models.create_backbone("vgg16", in_channels=1, image_size=32, rngs=nnx.Rngs(3))
+    assert meta == {"model": "vgg16", "in_channels": 1, "image_size": 224, "source": source, "framework": "keras"}
+    grey = fast_init(lambda: models.create_backbone("vgg16", in_channels=1, image_size=32, rngs=nnx.Rngs(3)), 3)
     weights.load_pretrained(grey, out)
     g = rng.uniform(0, 1, (1, 32, 32, 1)).astype(np.float32)
     expected = np.asarray(keras_model.predict(np.repeat(g, 3, -1), verbose=0))

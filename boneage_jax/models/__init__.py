@@ -1,15 +1,33 @@
-"""Model families, found by name through a registry.
+"""Model families, found by name in two registries, and the models the training loop runs.
 
-Each family lives in its own module and registers a backbone constructor with
-``@register("name")``. A backbone is an ``nnx.Module`` mapping images (B, H, W, C) to pooled
-features (B, F) and exposing ``num_features``. ``create_model`` joins a backbone with the
-sex-fusion head chosen by the config.
+- ``BACKBONES``: networks mapping images (B, H, W, C) to pooled features (B, F), exposing
+  ``num_features``; ``config.task="boneage"`` joins one with the sex-fusion head of
+  ``heads`` into a ``BoneAgeModel``.
+- ``SEGMENTATION_NETWORKS``: networks with ``segment(images) -> (B, H, W, classes)`` logits (the
+  U-Net); ``config.task="segmentation"`` wraps one in a ``SegmentationModel``.
+
+Each family module registers its class once per architecture, the one way to register::
+
+    BACKBONES.register("resnet50_keras", KerasResNet, depth=50, aliases=("resnet50",))
+
+which stores ``functools.partial(KerasResNet, depth=50)``. Every family class takes the same
+keywords, ``in_channels``, ``image_size``, ``dtype`` and ``rngs`` (``image_size`` fixes the layers
+of those whose weights depend on the input size, CaffeNet's fc6, the attention head's locally
+connected layer, the flattening CNNs; the others accept any size), plus its own options from
+``config.model.kwargs``. Names say the layout where two exist (``resnet50_keras``,
+``resnet50_torch``); ``aliases`` keep older names (``resnet50``, ``resnet101``, ...) resolving to
+the same constructor, so a run's saved ``config.json`` still builds the same model. Family
+modules are imported on first use (``_import_families``).
+
+``create_model`` builds the configured model for a task; both wrappers expose
+``pretrained_part()``, the part that ``config.init_from`` initialises.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 import importlib
-import inspect
 import pkgutil
 from collections.abc import Callable
 
@@ -17,21 +35,58 @@ import jax.numpy as jnp
 import ml_collections
 from flax import nnx
 
-BACKBONES: dict[str, Callable[..., nnx.Module]] = {}
-_NOT_FAMILIES = {"heads"}
+_NOT_FAMILIES = {"heads", "layers"}
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
 
-def register(*names: str) -> Callable:
-    """Registers a backbone constructor under one or more names."""
+@dataclasses.dataclass
+class Registry:
+    """Constructors by name: ``register`` stores ``functools.partial(family, **architecture)``."""
 
-    def wrap(fn: Callable) -> Callable:
-        for name in names:
-            if name in BACKBONES:
-                raise ValueError(f"model {name!r} registered twice")
-            BACKBONES[name] = fn
-        return fn
+    kind: str  # what the entries are, for messages: "backbone", "segmentation network"
+    constructors: dict[str, Callable[..., nnx.Module]] = dataclasses.field(default_factory=dict)
+    aliases: dict[str, str] = dataclasses.field(default_factory=dict)  # old name -> registered name
 
-    return wrap
+    def register(self, name: str, family: type[nnx.Module], *, aliases: tuple[str, ...] = (), **architecture) -> None:
+        """Registers ``family`` with fixed ``architecture`` keywords under ``name`` (and ``aliases``)."""
+        for key in (name, *aliases):
+            if any(key in registry.constructors or key in registry.aliases for registry in REGISTRIES):
+                raise ValueError(f"model {key!r} registered twice")
+        self.constructors[name] = functools.partial(family, **architecture)
+        self.aliases.update({alias: name for alias in aliases})
+
+    def names(self) -> list[str]:
+        """Registered names, without aliases."""
+        _import_families()
+        return sorted(self.constructors)
+
+    def resolve(self, name: str) -> str | None:
+        """The registered name for ``name`` or one of its aliases; None if unknown."""
+        _import_families()
+        name = self.aliases.get(name, name)
+        return name if name in self.constructors else None
+
+    def describe(self) -> str:
+        """Registered names, then aliases: ``a, b, c (aliases: old -> new, ...)``."""
+        names = ", ".join(self.names())
+        aliases = ", ".join(f"{old} -> {new}" for old, new in sorted(self.aliases.items()))
+        return f"{names} (aliases: {aliases})" if aliases else names
+
+    def create(
+        self, name: str, *, in_channels: int, image_size: int, dtype: str = "float32", rngs: nnx.Rngs, **kwargs
+    ) -> nnx.Module:
+        """Builds ``name`` (or an alias); ``kwargs`` are the family's options (``config.model.kwargs``)."""
+        resolved = self.resolve(name)
+        if resolved is None:
+            raise ValueError(f"unknown {self.kind} {name!r}; registered: {self.describe()}")
+        return self.constructors[resolved](
+            in_channels=in_channels, image_size=image_size, dtype=compute_dtype(dtype), rngs=rngs, **kwargs
+        )
+
+
+BACKBONES = Registry("backbone")
+SEGMENTATION_NETWORKS = Registry("segmentation network")
+REGISTRIES = (BACKBONES, SEGMENTATION_NETWORKS)
 
 
 def _import_families() -> None:
@@ -41,11 +96,17 @@ def _import_families() -> None:
 
 
 def available() -> list[str]:
-    _import_families()
-    return sorted(BACKBONES)
+    """Every registered name of every registry, without aliases."""
+    return sorted(name for registry in REGISTRIES for name in registry.names())
 
 
-DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+def registry_of(name: str) -> Registry:
+    """The registry holding ``name`` (or an alias of it)."""
+    for registry in REGISTRIES:
+        if registry.resolve(name) is not None:
+            return registry
+    raise ValueError(f"unknown model {name!r}; registered: " +
+                     "; ".join(f"{r.kind}s: {r.describe()}" for r in REGISTRIES))
 
 
 def compute_dtype(name: str):
@@ -57,16 +118,10 @@ def compute_dtype(name: str):
 def create_backbone(
     name: str, *, in_channels: int, image_size: int, dtype: str = "float32", rngs: nnx.Rngs, **kwargs
 ) -> nnx.Module:
-    """Builds a registered backbone; ``image_size`` reaches those whose layers depend on it."""
-    _import_families()
-    if name not in BACKBONES:
-        raise ValueError(f"unknown model {name!r}; registered: {', '.join(sorted(BACKBONES))}")
-    constructor = BACKBONES[name]
-    # A class's own __init__: nnx.Module's metaclass hides it from inspect.signature(class).
-    signature = inspect.signature(constructor.__init__ if inspect.isclass(constructor) else constructor)
-    if "image_size" in signature.parameters:
-        kwargs["image_size"] = image_size
-    return constructor(in_channels=in_channels, dtype=compute_dtype(dtype), rngs=rngs, **kwargs)
+    """Builds a registered backbone (``name`` or an alias)."""
+    if BACKBONES.resolve(name) is None:
+        raise ValueError(f"unknown model {name!r}; registered: {BACKBONES.describe()}")
+    return BACKBONES.create(name, in_channels=in_channels, image_size=image_size, dtype=dtype, rngs=rngs, **kwargs)
 
 
 class BoneAgeModel(nnx.Module):
@@ -79,10 +134,14 @@ class BoneAgeModel(nnx.Module):
     def __call__(self, images: jnp.ndarray, male: jnp.ndarray) -> jnp.ndarray:
         return self.head(self.backbone(images), male)
 
+    def pretrained_part(self) -> nnx.Module:
+        """The backbone: what ``config.init_from`` initialises (the head starts fresh)."""
+        return self.backbone
+
 
 class SegmentationModel(nnx.Module):
-    """A segmentation network (the ``unet`` family) behind the training loop's call
-    convention: ``model(images, male) -> (B, H, W, 1)`` mask logits; sex is not used."""
+    """A segmentation network behind the training loop's call convention:
+    ``model(images, male) -> (B, H, W, classes)`` mask logits; sex is not used."""
 
     def __init__(self, network: nnx.Module):
         self.network = network
@@ -91,35 +150,17 @@ class SegmentationModel(nnx.Module):
         del male
         return self.network.segment(images)
 
+    def pretrained_part(self) -> nnx.Module:
+        """The whole segmentation network: what ``config.init_from`` initialises."""
+        return self.network
 
-def create_model(
-    model_config: ml_collections.ConfigDict, *, in_channels: int, image_size: int, num_outputs: int = 1, seed: int,
-    task: str = "boneage",
-) -> BoneAgeModel | SegmentationModel:
-    """Builds the configured model; dropout draws from its own ``dropout`` RNG stream.
 
-    ``task="segmentation"`` wraps a network with a ``segment`` method (the U-Net) instead of
-    adding a sex-fusion head."""
+def _with_head(network: nnx.Module, model_config: ml_collections.ConfigDict, num_outputs: int,
+               rngs: nnx.Rngs) -> BoneAgeModel:
     from boneage_jax.models import heads  # pylint: disable=import-outside-toplevel
 
-    rngs = nnx.Rngs(params=seed, dropout=seed + 1)
-    if task == "segmentation":
-        network = create_backbone(model_config.name, in_channels=in_channels, image_size=image_size,
-                                  dtype=model_config.dtype, rngs=rngs, **dict(model_config.get("kwargs", {})))
-        if not hasattr(network, "segment"):
-            raise ValueError(f"config.task='segmentation' needs a segmentation network such as 'unet'; "
-                             f"{model_config.name!r} has no segment method")
-        return SegmentationModel(network)
-    backbone = create_backbone(
-        model_config.name,
-        in_channels=in_channels,
-        image_size=image_size,
-        dtype=model_config.dtype,
-        rngs=rngs,
-        **dict(model_config.get("kwargs", {})),
-    )
     head = heads.FusionHead(
-        backbone.num_features,
+        network.num_features,
         fusion=model_config.sex_fusion,
         hidden=tuple(model_config.head_hidden),
         dropout=model_config.dropout,
@@ -127,4 +168,37 @@ def create_model(
         dtype=compute_dtype(model_config.dtype),
         rngs=rngs,
     )
-    return BoneAgeModel(backbone, head)
+    return BoneAgeModel(network, head)
+
+
+def _segmentation(network: nnx.Module, model_config: ml_collections.ConfigDict, num_outputs: int,
+                  rngs: nnx.Rngs) -> SegmentationModel:
+    del model_config, num_outputs, rngs
+    return SegmentationModel(network)
+
+
+# What each ``config.task`` builds: its registry, and how the network becomes the model.
+TASKS = {"boneage": (BACKBONES, _with_head), "segmentation": (SEGMENTATION_NETWORKS, _segmentation)}
+
+
+def create_model(
+    model_config: ml_collections.ConfigDict, *, in_channels: int, image_size: int, num_outputs: int = 1, seed: int,
+    task: str = "boneage",
+) -> BoneAgeModel | SegmentationModel:
+    """Builds the configured model for ``task``; dropout draws from its own ``dropout`` RNG stream.
+
+    ``task="boneage"``: a backbone from ``BACKBONES`` with a sex-fusion head of ``num_outputs``;
+    ``task="segmentation"``: a network from ``SEGMENTATION_NETWORKS`` (``num_outputs`` unused)."""
+    if task not in TASKS:
+        raise ValueError(f"config.task {task!r}; expected one of {sorted(TASKS)}")
+    registry, wrap = TASKS[task]
+    name = model_config.name
+    if registry.resolve(name) is None:
+        elsewhere = [r.kind for r in REGISTRIES if r is not registry and r.resolve(name) is not None]
+        what = f"is a {elsewhere[0]}, not a {registry.kind}" if elsewhere else f"is not a registered {registry.kind}"
+        raise ValueError(f"config.model.name {name!r} {what} (config.task={task!r}); "
+                         f"{registry.kind}s: {registry.describe()}")
+    rngs = nnx.Rngs(params=seed, dropout=seed + 1)
+    network = registry.create(name, in_channels=in_channels, image_size=image_size, dtype=model_config.dtype,
+                              rngs=rngs, **dict(model_config.get("kwargs", {})))
+    return wrap(network, model_config, num_outputs, rngs)

@@ -2,11 +2,13 @@ r"""Lists every registered model family with its parameter count.
 
     python -m boneage_jax.models [NAME ...] [--json] [--image_size=224]
 
-Counts are of the backbone alone (no sex-fusion head), for 3-channel input. Families whose
-layers depend on the input size (CaffeNet's fc6, the attention head's locally connected layer)
-are counted at ``--image_size``. Models are built abstractly (``nnx.eval_shape``): nothing is
-computed or allocated, though tracing the largest ones takes seconds each (about 2.5 minutes
-for all of them on 2 CPU cores).
+Backbones (``models.BACKBONES``) and segmentation networks (``models.SEGMENTATION_NETWORKS``) are
+listed under their registered names, each with its older aliases; a NAME may be an alias. Counts
+are of the network alone (no sex-fusion head), for 3-channel input; ``--json`` prints an object
+name -> count. Families whose layers depend on the input size (CaffeNet's fc6, the attention
+head's locally connected layer) are counted at ``--image_size``. Models are built abstractly
+(``nnx.eval_shape``): nothing is computed or allocated, though tracing the largest ones takes
+seconds each (about 2.5 minutes for all of them on 2 CPU cores).
 """
 
 from __future__ import annotations
@@ -22,25 +24,38 @@ from boneage_jax import models
 
 
 def count_parameters(name: str, image_size: int = 224, in_channels: int = 3) -> int:
-    backbone = nnx.eval_shape(
-        lambda: models.create_backbone(name, in_channels=in_channels, image_size=image_size, rngs=nnx.Rngs(0))
+    """Parameters of the registered network ``name`` (or an alias), built abstractly."""
+    registry = models.registry_of(name)
+    network = nnx.eval_shape(
+        lambda: registry.create(name, in_channels=in_channels, image_size=image_size, rngs=nnx.Rngs(0))
     )
-    return sum(x.size for x in jax.tree.leaves(nnx.state(backbone, nnx.Param)))
+    return sum(x.size for x in jax.tree.leaves(nnx.state(network, nnx.Param)))
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("names", nargs="*", help="families to count (default: all registered)")
+    parser.add_argument("names", nargs="*", help="families to count (default: all registered, without aliases)")
     parser.add_argument("--json", action="store_true", help="print a JSON object name -> parameter count")
     parser.add_argument("--image_size", type=int, default=224)
     args = parser.parse_args(argv)
     counts = {name: count_parameters(name, args.image_size) for name in args.names or models.available()}
     if args.json:
         print(json.dumps(counts, indent=2))
-    else:
-        width = max(map(len, counts))
-        for name, count in counts.items():
-            print(f"{name:<{width}}  {count:>13,}")
+        return 0
+    for registry in models.REGISTRIES:
+        rows = [(name, count) for name, count in counts.items() if registry.resolve(name) is not None]
+        if not rows:
+            continue
+        print(f"{registry.kind}s:")
+        labels = {}
+        for name, _ in rows:
+            resolved = registry.resolve(name)
+            aliases = sorted(alias for alias, target in registry.aliases.items() if target == resolved)
+            shown = name if name == resolved else f"{name} -> {resolved}"
+            labels[name] = f"{shown} (alias {', '.join(aliases)})" if aliases and name == resolved else shown
+        width = max(map(len, labels.values()))
+        for name, count in rows:
+            print(f"  {labels[name]:<{width}}  {count:>13,}")
     return 0
 
 

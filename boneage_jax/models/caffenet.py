@@ -45,7 +45,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from boneage_jax.models import layers, register
+from boneage_jax.models import BACKBONES
+from boneage_jax.weights import loaders
 from boneage_jax.models.googlenet import ceil_pads, max_pool_ceil
 
 LRN_SIZE, LRN_ALPHA, LRN_BETA, LRN_K = 5, 1e-4, 0.75, 1.0
@@ -146,28 +147,24 @@ class CaffeNet(nnx.Module):
         return self.drop7(nnx.relu(self.fc7(x)))
 
     def load_torch(self, tensors: dict[str, np.ndarray]) -> None:
-        source = layers.TorchTensors(tensors, ignore=r"^fc8\.")
+        source = loaders.TorchTensors(tensors, ignore=r"^fc8\.")
         for name in CONVS:
             stem_channels = self.in_channels if name == "conv1" else None
-            layers.torch_conv(getattr(self, name), source, name, in_channels=stem_channels)
+            loaders.torch_conv(getattr(self, name), source, name, in_channels=stem_channels)
         weight = source.take("fc6.weight")
         side, channels = self.pool5_side, CONVS["conv5"][0]
         if weight.ndim != 2 or weight.shape[1] != channels * side * side:
-            raise layers.WeightMismatchError(
+            raise loaders.WeightMismatchError(
                 f"layer fc6.weight: the model expects shape (4096, {channels * side * side}) "
                 f"(pool5 {side}x{side}x{channels} at {self.image_size} px), the file has {weight.shape}"
             )
         # Caffe flattens pool5 as (C, H, W); ours is (H, W, C).
         outputs = weight.shape[0]
         kernel = weight.reshape(outputs, channels, side, side).transpose(2, 3, 1, 0).reshape(-1, outputs)
-        layers.assign(self.fc6.kernel, kernel, "fc6.weight")
-        layers.assign(self.fc6.bias, source.take("fc6.bias"), "fc6.bias")
-        layers.torch_linear(self.fc7, source, "fc7")
+        loaders.assign(self.fc6.kernel, kernel, "fc6.weight")
+        loaders.assign(self.fc6.bias, source.take("fc6.bias"), "fc6.bias")
+        loaders.torch_linear(self.fc7, source, "fc7")
         source.finish()
 
 
-@register("caffenet")
-def caffenet(
-    *, in_channels: int, image_size: int, dtype=jnp.float32, rngs: nnx.Rngs, dropout: float = 0.5
-) -> CaffeNet:
-    return CaffeNet(in_channels=in_channels, image_size=image_size, dtype=dtype, rngs=rngs, dropout=dropout)
+BACKBONES.register("caffenet", CaffeNet)

@@ -19,7 +19,7 @@ from __future__ import annotations
 import jax.numpy as jnp
 from flax import nnx
 
-from boneage_jax.models import layers, register
+from boneage_jax.models import BACKBONES, layers
 
 FILTERS = (32, 64, 128, 128)
 
@@ -35,17 +35,18 @@ class ConvBlock(nnx.Module):
         return self.dropout(layers.max_pool(x, 2, 2))
 
 
-@register("cnn_hamrouni")
 class CnnHamrouni(nnx.Module):
     def __init__(
         self,
         *,
         in_channels: int,
+        image_size: int | None = None,
         dtype=jnp.float32,
         rngs: nnx.Rngs,
         filters: tuple[int, ...] = FILTERS,
         dropout: float = 0.25,
     ):
+        del image_size  # any input size works
         if not filters:
             raise ValueError("cnn_hamrouni: filters must name at least one block")
         blocks, width = [], in_channels
@@ -61,3 +62,6 @@ class CnnHamrouni(nnx.Module):
         for block in self.blocks:
             x = block(x)
         return layers.global_avg_pool(x)
+
+
+BACKBONES.register("cnn_hamrouni", CnnHamrouni)

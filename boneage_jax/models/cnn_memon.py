@@ -12,12 +12,11 @@ from __future__ import annotations
 import jax.numpy as jnp
 from flax import nnx
 
-from boneage_jax.models import register
+from boneage_jax.models import BACKBONES
 
 FILTERS = (16, 32, 64, 128)
 
 
-@register("cnn_memon")
 class CnnMemon(nnx.Module):
     def __init__(
         self,
@@ -54,3 +53,6 @@ class CnnMemon(nnx.Module):
         if self.pool == "avg":
             return x.mean(axis=(1, 2))
         return x.reshape(x.shape[0], -1)
+
+
+BACKBONES.register("cnn_memon", CnnMemon)

@@ -63,17 +63,12 @@ from __future__ import annotations
 
 import functools
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from boneage_jax.models import layers, register
-
-# "auto": the faster depthwise form per backend (see the table above); others use "grouped".
-AUTO_DEPTHWISE = {"cpu": "shift"}
-DEPTHWISE_IMPLS = ("auto", "shift", "grouped")
-
+from boneage_jax.models import BACKBONES, layers
+from boneage_jax.weights import loaders
 
 # On XLA:CPU the shifted form keeps about k*k copies of each block's input for the backward
 # pass: ConvMixer-768/32 at 256 px, batch 8, needs 55.5 GB of temporary memory that way and
@@ -83,15 +78,14 @@ SHIFT_MAX_DIM_X_DEPTH = 4096
 
 
 def depthwise_impl_for(impl: str = "auto", backend: str | None = None, dim: int = 0, depth: int = 0) -> str:
-    """Resolves ``"auto"`` to ``"shift"`` or ``"grouped"`` for ``backend`` (default: JAX's) and
-    the mixer's size (``dim * depth`` above ``SHIFT_MAX_DIM_X_DEPTH``: grouped)."""
-    if impl not in DEPTHWISE_IMPLS:
-        raise ValueError(f"convmixer: depthwise_impl {impl!r}; expected one of {DEPTHWISE_IMPLS}")
-    if impl != "auto":
-        return impl
-    if dim * depth > SHIFT_MAX_DIM_X_DEPTH:
+    """``layers.resolve_depthwise_impl`` (``"auto"``: shifted on the CPU, grouped elsewhere), except
+    that ``"auto"`` takes the grouped form for mixers with ``dim * depth`` above
+    ``SHIFT_MAX_DIM_X_DEPTH`` (memory)."""
+    if impl not in layers.DEPTHWISE_IMPLS:
+        raise ValueError(f"convmixer: depthwise_impl {impl!r}; expected one of {layers.DEPTHWISE_IMPLS}")
+    if impl == "auto" and dim * depth > SHIFT_MAX_DIM_X_DEPTH:
         return "grouped"
-    return AUTO_DEPTHWISE.get(backend or jax.default_backend(), "grouped")
+    return layers.resolve_depthwise_impl(impl, backend)
 
 
 ACTIVATIONS = {
@@ -141,9 +135,11 @@ class ConvMixer(nnx.Module):
         activation: str = "gelu",
         depthwise_impl: str = "auto",
         in_channels: int = 3,
+        image_size: int | None = None,
         dtype=jnp.float32,
         rngs: nnx.Rngs,
     ):
+        del image_size  # any input size works
         depthwise_impl = depthwise_impl_for(depthwise_impl, dim=dim, depth=depth)  # validates the name
         if activation not in ACTIVATIONS:
             raise ValueError(f"convmixer: activation {activation!r}; expected one of {sorted(ACTIVATIONS)}")
@@ -196,27 +192,22 @@ class ConvMixer(nnx.Module):
 
     def load_torch(self, tensors: dict[str, np.ndarray]) -> None:
         names = self.torch_prefixes(tensors)
-        source = layers.TorchTensors(tensors, ignore=rf"^{names['classifier']}\.")
-        layers.torch_conv(self.stem, source, names["stem"], in_channels=self.in_channels)
-        layers.torch_bn(self.stem_bn, source, names["stem_bn"])
+        source = loaders.TorchTensors(tensors, ignore=rf"^{names['classifier']}\.")
+        loaders.torch_conv(self.stem, source, names["stem"], in_channels=self.in_channels)
+        loaders.torch_bn(self.stem_bn, source, names["stem_bn"])
         for i, block in enumerate(self.blocks):
-            layers.torch_conv(block.depthwise, source, names[f"blocks.{i}.depthwise"])
-            layers.torch_bn(block.depthwise_bn, source, names[f"blocks.{i}.depthwise_bn"])
-            layers.torch_conv(block.pointwise, source, names[f"blocks.{i}.pointwise"])
-            layers.torch_bn(block.pointwise_bn, source, names[f"blocks.{i}.pointwise_bn"])
+            loaders.torch_conv(block.depthwise, source, names[f"blocks.{i}.depthwise"])
+            loaders.torch_bn(block.depthwise_bn, source, names[f"blocks.{i}.depthwise_bn"])
+            loaders.torch_conv(block.pointwise, source, names[f"blocks.{i}.pointwise"])
+            loaders.torch_bn(block.pointwise_bn, source, names[f"blocks.{i}.pointwise_bn"])
         source.finish()
 
 
-def _register(name: str, **architecture) -> None:
-    """Registers ConvMixer with fixed architecture defaults; ``model.kwargs`` may still set
-    ``depthwise_impl`` (and the generic ``convmixer``'s dim, depth, kernel and patch size)."""
-    register(name)(functools.partial(ConvMixer, **architecture))
-
-
-# Any ConvMixer-dim/depth: ``--config.model.kwargs.dim=512 --config.model.kwargs.depth=12``.
-_register("convmixer", dim=256, depth=8)
-_register("convmixer_1536_20", dim=1536, depth=20, kernel_size=9, patch_size=7)
-_register("convmixer_768_32", dim=768, depth=32, kernel_size=7, patch_size=7, activation="relu")
-_register("convmixer_1024_20_ks9_p14", dim=1024, depth=20, kernel_size=9, patch_size=14)
-_register("convmixer_256_8", dim=256, depth=8, kernel_size=9, patch_size=7)
-_register("convmixer_128_4", dim=128, depth=4, kernel_size=5, patch_size=4)
+# ``model.kwargs`` may still set ``depthwise_impl`` (and override the architecture: the generic
+# ``convmixer`` is any ConvMixer-dim/depth, ``--config.model.kwargs.dim=512 --config.model.kwargs.depth=12``).
+BACKBONES.register("convmixer", ConvMixer, dim=256, depth=8)
+BACKBONES.register("convmixer_1536_20", ConvMixer, dim=1536, depth=20, kernel_size=9, patch_size=7)
+BACKBONES.register("convmixer_768_32", ConvMixer, dim=768, depth=32, kernel_size=7, patch_size=7, activation="relu")
+BACKBONES.register("convmixer_1024_20_ks9_p14", ConvMixer, dim=1024, depth=20, kernel_size=9, patch_size=14)
+BACKBONES.register("convmixer_256_8", ConvMixer, dim=256, depth=8, kernel_size=9, patch_size=7)
+BACKBONES.register("convmixer_128_4", ConvMixer, dim=128, depth=4, kernel_size=5, patch_size=4)

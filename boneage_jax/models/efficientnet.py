@@ -39,7 +39,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from boneage_jax.models import layers, register
+from boneage_jax.models import BACKBONES, layers
+from boneage_jax.weights import loaders
 
 BN = {"epsilon": 1e-3, "momentum": 0.99}
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -150,12 +151,14 @@ class EfficientNet(nnx.Module):
         variant: str = "b0",
         *,
         in_channels: int = 3,
+        image_size: int | None = None,
         dtype=jnp.float32,
         rngs: nnx.Rngs,
         drop_connect_rate: float = 0.2,
         imagenet_normalize: bool = False,
         depthwise_impl: str = "auto",
     ):
+        del image_size  # any input size works
         if variant not in VARIANTS:
             raise ValueError(f"EfficientNet variant {variant!r}; expected one of {sorted(VARIANTS)}")
         if imagenet_normalize and in_channels != 3:
@@ -206,26 +209,12 @@ class EfficientNet(nnx.Module):
         return named + [("top_conv", self.top_conv), ("top_bn", self.top_bn)]
 
     def load_keras(self, weights: dict[str, list[np.ndarray]]) -> None:
-        source = layers.KerasLayers(weights)
+        source = loaders.KerasLayers(weights)
         for name, module in self.keras_layers():
             stem = self.in_channels if name == "stem_conv" else None
-            layers.keras_load(module, source.take(name), name, in_channels=stem)
+            loaders.keras_load(module, source.take(name), name, in_channels=stem)
         source.finish()
 
 
-def _variant(variant):
-    def build(
-        *, in_channels: int, dtype=jnp.float32, rngs: nnx.Rngs, drop_connect_rate: float = 0.2,
-        imagenet_normalize: bool = False, depthwise_impl: str = "auto",
-    ) -> EfficientNet:
-        return EfficientNet(
-            variant, in_channels=in_channels, dtype=dtype, rngs=rngs, drop_connect_rate=drop_connect_rate,
-            imagenet_normalize=imagenet_normalize, depthwise_impl=depthwise_impl,
-        )
-
-    build.__doc__ = f"keras.applications.EfficientNet{variant.upper()} layout."
-    return build
-
-
-for _v in VARIANTS:
-    globals()[f"efficientnet_{_v}"] = register(f"efficientnet_{_v}")(_variant(_v))
+for _variant in VARIANTS:
+    BACKBONES.register(f"efficientnet_{_variant}", EfficientNet, variant=_variant)

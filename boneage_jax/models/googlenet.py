@@ -31,7 +31,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from boneage_jax.models import layers, register
+from boneage_jax.models import BACKBONES, layers
+from boneage_jax.weights import loaders
 
 # (in, ch1x1, ch3x3red, ch3x3, ch5x5red, ch5x5, pool_proj), torchvision's table
 INCEPTIONS = {
@@ -98,9 +99,9 @@ class BasicConv2d(nnx.Module):
     def __call__(self, x: jnp.ndarray) -> jnp.ndarray:
         return nnx.relu(self.bn(self.conv(x)))
 
-    def load_torch(self, source: layers.TorchTensors, prefix: str, *, in_channels: int | None = None) -> None:
-        layers.torch_conv(self.conv, source, f"{prefix}.conv", in_channels=in_channels)
-        layers.torch_bn(self.bn, source, f"{prefix}.bn")
+    def load_torch(self, source: loaders.TorchTensors, prefix: str, *, in_channels: int | None = None) -> None:
+        loaders.torch_conv(self.conv, source, f"{prefix}.conv", in_channels=in_channels)
+        loaders.torch_bn(self.bn, source, f"{prefix}.bn")
 
 
 class Inception(nnx.Module):
@@ -138,7 +139,7 @@ class Inception(nnx.Module):
             axis=-1,
         )
 
-    def load_torch(self, source: layers.TorchTensors, prefix: str) -> None:
+    def load_torch(self, source: loaders.TorchTensors, prefix: str) -> None:
         self.branch1.load_torch(source, f"{prefix}.branch1")
         self.branch2_reduce.load_torch(source, f"{prefix}.branch2.0")
         self.branch2.load_torch(source, f"{prefix}.branch2.1")
@@ -152,12 +153,14 @@ class GoogLeNet(nnx.Module):
         self,
         *,
         in_channels: int = 3,
+        image_size: int | None = None,
         dtype=jnp.float32,
         rngs: nnx.Rngs,
         dropout: float = 0.2,
         branch3_kernel: int = 3,
         transform_input: bool = False,
     ):
+        del image_size  # any input size works
         if branch3_kernel not in (3, 5):
             raise ValueError(f"googlenet: branch3_kernel {branch3_kernel}; expected 3 (torchvision) or 5 (paper)")
         if transform_input and in_channels != 3:
@@ -192,7 +195,7 @@ class GoogLeNet(nnx.Module):
 
     def load_torch(self, tensors: dict[str, np.ndarray]) -> None:
         """torchvision ``googlenet`` state dict; ``fc.*``, ``aux1.*``, ``aux2.*`` are ignored."""
-        source = layers.TorchTensors(tensors, ignore=r"^(fc|aux1|aux2)\.")
+        source = loaders.TorchTensors(tensors, ignore=r"^(fc|aux1|aux2)\.")
         self.conv1.load_torch(source, "conv1", in_channels=self.in_channels)
         self.conv2.load_torch(source, "conv2")
         self.conv3.load_torch(source, "conv3")
@@ -201,21 +204,4 @@ class GoogLeNet(nnx.Module):
         source.finish()
 
 
-@register("googlenet", "inception_v1")
-def googlenet(
-    *,
-    in_channels: int,
-    dtype=jnp.float32,
-    rngs: nnx.Rngs,
-    dropout: float = 0.2,
-    branch3_kernel: int = 3,
-    transform_input: bool = False,
-) -> GoogLeNet:
-    return GoogLeNet(
-        in_channels=in_channels,
-        dtype=dtype,
-        rngs=rngs,
-        dropout=dropout,
-        branch3_kernel=branch3_kernel,
-        transform_input=transform_input,
-    )
+BACKBONES.register("googlenet", GoogLeNet, aliases=("inception_v1",))

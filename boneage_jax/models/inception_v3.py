@@ -22,7 +22,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from boneage_jax.models import layers, register
+from boneage_jax.models import BACKBONES, layers
+from boneage_jax.weights import loaders
 
 NUM_UNITS = 94
 
@@ -124,7 +125,8 @@ def _network(x, op):
 
 
 class InceptionV3(nnx.Module):
-    def __init__(self, *, in_channels: int = 3, dtype=jnp.float32, rngs: nnx.Rngs):
+    def __init__(self, *, in_channels: int = 3, image_size: int | None = None, dtype=jnp.float32, rngs: nnx.Rngs):
+        del image_size  # any input size works
         build = _Build(dtype, rngs)
         self.num_features = _network(in_channels, build)
         assert len(build.units) == NUM_UNITS
@@ -142,16 +144,14 @@ class InceptionV3(nnx.Module):
         return layers.global_avg_pool(self.features(x))
 
     def load_keras(self, weights: dict[str, list[np.ndarray]]) -> None:
-        source = layers.KerasLayers(weights)
+        source = loaders.KerasLayers(weights)
         convs = source.auto("conv2d", NUM_UNITS)
         bns = source.auto("batch_normalization", NUM_UNITS)
         for i, (unit, conv_name, bn_name) in enumerate(zip(self.units, convs, bns)):
             stem = self.in_channels if i == 0 else None
-            layers.keras_conv(unit.conv, source.take(conv_name), conv_name, in_channels=stem)
-            layers.keras_bn(unit.bn, source.take(bn_name), bn_name)
+            loaders.keras_conv(unit.conv, source.take(conv_name), conv_name, in_channels=stem)
+            loaders.keras_bn(unit.bn, source.take(bn_name), bn_name)
         source.finish()
 
 
-@register("inception_v3")
-def inception_v3(*, in_channels: int, dtype=jnp.float32, rngs: nnx.Rngs) -> InceptionV3:
-    return InceptionV3(in_channels=in_channels, dtype=dtype, rngs=rngs)
+BACKBONES.register("inception_v3", InceptionV3)

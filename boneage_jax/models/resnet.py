@@ -1,17 +1,21 @@
 """ResNets in two layouts: ``keras.applications`` (ResNet v1) and torchvision ("ResNet v1.5").
 
-=================  =========  ==============================================================
-registered name    layout     reference
-=================  =========  ==============================================================
-``resnet50``       Keras      ``keras.applications.ResNet50`` (also ``resnet50_keras``)
-``resnet101_keras`` Keras     ``keras.applications.ResNet101``
-``resnet152_keras`` Keras     ``keras.applications.ResNet152``
-``resnet18``       torch      ``torchvision.models.resnet18`` (also ``resnet18_torch``)
-``resnet34``       torch      ``torchvision.models.resnet34`` (also ``resnet34_torch``)
-``resnet50_torch`` torch      ``torchvision.models.resnet50``
-``resnet101``      torch      ``torchvision.models.resnet101`` (also ``resnet101_torch``)
-``resnet152``      torch      ``torchvision.models.resnet152`` (also ``resnet152_torch``)
-=================  =========  ==============================================================
+===================  =============  ======  ==================================
+registered name      alias          layout  reference
+===================  =============  ======  ==================================
+``resnet50_keras``   ``resnet50``   Keras   ``keras.applications.ResNet50``
+``resnet101_keras``                 Keras   ``keras.applications.ResNet101``
+``resnet152_keras``                 Keras   ``keras.applications.ResNet152``
+``resnet18_torch``   ``resnet18``   torch   ``torchvision.models.resnet18``
+``resnet34_torch``   ``resnet34``   torch   ``torchvision.models.resnet34``
+``resnet50_torch``                  torch   ``torchvision.models.resnet50``
+``resnet101_torch``  ``resnet101``  torch   ``torchvision.models.resnet101``
+``resnet152_torch``  ``resnet152``  torch   ``torchvision.models.resnet152``
+===================  =============  ======  ==================================
+
+The aliases are the names these networks had before the layout was part of every name (so
+``resnet50`` is the Keras layout and the deeper plain names torchvision's); saved runs that use
+them build the same network.
 
 Keras layout (``KerasResNet``): ``conv1_pad`` (zero padding 3), 7x7/2 ``conv1_conv`` with bias,
 ``conv1_bn``, ReLU, ``pool1_pad`` (zero padding 1), 3x3/2 max pooling; bottleneck blocks
@@ -37,7 +41,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from boneage_jax.models import layers, register
+from boneage_jax.models import BACKBONES, layers
+from boneage_jax.weights import loaders
 
 KERAS_BN = {"epsilon": 1.001e-5, "momentum": 0.99}
 TORCH_BN = {"epsilon": 1e-5, "momentum": 0.9}
@@ -56,7 +61,11 @@ class KerasResNet(nnx.Module):
     ``conv2_block1_0_conv``, ``conv2_block1_1_bn``, ...).
     """
 
-    def __init__(self, depth: int = 50, *, in_channels: int = 3, dtype=jnp.float32, rngs: nnx.Rngs):
+    def __init__(
+        self, depth: int = 50, *, in_channels: int = 3, image_size: int | None = None, dtype=jnp.float32,
+        rngs: nnx.Rngs,
+    ):
+        del image_size  # any input size works
         if depth not in KERAS_STAGES:
             raise ValueError(f"Keras ResNet depth {depth}; expected one of {sorted(KERAS_STAGES)}")
         self.in_channels = in_channels
@@ -115,7 +124,7 @@ class KerasResNet(nnx.Module):
         return layers.global_avg_pool(self.features(x))
 
     def load_keras(self, weights: dict[str, list[np.ndarray]]) -> None:
-        layers.load_keras_named(self, weights, self.keras_names, stem="conv1_conv", in_channels=self.in_channels)
+        loaders.load_keras_named(self, weights, self.keras_names, stem="conv1_conv", in_channels=self.in_channels)
 
 
 # ----------------------------------------------------------------------------- torch layout
@@ -151,13 +160,13 @@ class BasicBlock(nnx.Module):
         shortcut = x if self.downsample is None else self.downsample[1](self.downsample[0](x))
         return nnx.relu(y + shortcut)
 
-    def load_torch(self, source: layers.TorchTensors, prefix: str) -> None:
+    def load_torch(self, source: loaders.TorchTensors, prefix: str) -> None:
         for i in (1, 2):
-            layers.torch_conv(getattr(self, f"conv{i}"), source, f"{prefix}.conv{i}")
-            layers.torch_bn(getattr(self, f"bn{i}"), source, f"{prefix}.bn{i}")
+            loaders.torch_conv(getattr(self, f"conv{i}"), source, f"{prefix}.conv{i}")
+            loaders.torch_bn(getattr(self, f"bn{i}"), source, f"{prefix}.bn{i}")
         if self.downsample is not None:
-            layers.torch_conv(self.downsample[0], source, f"{prefix}.downsample.0")
-            layers.torch_bn(self.downsample[1], source, f"{prefix}.downsample.1")
+            loaders.torch_conv(self.downsample[0], source, f"{prefix}.downsample.0")
+            loaders.torch_bn(self.downsample[1], source, f"{prefix}.downsample.1")
 
 
 class Bottleneck(nnx.Module):
@@ -182,19 +191,23 @@ class Bottleneck(nnx.Module):
         shortcut = x if self.downsample is None else self.downsample[1](self.downsample[0](x))
         return nnx.relu(y + shortcut)
 
-    def load_torch(self, source: layers.TorchTensors, prefix: str) -> None:
+    def load_torch(self, source: loaders.TorchTensors, prefix: str) -> None:
         for i in (1, 2, 3):
-            layers.torch_conv(getattr(self, f"conv{i}"), source, f"{prefix}.conv{i}")
-            layers.torch_bn(getattr(self, f"bn{i}"), source, f"{prefix}.bn{i}")
+            loaders.torch_conv(getattr(self, f"conv{i}"), source, f"{prefix}.conv{i}")
+            loaders.torch_bn(getattr(self, f"bn{i}"), source, f"{prefix}.bn{i}")
         if self.downsample is not None:
-            layers.torch_conv(self.downsample[0], source, f"{prefix}.downsample.0")
-            layers.torch_bn(self.downsample[1], source, f"{prefix}.downsample.1")
+            loaders.torch_conv(self.downsample[0], source, f"{prefix}.downsample.0")
+            loaders.torch_bn(self.downsample[1], source, f"{prefix}.downsample.1")
 
 
 class TorchResNet(nnx.Module):
     """``torchvision.models.resnetNN`` without ``fc`` (``avgpool`` + flatten = our pooling)."""
 
-    def __init__(self, depth: int = 50, *, in_channels: int = 3, dtype=jnp.float32, rngs: nnx.Rngs):
+    def __init__(
+        self, depth: int = 50, *, in_channels: int = 3, image_size: int | None = None, dtype=jnp.float32,
+        rngs: nnx.Rngs,
+    ):
+        del image_size  # any input size works
         if depth not in TORCH_STAGES:
             raise ValueError(f"torch ResNet depth {depth}; expected one of {sorted(TORCH_STAGES)}")
         block = BasicBlock if depth < 50 else Bottleneck
@@ -228,9 +241,9 @@ class TorchResNet(nnx.Module):
         return layers.global_avg_pool(self.features(x))
 
     def load_torch(self, tensors: dict[str, np.ndarray]) -> None:
-        source = layers.TorchTensors(tensors, ignore=r"^fc\.")
-        layers.torch_conv(self.conv1, source, "conv1", in_channels=self.in_channels)
-        layers.torch_bn(self.bn1, source, "bn1")
+        source = loaders.TorchTensors(tensors, ignore=r"^fc\.")
+        loaders.torch_conv(self.conv1, source, "conv1", in_channels=self.in_channels)
+        loaders.torch_bn(self.bn1, source, "bn1")
         for i in range(1, 5):
             for b, block in enumerate(getattr(self, f"layer{i}")):
                 block.load_torch(source, f"layer{i}.{b}")
@@ -240,27 +253,11 @@ class TorchResNet(nnx.Module):
 # ----------------------------------------------------------------------------- registry
 
 
-def _keras(depth):
-    def build(*, in_channels: int, dtype=jnp.float32, rngs: nnx.Rngs) -> KerasResNet:
-        return KerasResNet(depth, in_channels=in_channels, dtype=dtype, rngs=rngs)
-
-    build.__doc__ = f"keras.applications.ResNet{depth} layout."
-    return build
-
-
-def _torch(depth):
-    def build(*, in_channels: int, dtype=jnp.float32, rngs: nnx.Rngs) -> TorchResNet:
-        return TorchResNet(depth, in_channels=in_channels, dtype=dtype, rngs=rngs)
-
-    build.__doc__ = f"torchvision.models.resnet{depth} layout."
-    return build
-
-
-resnet50 = register("resnet50", "resnet50_keras")(_keras(50))
-resnet101_keras = register("resnet101_keras")(_keras(101))
-resnet152_keras = register("resnet152_keras")(_keras(152))
-resnet18 = register("resnet18", "resnet18_torch")(_torch(18))
-resnet34 = register("resnet34", "resnet34_torch")(_torch(34))
-resnet50_torch = register("resnet50_torch")(_torch(50))
-resnet101 = register("resnet101", "resnet101_torch")(_torch(101))
-resnet152 = register("resnet152", "resnet152_torch")(_torch(152))
+# Names say the layout; the older names stay as aliases (``resnet50`` was, and still is, the Keras
+# layout; ``resnet18/34/101/152`` torchvision's).
+for _depth in KERAS_STAGES:
+    BACKBONES.register(f"resnet{_depth}_keras", KerasResNet, depth=_depth,
+                       aliases=("resnet50",) if _depth == 50 else ())
+for _depth in TORCH_STAGES:
+    BACKBONES.register(f"resnet{_depth}_torch", TorchResNet, depth=_depth,
+                       aliases=() if _depth == 50 else (f"resnet{_depth}",))

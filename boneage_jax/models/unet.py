@@ -28,9 +28,11 @@ Use:
 
 - ``UNet.segment(x) -> (B, H, W, num_classes)`` float32 logits: for the segmentation training;
 - ``UNet.decode(x) -> (B, H, W, base_filters)``: the last decoder feature map;
-- ``UNet(x) -> (B, base_filters)``: global average pool of ``decode(x)``, so the registered
-  ``unet`` behaves like any backbone (``num_features = base_filters``) for counting and listing;
-  it is not meant as a bone age regressor.
+- ``UNet(x) -> (B, base_filters)``: global average pool of ``decode(x)`` (``num_features =
+  base_filters``); it is not meant as a bone age regressor.
+
+Registered as ``unet`` in ``models.SEGMENTATION_NETWORKS`` (not among the backbones):
+``config.task="segmentation"`` wraps it in ``models.SegmentationModel``, which calls ``segment``.
 """
 
 from __future__ import annotations
@@ -38,7 +40,7 @@ from __future__ import annotations
 import jax.numpy as jnp
 from flax import nnx
 
-from boneage_jax.models import layers, register
+from boneage_jax.models import SEGMENTATION_NETWORKS, layers
 
 _HE = nnx.initializers.he_normal()
 
@@ -78,12 +80,12 @@ class UpBlock(nnx.Module):
         return self.convs(jnp.concatenate([skip, self.up(x)], axis=-1))
 
 
-@register("unet")  # listed and counted like the backbones
 class UNet(nnx.Module):
     def __init__(
         self,
         *,
         in_channels: int = 1,
+        image_size: int | None = None,
         dtype=jnp.float32,
         rngs: nnx.Rngs,
         depth: int = 4,
@@ -96,6 +98,7 @@ class UNet(nnx.Module):
             raise ValueError(
                 f"unet: depth {depth}, base_filters {base_filters}, num_classes {num_classes} must be >= 1"
             )
+        del image_size  # any input size works (padded to a multiple of 2**depth)
         kw = dict(batch_norm=batch_norm, dtype=dtype, rngs=rngs)
         self.depth = depth
         self.dtype = dtype
@@ -139,3 +142,6 @@ class UNet(nnx.Module):
 
     def __call__(self, x: jnp.ndarray) -> jnp.ndarray:
         return layers.global_avg_pool(self.decode(x))
+
+
+SEGMENTATION_NETWORKS.register("unet", UNet)

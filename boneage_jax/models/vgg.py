@@ -22,7 +22,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from boneage_jax.models import layers, register
+from boneage_jax.models import BACKBONES, layers
+from boneage_jax.weights import loaders
 
 DEPTHS = {11: (1, 1, 2, 2, 2), 13: (2, 2, 2, 2, 2), 16: (2, 2, 3, 3, 3), 19: (2, 2, 4, 4, 4)}
 WIDTHS = (64, 128, 256, 512, 512)
@@ -31,7 +32,11 @@ WIDTHS = (64, 128, 256, 512, 512)
 class VGG(nnx.Module):
     """The VGG convolutional feature extractor with global average pooling."""
 
-    def __init__(self, depth: int = 16, *, in_channels: int = 3, dtype=jnp.float32, rngs: nnx.Rngs):
+    def __init__(
+        self, depth: int = 16, *, in_channels: int = 3, image_size: int | None = None, dtype=jnp.float32,
+        rngs: nnx.Rngs,
+    ):
+        del image_size  # any input size works
         if depth not in DEPTHS:
             raise ValueError(f"VGG depth {depth}; expected one of {sorted(DEPTHS)}")
         self.depth = depth
@@ -76,10 +81,10 @@ class VGG(nnx.Module):
         return [name for names in self.block_names for name in names]
 
     def load_keras(self, weights: dict[str, list[np.ndarray]]) -> None:
-        source = layers.KerasLayers(weights)
+        source = loaders.KerasLayers(weights)
         for i, name in enumerate(self.conv_names()):
             stem = self.in_channels if i == 0 else None
-            layers.keras_conv(getattr(self, name), source.take(name), name, in_channels=stem)
+            loaders.keras_conv(getattr(self, name), source.take(name), name, in_channels=stem)
         source.finish()
 
     def torch_names(self) -> list[str]:
@@ -93,17 +98,11 @@ class VGG(nnx.Module):
         return names
 
     def load_torch(self, tensors: dict[str, np.ndarray]) -> None:
-        source = layers.TorchTensors(tensors, ignore=r"^classifier\.")
+        source = loaders.TorchTensors(tensors, ignore=r"^classifier\.")
         for i, (name, prefix) in enumerate(zip(self.conv_names(), self.torch_names())):
-            layers.torch_conv(getattr(self, name), source, prefix, in_channels=self.in_channels if i == 0 else None)
+            loaders.torch_conv(getattr(self, name), source, prefix, in_channels=self.in_channels if i == 0 else None)
         source.finish()
 
 
-@register("vgg16")
-def vgg16(*, in_channels: int, dtype=jnp.float32, rngs: nnx.Rngs) -> VGG:
-    return VGG(16, in_channels=in_channels, dtype=dtype, rngs=rngs)
-
-
-@register("vgg19")
-def vgg19(*, in_channels: int, dtype=jnp.float32, rngs: nnx.Rngs) -> VGG:
-    return VGG(19, in_channels=in_channels, dtype=dtype, rngs=rngs)
+BACKBONES.register("vgg16", VGG, depth=16)
+BACKBONES.register("vgg19", VGG, depth=19)

@@ -37,7 +37,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from boneage_jax.models import register, vgg
+from boneage_jax.models import BACKBONES, vgg
 
 FEATURE_CHANNELS = 512
 
@@ -136,23 +136,4 @@ class VGG19Attention(nnx.Module):
         self.vgg.load_keras(weights)
 
 
-@register("vgg19_attention")
-def vgg19_attention(
-    *,
-    in_channels: int,
-    image_size: int,
-    dtype=jnp.float32,
-    rngs: nnx.Rngs,
-    dropout: float = 0.5,
-    dense_units: int = 1024,
-    dense_dropout: float = 0.5,
-) -> VGG19Attention:
-    return VGG19Attention(
-        in_channels=in_channels,
-        image_size=image_size,
-        dtype=dtype,
-        rngs=rngs,
-        dropout=dropout,
-        dense_units=dense_units,
-        dense_dropout=dense_dropout,
-    )
+BACKBONES.register("vgg19_attention", VGG19Attention)

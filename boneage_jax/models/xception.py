@@ -21,7 +21,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from boneage_jax.models import layers, register
+from boneage_jax.models import BACKBONES, layers
+from boneage_jax.weights import loaders
 
 BN = {"epsilon": 1e-3, "momentum": 0.99}
 # (block, filters of its two separable convs, filters of its 1x1/2 shortcut)
@@ -30,7 +31,11 @@ EXIT = (13, (728, 1024), 1024)
 
 
 class Xception(nnx.Module):
-    def __init__(self, *, in_channels: int = 3, dtype=jnp.float32, rngs: nnx.Rngs, depthwise_impl: str = "auto"):
+    def __init__(
+        self, *, in_channels: int = 3, image_size: int | None = None, dtype=jnp.float32, rngs: nnx.Rngs,
+        depthwise_impl: str = "auto",
+    ):
+        del image_size  # any input size works
         self.in_channels = in_channels
         self.dtype = dtype
         names, shortcuts = [], []
@@ -119,19 +124,17 @@ class Xception(nnx.Module):
         return layers.global_avg_pool(self.features(x))
 
     def load_keras(self, weights: dict[str, list[np.ndarray]]) -> None:
-        source = layers.KerasLayers(weights)
+        source = loaders.KerasLayers(weights)
         for name in self.keras_names:
             stem = self.in_channels if name == "block1_conv1" else None
-            layers.keras_load(getattr(self, name), source.take(name), name, in_channels=stem)
+            loaders.keras_load(getattr(self, name), source.take(name), name, in_channels=stem)
         count = len(self.shortcuts) // 2
         convs = source.auto("conv2d", count)
         bns = source.auto("batch_normalization", count)
         for i, (conv_name, bn_name) in enumerate(zip(convs, bns)):
-            layers.keras_conv(self.shortcuts[2 * i], source.take(conv_name), conv_name)
-            layers.keras_bn(self.shortcuts[2 * i + 1], source.take(bn_name), bn_name)
+            loaders.keras_conv(self.shortcuts[2 * i], source.take(conv_name), conv_name)
+            loaders.keras_bn(self.shortcuts[2 * i + 1], source.take(bn_name), bn_name)
         source.finish()
 
 
-@register("xception")
-def xception(*, in_channels: int, dtype=jnp.float32, rngs: nnx.Rngs, depthwise_impl: str = "auto") -> Xception:
-    return Xception(in_channels=in_channels, dtype=dtype, rngs=rngs, depthwise_impl=depthwise_impl)
+BACKBONES.register("xception", Xception)

@@ -1,5 +1,8 @@
 """Pretrained weights: import Keras / torch weight files into our backbones, save and restore them.
 
+The package: this module (readers, pretrained directories, the command) and ``loaders`` (the
+per-layer loaders the model families call from ``load_keras``/``load_torch``).
+
 Import protocol
 ---------------
 A backbone class that can import weights implements one or both of
@@ -13,19 +16,19 @@ A backbone class that can import weights implements one or both of
 - ``load_torch(self, tensors: dict[str, np.ndarray]) -> None``: ``tensors`` is a torch state dict
   (``conv1.weight`` (out, in, kh, kw), ``bn1.running_mean``, ... as numpy arrays).
 
-Both copy every array through ``boneage_jax.models.layers.assign`` (or the loaders built on it:
-``keras_conv``, ``keras_bn``, ``keras_depthwise``, ``keras_dense``, ``torch_conv``, ``torch_bn``,
-``torch_linear``), which raises ``layers.WeightMismatchError`` naming the layer and both shapes.
+Both copy every array through ``loaders.assign`` (or the loaders built on it: ``keras_conv``,
+``keras_bn``, ``keras_depthwise``, ``keras_dense``, ``torch_conv``, ``torch_bn``,
+``torch_linear``), which raises ``WeightMismatchError`` naming the layer and both shapes.
 A layer the model needs but the file lacks raises ``WeightMismatchError("layer NAME: missing
-from the weight file")`` (``layers.KerasLayers.take`` / ``layers.TorchTensors.take`` do this),
+from the weight file")`` (``loaders.KerasLayers.take`` / ``loaders.TorchTensors.take`` do this),
 and a weighted layer of the file the model does not use raises too (their ``finish()``; the
 classifier of a with-top file is ignored). An RGB stem kernel is summed over its input channels
-when the backbone was built with ``in_channels=1`` (``layers.stem_kernel``). Typical shape::
+when the backbone was built with ``in_channels=1`` (``loaders.stem_kernel``). Typical shape::
 
     def load_torch(self, tensors):
-        source = layers.TorchTensors(tensors, ignore=r"^fc\\.")
-        layers.torch_conv(self.conv1, source, "conv1", in_channels=self.in_channels)
-        layers.torch_bn(self.bn1, source, "bn1")
+        source = loaders.TorchTensors(tensors, ignore=r"^fc\\.")
+        loaders.torch_conv(self.conv1, source, "conv1", in_channels=self.in_channels)
+        loaders.torch_bn(self.bn1, source, "bn1")
         ...
         source.finish()
 
@@ -50,17 +53,17 @@ with
 - ``DIR/state``: an Orbax checkpoint of the backbone's parameters and batch statistics as a pure
   dict (``nnx.to_pure_dict`` of ``nnx.state(backbone, (nnx.Param, nnx.BatchStat))``, keys as
   strings);
-- ``DIR/boneage_jax_weights.json``: model name, in_channels, source file, framework.
+- ``DIR/boneage_jax_weights.json``: model name, in_channels, image_size, source file, framework.
 
 ``load_pretrained(backbone, DIR)`` restores it into a freshly built backbone of the same family
-(the training loop calls it on ``model.backbone`` for ``--config.init_from=DIR``, so the head
-stays freshly initialised) and names the first mismatching layer if it does not fit.
+(the training loop calls it on ``model.pretrained_part()`` for ``--config.init_from=DIR``: the
+backbone, so the head stays freshly initialised, or the whole segmentation network) and names
+the first mismatching layer if it does not fit.
 """
 
 from __future__ import annotations
 
 import argparse
-import inspect
 import json
 import os
 import shutil
@@ -71,7 +74,7 @@ from collections.abc import Sequence
 import numpy as np
 from flax import nnx
 
-from boneage_jax.models import layers as L
+from boneage_jax.weights.loaders import WeightMismatchError, assign
 
 METADATA = "boneage_jax_weights.json"
 STATE = "state"
@@ -267,18 +270,18 @@ def load_pretrained(backbone: nnx.Module, directory: str) -> None:
     origin = f" ({meta.get('model')}, in_channels={meta.get('in_channels')})" if meta else ""
     for name, value in expected.items():
         if name not in restored:
-            raise L.WeightMismatchError(f"layer {name}: missing from the pretrained weights in {directory}{origin}")
+            raise WeightMismatchError(f"layer {name}: missing from the pretrained weights in {directory}{origin}")
         if tuple(np.shape(restored[name])) != tuple(value.shape):
-            raise L.WeightMismatchError(
+            raise WeightMismatchError(
                 f"layer {name}: the model expects shape {tuple(value.shape)}, {directory}{origin} has "
                 f"{tuple(np.shape(restored[name]))}"
             )
     extra = [name for name in restored if name not in expected]
     if extra:
-        raise L.WeightMismatchError(f"layer {extra[0]}: in {directory}{origin} but not in the model")
+        raise WeightMismatchError(f"layer {extra[0]}: in {directory}{origin} but not in the model")
     for path_key, variable in nnx.to_flat_state(state):
         name = "/".join(str(k) for k in path_key)
-        L.assign(variable, np.asarray(restored[name]), name)
+        assign(variable, np.asarray(restored[name]), name)
     nnx.update(backbone, state)
 
 
@@ -289,26 +292,24 @@ def convert(
     model: str, framework: str, source: str, out: str, in_channels: int = 3, image_size: int = 224,
     overwrite: bool = False,
 ) -> nnx.Module:
-    """Builds backbone ``model``, imports ``source`` and writes the pretrained directory ``out``.
-
-    ``image_size`` only matters for backbones whose layers depend on it (none of the ImageNet
-    families); it is recorded in the metadata then.
-    """
+    """Builds backbone ``model`` (a registered name or alias), imports ``source`` and writes the
+    pretrained directory ``out``; the metadata records the name as given and ``image_size``, which
+    only matters for backbones whose layers depend on it (none of the ImageNet families)."""
     from boneage_jax import models  # pylint: disable=import-outside-toplevel
 
     backbone = models.create_backbone(model, in_channels=in_channels, image_size=image_size, rngs=nnx.Rngs(0))
     import_weights(backbone, source, framework)
-    metadata = {"model": model, "in_channels": in_channels, "source": os.path.abspath(source), "framework": framework}
-    if "image_size" in inspect.signature(models.BACKBONES[model]).parameters:
-        metadata["image_size"] = image_size
+    metadata = {"model": model, "in_channels": in_channels, "image_size": image_size,
+                "source": os.path.abspath(source), "framework": framework}
     save_pretrained(backbone, out, metadata, overwrite=overwrite)
     return backbone
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """The ``python -m boneage_jax.weights`` command: returns the exit status."""
     parser = argparse.ArgumentParser(prog="python -m boneage_jax.weights", description=__doc__.split("\n")[0])
     parser.add_argument("--from", dest="framework", choices=FRAMEWORKS, required=True)
-    parser.add_argument("--model", required=True, help="a registered backbone name, e.g. resnet50")
+    parser.add_argument("--model", required=True, help="a registered backbone name, e.g. resnet50_keras")
     parser.add_argument("--in", dest="source", required=True, help="the weight file")
     parser.add_argument("--out", required=True, help="the directory to write")
     parser.add_argument("--in_channels", type=int, default=3, choices=(1, 3),
@@ -318,12 +319,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         convert(args.model, args.framework, args.source, args.out, args.in_channels, args.image_size, args.overwrite)
-    except (L.WeightMismatchError, ValueError, FileNotFoundError, FileExistsError, ImportError) as e:
+    except (WeightMismatchError, ValueError, FileNotFoundError, FileExistsError, ImportError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
     print(f"wrote {os.path.abspath(args.out)}")
     return 0
 
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -1,0 +1,99 @@
+"""Shared layers: DepthwiseConv against the grouped convolution, TF padding, the initialisers."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from boneage_jax.models import convmixer, layers
+
+
+# ----------------------------------------------------------------------------- DepthwiseConv
+
+
+def grouped_reference(x, kernel, strides, pads):
+    return jax.lax.conv_general_dilated(
+        x, kernel, (strides, strides), pads, dimension_numbers=("NHWC", "HWIO", "NHWC"),
+        feature_group_count=x.shape[-1], precision=jax.lax.Precision.HIGHEST,
+    )
+
+
+@pytest.mark.parametrize("kernel", [3, 5])
+@pytest.mark.parametrize("strides", [1, 2])
+@pytest.mark.parametrize("padding", ["SAME", "VALID", 1])
+def test_depthwise_equals_grouped_conv(kernel, strides, padding):
+    """Odd height and even width: TF "same" pads asymmetrically at stride 2 on the even axis."""
+    rng = np.random.default_rng(kernel * 10 + strides)
+    conv = layers.DepthwiseConv(6, kernel, strides, padding=padding, use_bias=True, impl="shift",
+                                rngs=nnx.Rngs(0))
+    conv.bias.set_value(jnp.asarray(rng.normal(size=6), jnp.float32))
+    x = jnp.asarray(rng.normal(size=(2, 11, 12, 6)), jnp.float32)
+    pads = padding if isinstance(padding, str) else [(padding, padding)] * 2
+    expected = grouped_reference(x, conv.kernel[...], strides, pads) + conv.bias[...]
+    got = nnx.jit(lambda c, x: c(x))(conv, x)
+    assert got.shape == expected.shape
+    np.testing.assert_allclose(np.asarray(got), np.asarray(expected), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("kernel,strides", [(3, 1), (5, 2)])
+def test_depthwise_gradients_equal_grouped(kernel, strides):
+    x = jax.random.normal(jax.random.key(0), (2, 10, 10, 4))
+    shift = layers.DepthwiseConv(4, kernel, strides, use_bias=False, impl="shift", rngs=nnx.Rngs(0))
+    grouped = layers.DepthwiseConv(4, kernel, strides, use_bias=False, impl="grouped", rngs=nnx.Rngs(0))
+
+    def grads(conv):
+        return nnx.jit(nnx.grad(lambda c, x: jnp.sum(jnp.sin(c(x))), argnums=(0, 1)))(conv, x)
+
+    (gs_conv, gs_x), (gg_conv, gg_x) = grads(shift), grads(grouped)
+    np.testing.assert_allclose(np.asarray(gs_x), np.asarray(gg_x), atol=1e-4)
+    np.testing.assert_allclose(np.asarray(gs_conv["kernel"][...]), np.asarray(gg_conv["kernel"][...]), atol=1e-4)
+
+
+def test_depthwise_bfloat16():
+    conv = layers.DepthwiseConv(8, 3, 2, dtype=jnp.bfloat16, impl="shift", rngs=nnx.Rngs(0))
+    x = jax.random.normal(jax.random.key(1), (1, 8, 8, 8))
+    y = conv(x)
+    assert y.dtype == jnp.bfloat16 and conv.kernel[...].dtype == jnp.float32
+    ref = grouped_reference(x, conv.kernel[...], 2, "SAME")
+    np.testing.assert_allclose(np.asarray(y, np.float32), np.asarray(ref), atol=0.05, rtol=0.02)
+
+
+def test_same_pads_follow_tensorflow():
+    for size in range(5, 12):
+        for k in (1, 3, 5, 7):
+            for s in (1, 2):
+                assert layers.same_pads(size, k, s) == tuple(jax.lax.padtype_to_pads((size,), (k,), (s,), "SAME")[0])
+    assert layers.same_pads(32, 3, 2) == (0, 1)  # TF pads after; torch would pad (1, 1)
+    assert layers.resolve_padding(1, (8, 8), (3, 3), (2, 2)) == [(1, 1), (1, 1)]
+
+
+def test_initialisers_have_the_reference_statistics():
+    key = jax.random.key(0)
+    glorot = np.asarray(layers.glorot_uniform(key, (3, 3, 64, 128)))
+    limit = np.sqrt(6.0 / (9 * 64 + 9 * 128))
+    assert np.abs(glorot).max() <= limit and np.abs(glorot).max() > 0.99 * limit
+    kaiming = np.asarray(layers.kaiming_normal_fan_out(key, (3, 3, 64, 128)))
+    np.testing.assert_allclose(kaiming.std(), np.sqrt(2.0 / (9 * 128)), rtol=0.02)
+    trunc = np.asarray(layers.efficientnet_conv(key, (1, 1, 256, 512)))
+    np.testing.assert_allclose(trunc.std(), np.sqrt(2.0 / 512), rtol=0.02)
+    assert np.abs(trunc).max() <= 2 * np.sqrt(2.0 / 512) / 0.87962566103423978 + 1e-6
+    # deterministic in the key, different across keys
+    np.testing.assert_array_equal(glorot, np.asarray(layers.glorot_uniform(key, (3, 3, 64, 128))))
+    assert not np.array_equal(glorot, np.asarray(layers.glorot_uniform(jax.random.key(1), (3, 3, 64, 128))))
+    # usable under a transformation
+    abstract = jax.eval_shape(lambda k: layers.glorot_uniform(k, (3, 3, 4, 8)), key)
+    assert abstract.shape == (3, 3, 4, 8)
+
+
+def test_depthwise_auto_is_one_rule():
+    """``impl="auto"`` resolves once, in ``layers``; ConvMixer only adds its memory limit."""
+    assert layers.resolve_depthwise_impl("auto", "cpu") == "shift"
+    assert layers.resolve_depthwise_impl("auto", "gpu") == "grouped"
+    assert layers.resolve_depthwise_impl("grouped", "cpu") == "grouped"
+    with pytest.raises(ValueError, match="depthwise_impl 'fft'"):
+        layers.DepthwiseConv(4, impl="fft", rngs=nnx.Rngs(0))
+    for backend in ("cpu", "gpu", "tpu"):
+        assert convmixer.depthwise_impl_for("auto", backend) == layers.resolve_depthwise_impl("auto", backend)
