@@ -176,7 +176,7 @@ def test_init_from_pretrained_backbone(tiny_config, tmp_path):
     from flax import nnx
 
     from boneage_jax import models, weights
-    from boneage_jax.models.layers import WeightMismatchError
+    from boneage_jax.weights import WeightMismatchError
 
     tiny_config.model.kwargs.batch_norm = False
     backbone = models.create_backbone("cnn_memon", in_channels=1, image_size=32, rngs=nnx.Rngs(123),
