@@ -297,7 +297,9 @@ def convert(
     only matters for backbones whose layers depend on it (none of the ImageNet families)."""
     from boneage_jax import models  # pylint: disable=import-outside-toplevel
 
-    backbone = models.create_backbone(model, in_channels=in_channels, image_size=image_size, rngs=nnx.Rngs(0))
+    # Built in one compiled function: eagerly, every initialiser would compile on its own.
+    backbone = nnx.jit(lambda: models.create_backbone(model, in_channels=in_channels, image_size=image_size,
+                                                      rngs=nnx.Rngs(0)))()
     import_weights(backbone, source, framework)
     metadata = {"model": model, "in_channels": in_channels, "image_size": image_size,
                 "source": os.path.abspath(source), "framework": framework}
