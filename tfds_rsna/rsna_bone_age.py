@@ -319,9 +319,28 @@ def decode_grey(data: bytes, source: str) -> np.ndarray:
     image = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_UNCHANGED)
     if image is None or image.size == 0:
         raise RsnaFormatError(f"{source}: unreadable or truncated image")
-    if data[:8] == b"\x89PNG\r\n\x1a\n" and b"IEND" not in data[-32:]:
-        raise RsnaFormatError(f"{source}: truncated PNG (no IEND chunk at the end)")
+    if data[:8] == PNG_SIGNATURE and not png_is_complete(data):
+        raise RsnaFormatError(f"{source}: truncated PNG (its chunks end before the IEND chunk)")
     return to_grey_uint8(image, source)
+
+
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+
+def png_is_complete(data: bytes) -> bool:
+    """Whether the PNG's chunks (length, type, data, CRC) run whole up to its IEND chunk.
+
+    Bytes after IEND (some writers append metadata or padding) do not make a PNG truncated."""
+    offset = len(PNG_SIGNATURE)
+    while offset + 12 <= len(data):
+        length = int.from_bytes(data[offset:offset + 4], "big")
+        kind = data[offset + 4:offset + 8]
+        offset += 12 + length
+        if offset > len(data):
+            return False
+        if kind == b"IEND":
+            return True
+    return False
 
 
 def resize_longest_side(image: np.ndarray, max_side: int | None) -> np.ndarray:
