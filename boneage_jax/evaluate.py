@@ -34,22 +34,16 @@ from __future__ import annotations
 import dataclasses
 import os
 import re
-import resource
 import sys
-import time
 from collections.abc import Sequence
 
-import cv2
 import jax
 import ml_collections
 import numpy as np
 from absl import app, flags, logging
-from jax.sharding import NamedSharding
-from jax.sharding import PartitionSpec as P
 from ml_collections import config_flags
 
-from boneage_jax import data, inference, input_pipeline, metrics, train, writers
-from boneage_jax.ops import augment
+from boneage_jax import data, evaluation, inference, metrics, writers
 
 SPLITS = ("test", "validation", "train", "all")
 # Settings the weights depend on: an evaluation may not change them.
@@ -173,163 +167,7 @@ def selections(config: ml_collections.ConfigDict, split: str | None) -> tuple[st
     return split, [splits[split]]
 
 
-# ----------------------------------------------------------------------------- prediction
-
-
-def rotate(images: np.ndarray, angle: float) -> np.ndarray:
-    """Rotates (B, H, W, C) float images about their centre by ``angle`` degrees
-    (counter-clockwise, as the ``affine`` augmentation), replicating the edges."""
-    _, height, width, channels = images.shape
-    matrix = augment.affine_matrix((width / 2.0, height / 2.0), angle)
-    return np.stack([
-        cv2.warpAffine(np.ascontiguousarray(image), matrix, (width, height), flags=cv2.INTER_LINEAR,
-                       borderMode=cv2.BORDER_REPLICATE).reshape(height, width, channels)
-        for image in images
-    ]).astype(images.dtype)
-
-
-def tta_views(images: np.ndarray, flip: bool = True, angles: Sequence[float] = (-5.0, 5.0)) -> list[np.ndarray]:
-    """The original batch, its horizontal flip and its rotations."""
-    views = [images]
-    if flip:
-        views.append(np.ascontiguousarray(images[:, :, ::-1]))
-    views.extend(rotate(images, float(a)) for a in angles)
-    return views
-
-
-def combine(readouts: Sequence[dict], prefix: str = "", class_means: Sequence[float] | None = None) -> dict:
-    """Mean of several readouts of the same images (TTA views or ensemble members).
-
-    ``{prefix}boneage``: the mean. ``{prefix}std`` (when all have one): the standard deviation of
-    the equal-weight Gaussian mixture, sqrt(mean(std^2 + mu^2) - mean(mu)^2). ``{prefix}class``
-    (when all have one): the majority vote, ties going to the class whose ``class_means`` is
-    nearest the mean age (else the lowest class)."""
-    ages = np.stack([np.asarray(r[f"{prefix}boneage"], np.float64) for r in readouts])
-    out = {f"{prefix}boneage": ages.mean(0).astype(np.float32)}
-    if all(f"{prefix}std" in r for r in readouts):
-        stds = np.stack([np.asarray(r[f"{prefix}std"], np.float64) for r in readouts])
-        var = np.mean(stds**2 + ages**2, axis=0) - ages.mean(0) ** 2
-        out[f"{prefix}std"] = np.sqrt(np.maximum(var, 0.0)).astype(np.float32)
-    if all(f"{prefix}class" in r for r in readouts):
-        classes = np.stack([np.asarray(r[f"{prefix}class"], np.int64) for r in readouts])  # (N, B)
-        num = int(classes.max()) + 1 if class_means is None else len(class_means)
-        counts = np.stack([(classes == k).sum(0) for k in range(num)], axis=1)  # (B, K)
-        tied = counts == counts.max(axis=1, keepdims=True)
-        if class_means is not None:
-            distance = np.abs(np.asarray(class_means)[None, :] - out[f"{prefix}boneage"][:, None])
-            out[f"{prefix}class"] = np.where(tied, distance, np.inf).argmin(axis=1)
-        else:
-            out[f"{prefix}class"] = tied.argmax(axis=1)
-    return out
-
-
-@dataclasses.dataclass
-class Timing:
-    """Time in the model (after compilation) and in the whole pass, over the real images."""
-
-    model_s: float = 0.0
-    total_s: float = 0.0
-    images: int = 0
-
-    def summary(self) -> dict:
-        n = max(self.images, 1)
-        return {"model_ms_per_image": 1e3 * self.model_s / n, "total_ms_per_image": 1e3 * self.total_s / n,
-                "images": self.images}
-
-
-def member_predictions(run: inference.LoadedRun, chosen: Sequence[data.SplitSelection], *, tta: bool = False,
-                       tta_flip: bool = True, tta_angles: Sequence[float] = (-5.0, 5.0),
-                       timing: Timing | None = None) -> dict[str, np.ndarray]:
-    """One run's predictions (``train.predict_split``'s arrays) over the selections, in order."""
-    config, objective = run.config, run.objective
-    sharding = NamedSharding(train.make_mesh(), P("data"))
-    class_means = objective.stats.class_means or None
-
-    def predict(batch: dict) -> dict:
-        if not tta:
-            return run.predict(batch)
-        views = tta_views(np.asarray(batch["image"]), tta_flip, tta_angles)
-        readouts = [jax.device_get(run.predict({**batch, "image": jax.device_put(v, batch["image"].sharding)}))
-                    for v in views]
-        return combine(readouts, class_means=class_means)
-
-    def timed(batch: dict) -> dict:
-        start = time.perf_counter()
-        out = jax.block_until_ready(predict(batch))
-        if timing is not None:
-            timing.model_s += time.perf_counter() - start
-        return out
-
-    if timing is not None:
-        # Compile (and warm up) on the first batch before anything is timed.
-        first = next(iter(input_pipeline.eval_batches(config.data, chosen[0], config.eval_batch_size)))
-        jax.block_until_ready(predict(train.global_batch(first, sharding)))
-
-    parts = []
-    start = time.perf_counter()
-    for selection in chosen:
-        parts.append(train.predict_split(timed, config, selection, sharding, objective))
-    if timing is not None:
-        timing.total_s += time.perf_counter() - start
-        timing.images += sum(len(p["id"]) for p in parts)
-    return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
-
-
-def ensemble_predictions(runs: Sequence[inference.LoadedRun], chosen: Sequence[data.SplitSelection],
-                         timing: Timing | None = None, **tta) -> dict[str, np.ndarray]:
-    """The members' predictions combined (one member: its own)."""
-    each = [member_predictions(run, chosen, timing=timing, **tta) for run in runs]
-    if timing is not None and len(runs) > 1:
-        timing.images //= len(runs)
-    first = each[0]
-    for run, other in zip(runs[1:], each[1:]):
-        if not np.array_equal(first["id"], other["id"]):
-            raise ValueError(f"ensemble member {run.workdir} predicted other images than {runs[0].workdir}")
-    if len(each) == 1:
-        return first
-    heads = {run.objective.head for run in runs}
-    edges = {run.objective.stats.class_edges for run in runs}
-    readouts = [{k: v for k, v in p.items() if k.startswith("pred_")} for p in each]
-    if not (heads == {"classification"} and len(edges) == 1):
-        for r in readouts:
-            r.pop("pred_class", None)
-    combined = combine(readouts, prefix="pred_", class_means=runs[0].objective.stats.class_means or None)
-    return {**{k: v for k, v in first.items() if not k.startswith("pred_")}, **combined}
-
-
-# ----------------------------------------------------------------------------- scoring
-
-
-def score_predictions(predictions: dict[str, np.ndarray], objective) -> dict:
-    """``objective.score`` plus the breakdown per sex and age band, and the confusion matrix
-    for class heads, over the labelled predictions."""
-    result = dict(train.score(predictions, objective))
-    labelled = ~np.isnan(predictions["boneage"])
-    if not labelled.any():
-        return result
-    pred, true, male = (predictions[k][labelled] for k in ("pred_boneage", "boneage", "male"))
-    result["breakdown"] = metrics.breakdown(pred, true, male, baseline=objective.stats.mean)
-    if "pred_class" in predictions:
-        true_class = objective.true_classes(true)
-        matrix = metrics.confusion_matrix(true_class, predictions["pred_class"][labelled],
-                                          len(objective.stats.class_edges) - 1)
-        result["accuracy"] = metrics.accuracy(predictions["pred_class"][labelled], true_class)
-        result["confusion_matrix"] = matrix.tolist()
-        result["class_edges"] = list(objective.stats.class_edges)
-    return result
-
-
-def memory_summary() -> dict:
-    """Peak resident memory of this process and, where the device reports it, peak device memory."""
-    out = {"peak_host_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0}  # KiB on Linux
-    try:
-        stats = jax.local_devices()[0].memory_stats()
-    except Exception:  # pylint: disable=broad-except
-        stats = None
-    if stats and "peak_bytes_in_use" in stats:
-        out["peak_device_mib"] = stats["peak_bytes_in_use"] / 2**20
-    out["device"] = str(jax.local_devices()[0].device_kind)
-    return out
+# ----------------------------------------------------------------------------- the evaluation
 
 
 def output_suffix(split: str, *, which: str = "best", tta: bool = False, ensemble: bool = False,
@@ -382,8 +220,8 @@ def evaluate(workdir: str, *, split: str | None = None, which: str = "best", tta
     split, chosen = selections(config, split)
     tta_options = {"tta": tta, "tta_flip": tta_flip, "tta_angles": tuple(float(a) for a in tta_angles)}
 
-    timing = Timing()
-    predictions = ensemble_predictions(runs, chosen, timing=timing, **tta_options)
+    timing = evaluation.Timing()
+    predictions = evaluation.ensemble_predictions(runs, chosen, timing=timing, **tta_options)
     objective = runs[0].objective
 
     correction = None
@@ -391,19 +229,19 @@ def evaluate(workdir: str, *, split: str | None = None, which: str = "best", tta
         if split == "validation":
             validation = predictions
         else:
-            validation = ensemble_predictions(runs, selections(config, "validation")[1], **tta_options)
+            validation = evaluation.ensemble_predictions(runs, selections(config, "validation")[1], **tta_options)
         labelled = ~np.isnan(validation["boneage"])
         if labelled.sum() < 2:
             raise ValueError("bias correction needs at least 2 labelled validation images")
         correction = metrics.fit_linear_correction(validation["pred_boneage"][labelled], validation["boneage"][labelled])
-        uncorrected = train.score(predictions, objective)
+        uncorrected = objective.score(predictions)
         predictions = {**predictions, "pred_boneage_uncorrected": predictions["pred_boneage"],
                        "pred_boneage": metrics.apply_linear_correction(predictions["pred_boneage"],
                                                                        correction).astype(np.float32)}
         correction = {**correction, "fitted_on": "validation", "num_fitted": int(labelled.sum()),
                       "in_sample": split in ("validation", "all"), "uncorrected": uncorrected}
 
-    result = score_predictions(predictions, objective)
+    result = evaluation.score_predictions(predictions, objective)
     result["checkpoint_step"] = runs[0].step
     result["split"] = split
     result["which"] = which
@@ -415,7 +253,7 @@ def evaluate(workdir: str, *, split: str | None = None, which: str = "best", tta
                       "angles": list(tta_options["tta_angles"])} if tta else None)
     if correction is not None:
         result["bias_correction"] = correction
-    result["inference"] = {**timing.summary(), **memory_summary()}
+    result["inference"] = {**timing.summary(), **evaluation.memory_summary()}
     result["overrides"] = list(overrides)
 
     other = None
@@ -427,16 +265,16 @@ def evaluate(workdir: str, *, split: str | None = None, which: str = "best", tta
     csv_path = os.path.join(workdir, f"predictions_{suffix}.csv")
     writers.write_json(json_path, result)
     write_predictions_csv(csv_path, predictions)
-    evaluation = Evaluation(result, predictions, runs, split, json_path, csv_path)
+    outcome = Evaluation(result, predictions, runs, split, json_path, csv_path)
     if verbose:
-        print(summary_table(evaluation), flush=True)
+        print(summary_table(outcome), flush=True)
     if report:
         from boneage_jax import report as report_lib  # pylint: disable=import-outside-toplevel
 
-        evaluation.report_path = report_lib.write_report(evaluation, num_images=report_images)
+        outcome.report_path = report_lib.write_report(outcome, num_images=report_images)
         if verbose:
-            print(f"wrote {evaluation.report_path}", flush=True)
-    return evaluation
+            print(f"wrote {outcome.report_path}", flush=True)
+    return outcome
 
 
 def write_predictions_csv(path: str, predictions: dict[str, np.ndarray]) -> None:
@@ -454,10 +292,10 @@ def write_predictions_csv(path: str, predictions: dict[str, np.ndarray]) -> None
     writers.write_csv(path, columns, rows)
 
 
-def summary_table(evaluation: Evaluation) -> str:
+def summary_table(outcome: Evaluation) -> str:
     """A readable table: all images, per sex, per age band; then timing and the files written."""
-    r = evaluation.result
-    head = (f"{r['members'][0]['workdir']} ({r['which']} checkpoint, step {r['checkpoint_step']}) on {evaluation.split}"
+    r = outcome.result
+    head = (f"{r['members'][0]['workdir']} ({r['which']} checkpoint, step {r['checkpoint_step']}) on {outcome.split}"
             f" [{', '.join(r['tfds_splits'])} of {r['dataset']}]")
     if len(r["members"]) > 1:
         head += f", ensemble of {len(r['members'])}"
@@ -492,7 +330,7 @@ def summary_table(evaluation: Evaluation) -> str:
     lines.append(f"inference: {inf['model_ms_per_image']:.3f} ms/image in the model, {inf['total_ms_per_image']:.2f} "
                  f"ms/image with the input pipeline ({inf['device']}); peak host memory {inf['peak_host_mib']:.0f} MiB"
                  + (f", peak device memory {inf['peak_device_mib']:.0f} MiB" if "peak_device_mib" in inf else ""))
-    lines.append(f"wrote {evaluation.json_path} and {evaluation.csv_path}")
+    lines.append(f"wrote {outcome.json_path} and {outcome.csv_path}")
     return "\n".join(lines)
 
 

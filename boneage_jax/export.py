@@ -14,7 +14,7 @@ file runs without this codebase, with JAX alone::
     out["boneage"]                     # months; also "std" (gaussian) or "class" (classification)
 
 ``images`` must be preprocessed as in training (``data.preprocess`` then ``data.normalize``,
-see the sidecar and :func:`boneage_jax.inference.prepare_image`). By default the batch
+see the sidecar and :func:`boneage_jax.input_pipeline.prepare_image`). By default the batch
 dimension is symbolic (any batch size works); ``--batch_size N`` fixes it. The function is
 lowered for CPU, CUDA GPUs and TPUs at once (``--platforms`` chooses), so the file runs on any
 of them whichever machine exported it.
@@ -29,7 +29,7 @@ import sys
 import jax
 import numpy as np
 
-from boneage_jax import inference, predict, train, writers
+from boneage_jax import evaluation, inference, predict, writers
 
 FORMAT = "boneage_jax.jaxexport/1"
 DEFAULT_PLATFORMS = ("cpu", "cuda", "tpu")
@@ -38,7 +38,7 @@ DEFAULT_PLATFORMS = ("cpu", "cuda", "tpu")
 def inference_function(run: inference.LoadedRun):
     """(images, male) -> readout dict, with the run's weights as constants."""
     params, rest, rng_state = run.params, run.rest, run.rng_state
-    step = functools.partial(train.predict_step, graphdef=run.graphdef, objective=run.objective)
+    step = functools.partial(evaluation.predict_step, graphdef=run.graphdef, objective=run.objective)
 
     def fn(images, male):
         return step(params, rest, rng_state, {"image": images, "male": male})

@@ -4,9 +4,10 @@
 ``label_stats.json`` and ``checkpoints/best`` or ``checkpoints/latest``) and returns a
 :class:`LoadedRun` whose ``predict(batch)`` maps a batch (``image`` float32 (B, S, S, C),
 ``male`` float32 (B,)) to the objective's readout (``boneage`` in months, and ``std`` or
-``class`` where the head gives them; ``mask`` for segmentation). ``prepare_image`` runs the
-run's deterministic preprocessing and normalisation on one decoded radiograph, so images from
-outside the dataset go through exactly what validation images went through.
+``class`` where the head gives them; ``mask`` for segmentation). Only the parameters and batch
+statistics are restored (``boneage_jax.state.restore_weights``): no optimiser is built, and runs
+saved in the older one-item checkpoint layout load too. ``input_pipeline.prepare_image`` runs a
+run's preprocessing on images from outside its dataset.
 """
 
 from __future__ import annotations
@@ -19,11 +20,9 @@ from collections.abc import Callable
 
 import jax
 import ml_collections
-import numpy as np
-import orbax.checkpoint as ocp
 from flax import nnx
 
-from boneage_jax import models, objectives, ops, train
+from boneage_jax import evaluation, input_pipeline, objectives, state
 
 
 @dataclasses.dataclass
@@ -42,7 +41,7 @@ class LoadedRun:
 
     def model(self) -> nnx.Module:
         """The model in inference mode (for attention maps, Grad-CAM and other inspection)."""
-        return nnx.merge(self.graphdef, self.params, self.rng_state, self.rest)
+        return state.merge(self.graphdef, self.params, self.rng_state, self.rest)
 
 
 def read_config(workdir: str) -> ml_collections.ConfigDict:
@@ -52,13 +51,6 @@ def read_config(workdir: str) -> ml_collections.ConfigDict:
     with open(path) as f:
         raw = json.load(f)
     return ml_collections.ConfigDict(raw)
-
-
-def input_channels(data_config: ml_collections.ConfigDict) -> int:
-    """Channels of the network input that ``data.normalize`` produces from a grey image."""
-    normalize = ops.build_preprocess(data_config.normalize, **ops.spec_defaults(data_config))
-    probe = normalize(np.full((data_config.image_size, data_config.image_size), 128, np.uint8))
-    return 1 if probe.ndim == 2 else int(probe.shape[-1])
 
 
 def load_run(workdir: str, which: str = "best", config: ml_collections.ConfigDict | None = None) -> LoadedRun:
@@ -76,53 +68,18 @@ def load_run(workdir: str, which: str = "best", config: ml_collections.ConfigDic
     stats = objectives.LabelStats(mean=raw["mean"], std=raw["std"], class_edges=tuple(raw.get("class_edges", ())),
                                   class_means=tuple(raw.get("class_means", ())))
     objective = objectives.make_objective(config, stats)
-    in_channels = input_channels(config.data)
-
-    def create() -> nnx.Module:
-        return models.create_model(config.model, in_channels=in_channels, image_size=config.data.image_size,
-                                   num_outputs=objective.num_outputs, seed=config.seed,
-                                   task=config.get("task", "boneage"))
-
-    abstract = nnx.eval_shape(create)
-    abstract.eval()
-    graphdef, params_shape, _, rest_shape = nnx.split(abstract, nnx.Param, nnx.RngState, ...)
+    in_channels = input_pipeline.input_channels(config.data)
+    create = state.model_factory(config, in_channels=in_channels, num_outputs=objective.num_outputs,
+                                 task=objective.task)
+    graphs, params_shape, rest_shape = state.abstract(create)
     # The dropout RNG state is not checkpointed; only its (unused in eval mode) keys are needed.
-    rng_state = jax.jit(lambda: nnx.split(create(), nnx.Param, nnx.RngState, ...)[2])()
-    tx = train.make_optimizer(config, train.make_schedule(config, 1))
-    abstract_state = {
-        "step": jax.ShapeDtypeStruct((), np.int32),
-        "params": params_shape,
-        "rest": rest_shape,
-        "opt_state": jax.eval_shape(tx.init, params_shape),
-    }
-    abstract_state = jax.tree.map(ocp.utils.to_shape_dtype_struct, abstract_state)
-    directory = os.path.join(workdir, "checkpoints", which)
-    manager = ocp.CheckpointManager(directory)
-    try:
-        if manager.latest_step() is None:
-            raise FileNotFoundError(f"no checkpoint in {directory}")
-        state, _ = train.restore_checkpoint(manager, abstract_state)
-    finally:
-        manager.close()
-    predict_jit = jax.jit(functools.partial(train.predict_step, graphdef=graphdef, objective=objective))
-    params, rest = state["params"], state["rest"]
+    rng_state = state.rng_state(create)
+    params, rest, step = state.restore_weights(os.path.join(workdir, "checkpoints", which), params_shape, rest_shape)
+    predict_jit = jax.jit(functools.partial(evaluation.predict_step, graphdef=graphs.eval, objective=objective))
 
     def predict(batch: dict) -> dict:
         return predict_jit(params, rest, rng_state, batch)
 
     return LoadedRun(workdir=workdir, config=config, objective=objective, stats=stats,
-                     step=int(jax.device_get(state["step"])), in_channels=in_channels, graphdef=graphdef,
+                     step=step, in_channels=in_channels, graphdef=graphs.eval,
                      params=params, rest=rest, rng_state=rng_state, predict=predict)
-
-
-def prepare_image(data_config: ml_collections.ConfigDict, image: np.ndarray, *, mask: np.ndarray | None = None,
-                  sample_id: int = 0) -> np.ndarray:
-    """One decoded uint8 grey radiograph -> the network input (S, S, C) float32, through the
-    run's ``data.preprocess`` and ``data.normalize`` (no augmentation)."""
-    preprocess = ops.build_preprocess(data_config.preprocess, **ops.spec_defaults(data_config))
-    normalize = ops.build_preprocess(data_config.normalize, **ops.spec_defaults(data_config))
-    sample = {"image": ops.as_2d(image), "id": sample_id}
-    if mask is not None:
-        sample["mask"] = mask
-    out = normalize(preprocess(sample))["image"].astype(np.float32)
-    return out[:, :, None] if out.ndim == 2 else out

@@ -219,3 +219,23 @@ def eval_batches(
     ds = ProcessRows(positions, batch_size).map(lambda item: example_at(int(item[1])))
     ds = ds.batch(local_batch_size(batch_size), batch_fn=stack)
     yield from ds.to_iter_dataset(_read_options(data_config))
+
+
+def input_channels(data_config: ml_collections.ConfigDict) -> int:
+    """Channels of the network input that ``data.normalize`` produces from a grey image."""
+    normalize = ops.build_preprocess(data_config.normalize, **ops.spec_defaults(data_config))
+    probe = normalize(np.full((data_config.image_size, data_config.image_size), 128, np.uint8))
+    return 1 if probe.ndim == 2 else int(probe.shape[-1])
+
+
+def prepare_image(data_config: ml_collections.ConfigDict, image: np.ndarray, *, mask: np.ndarray | None = None,
+                  sample_id: int = 0) -> np.ndarray:
+    """One decoded uint8 grey radiograph -> the network input (S, S, C) float32, through the
+    run's ``data.preprocess`` and ``data.normalize`` (no augmentation)."""
+    preprocess = ops.build_preprocess(data_config.preprocess, **ops.spec_defaults(data_config))
+    normalize = ops.build_preprocess(data_config.normalize, **ops.spec_defaults(data_config))
+    sample = {"image": ops.as_2d(image), "id": sample_id}
+    if mask is not None:
+        sample["mask"] = mask
+    out = normalize(preprocess(sample))["image"].astype(np.float32)
+    return out[:, :, None] if out.ndim == 2 else out

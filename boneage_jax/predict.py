@@ -14,7 +14,7 @@ then 1 (0 when every image was predicted).
 
 Each image goes through what validation images went through in training: the dataset's stored
 resolution (``data.builder_config``: longest side at most 512 or 1024 px), then the run's
-``data.preprocess`` and ``data.normalize`` (:func:`boneage_jax.inference.prepare_image`). Single
+``data.preprocess`` and ``data.normalize`` (:func:`boneage_jax.input_pipeline.prepare_image`). Single
 images have no dataset hand mask: ``hand_mask(source='dataset')`` (and ``source='cache'``) become
 ``hand_mask(source='classical')``, the Otsu mask of :func:`boneage_jax.ops.hand.classical_mask`,
 and a note says so. Keypoint ops (``roi_crop`` with region roi1/roi2/roi3, from the spec or
@@ -310,10 +310,10 @@ class Predictor:
         return rsna_bone_age.resize_longest_side(read_image(path), self.max_side)
 
     def prepare(self, image: np.ndarray, path: str = "image") -> np.ndarray:
-        from boneage_jax import inference  # pylint: disable=import-outside-toplevel
+        from boneage_jax import input_pipeline  # pylint: disable=import-outside-toplevel
 
         try:
-            return inference.prepare_image(self.data_config, image)
+            return input_pipeline.prepare_image(self.data_config, image)
         except Exception as e:  # an op failing on this image (e.g. an empty hand mask)
             raise ImageReadError(f"{path}: preprocessing failed: {e}") from e
 
@@ -350,21 +350,22 @@ class Predictor:
     def _saliency_fn(self) -> tuple[str, Callable]:
         import jax  # pylint: disable=import-outside-toplevel
         import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
-        from flax import nnx  # pylint: disable=import-outside-toplevel
+
+        from boneage_jax import state  # pylint: disable=import-outside-toplevel
 
         run = self.run
         if hasattr(run.model().backbone, "attention_map"):
 
             def attention(params, rest, rng_state, images, male):
                 del male
-                model = nnx.merge(run.graphdef, params, rng_state, rest)
+                model = state.merge(run.graphdef, params, rng_state, rest)
                 return model.backbone.attention_map(images)
 
             return "attention", jax.jit(attention)
 
         def gradient(params, rest, rng_state, images, male):
             def total_age(x):
-                model = nnx.merge(run.graphdef, params, rng_state, rest)
+                model = state.merge(run.graphdef, params, rng_state, rest)
                 return jnp.sum(run.objective.predict(model(x, male))["boneage"])
 
             return jnp.max(jnp.abs(jax.grad(total_age)(images)), axis=-1)

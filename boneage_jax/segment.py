@@ -24,7 +24,7 @@ import cv2
 import numpy as np
 from absl import app, flags
 
-from boneage_jax import data, inference, objectives, ops
+from boneage_jax import data, inference, input_pipeline, objectives, ops
 from boneage_jax.ops import hand
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "Workdir of a trained segmentation run.")
@@ -83,7 +83,7 @@ def segment_dataset(workdir: str, out: str, manual_dir: str | None = None, data_
         source = data.data_source(config.data, split)
         for begin in range(0, len(source), batch_size):
             records = [source[i] for i in range(begin, min(begin + batch_size, len(source)))]
-            images = np.stack([inference.prepare_image(config.data, r["image"]) for r in records])
+            images = np.stack([input_pipeline.prepare_image(config.data, r["image"]) for r in records])
             predicted = np.asarray(run.predict({"image": images, "male": np.zeros(len(records), np.float32)})["mask"])
             for record, logits_mask in zip(records, predicted):
                 height, width = record["image"].shape[:2]

@@ -16,7 +16,7 @@ import pytest
 from conftest import tiny_demo_config
 from flax import nnx
 
-from boneage_jax import evaluate, explain, inference, report, train
+from boneage_jax import evaluate, evaluation, explain, inference, report, train
 
 REPO = os.path.abspath(os.path.join(os.path.dirname(__file__), ".."))
 
@@ -187,14 +187,14 @@ def test_gradcam_equals_the_gradient_at_the_last_feature_map(workdir):
 def test_combine_and_tta_views():
     a = {"boneage": np.array([10.0, 20.0]), "std": np.array([1.0, 2.0]), "class": np.array([0, 2])}
     b = {"boneage": np.array([14.0, 20.0]), "std": np.array([1.0, 2.0]), "class": np.array([1, 2])}
-    out = evaluate.combine([a, b], class_means=[10.5, 13.0, 20.0])
+    out = evaluation.combine([a, b], class_means=[10.5, 13.0, 20.0])
     np.testing.assert_allclose(out["boneage"], [12.0, 20.0])
     # Mixture of N(10, 1) and N(14, 1): variance 1 + 4.
     np.testing.assert_allclose(out["std"], [np.sqrt(5.0), 2.0], rtol=1e-6)
     np.testing.assert_array_equal(out["class"], [1, 2])  # tie 0/1 -> class mean 13 is nearer 12 than 10.5
     images = np.random.default_rng(0).normal(size=(2, 16, 16, 1)).astype(np.float32)
-    views = evaluate.tta_views(images, flip=True, angles=(-5.0, 5.0))
+    views = evaluation.tta_views(images, flip=True, angles=(-5.0, 5.0))
     assert len(views) == 4 and all(v.shape == images.shape and v.dtype == np.float32 for v in views)
     np.testing.assert_array_equal(views[1][:, :, ::-1], images)
-    np.testing.assert_allclose(evaluate.rotate(images, 0.0), images, atol=1e-6)
+    np.testing.assert_allclose(evaluation.rotate(images, 0.0), images, atol=1e-6)
     assert not np.allclose(views[2], images)

@@ -145,7 +145,7 @@ def test_cli_png_jpeg_dicom_csv_heatmaps_and_failure(run_dir, phantom_dir, tmp_p
 
 def test_prediction_matches_tfds_pipeline(run_dir, phantom_dir):
     """A phantom test image read from its file equals the same record through TFDS + grain."""
-    from boneage_jax import data, inference, input_pipeline
+    from boneage_jax import data, input_pipeline
 
     predictor = predict.Predictor(run_dir)
     config = predictor.run.config
@@ -157,7 +157,7 @@ def test_prediction_matches_tfds_pipeline(run_dir, phantom_dir):
     np.testing.assert_allclose(images, batch["image"], atol=1e-6)
     ours = predictor.predict_arrays(images, np.asarray(batch["male"]))["boneage"]
     np.testing.assert_allclose(ours, expected, atol=1e-4)
-    assert inference.prepare_image(config.data, predictor.load(files[0])).shape == images[0].shape
+    assert input_pipeline.prepare_image(config.data, predictor.load(files[0])).shape == images[0].shape
 
 
 def test_repeat_run_reuses_compilation_cache(run_dir, phantom_dir, tmp_path):

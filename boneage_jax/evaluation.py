@@ -1,0 +1,238 @@
+"""Predictions and scores of a trained model: what the training loop and the evaluation commands share.
+
+- :func:`predict_step`: the objective's readout of a batch in inference mode (jit-compiled by
+  the caller); :func:`global_batch` and :func:`to_host` move batches onto the ``data`` mesh and
+  back (gathering across processes).
+- :func:`predict_split`: predictions for every example of a split, padding removed.
+- :func:`score_predictions`: the objective's metrics plus, for bone age, the breakdown per sex
+  and age band and the confusion matrix of class heads.
+- Test-time augmentation (:func:`tta_views`: flip and small rotations of the normalised input,
+  edges replicated) and ensembles (:func:`combine`, :func:`ensemble_predictions`: the members'
+  mean; Gaussian heads as a mixture, class heads by vote) over loaded runs
+  (``boneage_jax.inference.LoadedRun``), with timing (:class:`Timing`) and peak memory.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import resource
+import time
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING
+
+import cv2
+import jax
+import ml_collections
+import numpy as np
+from jax.experimental import multihost_utils
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from boneage_jax import data, input_pipeline, metrics, objectives, state
+from boneage_jax.ops import augment
+
+if TYPE_CHECKING:
+    from boneage_jax import inference
+
+
+# ----------------------------------------------------------------------------- one batch
+
+
+def predict_step(params, rest, rng_state, batch: dict, *, graphdef, objective: objectives.Objective):
+    """The objective's readout for a batch in inference mode: ``boneage`` in months and more."""
+    model = state.merge(graphdef, params, rng_state, rest)
+    return objective.predict(model(batch["image"], batch["male"]))
+
+
+def to_host(tree):
+    """Global arrays to host numpy, gathering across processes when there are several."""
+    if jax.process_count() > 1:
+        return multihost_utils.process_allgather(tree, tiled=True)
+    return jax.device_get(tree)
+
+
+def global_batch(batch: dict, sharding: NamedSharding) -> dict:
+    """This process's rows of a batch -> global arrays sharded over the ``data`` mesh."""
+    return {k: jax.make_array_from_process_local_data(sharding, v) for k, v in batch.items()}
+
+
+# ----------------------------------------------------------------------------- a split
+
+
+def predict_split(
+    predict: Callable, config: ml_collections.ConfigDict, selection: data.SplitSelection, sharding: NamedSharding,
+    objective: objectives.Objective,
+) -> dict[str, np.ndarray]:
+    """Predictions for every example of a split (padding removed), with labels and ids."""
+    keep = ("boneage", "male", "id", "weight")
+    outputs = []
+    for batch in input_pipeline.eval_batches(config.data, selection, config.eval_batch_size):
+        device_batch = global_batch(batch, sharding)
+        readout = to_host({f"pred_{k}": v for k, v in predict(device_batch).items()})
+        host_batch = to_host(device_batch)
+        readout = objective.host_readout(readout, host_batch)
+        outputs.append({**readout, **{k: host_batch[k] for k in keep}})
+    merged = {k: np.concatenate([o[k] for o in outputs]) for k in outputs[0]}
+    real = merged.pop("weight") > 0
+    return {k: v[real] for k, v in merged.items()}
+
+
+
+# ----------------------------------------------------------------------------- scoring
+
+
+def score_predictions(predictions: dict[str, np.ndarray], objective) -> dict:
+    """``objective.score`` plus the breakdown per sex and age band, and the confusion matrix
+    for class heads, over the labelled predictions."""
+    result = dict(objective.score(predictions))
+    labelled = ~np.isnan(predictions["boneage"])
+    if not labelled.any():
+        return result
+    pred, true, male = (predictions[k][labelled] for k in ("pred_boneage", "boneage", "male"))
+    result["breakdown"] = metrics.breakdown(pred, true, male, baseline=objective.stats.mean)
+    if "pred_class" in predictions:
+        true_class = objective.true_classes(true)
+        matrix = metrics.confusion_matrix(true_class, predictions["pred_class"][labelled],
+                                          len(objective.stats.class_edges) - 1)
+        result["accuracy"] = metrics.accuracy(predictions["pred_class"][labelled], true_class)
+        result["confusion_matrix"] = matrix.tolist()
+        result["class_edges"] = list(objective.stats.class_edges)
+    return result
+
+
+def memory_summary() -> dict:
+    """Peak resident memory of this process and, where the device reports it, peak device memory."""
+    out = {"peak_host_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0}  # KiB on Linux
+    try:
+        stats = jax.local_devices()[0].memory_stats()
+    except Exception:  # pylint: disable=broad-except
+        stats = None
+    if stats and "peak_bytes_in_use" in stats:
+        out["peak_device_mib"] = stats["peak_bytes_in_use"] / 2**20
+    out["device"] = str(jax.local_devices()[0].device_kind)
+    return out
+
+
+
+# ----------------------------------------------------------------------------- test-time augmentation and ensembles
+
+
+def rotate(images: np.ndarray, angle: float) -> np.ndarray:
+    """Rotates (B, H, W, C) float images about their centre by ``angle`` degrees
+    (counter-clockwise, as the ``affine`` augmentation), replicating the edges."""
+    _, height, width, channels = images.shape
+    matrix = augment.affine_matrix((width / 2.0, height / 2.0), angle)
+    return np.stack([
+        cv2.warpAffine(np.ascontiguousarray(image), matrix, (width, height), flags=cv2.INTER_LINEAR,
+                       borderMode=cv2.BORDER_REPLICATE).reshape(height, width, channels)
+        for image in images
+    ]).astype(images.dtype)
+
+
+def tta_views(images: np.ndarray, flip: bool = True, angles: Sequence[float] = (-5.0, 5.0)) -> list[np.ndarray]:
+    """The original batch, its horizontal flip and its rotations."""
+    views = [images]
+    if flip:
+        views.append(np.ascontiguousarray(images[:, :, ::-1]))
+    views.extend(rotate(images, float(a)) for a in angles)
+    return views
+
+
+def combine(readouts: Sequence[dict], prefix: str = "", class_means: Sequence[float] | None = None) -> dict:
+    """Mean of several readouts of the same images (TTA views or ensemble members).
+
+    ``{prefix}boneage``: the mean. ``{prefix}std`` (when all have one): the standard deviation of
+    the equal-weight Gaussian mixture, sqrt(mean(std^2 + mu^2) - mean(mu)^2). ``{prefix}class``
+    (when all have one): the majority vote, ties going to the class whose ``class_means`` is
+    nearest the mean age (else the lowest class)."""
+    ages = np.stack([np.asarray(r[f"{prefix}boneage"], np.float64) for r in readouts])
+    out = {f"{prefix}boneage": ages.mean(0).astype(np.float32)}
+    if all(f"{prefix}std" in r for r in readouts):
+        stds = np.stack([np.asarray(r[f"{prefix}std"], np.float64) for r in readouts])
+        var = np.mean(stds**2 + ages**2, axis=0) - ages.mean(0) ** 2
+        out[f"{prefix}std"] = np.sqrt(np.maximum(var, 0.0)).astype(np.float32)
+    if all(f"{prefix}class" in r for r in readouts):
+        classes = np.stack([np.asarray(r[f"{prefix}class"], np.int64) for r in readouts])  # (N, B)
+        num = int(classes.max()) + 1 if class_means is None else len(class_means)
+        counts = np.stack([(classes == k).sum(0) for k in range(num)], axis=1)  # (B, K)
+        tied = counts == counts.max(axis=1, keepdims=True)
+        if class_means is not None:
+            distance = np.abs(np.asarray(class_means)[None, :] - out[f"{prefix}boneage"][:, None])
+            out[f"{prefix}class"] = np.where(tied, distance, np.inf).argmin(axis=1)
+        else:
+            out[f"{prefix}class"] = tied.argmax(axis=1)
+    return out
+
+
+@dataclasses.dataclass
+class Timing:
+    """Time in the model (after compilation) and in the whole pass, over the real images."""
+
+    model_s: float = 0.0
+    total_s: float = 0.0
+    images: int = 0
+
+    def summary(self) -> dict:
+        n = max(self.images, 1)
+        return {"model_ms_per_image": 1e3 * self.model_s / n, "total_ms_per_image": 1e3 * self.total_s / n,
+                "images": self.images}
+
+
+def member_predictions(run: inference.LoadedRun, chosen: Sequence[data.SplitSelection], *, tta: bool = False,
+                       tta_flip: bool = True, tta_angles: Sequence[float] = (-5.0, 5.0),
+                       timing: Timing | None = None) -> dict[str, np.ndarray]:
+    """One run's predictions (``predict_split``'s arrays) over the selections, in order."""
+    config, objective = run.config, run.objective
+    sharding = NamedSharding(state.make_mesh(), P("data"))
+    class_means = objective.stats.class_means or None
+
+    def predict(batch: dict) -> dict:
+        if not tta:
+            return run.predict(batch)
+        views = tta_views(np.asarray(batch["image"]), tta_flip, tta_angles)
+        readouts = [jax.device_get(run.predict({**batch, "image": jax.device_put(v, batch["image"].sharding)}))
+                    for v in views]
+        return combine(readouts, class_means=class_means)
+
+    def timed(batch: dict) -> dict:
+        start = time.perf_counter()
+        out = jax.block_until_ready(predict(batch))
+        if timing is not None:
+            timing.model_s += time.perf_counter() - start
+        return out
+
+    if timing is not None:
+        # Compile (and warm up) on the first batch before anything is timed.
+        first = next(iter(input_pipeline.eval_batches(config.data, chosen[0], config.eval_batch_size)))
+        jax.block_until_ready(predict(global_batch(first, sharding)))
+
+    parts = []
+    start = time.perf_counter()
+    for selection in chosen:
+        parts.append(predict_split(timed, config, selection, sharding, objective))
+    if timing is not None:
+        timing.total_s += time.perf_counter() - start
+        timing.images += sum(len(p["id"]) for p in parts)
+    return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
+
+
+def ensemble_predictions(runs: Sequence[inference.LoadedRun], chosen: Sequence[data.SplitSelection],
+                         timing: Timing | None = None, **tta) -> dict[str, np.ndarray]:
+    """The members' predictions combined (one member: its own)."""
+    each = [member_predictions(run, chosen, timing=timing, **tta) for run in runs]
+    if timing is not None and len(runs) > 1:
+        timing.images //= len(runs)
+    first = each[0]
+    for run, other in zip(runs[1:], each[1:]):
+        if not np.array_equal(first["id"], other["id"]):
+            raise ValueError(f"ensemble member {run.workdir} predicted other images than {runs[0].workdir}")
+    if len(each) == 1:
+        return first
+    heads = {run.objective.head for run in runs}
+    edges = {run.objective.stats.class_edges for run in runs}
+    readouts = [{k: v for k, v in p.items() if k.startswith("pred_")} for p in each]
+    if not (heads == {"classification"} and len(edges) == 1):
+        for r in readouts:
+            r.pop("pred_class", None)
+    combined = combine(readouts, prefix="pred_", class_means=runs[0].objective.stats.class_means or None)
+    return {**{k: v for k, v in first.items() if not k.startswith("pred_")}, **combined}
