@@ -43,7 +43,7 @@ import numpy as np
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from boneage_jax import data, evaluation, inference, metrics, writers
+from boneage_jax import data, evaluation, inference, io, metrics, objectives
 
 SPLITS = ("test", "validation", "train", "all")
 # Settings the weights depend on: an evaluation may not change them.
@@ -134,10 +134,9 @@ def _load_member(workdir: str, which: str, config: ml_collections.ConfigDict) ->
     if not os.path.isdir(directory) or not any(name.isdigit() for name in os.listdir(directory)):
         raise FileNotFoundError(f"no checkpoint in {directory}: has the run in {workdir} saved one "
                                 f"(try --which={'latest' if which == 'best' else 'best'})?")
-    if config.get("task", "boneage") != "boneage":
-        raise ValueError(f"{workdir} is a {config.task} run: evaluate scores bone-age runs "
-                         "(segmentation runs report Jaccard in results.json)")
-    return inference.load_run(workdir, which=which, config=config)
+    run = inference.load_run(workdir, which=which, config=config)
+    objectives.require_bone_age(run.objective, workdir, "evaluate")
+    return run
 
 
 # ----------------------------------------------------------------------------- splits
@@ -263,7 +262,7 @@ def evaluate(workdir: str, *, split: str | None = None, which: str = "best", tta
                            other_data=other)
     json_path = os.path.join(workdir, f"evaluation_{suffix}.json")
     csv_path = os.path.join(workdir, f"predictions_{suffix}.csv")
-    writers.write_json(json_path, result)
+    io.write_json(json_path, result)
     write_predictions_csv(csv_path, predictions)
     outcome = Evaluation(result, predictions, runs, split, json_path, csv_path)
     if verbose:
@@ -289,7 +288,7 @@ def write_predictions_csv(path: str, predictions: dict[str, np.ndarray]) -> None
         return "" if np.isnan(value) else f"{float(value):.4f}"
 
     rows = ([cell(k, predictions[k][i]) for k in columns] for i in range(len(predictions["id"])))
-    writers.write_csv(path, columns, rows)
+    io.write_csv(path, columns, rows)
 
 
 def summary_table(outcome: Evaluation) -> str:

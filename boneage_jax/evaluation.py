@@ -1,8 +1,7 @@
 """Predictions and scores of a trained model: what the training loop and the evaluation commands share.
 
-- :func:`predict_step`: the objective's readout of a batch in inference mode (jit-compiled by
-  the caller); :func:`global_batch` and :func:`to_host` move batches onto the ``data`` mesh and
-  back (gathering across processes).
+- :func:`global_batch` and :func:`to_host` move batches onto the ``data`` mesh and back
+  (gathering across processes); the readout of one batch is ``inference.predict_step``.
 - :func:`predict_split`: predictions for every example of a split, padding removed.
 - :func:`score_predictions`: the objective's metrics plus, for bone age, the breakdown per sex
   and age band and the confusion matrix of class heads.
@@ -35,13 +34,7 @@ if TYPE_CHECKING:
     from boneage_jax import inference
 
 
-# ----------------------------------------------------------------------------- one batch
-
-
-def predict_step(params, rest, rng_state, batch: dict, *, graphdef, objective: objectives.Objective):
-    """The objective's readout for a batch in inference mode: ``boneage`` in months and more."""
-    model = state.merge(graphdef, params, rng_state, rest)
-    return objective.predict(model(batch["image"], batch["male"]))
+# ----------------------------------------------------------------------------- batches
 
 
 def to_host(tree):
@@ -61,7 +54,7 @@ def global_batch(batch: dict, sharding: NamedSharding) -> dict:
 
 def predict_split(
     predict: Callable, config: ml_collections.ConfigDict, selection: data.SplitSelection, sharding: NamedSharding,
-    objective: objectives.Objective,
+    objective: objectives.Task,
 ) -> dict[str, np.ndarray]:
     """Predictions for every example of a split (padding removed), with labels and ids."""
     keep = ("boneage", "male", "id", "weight")

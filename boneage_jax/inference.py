@@ -22,14 +22,20 @@ import jax
 import ml_collections
 from flax import nnx
 
-from boneage_jax import evaluation, input_pipeline, objectives, state
+from boneage_jax import input_pipeline, objectives, state
+
+
+def predict_step(params, rest, rng_state, batch: dict, *, graphdef, objective: objectives.Task):
+    """The objective's readout for a batch in inference mode: ``boneage`` in months and more."""
+    model = state.merge(graphdef, params, rng_state, rest)
+    return objective.predict(model(batch["image"], batch["male"]))
 
 
 @dataclasses.dataclass
 class LoadedRun:
     workdir: str
     config: ml_collections.ConfigDict
-    objective: objectives.Objective | objectives.Segmentation
+    objective: objectives.Task
     stats: objectives.LabelStats
     step: int
     in_channels: int
@@ -75,7 +81,7 @@ def load_run(workdir: str, which: str = "best", config: ml_collections.ConfigDic
     # The dropout RNG state is not checkpointed; only its (unused in eval mode) keys are needed.
     rng_state = state.rng_state(create)
     params, rest, step = state.restore_weights(os.path.join(workdir, "checkpoints", which), params_shape, rest_shape)
-    predict_jit = jax.jit(functools.partial(evaluation.predict_step, graphdef=graphs.eval, objective=objective))
+    predict_jit = jax.jit(functools.partial(predict_step, graphdef=graphs.eval, objective=objective))
 
     def predict(batch: dict) -> dict:
         return predict_jit(params, rest, rng_state, batch)
@@ -83,3 +89,15 @@ def load_run(workdir: str, which: str = "best", config: ml_collections.ConfigDic
     return LoadedRun(workdir=workdir, config=config, objective=objective, stats=stats,
                      step=step, in_channels=in_channels, graphdef=graphs.eval,
                      params=params, rest=rest, rng_state=rng_state, predict=predict)
+
+
+def stored_max_side(data_config) -> int | None:
+    """The longest side that the run's TFDS builder config stores images at (None: original)."""
+    from tfds_rsna import rsna_bone_age  # pylint: disable=import-outside-toplevel
+
+    name = data_config.get("builder_config", "max512")
+    for builder_config in rsna_bone_age.RsnaBoneAge.BUILDER_CONFIGS:
+        if builder_config.name == name:
+            return builder_config.max_side
+    raise ValueError(f"data.builder_config {name!r}: unknown; expected one of "
+                     f"{[c.name for c in rsna_bone_age.RsnaBoneAge.BUILDER_CONFIGS]}")

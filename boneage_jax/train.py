@@ -30,7 +30,7 @@ from flax import nnx
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from boneage_jax import data, evaluation, input_pipeline, objectives, writers
+from boneage_jax import data, evaluation, inference, input_pipeline, io, objectives, writers
 from boneage_jax import state as state_lib
 
 
@@ -89,7 +89,7 @@ def set_lr_scale(opt_state, value: float):
 # ----------------------------------------------------------------------------- steps
 
 
-def train_step(state: dict, batch: dict, rng_state, base_key, *, graphdef, tx, objective: objectives.Objective):
+def train_step(state: dict, batch: dict, rng_state, base_key, *, graphdef, tx, objective: objectives.Task):
     """One AdamW step; pure, compiled once. Returns the new state and the step's metrics.
 
     Dropout draws from a key folded from ``base_key`` and the step number, so a resumed run
@@ -129,9 +129,7 @@ def train_and_evaluate(
     called with the step number after every step (for progress hooks and tests).
     """
     os.makedirs(workdir, exist_ok=True)
-    writers.write_json(os.path.join(workdir, "config.json"), json.loads(config.to_json_best_effort()))
-    if config.get("task", "boneage") == "segmentation" and not config.data.get("mask_in_batch", False):
-        raise ValueError("config.task='segmentation' needs config.data.mask_in_batch=True (masks in the batches)")
+    io.write_json(os.path.join(workdir, "config.json"), json.loads(config.to_json_best_effort()))
     mesh = state_lib.make_mesh()
     if config.batch_size % jax.device_count() or config.eval_batch_size % jax.device_count():
         raise ValueError(
@@ -146,7 +144,7 @@ def train_and_evaluate(
     splits = data.select_splits(config.data, builder, config.seed)
     stats = objectives.label_stats(config.model, splits["train"].boneage)
     objective = objectives.make_objective(config, stats)
-    writers.write_json(os.path.join(workdir, "label_stats.json"), dataclasses.asdict(stats))
+    io.write_json(os.path.join(workdir, "label_stats.json"), dataclasses.asdict(stats))
     sample = next(input_pipeline.eval_batches(config.data, splits["validation"], jax.process_count()))
     in_channels = sample["image"].shape[-1]
     total_steps = num_train_steps(config, len(splits["train"].indices))
@@ -173,7 +171,7 @@ def train_and_evaluate(
         functools.partial(train_step, graphdef=graphs.train, tx=tx, objective=objective),
         donate_argnums=(0,),
     )
-    predict_jit = jax.jit(functools.partial(evaluation.predict_step, graphdef=graphs.eval, objective=objective))
+    predict_jit = jax.jit(functools.partial(inference.predict_step, graphdef=graphs.eval, objective=objective))
 
     def predict(batch: dict) -> dict[str, jax.Array]:
         return predict_jit(state["params"], state["rest"], rng_state, batch)
@@ -212,7 +210,7 @@ def train_and_evaluate(
             averaged["images_per_s"] = images_per_s
         writer.write(step, "train", averaged)
         shown = "".join(f"  {k.removesuffix('_months')} {v:.3f}" for k, v in averaged.items()
-                        if k in ("mae_months", "jaccard"))
+                        if k not in ("loss", "grad_norm", "lr", "images_per_s"))  # the objective's metrics
         _log(f"step {step:>6}/{total_steps}  loss {averaged['loss']:.4f}{shown}  "
              f"lr {averaged['lr']:.2e}" + (f"  {images_per_s:.1f} img/s" if images_per_s else ""))
 
@@ -223,7 +221,7 @@ def train_and_evaluate(
         nonlocal state
         result = objective.score(evaluation.predict_split(predict, config, splits["validation"], batch_sharding, objective))
         writer.write(step, "validation", result)
-        _log(f"step {step:>6}  validation " + _summary(result))
+        _log(f"step {step:>6}  validation " + objective.summary(result))
         value = result[objective.monitor]
         sign = -1.0 if objective.higher_is_better else 1.0
         if meta["best_value"] is None or sign * value < sign * meta["best_value"] - config.min_delta:
@@ -281,41 +279,14 @@ def train_and_evaluate(
         if name in splits:
             predictions = evaluation.predict_split(predict, config, splits[name], batch_sharding, objective)
             results[name] = objective.score(predictions)
-            if "pred_jaccard" in predictions and jax.process_index() == 0:
-                writers.write_csv(os.path.join(workdir, f"jaccard_{name}.csv"), ["id", "jaccard", "jaccard_post"],
-                                  zip(predictions["id"].tolist(), predictions["pred_jaccard"].tolist(),
-                                      predictions["pred_jaccard_post"].tolist()))
+            if jax.process_index() == 0:
+                objective.write_artefacts(workdir, name, predictions)
             results[name]["checkpoint_step"] = int(jax.device_get(state["step"]))
             writer.write(step, f"final_{name}", results[name])
-    writers.write_json(os.path.join(workdir, "results.json"), results)
+    io.write_json(os.path.join(workdir, "results.json"), results)
     writer.close()
     latest.close()
     best.close()
-    _log(results_table(results))
+    _log(objective.results_table(results))
     return results
 
-
-def _summary(result: dict) -> str:
-    if "jaccard" in result:
-        return f"jaccard {result['jaccard']:.4f}  (post-processed {result['jaccard_post']:.4f}, min {result['jaccard_min']:.3f})"
-    if "mae" not in result:
-        return f"{result['num_examples']} images (unlabelled)"
-    return (f"mae {result['mae']:.2f}  rmse {result['rmse']:.2f}  r2 {result['r2']:.3f}  "
-            f"(baseline mae {result['baseline_mae']:.2f})")
-
-
-def results_table(results: dict[str, dict[str, float]]) -> str:
-    """A short text table: each split's MAE beside the predict-the-training-mean baseline."""
-    if any("jaccard" in r for r in results.values()):
-        lines = [f"{'split':<12}{'images':>8}{'Jaccard':>10}{'post-processed':>16}{'min':>8}"]
-        lines += [f"{name:<12}{r['num_examples']:>8}{r['jaccard']:>10.4f}{r['jaccard_post']:>16.4f}{r['jaccard_min']:>8.3f}"
-                  for name, r in results.items()]
-        return "\n".join(lines)
-    lines = [f"{'split':<12}{'images':>8}{'MAE (months)':>15}{'baseline MAE':>15}{'RMSE':>9}{'R2':>8}"]
-    for name, r in results.items():
-        if "mae" not in r:
-            lines.append(f"{name:<12}{r['num_examples']:>8}   (unlabelled)")
-            continue
-        lines.append(f"{name:<12}{r['num_examples']:>8}{r['mae']:>15.2f}{r['baseline_mae']:>15.2f}"
-                     f"{r['rmse']:>9.2f}{r['r2']:>8.3f}")
-    return "\n".join(lines)
