@@ -9,15 +9,21 @@
   edges replicated) and ensembles (:func:`combine`, :func:`ensemble_predictions`: the members'
   mean; Gaussian heads as a mixture, class heads by vote) over loaded runs
   (``boneage_jax.inference.LoadedRun``), with timing (:class:`Timing`) and peak memory.
+- :func:`evaluate`: what ``python -m boneage_jax.evaluate`` (and ``boneage_jax.report``) does:
+  loads a run (and ensemble members), scores a split, optionally bias-corrected, writes
+  ``evaluation_<suffix>.json`` and ``predictions_<suffix>.csv`` into the workdir, and with
+  ``report`` the figures and ``report/report.md`` (``boneage_jax.report``). The options and
+  files are described in ``boneage_jax/evaluate.py``.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import os
+import re
 import resource
 import time
 from collections.abc import Callable, Sequence
-from typing import TYPE_CHECKING
 
 import cv2
 import jax
@@ -27,11 +33,9 @@ from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from boneage_jax import data, input_pipeline, metrics, objectives, state
+from boneage_jax import data, inference, input_pipeline, io, metrics, objectives, state
 from boneage_jax.ops import augment
 
-if TYPE_CHECKING:
-    from boneage_jax import inference
 
 
 # ----------------------------------------------------------------------------- batches
@@ -229,3 +233,212 @@ def ensemble_predictions(runs: Sequence[inference.LoadedRun], chosen: Sequence[d
             r.pop("pred_class", None)
     combined = combine(readouts, prefix="pred_", class_means=runs[0].objective.stats.class_means or None)
     return {**{k: v for k, v in first.items() if not k.startswith("pred_")}, **combined}
+
+# ----------------------------------------------------------------------------- evaluating runs
+
+
+SPLITS = ("test", "validation", "train", "all")
+
+
+def _load_member(workdir: str, which: str, config: ml_collections.ConfigDict) -> inference.LoadedRun:
+    directory = os.path.join(workdir, "checkpoints", which)
+    if not os.path.isdir(directory) or not any(name.isdigit() for name in os.listdir(directory)):
+        raise FileNotFoundError(f"no checkpoint in {directory}: has the run in {workdir} saved one "
+                                f"(try --which={'latest' if which == 'best' else 'best'})?")
+    run = inference.load_run(workdir, which=which, config=config)
+    objectives.require_bone_age(run.objective, workdir, "evaluate")
+    return run
+
+
+# ----------------------------------------------------------------------------- splits
+
+
+def selections(config: ml_collections.ConfigDict, split: str | None) -> tuple[str, list[data.SplitSelection]]:
+    """(split name, the selections to score): one, or for ``all`` every TFDS split's labelled
+    records (after the config's sex and age filters)."""
+    builder = data.prepare(config.data)
+    splits = data.select_splits(config.data, builder, config.seed)
+    if split is None:
+        split = "test" if "test" in splits else "validation"
+    if split == "all":
+        chosen = []
+        for name in sorted(builder.info.splits.keys()):
+            labels = data.label_index(config.data, name)
+            labelled = np.flatnonzero(~np.isnan(labels.boneage))
+            indices = data.filter_indices(labels, labelled, config.data)
+            if len(indices):
+                chosen.append(data.SplitSelection(name, indices, labels))
+        if not chosen:
+            raise ValueError(f"no labelled images in {config.data.manual_dir}")
+        return split, chosen
+    if split not in splits:
+        raise ValueError(f"the dataset in {config.data.manual_dir} has no {split} split "
+                         f"(it has {', '.join(sorted(splits))}; try --split=validation or --split=all)")
+    return split, [splits[split]]
+
+
+# ----------------------------------------------------------------------------- the evaluation
+
+
+def output_suffix(split: str, *, which: str = "best", tta: bool = False, ensemble: bool = False,
+                  bias_correction: bool = False, other_data: str | None = None) -> str:
+    parts = [split]
+    if which != "best":
+        parts.append(which)
+    if tta:
+        parts.append("tta")
+    if ensemble:
+        parts.append("ensemble")
+    if bias_correction:
+        parts.append("bc")
+    if other_data:
+        parts.append("on-" + re.sub(r"[^A-Za-z0-9._-]+", "_", other_data))
+    return "_".join(parts)
+
+
+@dataclasses.dataclass
+class Evaluation:
+    """What ``evaluate`` computed: the JSON written, the predictions, the runs."""
+
+    result: dict
+    predictions: dict[str, np.ndarray]
+    runs: list[inference.LoadedRun]
+    split: str
+    json_path: str
+    csv_path: str
+    report_path: str | None = None
+
+
+def evaluate(workdir: str, *, split: str | None = None, which: str = "best", tta: bool = False,
+             tta_flip: bool = True, tta_angles: Sequence[float] = (-5.0, 5.0), ensemble: Sequence[str] = (),
+             bias_correction: bool = False, overrides: Sequence[str] = (), report: bool = False,
+             report_images: int = 8, verbose: bool = True) -> Evaluation:
+    """Scores ``workdir``'s run (and ``ensemble`` members) and writes the JSON and CSV; see the
+    module docstring. Returns an :class:`Evaluation`."""
+    workdir = os.path.abspath(workdir)
+    config = inference.load_config(workdir, overrides)
+    saved_dir = inference.read_config(workdir).data.manual_dir
+    members = [workdir] + [os.path.abspath(m) for m in ensemble if m]
+    configs = [config]
+    for member in members[1:]:
+        member_config = inference.load_config(member, overrides)
+        for key in ("manual_dir", "data_dir", "builder_config"):  # the first run's dataset
+            if key in config.data and key in member_config.data:
+                member_config.data[key] = config.data[key]
+        configs.append(member_config)
+    runs = [_load_member(m, which, c) for m, c in zip(members, configs)]
+    split, chosen = selections(config, split)
+    tta_options = {"tta": tta, "tta_flip": tta_flip, "tta_angles": tuple(float(a) for a in tta_angles)}
+
+    timing = Timing()
+    predictions = ensemble_predictions(runs, chosen, timing=timing, **tta_options)
+    objective = runs[0].objective
+
+    correction = None
+    if bias_correction:
+        if split == "validation":
+            validation = predictions
+        else:
+            validation = ensemble_predictions(runs, selections(config, "validation")[1], **tta_options)
+        labelled = ~np.isnan(validation["boneage"])
+        if labelled.sum() < 2:
+            raise ValueError("bias correction needs at least 2 labelled validation images")
+        correction = metrics.fit_linear_correction(validation["pred_boneage"][labelled], validation["boneage"][labelled])
+        uncorrected = objective.score(predictions)
+        predictions = {**predictions, "pred_boneage_uncorrected": predictions["pred_boneage"],
+                       "pred_boneage": metrics.apply_linear_correction(predictions["pred_boneage"],
+                                                                       correction).astype(np.float32)}
+        correction = {**correction, "fitted_on": "validation", "num_fitted": int(labelled.sum()),
+                      "in_sample": split in ("validation", "all"), "uncorrected": uncorrected}
+
+    result = score_predictions(predictions, objective)
+    result["checkpoint_step"] = runs[0].step
+    result["split"] = split
+    result["which"] = which
+    result["tfds_splits"] = [s.tfds_split for s in chosen]
+    result["dataset"] = os.path.abspath(os.path.expanduser(config.data.manual_dir))
+    result["members"] = [{"workdir": r.workdir, "checkpoint_step": r.step, "model": r.config.model.name}
+                         for r in runs]
+    result["tta"] = ({"views": 1 + tta_flip + len(tta_options["tta_angles"]), "flip": tta_flip,
+                      "angles": list(tta_options["tta_angles"])} if tta else None)
+    if correction is not None:
+        result["bias_correction"] = correction
+    result["inference"] = {**timing.summary(), **memory_summary()}
+    result["overrides"] = list(overrides)
+
+    other = None
+    if os.path.abspath(os.path.expanduser(config.data.manual_dir)) != os.path.abspath(os.path.expanduser(saved_dir)):
+        other = os.path.basename(os.path.normpath(config.data.manual_dir))
+    suffix = output_suffix(split, which=which, tta=tta, ensemble=len(runs) > 1, bias_correction=bias_correction,
+                           other_data=other)
+    json_path = os.path.join(workdir, f"evaluation_{suffix}.json")
+    csv_path = os.path.join(workdir, f"predictions_{suffix}.csv")
+    io.write_json(json_path, result)
+    write_predictions_csv(csv_path, predictions)
+    outcome = Evaluation(result, predictions, runs, split, json_path, csv_path)
+    if verbose:
+        print(summary_table(outcome), flush=True)
+    if report:
+        from boneage_jax import report as report_lib  # pylint: disable=import-outside-toplevel
+
+        outcome.report_path = report_lib.write_report(outcome, num_images=report_images)
+        if verbose:
+            print(f"wrote {outcome.report_path}", flush=True)
+    return outcome
+
+
+def write_predictions_csv(path: str, predictions: dict[str, np.ndarray]) -> None:
+    columns = ["id", "male", "boneage", "pred_boneage"] + [
+        k for k in ("pred_boneage_uncorrected", "pred_std", "pred_class") if k in predictions]
+
+    def cell(key, value):
+        if key in ("id", "pred_class"):
+            return int(value)
+        if key == "male":
+            return int(bool(value))
+        return "" if np.isnan(value) else f"{float(value):.4f}"
+
+    rows = ([cell(k, predictions[k][i]) for k in columns] for i in range(len(predictions["id"])))
+    io.write_csv(path, columns, rows)
+
+
+def summary_table(outcome: Evaluation) -> str:
+    """A readable table: all images, per sex, per age band; then timing and the files written."""
+    r = outcome.result
+    head = (f"{r['members'][0]['workdir']} ({r['which']} checkpoint, step {r['checkpoint_step']}) on {outcome.split}"
+            f" [{', '.join(r['tfds_splits'])} of {r['dataset']}]")
+    if len(r["members"]) > 1:
+        head += f", ensemble of {len(r['members'])}"
+    if r.get("tta"):
+        head += f", TTA over {r['tta']['views']} views"
+    lines = [head]
+    if "mae" not in r:
+        lines.append(f"{r['num_examples']} images, unlabelled: predictions only")
+    else:
+        lines.append(f"{'':<10}{'images':>7}{'MAE':>8}{'RMSE':>8}{'R2':>8}{'CCC':>8}{'MADdev':>8}{'bias':>8}"
+                     f"{'baseline':>10}")
+
+        def row(name, m):
+            if not m.get("num_examples"):
+                return f"{name:<10}{0:>7}"
+            return (f"{name:<10}{m['num_examples']:>7}{m['mae']:>8.2f}{m['rmse']:>8.2f}{m['r2']:>8.3f}"
+                    f"{m['ccc']:>8.3f}{m['mad_deviation']:>8.2f}{m['mean_error']:>+8.2f}"
+                    f"{m.get('baseline_mae', float('nan')):>10.2f}")
+
+        lines.append(row("all", r))
+        for group in ("sex", "age_band"):
+            for name, m in r["breakdown"][group].items():
+                lines.append(row(name, m))
+        if "accuracy" in r:
+            lines.append(f"class accuracy {r['accuracy']:.3f} over {len(r['confusion_matrix'])} classes")
+        if "bias_correction" in r:
+            bc = r["bias_correction"]
+            lines.append(f"bias correction: true = {bc['slope']:.4f} * pred {bc['intercept']:+.2f} (fitted on "
+                         f"{bc['num_fitted']} validation images{', in-sample' if bc['in_sample'] else ''}); "
+                         f"uncorrected MAE {bc['uncorrected']['mae']:.2f}")
+    inf = r["inference"]
+    lines.append(f"inference: {inf['model_ms_per_image']:.3f} ms/image in the model, {inf['total_ms_per_image']:.2f} "
+                 f"ms/image with the input pipeline ({inf['device']}); peak host memory {inf['peak_host_mib']:.0f} MiB"
+                 + (f", peak device memory {inf['peak_device_mib']:.0f} MiB" if "peak_device_mib" in inf else ""))
+    lines.append(f"wrote {outcome.json_path} and {outcome.csv_path}")
+    return "\n".join(lines)

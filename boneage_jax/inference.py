@@ -16,11 +16,14 @@ import dataclasses
 import functools
 import json
 import os
-from collections.abc import Callable
+import re
+from collections.abc import Callable, Sequence
 
 import jax
 import ml_collections
+from absl import flags
 from flax import nnx
+from ml_collections import config_flags
 
 from boneage_jax import input_pipeline, objectives, state
 
@@ -57,6 +60,75 @@ def read_config(workdir: str) -> ml_collections.ConfigDict:
     with open(path) as f:
         raw = json.load(f)
     return ml_collections.ConfigDict(raw)
+
+
+# Settings the weights depend on: an evaluation may not change them.
+FROZEN = ("model", "task", "loss", "data.image_size", "data.normalize")
+
+
+def _tuples(value):
+    """JSON lists back to tuples (what the configs use, and what config flags can override)."""
+    if isinstance(value, dict):
+        return {k: _tuples(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return tuple(_tuples(v) for v in value)
+    return value
+
+
+def _flatten(value, prefix: str = "") -> dict:
+    if isinstance(value, dict):
+        out = {}
+        for k, v in value.items():
+            out.update(_flatten(v, f"{prefix}{k}."))
+        return out
+    return {prefix[:-1]: value}
+
+
+def apply_overrides(config: ml_collections.ConfigDict, overrides: Sequence[str],
+                    source: str = "config.json") -> ml_collections.ConfigDict:
+    """``config`` with ``--config.key=value`` arguments applied (ml_collections' own parsing,
+    so values are typed as in training). Raises ValueError for unknown keys and for changes of
+    the ``FROZEN`` model settings."""
+    config = ml_collections.ConfigDict(_tuples(config.to_dict()))
+    overrides = list(overrides)
+    if not overrides:
+        return config
+    for arg in overrides:
+        if arg.startswith("-") and not re.match(r"^--?(no)?config\.", arg):
+            raise ValueError(f"{arg!r} is not a --config.key=value override")
+    before = _flatten(config.to_dict())
+    argv = ["evaluate", *overrides]
+    values = flags.FlagValues()
+    try:
+        config_flags.DEFINE_config_dict("config", config, flag_values=values, sys_argv=argv, lock_config=True)
+        left = values(argv)[1:]
+    except (AttributeError, KeyError) as e:
+        raise ValueError(f"unknown config key {e} in {' '.join(overrides)} (the keys are those of {source})") from e
+    except flags.Error as e:
+        raise ValueError(f"bad config override: {e}") from e
+    if left:
+        raise ValueError(f"bad config override: unexpected {' '.join(left)} in {' '.join(overrides)}")
+    new = values.config
+    after = _flatten(new.to_dict())
+    changed = sorted(k for k in set(before) | set(after) if before.get(k) != after.get(k)
+                     and any(k == f or k.startswith(f + ".") for f in FROZEN))
+    if changed:
+        raise ValueError(f"the model settings cannot change at evaluation: {', '.join(changed)} "
+                         f"(the weights were trained with {source}'s values)")
+    return new
+
+
+def load_config(workdir: str, overrides: Sequence[str] = ()) -> ml_collections.ConfigDict:
+    _require_workdir(workdir)
+    return apply_overrides(read_config(workdir), overrides, os.path.join(workdir, "config.json"))
+
+
+def _require_workdir(workdir: str) -> None:
+    if not os.path.isdir(workdir):
+        raise FileNotFoundError(f"workdir {workdir} does not exist")
+    if not os.path.isfile(os.path.join(workdir, "config.json")):
+        raise FileNotFoundError(f"{os.path.join(workdir, 'config.json')} is missing: is {workdir} a workdir "
+                                "written by boneage_jax.main?")
 
 
 def load_run(workdir: str, which: str = "best", config: ml_collections.ConfigDict | None = None) -> LoadedRun:

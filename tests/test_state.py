@@ -18,7 +18,7 @@ from flax import nnx
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from boneage_jax import data, evaluate, inference, input_pipeline, objectives, state, train
+from boneage_jax import data, evaluation, inference, input_pipeline, objectives, state, train
 
 
 def save_legacy(manager: ocp.CheckpointManager, train_state: dict, iterator, meta: dict) -> None:
@@ -107,7 +107,7 @@ def test_split_and_merge_are_inverse(runs):
 
 def test_legacy_run_evaluates_and_predicts_the_same(runs):
     workdir, legacy = runs
-    new, old = evaluate.evaluate(workdir, split="test", verbose=False), evaluate.evaluate(legacy, split="test",
+    new, old = evaluation.evaluate(workdir, split="test", verbose=False), evaluation.evaluate(legacy, split="test",
                                                                                         verbose=False)
     assert old.result["checkpoint_step"] == new.result["checkpoint_step"]
     np.testing.assert_array_equal(old.predictions["pred_boneage"], new.predictions["pred_boneage"])
