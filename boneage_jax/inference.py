@@ -1,5 +1,10 @@
 """A trained run, loaded for inference: its config, objective, weights and compiled readout.
 
+``predict_step`` is the readout of one batch in inference mode (the training loop, evaluation,
+Grad-CAM and export compile it). ``load_config(workdir, overrides)`` reads a run's
+``config.json`` with ``--config.key=value`` overrides (``ml_collections.config_flags``; the
+``FROZEN`` model settings cannot change).
+
 ``load_run(workdir)`` reads what ``boneage_jax.main`` wrote (``config.json``,
 ``label_stats.json`` and ``checkpoints/best`` or ``checkpoints/latest``) and returns a
 :class:`LoadedRun` whose ``predict(batch)`` maps a batch (``image`` float32 (B, S, S, C),
