@@ -7,7 +7,7 @@ with respect to it, sums them and keeps the positive part:
 ``cam = relu(sum_c mean_hw(d age / d A_c) * A_c)``, normalised to [0, 1] per image. Red
 regions are those whose activation raises the predicted age.
 
-Finding ``A`` generically: the model's forward pass (``train.predict_step``) is traced to a
+Finding ``A`` generically: the model's forward pass (``inference.predict_step``) is traced to a
 jaxpr, and ``A`` is the *last* value in program order shaped (B, h, w, C) with h * w > 1 (the
 feature map that global pooling or flattening reduces: the last block's activation in ResNet,
 Xception, EfficientNet, the Inception and ConvMixer families, CaffeNet's and the small CNNs'
@@ -29,7 +29,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.extend import core as jcore
 
-from boneage_jax import train
+from boneage_jax import inference
 
 
 class NoFeatureMapError(ValueError):
@@ -85,7 +85,7 @@ def gradcam(run, images: np.ndarray, male: np.ndarray) -> tuple[np.ndarray, dict
     images = jnp.asarray(images, jnp.float32)
     male = jnp.asarray(male, jnp.float32)
     batch = images.shape[0]
-    predict = functools.partial(train.predict_step, graphdef=run.graphdef, objective=run.objective)
+    predict = functools.partial(inference.predict_step, graphdef=run.graphdef, objective=run.objective)
 
     def age_sum(params, rest, rng_state, images, male):
         return jnp.sum(predict(params, rest, rng_state, {"image": images, "male": male})["boneage"])

@@ -22,23 +22,35 @@ of them whichever machine exported it.
 
 from __future__ import annotations
 
-import argparse
 import functools
 import sys
+from collections.abc import Sequence
 
 import jax
 import numpy as np
+from absl import app, flags
 
-from boneage_jax import inference, predict, train, writers
+from boneage_jax import cli, inference, io, objectives, ops
 
 FORMAT = "boneage_jax.jaxexport/1"
 DEFAULT_PLATFORMS = ("cpu", "cuda", "tpu")
+
+FLAGS = flags.FlagValues()  # this command's flags (cli.parse)
+_WORKDIR = flags.DEFINE_string("workdir", None, "A run's workdir (written by boneage_jax.main).", flag_values=FLAGS)
+_OUT = flags.DEFINE_string("out", None, "Output file, e.g. model.jaxexport (sidecar: <out>.json).",
+                           flag_values=FLAGS)
+_WHICH = flags.DEFINE_enum("which", "best", ["best", "latest"], "Checkpoint to load.", flag_values=FLAGS)
+_BATCH_SIZE = flags.DEFINE_integer("batch_size", None, "Fixed batch size (default: symbolic).", flag_values=FLAGS)
+_PLATFORMS = flags.DEFINE_string("platforms", ",".join(DEFAULT_PLATFORMS),
+                                 "Comma-separated backends to lower for; empty: this machine's backend only.",
+                                 flag_values=FLAGS)
+flags.mark_flags_as_required(["workdir", "out"], flag_values=FLAGS)
 
 
 def inference_function(run: inference.LoadedRun):
     """(images, male) -> readout dict, with the run's weights as constants."""
     params, rest, rng_state = run.params, run.rest, run.rng_state
-    step = functools.partial(train.predict_step, graphdef=run.graphdef, objective=run.objective)
+    step = functools.partial(inference.predict_step, graphdef=run.graphdef, objective=run.objective)
 
     def fn(images, male):
         return step(params, rest, rng_state, {"image": images, "male": male})
@@ -81,11 +93,11 @@ def sidecar(run: inference.LoadedRun, exported: jax.export.Exported, which: str)
                     for name, aval in out_avals.items()},
         "preprocessing": {
             "builder_config": data.get("builder_config", "max512"),
-            "stored_max_side": predict.stored_max_side(data),
+            "stored_max_side": inference.stored_max_side(data),
             "image_size": size,
             "preprocess": data.preprocess,
             "normalize": data.normalize,
-            "spec_defaults": {k: v for k, v in predict.spec_defaults(data).items() if k != "size"},
+            "spec_defaults": {k: v for k, v in ops.spec_defaults(data).items() if k != "size"},
         },
         "label_stats": {"mean": run.stats.mean, "std": run.stats.std, "class_edges": list(run.stats.class_edges),
                         "class_means": list(run.stats.class_means)},
@@ -95,32 +107,27 @@ def sidecar(run: inference.LoadedRun, exported: jax.export.Exported, which: str)
     }
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--workdir", required=True)
-    parser.add_argument("--out", required=True, help="output file, e.g. model.jaxexport (sidecar: <out>.json)")
-    parser.add_argument("--which", default="best", choices=("best", "latest"))
-    parser.add_argument("--batch_size", type=int, default=None, help="fixed batch size (default: symbolic)")
-    parser.add_argument("--platforms", default=",".join(DEFAULT_PLATFORMS),
-                        help="comma-separated backends to lower for; empty: this machine's backend only")
-    args = parser.parse_args(argv)
+def main(argv: Sequence[str]) -> int:
+    """``python -m boneage_jax.export`` with ``argv`` (the arguments after the program name);
+    returns the exit status."""
+    extra = cli.parse(FLAGS, argv)
+    if extra:
+        raise app.UsageError(f"unexpected arguments: {extra}")
     try:
-        run = inference.load_run(args.workdir, which=args.which)
+        run = inference.load_run(_WORKDIR.value, which=_WHICH.value)
+        objectives.require_bone_age(run.objective, _WORKDIR.value, "export")
     except (ValueError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    if run.config.get("task", "boneage") != "boneage":
-        print(f"error: {args.workdir} is a {run.config.task} run; export needs a bone age run", file=sys.stderr)
-        return 2
-    platforms = tuple(p.strip() for p in args.platforms.split(",") if p.strip()) if args.platforms else None
-    exported = export_run(run, args.batch_size, platforms)
+    platforms = tuple(p.strip() for p in _PLATFORMS.value.split(",") if p.strip()) if _PLATFORMS.value else None
+    exported = export_run(run, _BATCH_SIZE.value, platforms)
     data = exported.serialize()
-    predict.write_bytes_atomic(args.out, bytes(data))
-    writers.write_json(args.out + ".json", sidecar(run, exported, args.which))
-    print(f"wrote {args.out} ({len(data) / 1e6:.1f} MB; inputs {[str(a) for a in exported.in_avals]}; "
-          f"platforms {list(exported.platforms)}) and {args.out}.json")
+    io.write_bytes(_OUT.value, bytes(data))
+    io.write_json(_OUT.value + ".json", sidecar(run, exported, _WHICH.value))
+    print(f"wrote {_OUT.value} ({len(data) / 1e6:.1f} MB; inputs {[str(a) for a in exported.in_avals]}; "
+          f"platforms {list(exported.platforms)}) and {_OUT.value}.json")
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    cli.run(main)

@@ -1,11 +1,18 @@
 """A trained run, loaded for inference: its config, objective, weights and compiled readout.
 
+``predict_step`` is the readout of one batch in inference mode (the training loop, evaluation,
+Grad-CAM and export compile it). ``load_config(workdir, overrides)`` reads a run's
+``config.json`` with ``--config.key=value`` overrides (``ml_collections.config_flags``; the
+``FROZEN`` model settings cannot change).
+
 ``load_run(workdir)`` reads what ``boneage_jax.main`` wrote (``config.json``,
 ``label_stats.json`` and ``checkpoints/best`` or ``checkpoints/latest``) and returns a
 :class:`LoadedRun` whose ``predict(batch)`` maps a batch (``image`` float32 (B, S, S, C),
 ``male`` float32 (B,)) to the objective's readout (``boneage`` in months, and ``std`` or
-``class`` where the head gives them; ``mask`` for segmentation). The network input of a
-radiograph from outside the dataset comes from :func:`boneage_jax.input_pipeline.prepare_image`.
+``class`` where the head gives them; ``mask`` for segmentation). Only the parameters and batch
+statistics are restored (``boneage_jax.state.restore_weights``): no optimiser is built, and runs
+saved in the older one-item checkpoint layout load too. ``input_pipeline.prepare_image`` runs a
+run's preprocessing on images from outside its dataset.
 """
 
 from __future__ import annotations
@@ -14,22 +21,29 @@ import dataclasses
 import functools
 import json
 import os
-from collections.abc import Callable
+import re
+from collections.abc import Callable, Sequence
 
 import jax
 import ml_collections
-import numpy as np
-import orbax.checkpoint as ocp
+from absl import flags
 from flax import nnx
+from ml_collections import config_flags
 
-from boneage_jax import input_pipeline, models, objectives, train
+from boneage_jax import input_pipeline, objectives, state
+
+
+def predict_step(params, rest, rng_state, batch: dict, *, graphdef, objective: objectives.Task):
+    """The objective's readout for a batch in inference mode: ``boneage`` in months and more."""
+    model = state.merge(graphdef, params, rng_state, rest)
+    return objective.predict(model(batch["image"], batch["male"]))
 
 
 @dataclasses.dataclass
 class LoadedRun:
     workdir: str
     config: ml_collections.ConfigDict
-    objective: objectives.Objective | objectives.Segmentation
+    objective: objectives.Task
     stats: objectives.LabelStats
     step: int
     in_channels: int
@@ -41,7 +55,7 @@ class LoadedRun:
 
     def model(self) -> nnx.Module:
         """The model in inference mode (for attention maps, Grad-CAM and other inspection)."""
-        return nnx.merge(self.graphdef, self.params, self.rng_state, self.rest)
+        return state.merge(self.graphdef, self.params, self.rng_state, self.rest)
 
 
 def read_config(workdir: str) -> ml_collections.ConfigDict:
@@ -51,6 +65,75 @@ def read_config(workdir: str) -> ml_collections.ConfigDict:
     with open(path) as f:
         raw = json.load(f)
     return ml_collections.ConfigDict(raw)
+
+
+# Settings the weights depend on: an evaluation may not change them.
+FROZEN = ("model", "task", "loss", "data.image_size", "data.normalize")
+
+
+def _tuples(value):
+    """JSON lists back to tuples (what the configs use, and what config flags can override)."""
+    if isinstance(value, dict):
+        return {k: _tuples(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return tuple(_tuples(v) for v in value)
+    return value
+
+
+def _flatten(value, prefix: str = "") -> dict:
+    if isinstance(value, dict):
+        out = {}
+        for k, v in value.items():
+            out.update(_flatten(v, f"{prefix}{k}."))
+        return out
+    return {prefix[:-1]: value}
+
+
+def apply_overrides(config: ml_collections.ConfigDict, overrides: Sequence[str],
+                    source: str = "config.json") -> ml_collections.ConfigDict:
+    """``config`` with ``--config.key=value`` arguments applied (ml_collections' own parsing,
+    so values are typed as in training). Raises ValueError for unknown keys and for changes of
+    the ``FROZEN`` model settings."""
+    config = ml_collections.ConfigDict(_tuples(config.to_dict()))
+    overrides = list(overrides)
+    if not overrides:
+        return config
+    for arg in overrides:
+        if arg.startswith("-") and not re.match(r"^--?(no)?config\.", arg):
+            raise ValueError(f"{arg!r} is not a --config.key=value override")
+    before = _flatten(config.to_dict())
+    argv = ["evaluate", *overrides]
+    values = flags.FlagValues()
+    try:
+        config_flags.DEFINE_config_dict("config", config, flag_values=values, sys_argv=argv, lock_config=True)
+        left = values(argv)[1:]
+    except (AttributeError, KeyError) as e:
+        raise ValueError(f"unknown config key {e} in {' '.join(overrides)} (the keys are those of {source})") from e
+    except flags.Error as e:
+        raise ValueError(f"bad config override: {e}") from e
+    if left:
+        raise ValueError(f"bad config override: unexpected {' '.join(left)} in {' '.join(overrides)}")
+    new = values.config
+    after = _flatten(new.to_dict())
+    changed = sorted(k for k in set(before) | set(after) if before.get(k) != after.get(k)
+                     and any(k == f or k.startswith(f + ".") for f in FROZEN))
+    if changed:
+        raise ValueError(f"the model settings cannot change at evaluation: {', '.join(changed)} "
+                         f"(the weights were trained with {source}'s values)")
+    return new
+
+
+def load_config(workdir: str, overrides: Sequence[str] = ()) -> ml_collections.ConfigDict:
+    _require_workdir(workdir)
+    return apply_overrides(read_config(workdir), overrides, os.path.join(workdir, "config.json"))
+
+
+def _require_workdir(workdir: str) -> None:
+    if not os.path.isdir(workdir):
+        raise FileNotFoundError(f"workdir {workdir} does not exist")
+    if not os.path.isfile(os.path.join(workdir, "config.json")):
+        raise FileNotFoundError(f"{os.path.join(workdir, 'config.json')} is missing: is {workdir} a workdir "
+                                "written by boneage_jax.main?")
 
 
 def load_run(workdir: str, which: str = "best", config: ml_collections.ConfigDict | None = None) -> LoadedRun:
@@ -69,40 +152,29 @@ def load_run(workdir: str, which: str = "best", config: ml_collections.ConfigDic
                                   class_means=tuple(raw.get("class_means", ())))
     objective = objectives.make_objective(config, stats)
     in_channels = input_pipeline.input_channels(config.data)
-
-    def create() -> nnx.Module:
-        return models.create_model(config.model, in_channels=in_channels, image_size=config.data.image_size,
-                                   num_outputs=objective.num_outputs, seed=config.seed,
-                                   task=config.get("task", "boneage"))
-
-    abstract = nnx.eval_shape(create)
-    abstract.eval()
-    graphdef, params_shape, _, rest_shape = nnx.split(abstract, nnx.Param, nnx.RngState, ...)
+    create = state.model_factory(config, in_channels=in_channels, num_outputs=objective.num_outputs,
+                                 task=objective.task)
+    graphs, params_shape, rest_shape = state.abstract(create)
     # The dropout RNG state is not checkpointed; only its (unused in eval mode) keys are needed.
-    rng_state = jax.jit(lambda: nnx.split(create(), nnx.Param, nnx.RngState, ...)[2])()
-    tx = train.make_optimizer(config, train.make_schedule(config, 1))
-    abstract_state = {
-        "step": jax.ShapeDtypeStruct((), np.int32),
-        "params": params_shape,
-        "rest": rest_shape,
-        "opt_state": jax.eval_shape(tx.init, params_shape),
-    }
-    abstract_state = jax.tree.map(ocp.utils.to_shape_dtype_struct, abstract_state)
-    directory = os.path.join(workdir, "checkpoints", which)
-    manager = ocp.CheckpointManager(directory)
-    try:
-        if manager.latest_step() is None:
-            raise FileNotFoundError(f"no checkpoint in {directory}")
-        state, _ = train.restore_checkpoint(manager, abstract_state)
-    finally:
-        manager.close()
-    predict_jit = jax.jit(functools.partial(train.predict_step, graphdef=graphdef, objective=objective))
-    params, rest = state["params"], state["rest"]
+    rng_state = state.rng_state(create)
+    params, rest, step = state.restore_weights(os.path.join(workdir, "checkpoints", which), params_shape, rest_shape)
+    predict_jit = jax.jit(functools.partial(predict_step, graphdef=graphs.eval, objective=objective))
 
     def predict(batch: dict) -> dict:
         return predict_jit(params, rest, rng_state, batch)
 
     return LoadedRun(workdir=workdir, config=config, objective=objective, stats=stats,
-                     step=int(jax.device_get(state["step"])), in_channels=in_channels, graphdef=graphdef,
+                     step=step, in_channels=in_channels, graphdef=graphs.eval,
                      params=params, rest=rest, rng_state=rng_state, predict=predict)
 
+
+def stored_max_side(data_config) -> int | None:
+    """The longest side that the run's TFDS builder config stores images at (None: original)."""
+    from tfds_rsna import rsna_bone_age  # pylint: disable=import-outside-toplevel
+
+    name = data_config.get("builder_config", "max512")
+    for builder_config in rsna_bone_age.RsnaBoneAge.BUILDER_CONFIGS:
+        if builder_config.name == name:
+            return builder_config.max_side
+    raise ValueError(f"data.builder_config {name!r}: unknown; expected one of "
+                     f"{[c.name for c in rsna_bone_age.RsnaBoneAge.BUILDER_CONFIGS]}")

@@ -233,3 +233,4 @@ def eval_batches(
     ds = ProcessRows(positions, batch_size).map(lambda item: example_at(int(item[1])))
     ds = ds.batch(local_batch_size(batch_size), batch_fn=stack)
     yield from ds.to_iter_dataset(_read_options(data_config))
+

@@ -11,11 +11,20 @@
   as ``pandas.cut(ages, num_classes)`` makes them (Hamrouni & Hassen's 3, 5 and 10 classes).
   The age readout is the expected age: class probabilities times each class's mean training
   age, so MAE is reported for classifiers too.
+
+``config.task = "segmentation"`` trains a U-Net on hand masks instead (:class:`Segmentation`,
+scored by the Jaccard index). Both implement :class:`Task`, the protocol through which the
+training loop and the commands talk to an objective: loss, readout and scores, the summary
+line and results table printed, the files written beside ``results.json``, and whether the
+bone-age commands (evaluate, predict, export) apply. :func:`make_objective` is the one place
+that reads ``config.task``.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import os
+from typing import Protocol
 
 import jax
 import jax.numpy as jnp
@@ -72,17 +81,57 @@ def label_stats(model_config: ml_collections.ConfigDict, ages: np.ndarray) -> La
     return dataclasses.replace(stats, class_edges=tuple(map(float, edges)), class_means=tuple(means))
 
 
-class Objective:
-    """Loss and readout of one head type, given the training label statistics.
+class Task(Protocol):
+    """What the training loop, ``inference`` and the commands need from an objective."""
 
-    The training loop talks to every objective (this one and :class:`Segmentation`) through
-    ``batch_loss``, ``step_metrics``, ``predict``, ``host_readout``, ``score`` and ``monitor``
-    (the validation metric that picks the best checkpoint, with ``higher_is_better``).
-    """
+    task: str  # what ``models.create_model(task=...)`` builds: a bone-age model or a segmentation network
+    monitor: str  # the validation metric that picks the best checkpoint
+    higher_is_better: bool
+    predicts_bone_age: bool  # whether evaluate, predict and export apply
+    stats: LabelStats
+
+    @property
+    def num_outputs(self) -> int: ...
+
+    def batch_loss(self, outputs: jax.Array, batch: dict) -> jax.Array:
+        """Mean loss of a batch (inside the compiled train step)."""
+
+    def step_metrics(self, outputs: jax.Array, batch: dict) -> dict[str, jax.Array]:
+        """Training metrics of a batch, logged beside the loss."""
+
+    def predict(self, outputs: jax.Array) -> dict[str, jax.Array]:
+        """The readout of the model's outputs (inside the compiled predict step)."""
+
+    def host_readout(self, readout: dict[str, np.ndarray], batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """Per-example host arrays kept for scoring a split."""
+
+    def score(self, predictions: dict[str, np.ndarray]) -> dict[str, float]:
+        """A split's metrics (a ``results.json`` entry)."""
+
+    def summary(self, result: dict) -> str:
+        """One line for a split's metrics."""
+
+    def results_table(self, results: dict[str, dict]) -> str:
+        """A short text table of every split's metrics."""
+
+    def write_artefacts(self, workdir: str, split: str, predictions: dict[str, np.ndarray]) -> None:
+        """Files beside ``results.json`` for a split's final predictions (process 0 only)."""
+
+
+def require_bone_age(objective: Task, workdir: str, command: str) -> None:
+    """Raises ValueError when ``command`` (evaluate, predict, export) cannot use the run in ``workdir``."""
+    if not objective.predicts_bone_age:
+        raise ValueError(f"{workdir} is a {objective.task} run: {command} needs a bone age run "
+                         f"({objective.task} runs report {objective.monitor} in results.json)")
+
+
+class Objective:
+    """Loss and readout of one head type, given the training label statistics (a :class:`Task`)."""
 
     task = "boneage"
     monitor = "mae"
     higher_is_better = False
+    predicts_bone_age = True
 
     def __init__(self, head: str, stats: LabelStats, loss: str = "mse"):
         if head not in HEADS:
@@ -157,6 +206,27 @@ class Objective:
             result["accuracy"] = float(np.mean(predictions["pred_class"][labelled] == self.true_classes(true)))
         return result
 
+    def summary(self, result: dict) -> str:
+        if "mae" not in result:
+            return f"{result['num_examples']} images (unlabelled)"
+        return (f"mae {result['mae']:.2f}  rmse {result['rmse']:.2f}  r2 {result['r2']:.3f}  "
+                f"(baseline mae {result['baseline_mae']:.2f})")
+
+    def results_table(self, results: dict[str, dict]) -> str:
+        """Each split's MAE beside the predict-the-training-mean baseline."""
+        lines = [f"{'split':<12}{'images':>8}{'MAE (months)':>15}{'baseline MAE':>15}{'RMSE':>9}{'R2':>8}"]
+        for name, r in results.items():
+            if "mae" not in r:
+                lines.append(f"{name:<12}{r['num_examples']:>8}   (unlabelled)")
+                continue
+            lines.append(f"{name:<12}{r['num_examples']:>8}{r['mae']:>15.2f}{r['baseline_mae']:>15.2f}"
+                         f"{r['rmse']:>9.2f}{r['r2']:>8.3f}")
+        return "\n".join(lines)
+
+    def write_artefacts(self, workdir: str, split: str, predictions: dict[str, np.ndarray]) -> None:
+        """Nothing beyond ``results.json`` (``boneage_jax.evaluate`` writes per-image predictions)."""
+        del workdir, split, predictions
+
 
 def jaccard(predicted: np.ndarray, true: np.ndarray) -> np.ndarray:
     """Per-image Jaccard index (IoU) of boolean masks (B, H, W); 1 where both are empty."""
@@ -178,6 +248,7 @@ class Segmentation:
     task = "segmentation"
     monitor = "jaccard"
     higher_is_better = True
+    predicts_bone_age = False
     num_outputs = 1
 
     def __init__(self, stats: LabelStats):
@@ -216,12 +287,32 @@ class Segmentation:
                 "jaccard_min": float(raw.min()), "jaccard_post": float(post.mean()),
                 "jaccard_post_min": float(post.min())}
 
+    def summary(self, result: dict) -> str:
+        return (f"jaccard {result['jaccard']:.4f}  (post-processed {result['jaccard_post']:.4f}, "
+                f"min {result['jaccard_min']:.3f})")
 
-def make_objective(config: ml_collections.ConfigDict, stats: LabelStats):
+    def results_table(self, results: dict[str, dict]) -> str:
+        lines = [f"{'split':<12}{'images':>8}{'Jaccard':>10}{'post-processed':>16}{'min':>8}"]
+        lines += [f"{name:<12}{r['num_examples']:>8}{r['jaccard']:>10.4f}{r['jaccard_post']:>16.4f}"
+                  f"{r['jaccard_min']:>8.3f}" for name, r in results.items()]
+        return "\n".join(lines)
+
+    def write_artefacts(self, workdir: str, split: str, predictions: dict[str, np.ndarray]) -> None:
+        """``jaccard_<split>.csv``: id, jaccard, jaccard_post per image."""
+        from boneage_jax import io  # pylint: disable=import-outside-toplevel
+
+        io.write_csv(os.path.join(workdir, f"jaccard_{split}.csv"), ["id", "jaccard", "jaccard_post"],
+                     zip(predictions["id"].tolist(), predictions["pred_jaccard"].tolist(),
+                         predictions["pred_jaccard_post"].tolist()))
+
+
+def make_objective(config: ml_collections.ConfigDict, stats: LabelStats) -> Task:
     """The objective of ``config.task``: bone age (``config.model.head``) or segmentation."""
     task = config.get("task", "boneage")
     if task == "boneage":
         return Objective(config.model.head, stats, config.loss)
     if task == "segmentation":
+        if not config.data.get("mask_in_batch", False):
+            raise ValueError("config.task='segmentation' needs config.data.mask_in_batch=True (masks in the batches)")
         return Segmentation(stats)
     raise ValueError(f"config.task {task!r}; expected one of {TASKS}")

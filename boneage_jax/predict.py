@@ -40,24 +40,31 @@ a repeated call does not compile again. Batches are padded to a power of two (at
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import functools
 import os
 import sys
-import tempfile
 from collections.abc import Callable, Sequence
 
 import numpy as np
+from absl import app, flags
 
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".dcm")
-DICOM_MAGIC = b"DICM"  # at byte 128 of a DICOM Part 10 file
+from boneage_jax import cli, io
+
 DEFAULT_CACHE = os.path.join("~", ".cache", "boneage_jax", "jax")
 _SEXES = {"m": True, "male": True, "f": False, "female": False}
 
-
-class ImageReadError(ValueError):
-    """An input image could not be read or preprocessed."""
+FLAGS = flags.FlagValues()  # this command's flags (cli.parse); the image files and folders follow them
+_WORKDIR = flags.DEFINE_string("workdir", None, "A run's workdir (written by boneage_jax.main).", flag_values=FLAGS)
+_SEX = flags.DEFINE_string("sex", None, "M or F (male/female) for every image.", flag_values=FLAGS)
+_WHICH = flags.DEFINE_enum("which", "best", ["best", "latest"], "Checkpoint to load.", flag_values=FLAGS)
+_OUT = flags.DEFINE_string("out", None, "CSV file for the predictions.", flag_values=FLAGS)
+_HEATMAPS = flags.DEFINE_string("heatmaps", None, "Folder for saliency / attention overlays.", flag_values=FLAGS)
+_BATCH_SIZE = flags.DEFINE_integer("batch_size", 16, "Largest batch of images per call.", flag_values=FLAGS)
+_CACHE_DIR = flags.DEFINE_string(
+    "cache_dir", None, f"Persistent compilation cache (default $BONEAGE_JAX_CACHE or {DEFAULT_CACHE}; '' off).",
+    flag_values=FLAGS)
+flags.mark_flags_as_required(["workdir", "sex"], flag_values=FLAGS)
 
 
 # ----------------------------------------------------------------------------- compilation cache
@@ -80,128 +87,7 @@ def enable_compilation_cache(cache_dir: str | None) -> str | None:
     return cache_dir
 
 
-# ----------------------------------------------------------------------------- reading images
-
-
-def is_dicom(path: str) -> bool:
-    try:
-        with open(path, "rb") as f:
-            head = f.read(132)
-    except OSError:
-        return False
-    return head[128:132] == DICOM_MAGIC
-
-
-def expand_inputs(paths: Sequence[str]) -> list[str]:
-    """Files stay as they are; a folder becomes its image files (by suffix or DICOM magic), sorted."""
-    files = []
-    for path in paths:
-        if os.path.isdir(path):
-            for name in sorted(os.listdir(path)):
-                full = os.path.join(path, name)
-                if name.startswith(".") or not os.path.isfile(full):
-                    continue
-                if name.lower().endswith(IMAGE_SUFFIXES) or is_dicom(full):
-                    files.append(full)
-        else:
-            files.append(path)
-    return files
-
-
-def _first(value) -> float:
-    """A DICOM numeric value that may be multi-valued -> its first value."""
-    if isinstance(value, (list, tuple)) or type(value).__name__ == "MultiValue":
-        value = value[0]
-    return float(value)
-
-
-def dicom_to_uint8(pixels: np.ndarray, *, photometric: str = "MONOCHROME2", slope: float = 1.0,
-                   intercept: float = 0.0, window_center: float | None = None,
-                   window_width: float | None = None) -> np.ndarray:
-    """Stored DICOM pixel values -> uint8 grey: modality rescale, then the linear VOI window
-    (PS3.3 C.11.2.1.2.1) when given, else min-max; MONOCHROME1 is inverted (bone white)."""
-    values = pixels.astype(np.float64) * slope + intercept
-    if window_center is not None and window_width is not None and window_width >= 1:
-        c, w = window_center, window_width
-        scaled = np.clip(((values - (c - 0.5)) / max(w - 1.0, 1.0) + 0.5), 0.0, 1.0)
-    else:
-        lo, hi = float(values.min()), float(values.max())
-        scaled = (values - lo) / (hi - lo) if hi > lo else np.zeros_like(values)
-    out = np.round(scaled * 255.0).astype(np.uint8)
-    if photometric.strip().upper() == "MONOCHROME1":
-        out = 255 - out
-    return out
-
-
-def read_dicom(path: str) -> np.ndarray:
-    """A DICOM radiograph -> uint8 grey (H, W) (see :func:`dicom_to_uint8`)."""
-    try:
-        import pydicom  # pylint: disable=import-outside-toplevel
-    except ImportError as e:
-        raise ImportError("reading DICOM needs pydicom: pip install pydicom") from e
-    try:
-        ds = pydicom.dcmread(path)
-    except Exception as e:  # pydicom raises several types for damaged files
-        raise ImageReadError(f"{path}: not a readable DICOM file ({e})") from e
-    if "PixelData" not in ds:
-        raise ImageReadError(f"{path}: DICOM file has no pixel data")
-    try:
-        pixels = ds.pixel_array
-    except Exception as e:
-        raise ImageReadError(f"{path}: cannot decode the DICOM pixel data "
-                             f"(transfer syntax {ds.file_meta.get('TransferSyntaxUID', '?')}): {e}") from e
-    photometric = str(ds.get("PhotometricInterpretation", "MONOCHROME2"))
-    if int(ds.get("NumberOfFrames", 1) or 1) > 1:
-        raise ImageReadError(f"{path}: multi-frame DICOM ({ds.NumberOfFrames} frames) is not supported")
-    if int(ds.get("SamplesPerPixel", 1)) > 1:
-        import cv2  # pylint: disable=import-outside-toplevel
-
-        pixels = cv2.cvtColor(np.ascontiguousarray(pixels[..., :3]), cv2.COLOR_RGB2GRAY)
-        photometric = "MONOCHROME2"
-    if pixels.ndim != 2:
-        raise ImageReadError(f"{path}: unsupported DICOM pixel array shape {pixels.shape}")
-    center = ds.get("WindowCenter")
-    width = ds.get("WindowWidth")
-    try:
-        center = _first(center) if center is not None and str(center) != "" else None
-        width = _first(width) if width is not None and str(width) != "" else None
-    except (TypeError, ValueError, IndexError):
-        center = width = None
-    return dicom_to_uint8(pixels, photometric=photometric, slope=float(ds.get("RescaleSlope", 1.0) or 1.0),
-                          intercept=float(ds.get("RescaleIntercept", 0.0) or 0.0), window_center=center,
-                          window_width=width)
-
-
-def read_image(path: str) -> np.ndarray:
-    """PNG, JPEG or DICOM file -> uint8 grey (H, W); ImageReadError (naming the file) otherwise."""
-    from tfds_rsna import rsna_bone_age  # pylint: disable=import-outside-toplevel
-
-    if not os.path.exists(path):
-        raise ImageReadError(f"{path}: no such file")
-    if os.path.isdir(path):
-        raise ImageReadError(f"{path}: is a folder")
-    if path.lower().endswith(".dcm") or is_dicom(path):
-        return read_dicom(path)
-    try:
-        with open(path, "rb") as f:
-            data = f.read()
-    except OSError as e:
-        raise ImageReadError(f"{path}: {e.strerror}") from e
-    try:
-        return rsna_bone_age.decode_grey(data, path)
-    except rsna_bone_age.RsnaFormatError as e:
-        raise ImageReadError(str(e)) from e
-
-
 # ----------------------------------------------------------------------------- preprocessing specs
-
-
-def spec_defaults(data_config) -> dict:
-    """Op arguments that the run's data config supplies (``ops.spec_defaults``: ``size``, and
-    ``region`` / ``cache_dir`` from ``data.roi`` / ``data.mask_cache`` where set)."""
-    from boneage_jax import ops  # pylint: disable=import-outside-toplevel
-
-    return ops.spec_defaults(data_config)
 
 
 def single_image_spec(spec: str, data_config=None) -> tuple[str, list[str]]:
@@ -215,18 +101,6 @@ def single_image_spec(spec: str, data_config=None) -> tuple[str, list[str]]:
 
     chain, notes = ops.Chain(spec, config=data_config, name="data.preprocess").for_single_images()
     return chain.spec, notes
-
-
-def stored_max_side(data_config) -> int | None:
-    """The longest side that the run's TFDS builder config stores images at (None: original)."""
-    from tfds_rsna import rsna_bone_age  # pylint: disable=import-outside-toplevel
-
-    name = data_config.get("builder_config", "max512")
-    for builder_config in rsna_bone_age.RsnaBoneAge.BUILDER_CONFIGS:
-        if builder_config.name == name:
-            return builder_config.max_side
-    raise ValueError(f"data.builder_config {name!r}: unknown; expected one of "
-                     f"{[c.name for c in rsna_bone_age.RsnaBoneAge.BUILDER_CONFIGS]}")
 
 
 # ----------------------------------------------------------------------------- the predictor
@@ -262,14 +136,13 @@ class Predictor:
     """A loaded run with the single-image preprocessing and jitted readout / saliency."""
 
     def __init__(self, workdir: str, which: str = "best", batch_size: int = 16):
-        from boneage_jax import inference  # pylint: disable=import-outside-toplevel
+        from boneage_jax import inference, objectives  # pylint: disable=import-outside-toplevel
 
         self.run = inference.load_run(workdir, which=which)
-        if self.run.config.get("task", "boneage") != "boneage":
-            raise ValueError(f"{workdir} is a {self.run.config.task} run; predict needs a bone age run")
+        objectives.require_bone_age(self.run.objective, workdir, "predict")
         self.data_config = self.run.config.data.copy_and_resolve_references()
         self.data_config.preprocess, self.notes = single_image_spec(self.run.config.data.preprocess, self.data_config)
-        self.max_side = stored_max_side(self.data_config)
+        self.max_side = inference.stored_max_side(self.data_config)
         self.batch_size = max(1, batch_size)
         self.image_size = int(self.data_config.image_size)
 
@@ -279,7 +152,7 @@ class Predictor:
         """A file -> the image the TFDS builder would have stored (uint8, longest side capped)."""
         from tfds_rsna import rsna_bone_age  # pylint: disable=import-outside-toplevel
 
-        return rsna_bone_age.resize_longest_side(read_image(path), self.max_side)
+        return rsna_bone_age.resize_longest_side(io.read_image(path), self.max_side)
 
     def prepare(self, image: np.ndarray, path: str = "image") -> np.ndarray:
         from boneage_jax import input_pipeline  # pylint: disable=import-outside-toplevel
@@ -287,7 +160,7 @@ class Predictor:
         try:
             return input_pipeline.prepare_image(self.data_config, image)
         except Exception as e:  # an op failing on this image (e.g. an empty hand mask)
-            raise ImageReadError(f"{path}: preprocessing failed: {e}") from e
+            raise io.ImageReadError(f"{path}: preprocessing failed: {e}") from e
 
     def preprocessed_uint8(self, image: np.ndarray) -> np.ndarray:
         """The image after ``data.preprocess`` only (what the heatmap is drawn on)."""
@@ -322,21 +195,22 @@ class Predictor:
     def _saliency_fn(self) -> tuple[str, Callable]:
         import jax  # pylint: disable=import-outside-toplevel
         import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
-        from flax import nnx  # pylint: disable=import-outside-toplevel
+
+        from boneage_jax import state  # pylint: disable=import-outside-toplevel
 
         run = self.run
         if hasattr(run.model().backbone, "attention_map"):
 
             def attention(params, rest, rng_state, images, male):
                 del male
-                model = nnx.merge(run.graphdef, params, rng_state, rest)
+                model = state.merge(run.graphdef, params, rng_state, rest)
                 return model.backbone.attention_map(images)
 
             return "attention", jax.jit(attention)
 
         def gradient(params, rest, rng_state, images, male):
             def total_age(x):
-                model = nnx.merge(run.graphdef, params, rng_state, rest)
+                model = state.merge(run.graphdef, params, rng_state, rest)
                 return jnp.sum(run.objective.predict(model(x, male))["boneage"])
 
             return jnp.max(jnp.abs(jax.grad(total_age)(images)), axis=-1)
@@ -386,20 +260,6 @@ def overlay(image: np.ndarray, heat: np.ndarray, min_side: int = 256) -> np.ndar
     return out
 
 
-def write_bytes_atomic(path: str, data: bytes) -> None:
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=folder)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
 def heatmap_names(files: Sequence[str]) -> list[str]:
     """``<stem>_heatmap.png`` per file, numbered where two files share a stem."""
     names, seen = [], {}
@@ -420,14 +280,12 @@ def predict_files(predictor: Predictor, files: Sequence[str], male: bool, *, hea
                   error: Callable[[str], None] = _print_error) -> tuple[list[Prediction], list[str]]:
     """Predicts every readable file (``log`` gets a line per prediction, ``error`` one per
     failure); returns the predictions and the files that failed."""
-    import cv2  # pylint: disable=import-outside-toplevel
-
     inputs, kept, originals, failed = [], [], [], []
     for path in files:
         try:
             image = predictor.load(path)
             inputs.append(predictor.prepare(image, path))
-        except (ImageReadError, OSError) as e:
+        except (io.ImageReadError, OSError) as e:
             error(f"error: {e}")
             failed.append(path)
             continue
@@ -450,11 +308,7 @@ def predict_files(predictor: Predictor, files: Sequence[str], male: bool, *, hea
         kind, maps = predictor.saliency(images, males)
         os.makedirs(heatmaps, exist_ok=True)
         for name, image, heat in zip(heatmap_names(kept), originals, maps):
-            picture = overlay(predictor.preprocessed_uint8(image), heat)
-            ok, buf = cv2.imencode(".png", picture)
-            if not ok:
-                raise RuntimeError("cv2.imencode failed")
-            write_bytes_atomic(os.path.join(heatmaps, name), buf.tobytes())
+            io.write_png(os.path.join(heatmaps, name), overlay(predictor.preprocessed_uint8(image), heat))
         log(f"{len(kept)} heatmap(s) ({'attention map' if kind == 'attention' else 'gradient saliency'}) "
             f"written to {heatmaps}")
     return predictions, failed
@@ -485,43 +339,34 @@ def csv_rows(predictions: Sequence[Prediction]) -> tuple[list[str], list[list]]:
     return header, rows
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("images", nargs="+", help="image files (PNG, JPEG, DICOM) or folders of them")
-    parser.add_argument("--workdir", required=True, help="a run's workdir (written by boneage_jax.main)")
-    parser.add_argument("--sex", required=True, help="M or F (male/female) for every image")
-    parser.add_argument("--which", default="best", choices=("best", "latest"), help="checkpoint to load")
-    parser.add_argument("--out", default=None, help="CSV file for the predictions")
-    parser.add_argument("--heatmaps", default=None, help="folder for saliency / attention overlays")
-    parser.add_argument("--batch_size", type=int, default=16)
-    parser.add_argument("--cache_dir", default=None,
-                        help=f"persistent compilation cache (default $BONEAGE_JAX_CACHE or {DEFAULT_CACHE}; '' off)")
-    args = parser.parse_args(argv)
+def main(argv: Sequence[str]) -> int:
+    """``python -m boneage_jax.predict`` with ``argv`` (the arguments after the program name);
+    returns the exit status."""
+    files_or_folders = cli.parse(FLAGS, argv)
+    if not files_or_folders:
+        raise app.UsageError("give image files (PNG, JPEG, DICOM) or folders of them")
     try:
-        male = parse_sex(args.sex)
+        male = parse_sex(_SEX.value)
     except ValueError as e:
-        parser.error(str(e))
-    enable_compilation_cache(args.cache_dir)
-
-    from boneage_jax import writers  # pylint: disable=import-outside-toplevel
+        raise app.UsageError(str(e)) from e
+    enable_compilation_cache(_CACHE_DIR.value)
 
     try:
-        predictor = Predictor(args.workdir, which=args.which, batch_size=args.batch_size)
+        predictor = Predictor(_WORKDIR.value, which=_WHICH.value, batch_size=_BATCH_SIZE.value)
     except (ValueError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     for note in predictor.notes:
         print(f"note: {note}")
-    files = expand_inputs(args.images)
+    files = io.expand_inputs(files_or_folders)
     if not files:
-        print("error: no image files found in " + ", ".join(args.images), file=sys.stderr)
+        print("error: no image files found in " + ", ".join(files_or_folders), file=sys.stderr)
         return 1
-    predictions, failed = predict_files(predictor, files, male, heatmaps=args.heatmaps)
-    if args.out:
+    predictions, failed = predict_files(predictor, files, male, heatmaps=_HEATMAPS.value)
+    if _OUT.value:
         header, rows = csv_rows(predictions)
-        os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-        writers.write_csv(args.out, header, rows)
-        print(f"{len(rows)} prediction(s) written to {args.out}")
+        io.write_csv(_OUT.value, header, rows)
+        print(f"{len(rows)} prediction(s) written to {_OUT.value}")
     if failed:
         print(f"{len(failed)} of {len(files)} image(s) failed: {', '.join(failed)}", file=sys.stderr)
         return 1
@@ -529,4 +374,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    cli.run(main)

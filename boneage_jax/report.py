@@ -3,8 +3,9 @@ r"""A Markdown report of a run and one evaluation of it, with figures.
     python -m boneage_jax.report --workdir=runs/demo [any boneage_jax.evaluate flag]
     python -m boneage_jax.evaluate --workdir=runs/demo --report      # the same
 
-Evaluates (``boneage_jax.evaluate``; default split: test if the dataset has one, else
-validation), then writes into ``<workdir>/report/``:
+Evaluates (``boneage_jax.evaluation.evaluate``, with every option of ``boneage_jax.evaluate``;
+default split: test if the dataset has one, else validation), then writes into
+``<workdir>/report/``:
 
 - ``learning_curves.png``: training loss; training and validation MAE against the step;
 - ``predicted_vs_true.png``, ``bland_altman.png``, ``error_by_age.png`` of the evaluated split;
@@ -27,7 +28,7 @@ import statistics
 import jax
 import numpy as np
 
-from boneage_jax import data, explain, input_pipeline, plots
+from boneage_jax import data, explain, input_pipeline, io, plots
 
 FIGURES = {
     "learning_curves": "Learning curves",
@@ -267,12 +268,11 @@ def write_report(evaluation, num_images: int = 8) -> str:
     for note in r.get("report_notes", []):
         lines += [f"Note: {note}", ""]
     path = os.path.join(out_dir, "report.md")
-    with open(path, "w") as f:
-        f.write("\n".join(lines))
+    io.write_text(path, "\n".join(lines))
     return path
 
 
 if __name__ == "__main__":
-    from boneage_jax import evaluate
+    from boneage_jax import cli
 
-    evaluate.run_cli(["--report"])
+    cli.run(cli.EvaluateCommand(report=True).main)

@@ -24,7 +24,7 @@ import cv2
 import numpy as np
 from absl import app, flags
 
-from boneage_jax import data, inference, input_pipeline, objectives, ops
+from boneage_jax import data, inference, input_pipeline, io, objectives, ops
 from boneage_jax.ops import hand
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "Workdir of a trained segmentation run.")
@@ -54,19 +54,12 @@ def unpad_mask(mask: np.ndarray, height: int, width: int) -> np.ndarray:
     return cv2.resize(inner, (width, height), interpolation=cv2.INTER_NEAREST)
 
 
-def _write_png(path: str, mask: np.ndarray) -> None:
-    tmp = path + ".tmp.png"
-    if not cv2.imwrite(tmp, mask):
-        raise OSError(f"could not write {path}")
-    os.replace(tmp, path)
-
-
 def segment_dataset(workdir: str, out: str, manual_dir: str | None = None, data_dir: str | None = None,
                     batch_size: int = 16, min_area_fraction: float = 0.05) -> dict[str, float]:
     """Writes every image's mask; returns counts and (where the dataset has masks) Jaccard."""
     run = inference.load_run(workdir)
-    if run.config.get("task") != "segmentation":
-        raise ValueError(f"{workdir} is not a segmentation run (config.task is {run.config.get('task')!r})")
+    if run.objective.task != "segmentation":
+        raise ValueError(f"{workdir} is not a segmentation run (config.task is {run.objective.task!r})")
     config = run.config
     if manual_dir:
         config.data.manual_dir = manual_dir
@@ -88,7 +81,7 @@ def segment_dataset(workdir: str, out: str, manual_dir: str | None = None, data_
                 height, width = record["image"].shape[:2]
                 mask = unpad_mask(logits_mask.astype(np.uint8) * 255, height, width)
                 mask = hand.keep_hand(mask, min_area_fraction=min_area_fraction)
-                _write_png(os.path.join(out, f"{int(record['id'])}.png"), mask)
+                io.write_png(os.path.join(out, f"{int(record['id'])}.png"), mask)
                 written += 1
                 if record["has_mask"]:
                     truth = record["mask"][:, :, 0] > 127

@@ -3,10 +3,12 @@
 Read top to bottom: ``train_and_evaluate`` prepares the data, builds the model and optimiser,
 restores the latest checkpoint if there is one, runs the jit-compiled train step over a
 ``data`` mesh of all devices, evaluates on validation every ``eval_every`` steps (keeping the
-best checkpoint by validation MAE), and finally scores the best checkpoint on validation and
-test into ``results.json``.
+best checkpoint by the objective's validation metric), and finally scores the best checkpoint
+on validation and test into ``results.json``.
 
-What the outputs mean and how they are trained (regression, Gaussian, age classes): ``objectives.py``.
+This module keeps the loop, its schedule and optimiser only. The model's split, creation and
+checkpoint items: ``state.py``; predicting and scoring a split: ``evaluation.py``; what the
+outputs mean and how they are trained, logged and tabulated: ``objectives.py``.
 """
 
 from __future__ import annotations
@@ -19,20 +21,17 @@ import os
 import time
 from collections.abc import Callable
 
-import grain
 import jax
-import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import optax
-import orbax.checkpoint as ocp
 from absl import logging
 from flax import nnx
-from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from boneage_jax import data, input_pipeline, metrics, models, objectives, writers
+from boneage_jax import data, evaluation, inference, input_pipeline, io, objectives, writers
+from boneage_jax import state as state_lib
 
 
 class NonFiniteLossError(RuntimeError):
@@ -40,11 +39,6 @@ class NonFiniteLossError(RuntimeError):
 
 
 # ----------------------------------------------------------------------------- set-up
-
-
-def make_mesh() -> jax.sharding.Mesh:
-    """A 1-d ``data`` mesh of all devices; the compiler propagates shardings (Auto axes)."""
-    return jax.make_mesh((jax.device_count(),), ("data",), axis_types=(jax.sharding.AxisType.Auto,))
 
 
 def num_train_steps(config: ml_collections.ConfigDict, num_train_examples: int) -> int:
@@ -95,13 +89,13 @@ def set_lr_scale(opt_state, value: float):
 # ----------------------------------------------------------------------------- steps
 
 
-def train_step(state: dict, batch: dict, rng_state, base_key, *, graphdef, tx, objective: objectives.Objective):
+def train_step(state: dict, batch: dict, rng_state, base_key, *, graphdef, tx, objective: objectives.Task):
     """One AdamW step; pure, compiled once. Returns the new state and the step's metrics.
 
     Dropout draws from a key folded from ``base_key`` and the step number, so a resumed run
     repeats the same masks.
     """
-    model = nnx.merge(graphdef, state["params"], rng_state, state["rest"])
+    model = state_lib.merge(graphdef, state["params"], rng_state, state["rest"])
     nnx.reseed(model, dropout=jax.random.fold_in(base_key, state["step"]))
 
     def loss_fn(model):
@@ -109,7 +103,7 @@ def train_step(state: dict, batch: dict, rng_state, base_key, *, graphdef, tx, o
         return objective.batch_loss(outputs, batch), outputs
 
     (value, outputs), grads = nnx.value_and_grad(loss_fn, has_aux=True)(model)
-    rest = nnx.split(model, nnx.Param, nnx.RngState, ...)[3]  # updated batch statistics
+    rest = state_lib.split(model)[3]  # updated batch statistics
     updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
     params = optax.apply_updates(state["params"], updates)
     step_metrics = {"loss": value, **objective.step_metrics(outputs, batch), "grad_norm": optax.tree.norm(grads)}
@@ -117,134 +111,7 @@ def train_step(state: dict, batch: dict, rng_state, base_key, *, graphdef, tx, o
     return new_state, step_metrics
 
 
-def predict_step(params, rest, rng_state, batch: dict, *, graphdef, objective: objectives.Objective):
-    """The objective's readout for a batch in inference mode: ``boneage`` in months and more."""
-    model = nnx.merge(graphdef, params, rng_state, rest)
-    return objective.predict(model(batch["image"], batch["male"]))
-
-
-def to_host(tree):
-    """Global arrays to host numpy, gathering across processes when there are several."""
-    if jax.process_count() > 1:
-        return multihost_utils.process_allgather(tree, tiled=True)
-    return jax.device_get(tree)
-
-
-def global_batch(batch: dict, sharding: NamedSharding) -> dict:
-    return {k: jax.make_array_from_process_local_data(sharding, v) for k, v in batch.items()}
-
-
-# ----------------------------------------------------------------------------- evaluation
-
-
-def predict_split(
-    predict: Callable, config: ml_collections.ConfigDict, selection: data.SplitSelection, sharding: NamedSharding,
-    objective,
-) -> dict[str, np.ndarray]:
-    """Predictions for every example of a split (padding removed), with labels and ids."""
-    keep = ("boneage", "male", "id", "weight")
-    outputs = []
-    for batch in input_pipeline.eval_batches(config.data, selection, config.eval_batch_size):
-        device_batch = global_batch(batch, sharding)
-        readout = to_host({f"pred_{k}": v for k, v in predict(device_batch).items()})
-        host_batch = to_host(device_batch)
-        readout = objective.host_readout(readout, host_batch)
-        outputs.append({**readout, **{k: host_batch[k] for k in keep}})
-    merged = {k: np.concatenate([o[k] for o in outputs]) for k in outputs[0]}
-    real = merged.pop("weight") > 0
-    return {k: v[real] for k, v in merged.items()}
-
-
-def score(predictions: dict[str, np.ndarray], objective) -> dict[str, float]:
-    """The objective's metrics of a split's predictions."""
-    return objective.score(predictions)
-
-
-# ----------------------------------------------------------------------------- checkpoints
-
-
-def checkpoint_managers(workdir: str) -> tuple[ocp.CheckpointManager, ocp.CheckpointManager]:
-    """``checkpoints/latest`` (for resuming) and ``checkpoints/best`` (by validation MAE)."""
-    root = os.path.join(os.path.abspath(workdir), "checkpoints")
-
-    def manager(name: str) -> ocp.CheckpointManager:
-        # Both managers may save the same step at once: their multi-process barriers need
-        # distinct names.
-        options = ocp.CheckpointManagerOptions(
-            max_to_keep=1, create=True,
-            multiprocessing_options=ocp.options.MultiprocessingOptions(barrier_sync_key_prefix=name),
-        )
-        return ocp.CheckpointManager(os.path.join(root, name), options=options)
-
-    return manager("latest"), manager("best")
-
-
-def save_checkpoint(manager: ocp.CheckpointManager, state: dict, iterator, meta: dict) -> None:
-    step = int(jax.device_get(state["step"]))
-    manager.save(
-        step,
-        args=ocp.args.Composite(
-            state=ocp.args.StandardSave(state),
-            data_iter=grain.checkpoint.CheckpointSave(iterator),
-            meta=ocp.args.JsonSave(meta),
-        ),
-        force=True,
-    )
-
-
-def restore_checkpoint(manager: ocp.CheckpointManager, abstract_state: dict, iterator=None):
-    """Restores (state, meta) of the manager's latest step, and the data iterator if given."""
-    items = {"state": ocp.args.StandardRestore(abstract_state), "meta": ocp.args.JsonRestore()}
-    if iterator is not None:
-        items["data_iter"] = grain.checkpoint.CheckpointRestore(iterator)
-    restored = manager.restore(manager.latest_step(), args=ocp.args.Composite(**items))
-    return restored["state"], restored["meta"]
-
-
 # ----------------------------------------------------------------------------- the loop
-
-
-def init_model_state(config: ml_collections.ConfigDict, in_channels: int, num_outputs: int,
-                     tx: optax.GradientTransformation, sharding: NamedSharding):
-    """Builds the model inside ``jax.jit`` so its state lands replicated on every device of every
-    process. With ``config.init_from``, the backbone starts from pretrained weights (written by
-    ``python -m boneage_jax.weights``) and the head is freshly initialised.
-
-    Returns (train graphdef, eval graphdef, train state, dropout RNG state)."""
-
-    def create() -> models.BoneAgeModel:
-        return models.create_model(config.model, in_channels=in_channels, image_size=config.data.image_size,
-                                   num_outputs=num_outputs, seed=config.seed, task=config.get("task", "boneage"))
-
-    pretrained = None
-    if config.init_from:
-        from boneage_jax import weights  # pylint: disable=import-outside-toplevel
-
-        backbone = _pretrainable(create())
-        weights.load_pretrained(backbone, config.init_from)
-        pretrained = jax.tree.map(np.asarray, nnx.state(backbone))
-        _log(f"Backbone initialised from {config.init_from}")
-
-    def init(pretrained):
-        model = create()
-        if pretrained is not None:
-            nnx.update(_pretrainable(model), pretrained)
-        _, params, rng_state, rest = nnx.split(model, nnx.Param, nnx.RngState, ...)
-        state = {"step": jnp.zeros((), jnp.int32), "params": params, "rest": rest, "opt_state": tx.init(params)}
-        return state, rng_state
-
-    abstract = nnx.eval_shape(create)
-    abstract.train()
-    graphdef = nnx.split(abstract, nnx.Param, nnx.RngState, ...)[0]
-    abstract.eval()
-    eval_graphdef = nnx.split(abstract, nnx.Param, nnx.RngState, ...)[0]
-    state, rng_state = jax.jit(init, out_shardings=sharding)(pretrained)
-    return graphdef, eval_graphdef, state, rng_state
-
-
-def _pretrainable(model: nnx.Module) -> nnx.Module:
-    """The part that ``init_from`` initialises: the backbone, or a segmentation network."""
-    return model.backbone if isinstance(model, models.BoneAgeModel) else model.network
 
 
 def _log(message: str) -> None:
@@ -262,10 +129,8 @@ def train_and_evaluate(
     called with the step number after every step (for progress hooks and tests).
     """
     os.makedirs(workdir, exist_ok=True)
-    writers.write_json(os.path.join(workdir, "config.json"), json.loads(config.to_json_best_effort()))
-    if config.get("task", "boneage") == "segmentation" and not config.data.get("mask_in_batch", False):
-        raise ValueError("config.task='segmentation' needs config.data.mask_in_batch=True (masks in the batches)")
-    mesh = make_mesh()
+    io.write_json(os.path.join(workdir, "config.json"), json.loads(config.to_json_best_effort()))
+    mesh = state_lib.make_mesh()
     if config.batch_size % jax.device_count() or config.eval_batch_size % jax.device_count():
         raise ValueError(
             f"batch_size {config.batch_size} and eval_batch_size {config.eval_batch_size} must be "
@@ -279,7 +144,7 @@ def train_and_evaluate(
     splits = data.select_splits(config.data, builder, config.seed)
     stats = objectives.label_stats(config.model, splits["train"].boneage)
     objective = objectives.make_objective(config, stats)
-    writers.write_json(os.path.join(workdir, "label_stats.json"), dataclasses.asdict(stats))
+    io.write_json(os.path.join(workdir, "label_stats.json"), dataclasses.asdict(stats))
     sample = next(input_pipeline.eval_batches(config.data, splits["validation"], jax.process_count()))
     in_channels = sample["image"].shape[-1]
     total_steps = num_train_steps(config, len(splits["train"].indices))
@@ -292,30 +157,32 @@ def train_and_evaluate(
     # Model and optimiser.
     schedule = make_schedule(config, total_steps)
     tx = make_optimizer(config, schedule)
-    graphdef, eval_graphdef, state, rng_state = init_model_state(config, in_channels, objective.num_outputs, tx,
-                                                                 replicated)
+    create = state_lib.model_factory(config, in_channels=in_channels, num_outputs=objective.num_outputs,
+                                     task=objective.task)
+    graphs, state, rng_state = state_lib.create(config, create, tx, replicated)
+    if config.init_from:
+        _log(f"Backbone initialised from {config.init_from}")
     base_key = jax.jit(lambda: jax.random.key(config.seed), out_shardings=replicated)()
     num_params = sum(x.size for x in jax.tree.leaves(state["params"]))
     _log(f"Model: {config.model.name} ({num_params:,} parameters), {total_steps} steps, "
          f"batch {config.batch_size} on {jax.device_count()} device(s) in {jax.process_count()} process(es)")
 
     step_fn = jax.jit(
-        functools.partial(train_step, graphdef=graphdef, tx=tx, objective=objective),
+        functools.partial(train_step, graphdef=graphs.train, tx=tx, objective=objective),
         donate_argnums=(0,),
     )
-    predict_jit = jax.jit(functools.partial(predict_step, graphdef=eval_graphdef, objective=objective))
+    predict_jit = jax.jit(functools.partial(inference.predict_step, graphdef=graphs.eval, objective=objective))
 
     def predict(batch: dict) -> dict[str, jax.Array]:
         return predict_jit(state["params"], state["rest"], rng_state, batch)
 
     # Resume.
     train_iter = iter(input_pipeline.train_dataset(config.data, splits["train"], config.batch_size, config.seed))
-    latest, best = checkpoint_managers(workdir)
+    latest, best = state_lib.checkpoint_managers(workdir)
     meta = {"best_value": None, "best_step": None, "evals_since_best": 0, "evals_since_lr_drop": 0,
             "label_mean": stats.mean, "label_std": stats.std, "stopped_early": False}
     if latest.latest_step() is not None:
-        abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, state)
-        state, meta = restore_checkpoint(latest, abstract, train_iter)
+        state, meta = state_lib.restore(latest, state_lib.abstract_state(state), train_iter)
         _log(f"Resumed from {latest.directory} at step {int(state['step'])}")
     start_step = int(jax.device_get(state["step"]))
     writer = writers.MetricWriter(workdir, resume_step=start_step)
@@ -343,7 +210,7 @@ def train_and_evaluate(
             averaged["images_per_s"] = images_per_s
         writer.write(step, "train", averaged)
         shown = "".join(f"  {k.removesuffix('_months')} {v:.3f}" for k, v in averaged.items()
-                        if k in ("mae_months", "jaccard"))
+                        if k not in ("loss", "grad_norm", "lr", "images_per_s"))  # the objective's metrics
         _log(f"step {step:>6}/{total_steps}  loss {averaged['loss']:.4f}{shown}  "
              f"lr {averaged['lr']:.2e}" + (f"  {images_per_s:.1f} img/s" if images_per_s else ""))
 
@@ -352,14 +219,14 @@ def train_and_evaluate(
 
         Returns True when early stopping ends the run."""
         nonlocal state
-        result = score(predict_split(predict, config, splits["validation"], batch_sharding, objective), objective)
+        result = objective.score(evaluation.predict_split(predict, config, splits["validation"], batch_sharding, objective))
         writer.write(step, "validation", result)
-        _log(f"step {step:>6}  validation " + _summary(result))
+        _log(f"step {step:>6}  validation " + objective.summary(result))
         value = result[objective.monitor]
         sign = -1.0 if objective.higher_is_better else 1.0
         if meta["best_value"] is None or sign * value < sign * meta["best_value"] - config.min_delta:
             meta.update(best_value=value, best_step=step, evals_since_best=0, evals_since_lr_drop=0)
-            save_checkpoint(best, state, train_iter, meta)
+            state_lib.save(best, state, train_iter, meta)
             return False
         meta["evals_since_best"] += 1
         meta["evals_since_lr_drop"] += 1
@@ -380,7 +247,7 @@ def train_and_evaluate(
     stop = False
     try:
         while step < total_steps and not stop:
-            batch = global_batch(next(train_iter), batch_sharding)
+            batch = evaluation.global_batch(next(train_iter), batch_sharding)
             state, step_metrics = step_fn(state, batch, rng_state, base_key)
             pending.append(step_metrics)
             step += 1
@@ -397,7 +264,7 @@ def train_and_evaluate(
                 stop = evaluate_validation(step)
             if step % config.checkpoint_every == 0 or last or stop:
                 flush(step)
-                save_checkpoint(latest, state, train_iter, meta)
+                state_lib.save(latest, state, train_iter, meta)
             if tick_step == step:  # leave evaluation and checkpointing out of the throughput
                 tick = time.perf_counter()
     finally:  # let checkpoints already started finish, also when training fails
@@ -406,48 +273,20 @@ def train_and_evaluate(
 
     # Final evaluation of the best checkpoint.
     if best.latest_step() is not None:
-        abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, state)
-        state, _ = restore_checkpoint(best, abstract)
+        state, _ = state_lib.restore(best, state_lib.abstract_state(state))
     results = {}
     for name in ("validation", "test"):
         if name in splits:
-            predictions = predict_split(predict, config, splits[name], batch_sharding, objective)
-            results[name] = score(predictions, objective)
-            if "pred_jaccard" in predictions and jax.process_index() == 0:
-                writers.write_csv(os.path.join(workdir, f"jaccard_{name}.csv"), ["id", "jaccard", "jaccard_post"],
-                                  zip(predictions["id"].tolist(), predictions["pred_jaccard"].tolist(),
-                                      predictions["pred_jaccard_post"].tolist()))
+            predictions = evaluation.predict_split(predict, config, splits[name], batch_sharding, objective)
+            results[name] = objective.score(predictions)
+            if jax.process_index() == 0:
+                objective.write_artefacts(workdir, name, predictions)
             results[name]["checkpoint_step"] = int(jax.device_get(state["step"]))
             writer.write(step, f"final_{name}", results[name])
-    writers.write_json(os.path.join(workdir, "results.json"), results)
+    io.write_json(os.path.join(workdir, "results.json"), results)
     writer.close()
     latest.close()
     best.close()
-    _log(results_table(results))
+    _log(objective.results_table(results))
     return results
 
-
-def _summary(result: dict) -> str:
-    if "jaccard" in result:
-        return f"jaccard {result['jaccard']:.4f}  (post-processed {result['jaccard_post']:.4f}, min {result['jaccard_min']:.3f})"
-    if "mae" not in result:
-        return f"{result['num_examples']} images (unlabelled)"
-    return (f"mae {result['mae']:.2f}  rmse {result['rmse']:.2f}  r2 {result['r2']:.3f}  "
-            f"(baseline mae {result['baseline_mae']:.2f})")
-
-
-def results_table(results: dict[str, dict[str, float]]) -> str:
-    """A short text table: each split's MAE beside the predict-the-training-mean baseline."""
-    if any("jaccard" in r for r in results.values()):
-        lines = [f"{'split':<12}{'images':>8}{'Jaccard':>10}{'post-processed':>16}{'min':>8}"]
-        lines += [f"{name:<12}{r['num_examples']:>8}{r['jaccard']:>10.4f}{r['jaccard_post']:>16.4f}{r['jaccard_min']:>8.3f}"
-                  for name, r in results.items()]
-        return "\n".join(lines)
-    lines = [f"{'split':<12}{'images':>8}{'MAE (months)':>15}{'baseline MAE':>15}{'RMSE':>9}{'R2':>8}"]
-    for name, r in results.items():
-        if "mae" not in r:
-            lines.append(f"{name:<12}{r['num_examples']:>8}   (unlabelled)")
-            continue
-        lines.append(f"{name:<12}{r['num_examples']:>8}{r['mae']:>15.2f}{r['baseline_mae']:>15.2f}"
-                     f"{r['rmse']:>9.2f}{r['r2']:>8.3f}")
-    return "\n".join(lines)

@@ -1,18 +1,19 @@
 """Run outputs: ``metrics.jsonl`` (one JSON object per event, with its wall-clock ``time``) and
-TensorBoard event files.
+TensorBoard event files. Other files are written atomically through ``boneage_jax.io``.
 
 TensorBoard files are written by tensorboardX, which needs no TensorFlow.
 """
 
 from __future__ import annotations
 
-import csv
 import json
 import math
 import os
 import time
 
 import jax
+
+from boneage_jax import io
 
 
 class MetricWriter:
@@ -33,7 +34,7 @@ class MetricWriter:
     def write(self, step: int, split: str, metrics: dict[str, float]) -> None:
         if not self.enabled:
             return
-        event = {"step": int(step), "split": split, **{k: _jsonable(v) for k, v in metrics.items()},
+        event = {"step": int(step), "split": split, **{k: io.jsonable(v) for k, v in metrics.items()},
                  "time": round(time.time(), 3)}  # wall clock (Unix seconds), for reports
         with open(self.path, "a") as f:
             f.write(json.dumps(event) + "\n")
@@ -47,40 +48,9 @@ class MetricWriter:
             self._tb.close()
 
 
-def _jsonable(value):
-    if hasattr(value, "item"):
-        value = value.item()
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    return value
-
-
 def _truncate_after(path: str, step: int) -> None:
     """Drops events logged after ``step``: a resumed run logs them again."""
     with open(path) as f:
         kept = [line for line in f if line.strip() and json.loads(line)["step"] <= step]
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        f.writelines(kept)
-    os.replace(tmp, path)
+    io.write_text(path, "".join(kept))
 
-
-def write_json(path: str, obj) -> None:
-    """Writes JSON atomically (a temporary file renamed into place), on process 0 only."""
-    if jax.process_index() != 0:
-        return
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=2, sort_keys=True, default=_jsonable)
-        f.write("\n")
-    os.replace(tmp, path)
-
-
-def write_csv(path: str, header, rows) -> None:
-    """Writes a CSV atomically (a temporary file renamed into place)."""
-    tmp = f"{path}.tmp"
-    with open(tmp, "w", newline="") as f:
-        writer = csv.writer(f)
-        writer.writerow(header)
-        writer.writerows(rows)
-    os.replace(tmp, path)

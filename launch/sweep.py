@@ -182,10 +182,9 @@ def read_statuses(workdir: str) -> dict[str, str]:
 
 
 def write_statuses(workdir: str, statuses: dict[str, str]) -> None:
-    tmp = os.path.join(workdir, STATUS_FILE + ".tmp")
-    with open(tmp, "w") as f:
-        json.dump(statuses, f, indent=2, sort_keys=True)
-    os.replace(tmp, os.path.join(workdir, STATUS_FILE))
+    from boneage_jax import io  # pylint: disable=import-outside-toplevel
+
+    io.write_text(os.path.join(workdir, STATUS_FILE), json.dumps(statuses, indent=2, sort_keys=True))
 
 
 def metric_columns(results: list[dict | None]) -> list[str]:
@@ -268,14 +267,14 @@ def _cell(value, metric: bool = True) -> str:
 
 def write_summary(workdir: str, runs: list[Run], statuses: dict[str, str], folds: int = 0) -> list[dict]:
     """Writes summary.csv and summary.md; returns the per-run rows."""
-    from boneage_jax import writers  # pylint: disable=import-outside-toplevel
+    from boneage_jax import io  # pylint: disable=import-outside-toplevel
 
     columns, rows = run_rows(workdir, runs, statuses)
     aggregates = fold_aggregates(columns, rows, folds) if folds else []
     csv_rows = [[_csv(row.get(c)) for c in columns] for row in rows]
     for mean_row, sd_row in aggregates:
         csv_rows += [[_csv(mean_row.get(c)) for c in columns], [_csv(sd_row.get(c)) for c in columns]]
-    writers.write_csv(os.path.join(workdir, "summary.csv"), columns, csv_rows)
+    io.write_csv(os.path.join(workdir, "summary.csv"), columns, csv_rows)
 
     lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
     lines += ["| " + " | ".join(_cell(row.get(c), c in _metric_names()) for c in columns) + " |" for row in rows]
@@ -291,10 +290,7 @@ def write_summary(workdir: str, runs: list[Run], statuses: dict[str, str], folds
     text = f"# Sweep {os.path.abspath(workdir)}\n\n" + "\n".join(lines) + "\n"
     if failed:
         text += "\nFailed: " + ", ".join(failed) + " (see <name>/train.log)\n"
-    tmp = os.path.join(workdir, "summary.md.tmp")
-    with open(tmp, "w") as f:
-        f.write(text)
-    os.replace(tmp, os.path.join(workdir, "summary.md"))
+    io.write_text(os.path.join(workdir, "summary.md"), text)
     return rows
 
 

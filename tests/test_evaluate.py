@@ -16,7 +16,7 @@ import pytest
 from conftest import tiny_demo_config
 from flax import nnx
 
-from boneage_jax import evaluate, explain, inference, report, train
+from boneage_jax import cli, evaluate, evaluation, explain, inference, report, train
 
 REPO = os.path.abspath(os.path.join(os.path.dirname(__file__), ".."))
 
@@ -36,7 +36,7 @@ def _results(workdir: str) -> dict:
 
 
 def test_test_split_matches_results_json(workdir):
-    ev = evaluate.evaluate(workdir, split="test", verbose=False)
+    ev = evaluation.evaluate(workdir, split="test", verbose=False)
     assert ev.json_path == os.path.join(workdir, "evaluation_test.json")
     with open(ev.json_path) as f:
         saved = json.load(f)
@@ -63,15 +63,15 @@ def test_test_split_matches_results_json(workdir):
 
 
 def test_split_all_scores_every_labelled_image(workdir):
-    ev = evaluate.evaluate(workdir, split="all", verbose=False)
+    ev = evaluation.evaluate(workdir, split="all", verbose=False)
     assert ev.result["num_examples"] == 80
     assert ev.result["tfds_splits"] == ["test", "train", "validation"]
     assert os.path.isfile(os.path.join(workdir, "evaluation_all.json"))
 
 
 def test_tta_is_close_but_different(workdir):
-    plain = evaluate.evaluate(workdir, split="validation", verbose=False).result
-    tta = evaluate.evaluate(workdir, split="validation", tta=True, verbose=False)
+    plain = evaluation.evaluate(workdir, split="validation", verbose=False).result
+    tta = evaluation.evaluate(workdir, split="validation", tta=True, verbose=False)
     assert tta.json_path.endswith("evaluation_validation_tta.json")
     assert tta.result["tta"] == {"views": 4, "flip": True, "angles": [-5.0, 5.0]}
     assert tta.result["mae"] != plain["mae"]
@@ -79,8 +79,8 @@ def test_tta_is_close_but_different(workdir):
 
 
 def test_ensemble_of_one_run_twice_equals_the_run(workdir):
-    single = evaluate.evaluate(workdir, split="test", verbose=False)
-    double = evaluate.evaluate(workdir, split="test", ensemble=[workdir], verbose=False)
+    single = evaluation.evaluate(workdir, split="test", verbose=False)
+    double = evaluation.evaluate(workdir, split="test", ensemble=[workdir], verbose=False)
     assert double.json_path.endswith("evaluation_test_ensemble.json")
     assert len(double.result["members"]) == 2
     np.testing.assert_allclose(double.predictions["pred_boneage"], single.predictions["pred_boneage"], rtol=1e-6)
@@ -89,11 +89,11 @@ def test_ensemble_of_one_run_twice_equals_the_run(workdir):
 
 
 def test_bias_correction_is_fitted_on_validation(workdir):
-    ev = evaluate.evaluate(workdir, split="test", bias_correction=True, verbose=False)
+    ev = evaluation.evaluate(workdir, split="test", bias_correction=True, verbose=False)
     bc = ev.result["bias_correction"]
     assert ev.json_path.endswith("evaluation_test_bc.json")
     assert bc["num_fitted"] == 16 and not bc["in_sample"]
-    validation = evaluate.evaluate(workdir, split="validation", verbose=False).predictions
+    validation = evaluation.evaluate(workdir, split="validation", verbose=False).predictions
     slope, intercept = np.polyfit(validation["pred_boneage"], validation["boneage"], 1)
     assert bc["slope"] == pytest.approx(slope, rel=1e-4) and bc["intercept"] == pytest.approx(intercept, rel=1e-4)
     np.testing.assert_allclose(ev.predictions["pred_boneage"],
@@ -133,27 +133,30 @@ def test_missing_workdir_and_checkpoint_errors(workdir, tmp_path):
     empty = tmp_path / "empty"
     empty.mkdir()
     with pytest.raises(FileNotFoundError, match=re.escape(str(empty / "config.json"))):
-        evaluate.evaluate(str(empty), verbose=False)
+        evaluation.evaluate(str(empty), verbose=False)
     with pytest.raises(FileNotFoundError, match="no checkpoint in .*checkpoints/latest"):
         # A copy without checkpoints.
         copy = tmp_path / "copy"
         copy.mkdir()
         for name in ("config.json", "label_stats.json"):
             (copy / name).write_text(open(os.path.join(workdir, name)).read())
-        evaluate.evaluate(str(copy), which="latest", verbose=False)
+        evaluation.evaluate(str(copy), which="latest", verbose=False)
 
 
 def test_overrides_keep_the_model(workdir):
-    config = evaluate.load_config(workdir, ["--config.data.min_age=24"])
+    config = inference.load_config(workdir, ["--config.data.min_age=24"])
     assert config.data.min_age == 24.0
     with pytest.raises(ValueError, match="model settings cannot change.*model.name"):
-        evaluate.load_config(workdir, ["--config.model.name=resnet18"])
+        inference.load_config(workdir, ["--config.model.name=resnet18"])
     with pytest.raises(ValueError, match="data.image_size"):
-        evaluate.load_config(workdir, ["--config.data.image_size=64"])
+        inference.load_config(workdir, ["--config.data.image_size=64"])
     with pytest.raises(ValueError, match="unknown config key"):
-        evaluate.load_config(workdir, ["--config.data.no_such_key=1"])
-    assert evaluate.split_config_args(["--split=test", "--config.a", "1", "--config.b=2", "--tta"]) == (
-        ["--split=test", "--tta"], ["--config.a=1", "--config.b=2"])
+        inference.load_config(workdir, ["--config.data.no_such_key=1"])
+    assert cli.parse(evaluate.FLAGS, ["--split=test", "--config.a", "1", "--config.b=2", "--tta"],
+                     config_overrides=True) == ["--config.a", "1", "--config.b=2"]
+    assert evaluate.FLAGS.split == "test" and evaluate.FLAGS.tta
+    config = inference.load_config(workdir, ["--config.data.min_age", "24", "--config.eval_batch_size=4"])
+    assert config.data.min_age == 24.0 and config.eval_batch_size == 4
 
 
 def test_gradcam_equals_the_gradient_at_the_last_feature_map(workdir):
@@ -187,14 +190,14 @@ def test_gradcam_equals_the_gradient_at_the_last_feature_map(workdir):
 def test_combine_and_tta_views():
     a = {"boneage": np.array([10.0, 20.0]), "std": np.array([1.0, 2.0]), "class": np.array([0, 2])}
     b = {"boneage": np.array([14.0, 20.0]), "std": np.array([1.0, 2.0]), "class": np.array([1, 2])}
-    out = evaluate.combine([a, b], class_means=[10.5, 13.0, 20.0])
+    out = evaluation.combine([a, b], class_means=[10.5, 13.0, 20.0])
     np.testing.assert_allclose(out["boneage"], [12.0, 20.0])
     # Mixture of N(10, 1) and N(14, 1): variance 1 + 4.
     np.testing.assert_allclose(out["std"], [np.sqrt(5.0), 2.0], rtol=1e-6)
     np.testing.assert_array_equal(out["class"], [1, 2])  # tie 0/1 -> class mean 13 is nearer 12 than 10.5
     images = np.random.default_rng(0).normal(size=(2, 16, 16, 1)).astype(np.float32)
-    views = evaluate.tta_views(images, flip=True, angles=(-5.0, 5.0))
+    views = evaluation.tta_views(images, flip=True, angles=(-5.0, 5.0))
     assert len(views) == 4 and all(v.shape == images.shape and v.dtype == np.float32 for v in views)
     np.testing.assert_array_equal(views[1][:, :, ::-1], images)
-    np.testing.assert_allclose(evaluate.rotate(images, 0.0), images, atol=1e-6)
+    np.testing.assert_allclose(evaluation.rotate(images, 0.0), images, atol=1e-6)
     assert not np.allclose(views[2], images)

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 from conftest import tiny_demo_config
 
-from boneage_jax import predict
+from boneage_jax import io, predict
 
 REPO = os.path.abspath(os.path.join(os.path.dirname(__file__), ".."))
 
@@ -68,7 +68,7 @@ def test_dicom_monochrome_window_and_rescale(tmp_path):
     mono2, mono1 = str(tmp_path / "m2.dcm"), str(tmp_path / "m1")  # no suffix: found by its DICM magic
     write_dicom(mono2, pixels, "MONOCHROME2", center=[30000, 20000], width=[40000, 1000])  # first value used
     write_dicom(mono1, pixels, "MONOCHROME1", center=30000, width=40000)
-    a, b = predict.read_image(mono2), predict.read_image(mono1)
+    a, b = io.read_image(mono2), io.read_image(mono1)
     assert a.dtype == np.uint8 and a.shape == (64, 48)
     np.testing.assert_array_equal(b, 255 - a)  # MONOCHROME1 is inverted
     values = pixels.astype(np.float64)
@@ -79,9 +79,9 @@ def test_dicom_monochrome_window_and_rescale(tmp_path):
     # No window: min-max after the modality rescale (a negative slope flips the ramp).
     flipped = str(tmp_path / "rescaled.dcm")
     write_dicom(flipped, pixels, slope=-2.0, intercept=100.0)
-    c = predict.read_image(flipped)
+    c = io.read_image(flipped)
     assert c[0, 0] == 255 and c[-1, -1] == 0
-    assert predict.expand_inputs([str(tmp_path)]) == sorted([mono1, mono2, flipped])
+    assert io.expand_inputs([str(tmp_path)]) == sorted([mono1, mono2, flipped])
 
 
 def test_single_image_spec():
@@ -119,7 +119,7 @@ def test_cli_png_jpeg_dicom_csv_heatmaps_and_failure(run_dir, phantom_dir, tmp_p
     cv2.imwrite(str(images / "b.jpg"), grey, [cv2.IMWRITE_JPEG_QUALITY, 95])
     # 16-bit; this window maps v = 257 g back to g exactly (65535 = 257 * 255).
     write_dicom(str(images / "c.dcm"), grey.astype(np.uint16) * 257, center=32768, width=65536)
-    np.testing.assert_array_equal(predict.read_image(str(images / "c.dcm")), grey)
+    np.testing.assert_array_equal(io.read_image(str(images / "c.dcm")), grey)
     (images / "notes.txt").write_text("not an image")  # skipped by the folder expansion
     broken = tmp_path / "broken.png"
     broken.write_bytes(b"\x89PNG\r\n\x1a\n" + b"\x00" * 40)

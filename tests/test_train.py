@@ -32,9 +32,9 @@ def _read_events(workdir: str) -> list[dict]:
 def _final_params(workdir: str) -> dict:
     manager = ocp.CheckpointManager(os.path.join(workdir, "checkpoints", "latest"))
     restored = manager.restore(manager.latest_step(),
-                               args=ocp.args.Composite(state=ocp.args.StandardRestore()))
+                               args=ocp.args.Composite(params=ocp.args.StandardRestore()))
     manager.close()
-    return restored["state"]["params"]
+    return restored["params"]
 
 
 def test_main_writes_every_output(tiny_config, tmp_path):

@@ -1,0 +1,114 @@
+"""How the commands run: absl flags held in each command's own ``FlagValues``, run by ``absl.app``.
+
+A command module (``evaluate``, ``report``, ``predict``, ``export``) defines its flags on its own
+``flags.FlagValues``, so commands can be imported side by side (as libraries and tests do), and
+a ``main(argv) -> exit status`` that starts with :func:`parse`. ``python -m`` runs it through
+:func:`run`: ``absl.app`` takes its own flags (``--help``, ``--verbosity``, ...) and passes the
+rest of the command line to ``main``. ``--config.key=value`` overrides of a run's saved config
+(``evaluate``, ``report``) are parsed by ``ml_collections.config_flags`` once the run's config
+is read (``inference.load_config``).
+"""
+
+from __future__ import annotations
+
+import re
+import sys
+from collections.abc import Callable, Sequence
+
+from absl import app, flags
+
+_CONFIG_ARG = re.compile(r"^--?(no)?config\.")
+
+
+def parse(flag_values: flags.FlagValues, argv: Sequence[str], *, config_overrides: bool = False) -> list[str]:
+    """Parses ``argv`` (the arguments after the program name) into ``flag_values``; returns the
+    positional arguments, and with ``config_overrides`` the ``--config.*`` arguments (with their
+    values) too, in their order. Raises ``app.UsageError`` naming a flag that is not known."""
+    try:
+        left = flag_values(["command", *argv], known_only=config_overrides)[1:]
+    except flags.Error as e:
+        raise app.UsageError(str(e)) from e
+    for arg in left:
+        if arg.startswith("-") and not _CONFIG_ARG.match(arg):
+            raise app.UsageError(f"Unknown command line flag {arg.split('=')[0]!r}")
+    return left
+
+
+def run(main: Callable[[Sequence[str]], int]) -> None:
+    """Runs ``main(arguments)`` as the program; its return value is the exit status. A usage
+    error prints the message and exits with status 1."""
+
+    def parse_absl_flags(argv: list[str]) -> list[str]:
+        try:
+            return flags.FLAGS(argv, known_only=True)
+        except flags.Error as e:
+            print(f"FATAL Flags parsing error: {e}", file=sys.stderr)
+            sys.exit(1)
+
+    def call(argv: list[str]) -> None:
+        try:
+            status = main(argv[1:])
+        except app.UsageError as e:
+            print(f"FATAL Flags parsing error: {e}", file=sys.stderr)
+            print("Pass --helpfull to see help on flags.", file=sys.stderr)
+            sys.exit(1)
+        sys.exit(status)
+
+    app.run(call, flags_parser=parse_absl_flags)
+
+
+class EvaluateCommand:
+    """``python -m boneage_jax.evaluate`` and ``python -m boneage_jax.report`` (the same options;
+    ``report`` always writes the report): flags and ``main``, over ``evaluation.evaluate``."""
+
+    def __init__(self, report: bool):
+        self.report = report
+        self.flags = values = flags.FlagValues()
+        self._workdir = flags.DEFINE_string("workdir", None, "Workdir of a run written by boneage_jax.main.",
+                                            flag_values=values)
+        self._split = flags.DEFINE_enum("split", None, ["test", "validation", "train", "all"],
+                                        "Split to score (default: test if present, else validation).",
+                                        flag_values=values)
+        self._which = flags.DEFINE_enum("which", "best", ["best", "latest"], "Checkpoint to load.",
+                                        flag_values=values)
+        self._tta = flags.DEFINE_bool("tta", False, "Test-time augmentation: mean over flip and small rotations.",
+                                      flag_values=values)
+        self._tta_flip = flags.DEFINE_bool("tta_flip", True, "With --tta: include the horizontal flip.",
+                                           flag_values=values)
+        self._tta_angles = flags.DEFINE_list("tta_angles", ["-5", "5"], "With --tta: rotations in degrees.",
+                                             flag_values=values)
+        self._ensemble = flags.DEFINE_list("ensemble", [], "More workdirs whose predictions are averaged with "
+                                           "--workdir's.", flag_values=values)
+        self._bias = flags.DEFINE_bool("bias_correction", False,
+                                       "Linear bias correction fitted on validation predictions.", flag_values=values)
+        self._report = flags.DEFINE_bool("report", report, "Also draw the figures and report/report.md.",
+                                         flag_values=values)
+        self._report_images = flags.DEFINE_integer("report_images", 8,
+                                                   "Validation images in the Grad-CAM / attention figures.",
+                                                   flag_values=values)
+
+    def main(self, argv: Sequence[str]) -> int:
+        """Parses ``argv`` (flags, then the run's ``--config.*`` overrides) and evaluates; returns
+        the exit status (1 with a one-line error for a missing workdir, checkpoint or bad override)."""
+        from absl import logging  # pylint: disable=import-outside-toplevel
+
+        from boneage_jax import evaluation  # pylint: disable=import-outside-toplevel
+
+        overrides = parse(self.flags, argv, config_overrides=True)
+        if self._workdir.value is None:
+            raise app.UsageError("--workdir is required")
+        if not flags.FLAGS["verbosity"].present:
+            logging.set_verbosity(logging.WARNING)
+        try:
+            angles = [float(a) for a in self._tta_angles.value]
+        except ValueError as e:
+            raise app.UsageError(f"--tta_angles must be numbers: {e}") from e
+        try:
+            evaluation.evaluate(self._workdir.value, split=self._split.value, which=self._which.value,
+                                tta=self._tta.value, tta_flip=self._tta_flip.value, tta_angles=angles,
+                                ensemble=self._ensemble.value, bias_correction=self._bias.value, overrides=overrides,
+                                report=self.report or self._report.value, report_images=self._report_images.value)
+        except (FileNotFoundError, ValueError) as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 1
+        return 0

@@ -1,0 +1,444 @@
+"""Predictions and scores of a trained model: what the training loop and the evaluation commands share.
+
+- :func:`global_batch` and :func:`to_host` move batches onto the ``data`` mesh and back
+  (gathering across processes); the readout of one batch is ``inference.predict_step``.
+- :func:`predict_split`: predictions for every example of a split, padding removed.
+- :func:`score_predictions`: the objective's metrics plus, for bone age, the breakdown per sex
+  and age band and the confusion matrix of class heads.
+- Test-time augmentation (:func:`tta_views`: flip and small rotations of the normalised input,
+  edges replicated) and ensembles (:func:`combine`, :func:`ensemble_predictions`: the members'
+  mean; Gaussian heads as a mixture, class heads by vote) over loaded runs
+  (``boneage_jax.inference.LoadedRun``), with timing (:class:`Timing`) and peak memory.
+- :func:`evaluate`: what ``python -m boneage_jax.evaluate`` (and ``boneage_jax.report``) does:
+  loads a run (and ensemble members), scores a split, optionally bias-corrected, writes
+  ``evaluation_<suffix>.json`` and ``predictions_<suffix>.csv`` into the workdir, and with
+  ``report`` the figures and ``report/report.md`` (``boneage_jax.report``). The options and
+  files are described in ``boneage_jax/evaluate.py``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import re
+import resource
+import time
+from collections.abc import Callable, Sequence
+
+import cv2
+import jax
+import ml_collections
+import numpy as np
+from jax.experimental import multihost_utils
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from boneage_jax import data, inference, input_pipeline, io, metrics, objectives, state
+from boneage_jax.ops import augment
+
+
+
+# ----------------------------------------------------------------------------- batches
+
+
+def to_host(tree):
+    """Global arrays to host numpy, gathering across processes when there are several."""
+    if jax.process_count() > 1:
+        return multihost_utils.process_allgather(tree, tiled=True)
+    return jax.device_get(tree)
+
+
+def global_batch(batch: dict, sharding: NamedSharding) -> dict:
+    """This process's rows of a batch -> global arrays sharded over the ``data`` mesh."""
+    return {k: jax.make_array_from_process_local_data(sharding, v) for k, v in batch.items()}
+
+
+# ----------------------------------------------------------------------------- a split
+
+
+def predict_split(
+    predict: Callable, config: ml_collections.ConfigDict, selection: data.SplitSelection, sharding: NamedSharding,
+    objective: objectives.Task,
+) -> dict[str, np.ndarray]:
+    """Predictions for every example of a split (padding removed), with labels and ids."""
+    keep = ("boneage", "male", "id", "weight")
+    outputs = []
+    for batch in input_pipeline.eval_batches(config.data, selection, config.eval_batch_size):
+        device_batch = global_batch(batch, sharding)
+        readout = to_host({f"pred_{k}": v for k, v in predict(device_batch).items()})
+        host_batch = to_host(device_batch)
+        readout = objective.host_readout(readout, host_batch)
+        outputs.append({**readout, **{k: host_batch[k] for k in keep}})
+    merged = {k: np.concatenate([o[k] for o in outputs]) for k in outputs[0]}
+    real = merged.pop("weight") > 0
+    return {k: v[real] for k, v in merged.items()}
+
+
+
+# ----------------------------------------------------------------------------- scoring
+
+
+def score_predictions(predictions: dict[str, np.ndarray], objective) -> dict:
+    """``objective.score`` plus the breakdown per sex and age band, and the confusion matrix
+    for class heads, over the labelled predictions."""
+    result = dict(objective.score(predictions))
+    labelled = ~np.isnan(predictions["boneage"])
+    if not labelled.any():
+        return result
+    pred, true, male = (predictions[k][labelled] for k in ("pred_boneage", "boneage", "male"))
+    result["breakdown"] = metrics.breakdown(pred, true, male, baseline=objective.stats.mean)
+    if "pred_class" in predictions:
+        true_class = objective.true_classes(true)
+        matrix = metrics.confusion_matrix(true_class, predictions["pred_class"][labelled],
+                                          len(objective.stats.class_edges) - 1)
+        result["accuracy"] = metrics.accuracy(predictions["pred_class"][labelled], true_class)
+        result["confusion_matrix"] = matrix.tolist()
+        result["class_edges"] = list(objective.stats.class_edges)
+    return result
+
+
+def memory_summary() -> dict:
+    """Peak resident memory of this process and, where the device reports it, peak device memory."""
+    out = {"peak_host_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0}  # KiB on Linux
+    try:
+        stats = jax.local_devices()[0].memory_stats()
+    except Exception:  # pylint: disable=broad-except
+        stats = None
+    if stats and "peak_bytes_in_use" in stats:
+        out["peak_device_mib"] = stats["peak_bytes_in_use"] / 2**20
+    out["device"] = str(jax.local_devices()[0].device_kind)
+    return out
+
+
+
+# ----------------------------------------------------------------------------- test-time augmentation and ensembles
+
+
+def rotate(images: np.ndarray, angle: float) -> np.ndarray:
+    """Rotates (B, H, W, C) float images about their centre by ``angle`` degrees
+    (counter-clockwise, as the ``affine`` augmentation), replicating the edges."""
+    _, height, width, channels = images.shape
+    matrix = augment.affine_matrix((width / 2.0, height / 2.0), angle)
+    return np.stack([
+        cv2.warpAffine(np.ascontiguousarray(image), matrix, (width, height), flags=cv2.INTER_LINEAR,
+                       borderMode=cv2.BORDER_REPLICATE).reshape(height, width, channels)
+        for image in images
+    ]).astype(images.dtype)
+
+
+def tta_views(images: np.ndarray, flip: bool = True, angles: Sequence[float] = (-5.0, 5.0)) -> list[np.ndarray]:
+    """The original batch, its horizontal flip and its rotations."""
+    views = [images]
+    if flip:
+        views.append(np.ascontiguousarray(images[:, :, ::-1]))
+    views.extend(rotate(images, float(a)) for a in angles)
+    return views
+
+
+def combine(readouts: Sequence[dict], prefix: str = "", class_means: Sequence[float] | None = None) -> dict:
+    """Mean of several readouts of the same images (TTA views or ensemble members).
+
+    ``{prefix}boneage``: the mean. ``{prefix}std`` (when all have one): the standard deviation of
+    the equal-weight Gaussian mixture, sqrt(mean(std^2 + mu^2) - mean(mu)^2). ``{prefix}class``
+    (when all have one): the majority vote, ties going to the class whose ``class_means`` is
+    nearest the mean age (else the lowest class)."""
+    ages = np.stack([np.asarray(r[f"{prefix}boneage"], np.float64) for r in readouts])
+    out = {f"{prefix}boneage": ages.mean(0).astype(np.float32)}
+    if all(f"{prefix}std" in r for r in readouts):
+        stds = np.stack([np.asarray(r[f"{prefix}std"], np.float64) for r in readouts])
+        var = np.mean(stds**2 + ages**2, axis=0) - ages.mean(0) ** 2
+        out[f"{prefix}std"] = np.sqrt(np.maximum(var, 0.0)).astype(np.float32)
+    if all(f"{prefix}class" in r for r in readouts):
+        classes = np.stack([np.asarray(r[f"{prefix}class"], np.int64) for r in readouts])  # (N, B)
+        num = int(classes.max()) + 1 if class_means is None else len(class_means)
+        counts = np.stack([(classes == k).sum(0) for k in range(num)], axis=1)  # (B, K)
+        tied = counts == counts.max(axis=1, keepdims=True)
+        if class_means is not None:
+            distance = np.abs(np.asarray(class_means)[None, :] - out[f"{prefix}boneage"][:, None])
+            out[f"{prefix}class"] = np.where(tied, distance, np.inf).argmin(axis=1)
+        else:
+            out[f"{prefix}class"] = tied.argmax(axis=1)
+    return out
+
+
+@dataclasses.dataclass
+class Timing:
+    """Time in the model (after compilation) and in the whole pass, over the real images."""
+
+    model_s: float = 0.0
+    total_s: float = 0.0
+    images: int = 0
+
+    def summary(self) -> dict:
+        n = max(self.images, 1)
+        return {"model_ms_per_image": 1e3 * self.model_s / n, "total_ms_per_image": 1e3 * self.total_s / n,
+                "images": self.images}
+
+
+def member_predictions(run: inference.LoadedRun, chosen: Sequence[data.SplitSelection], *, tta: bool = False,
+                       tta_flip: bool = True, tta_angles: Sequence[float] = (-5.0, 5.0),
+                       timing: Timing | None = None) -> dict[str, np.ndarray]:
+    """One run's predictions (``predict_split``'s arrays) over the selections, in order."""
+    config, objective = run.config, run.objective
+    sharding = NamedSharding(state.make_mesh(), P("data"))
+    class_means = objective.stats.class_means or None
+
+    def predict(batch: dict) -> dict:
+        if not tta:
+            return run.predict(batch)
+        views = tta_views(np.asarray(batch["image"]), tta_flip, tta_angles)
+        readouts = [jax.device_get(run.predict({**batch, "image": jax.device_put(v, batch["image"].sharding)}))
+                    for v in views]
+        return combine(readouts, class_means=class_means)
+
+    def timed(batch: dict) -> dict:
+        start = time.perf_counter()
+        out = jax.block_until_ready(predict(batch))
+        if timing is not None:
+            timing.model_s += time.perf_counter() - start
+        return out
+
+    if timing is not None:
+        # Compile (and warm up) on the first batch before anything is timed.
+        first = next(iter(input_pipeline.eval_batches(config.data, chosen[0], config.eval_batch_size)))
+        jax.block_until_ready(predict(global_batch(first, sharding)))
+
+    parts = []
+    start = time.perf_counter()
+    for selection in chosen:
+        parts.append(predict_split(timed, config, selection, sharding, objective))
+    if timing is not None:
+        timing.total_s += time.perf_counter() - start
+        timing.images += sum(len(p["id"]) for p in parts)
+    return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
+
+
+def ensemble_predictions(runs: Sequence[inference.LoadedRun], chosen: Sequence[data.SplitSelection],
+                         timing: Timing | None = None, **tta) -> dict[str, np.ndarray]:
+    """The members' predictions combined (one member: its own)."""
+    each = [member_predictions(run, chosen, timing=timing, **tta) for run in runs]
+    if timing is not None and len(runs) > 1:
+        timing.images //= len(runs)
+    first = each[0]
+    for run, other in zip(runs[1:], each[1:]):
+        if not np.array_equal(first["id"], other["id"]):
+            raise ValueError(f"ensemble member {run.workdir} predicted other images than {runs[0].workdir}")
+    if len(each) == 1:
+        return first
+    heads = {run.objective.head for run in runs}
+    edges = {run.objective.stats.class_edges for run in runs}
+    readouts = [{k: v for k, v in p.items() if k.startswith("pred_")} for p in each]
+    if not (heads == {"classification"} and len(edges) == 1):
+        for r in readouts:
+            r.pop("pred_class", None)
+    combined = combine(readouts, prefix="pred_", class_means=runs[0].objective.stats.class_means or None)
+    return {**{k: v for k, v in first.items() if not k.startswith("pred_")}, **combined}
+
+# ----------------------------------------------------------------------------- evaluating runs
+
+
+SPLITS = ("test", "validation", "train", "all")
+
+
+def _load_member(workdir: str, which: str, config: ml_collections.ConfigDict) -> inference.LoadedRun:
+    directory = os.path.join(workdir, "checkpoints", which)
+    if not os.path.isdir(directory) or not any(name.isdigit() for name in os.listdir(directory)):
+        raise FileNotFoundError(f"no checkpoint in {directory}: has the run in {workdir} saved one "
+                                f"(try --which={'latest' if which == 'best' else 'best'})?")
+    run = inference.load_run(workdir, which=which, config=config)
+    objectives.require_bone_age(run.objective, workdir, "evaluate")
+    return run
+
+
+# ----------------------------------------------------------------------------- splits
+
+
+def selections(config: ml_collections.ConfigDict, split: str | None) -> tuple[str, list[data.SplitSelection]]:
+    """(split name, the selections to score): one, or for ``all`` every TFDS split's labelled
+    records (after the config's sex and age filters)."""
+    builder = data.prepare(config.data)
+    splits = data.select_splits(config.data, builder, config.seed)
+    if split is None:
+        split = "test" if "test" in splits else "validation"
+    if split == "all":
+        chosen = []
+        for name in sorted(builder.info.splits.keys()):
+            labels = data.label_index(config.data, name)
+            labelled = np.flatnonzero(~np.isnan(labels.boneage))
+            indices = data.filter_indices(labels, labelled, config.data)
+            if len(indices):
+                chosen.append(data.SplitSelection(name, indices, labels))
+        if not chosen:
+            raise ValueError(f"no labelled images in {config.data.manual_dir}")
+        return split, chosen
+    if split not in splits:
+        raise ValueError(f"the dataset in {config.data.manual_dir} has no {split} split "
+                         f"(it has {', '.join(sorted(splits))}; try --split=validation or --split=all)")
+    return split, [splits[split]]
+
+
+# ----------------------------------------------------------------------------- the evaluation
+
+
+def output_suffix(split: str, *, which: str = "best", tta: bool = False, ensemble: bool = False,
+                  bias_correction: bool = False, other_data: str | None = None) -> str:
+    parts = [split]
+    if which != "best":
+        parts.append(which)
+    if tta:
+        parts.append("tta")
+    if ensemble:
+        parts.append("ensemble")
+    if bias_correction:
+        parts.append("bc")
+    if other_data:
+        parts.append("on-" + re.sub(r"[^A-Za-z0-9._-]+", "_", other_data))
+    return "_".join(parts)
+
+
+@dataclasses.dataclass
+class Evaluation:
+    """What ``evaluate`` computed: the JSON written, the predictions, the runs."""
+
+    result: dict
+    predictions: dict[str, np.ndarray]
+    runs: list[inference.LoadedRun]
+    split: str
+    json_path: str
+    csv_path: str
+    report_path: str | None = None
+
+
+def evaluate(workdir: str, *, split: str | None = None, which: str = "best", tta: bool = False,
+             tta_flip: bool = True, tta_angles: Sequence[float] = (-5.0, 5.0), ensemble: Sequence[str] = (),
+             bias_correction: bool = False, overrides: Sequence[str] = (), report: bool = False,
+             report_images: int = 8, verbose: bool = True) -> Evaluation:
+    """Scores ``workdir``'s run (and ``ensemble`` members) and writes the JSON and CSV; see the
+    module docstring. Returns an :class:`Evaluation`."""
+    workdir = os.path.abspath(workdir)
+    config = inference.load_config(workdir, overrides)
+    saved_dir = inference.read_config(workdir).data.manual_dir
+    members = [workdir] + [os.path.abspath(m) for m in ensemble if m]
+    configs = [config]
+    for member in members[1:]:
+        member_config = inference.load_config(member, overrides)
+        for key in ("manual_dir", "data_dir", "builder_config"):  # the first run's dataset
+            if key in config.data and key in member_config.data:
+                member_config.data[key] = config.data[key]
+        configs.append(member_config)
+    runs = [_load_member(m, which, c) for m, c in zip(members, configs)]
+    split, chosen = selections(config, split)
+    tta_options = {"tta": tta, "tta_flip": tta_flip, "tta_angles": tuple(float(a) for a in tta_angles)}
+
+    timing = Timing()
+    predictions = ensemble_predictions(runs, chosen, timing=timing, **tta_options)
+    objective = runs[0].objective
+
+    correction = None
+    if bias_correction:
+        if split == "validation":
+            validation = predictions
+        else:
+            validation = ensemble_predictions(runs, selections(config, "validation")[1], **tta_options)
+        labelled = ~np.isnan(validation["boneage"])
+        if labelled.sum() < 2:
+            raise ValueError("bias correction needs at least 2 labelled validation images")
+        correction = metrics.fit_linear_correction(validation["pred_boneage"][labelled], validation["boneage"][labelled])
+        uncorrected = objective.score(predictions)
+        predictions = {**predictions, "pred_boneage_uncorrected": predictions["pred_boneage"],
+                       "pred_boneage": metrics.apply_linear_correction(predictions["pred_boneage"],
+                                                                       correction).astype(np.float32)}
+        correction = {**correction, "fitted_on": "validation", "num_fitted": int(labelled.sum()),
+                      "in_sample": split in ("validation", "all"), "uncorrected": uncorrected}
+
+    result = score_predictions(predictions, objective)
+    result["checkpoint_step"] = runs[0].step
+    result["split"] = split
+    result["which"] = which
+    result["tfds_splits"] = [s.tfds_split for s in chosen]
+    result["dataset"] = os.path.abspath(os.path.expanduser(config.data.manual_dir))
+    result["members"] = [{"workdir": r.workdir, "checkpoint_step": r.step, "model": r.config.model.name}
+                         for r in runs]
+    result["tta"] = ({"views": 1 + tta_flip + len(tta_options["tta_angles"]), "flip": tta_flip,
+                      "angles": list(tta_options["tta_angles"])} if tta else None)
+    if correction is not None:
+        result["bias_correction"] = correction
+    result["inference"] = {**timing.summary(), **memory_summary()}
+    result["overrides"] = list(overrides)
+
+    other = None
+    if os.path.abspath(os.path.expanduser(config.data.manual_dir)) != os.path.abspath(os.path.expanduser(saved_dir)):
+        other = os.path.basename(os.path.normpath(config.data.manual_dir))
+    suffix = output_suffix(split, which=which, tta=tta, ensemble=len(runs) > 1, bias_correction=bias_correction,
+                           other_data=other)
+    json_path = os.path.join(workdir, f"evaluation_{suffix}.json")
+    csv_path = os.path.join(workdir, f"predictions_{suffix}.csv")
+    io.write_json(json_path, result)
+    write_predictions_csv(csv_path, predictions)
+    outcome = Evaluation(result, predictions, runs, split, json_path, csv_path)
+    if verbose:
+        print(summary_table(outcome), flush=True)
+    if report:
+        from boneage_jax import report as report_lib  # pylint: disable=import-outside-toplevel
+
+        outcome.report_path = report_lib.write_report(outcome, num_images=report_images)
+        if verbose:
+            print(f"wrote {outcome.report_path}", flush=True)
+    return outcome
+
+
+def write_predictions_csv(path: str, predictions: dict[str, np.ndarray]) -> None:
+    columns = ["id", "male", "boneage", "pred_boneage"] + [
+        k for k in ("pred_boneage_uncorrected", "pred_std", "pred_class") if k in predictions]
+
+    def cell(key, value):
+        if key in ("id", "pred_class"):
+            return int(value)
+        if key == "male":
+            return int(bool(value))
+        return "" if np.isnan(value) else f"{float(value):.4f}"
+
+    rows = ([cell(k, predictions[k][i]) for k in columns] for i in range(len(predictions["id"])))
+    io.write_csv(path, columns, rows)
+
+
+def summary_table(outcome: Evaluation) -> str:
+    """A readable table: all images, per sex, per age band; then timing and the files written."""
+    r = outcome.result
+    head = (f"{r['members'][0]['workdir']} ({r['which']} checkpoint, step {r['checkpoint_step']}) on {outcome.split}"
+            f" [{', '.join(r['tfds_splits'])} of {r['dataset']}]")
+    if len(r["members"]) > 1:
+        head += f", ensemble of {len(r['members'])}"
+    if r.get("tta"):
+        head += f", TTA over {r['tta']['views']} views"
+    lines = [head]
+    if "mae" not in r:
+        lines.append(f"{r['num_examples']} images, unlabelled: predictions only")
+    else:
+        lines.append(f"{'':<10}{'images':>7}{'MAE':>8}{'RMSE':>8}{'R2':>8}{'CCC':>8}{'MADdev':>8}{'bias':>8}"
+                     f"{'baseline':>10}")
+
+        def row(name, m):
+            if not m.get("num_examples"):
+                return f"{name:<10}{0:>7}"
+            return (f"{name:<10}{m['num_examples']:>7}{m['mae']:>8.2f}{m['rmse']:>8.2f}{m['r2']:>8.3f}"
+                    f"{m['ccc']:>8.3f}{m['mad_deviation']:>8.2f}{m['mean_error']:>+8.2f}"
+                    f"{m.get('baseline_mae', float('nan')):>10.2f}")
+
+        lines.append(row("all", r))
+        for group in ("sex", "age_band"):
+            for name, m in r["breakdown"][group].items():
+                lines.append(row(name, m))
+        if "accuracy" in r:
+            lines.append(f"class accuracy {r['accuracy']:.3f} over {len(r['confusion_matrix'])} classes")
+        if "bias_correction" in r:
+            bc = r["bias_correction"]
+            lines.append(f"bias correction: true = {bc['slope']:.4f} * pred {bc['intercept']:+.2f} (fitted on "
+                         f"{bc['num_fitted']} validation images{', in-sample' if bc['in_sample'] else ''}); "
+                         f"uncorrected MAE {bc['uncorrected']['mae']:.2f}")
+    inf = r["inference"]
+    lines.append(f"inference: {inf['model_ms_per_image']:.3f} ms/image in the model, {inf['total_ms_per_image']:.2f} "
+                 f"ms/image with the input pipeline ({inf['device']}); peak host memory {inf['peak_host_mib']:.0f} MiB"
+                 + (f", peak device memory {inf['peak_device_mib']:.0f} MiB" if "peak_device_mib" in inf else ""))
+    lines.append(f"wrote {outcome.json_path} and {outcome.csv_path}")
+    return "\n".join(lines)

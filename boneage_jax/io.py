@@ -1,0 +1,205 @@
+"""Files in and out: atomic writes, and radiographs read from PNG, JPEG and DICOM files.
+
+Every write goes to a temporary file beside its target that is then renamed into place, so an
+interrupted run leaves the previous file (or none), never a partial one: :func:`write_bytes`,
+:func:`write_text`, :func:`write_json` (on process 0 only), :func:`write_csv`,
+:func:`write_png`.
+
+:func:`read_image` reads a PNG, JPEG or DICOM radiograph as uint8 grey (DICOM through
+:func:`read_dicom`: modality rescale, the first VOI window or else min-max, MONOCHROME1
+inverted); :func:`expand_inputs` turns folders into their image files. A file that cannot be
+read raises :class:`ImageReadError` naming it.
+"""
+
+from __future__ import annotations
+
+import csv
+import io as _io
+import json
+import math
+import os
+import tempfile
+from collections.abc import Iterable, Sequence
+
+import numpy as np
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".dcm")
+DICOM_MAGIC = b"DICM"  # at byte 128 of a DICOM Part 10 file
+
+
+class ImageReadError(ValueError):
+    """An input image could not be read or preprocessed."""
+
+
+# ----------------------------------------------------------------------------- atomic writes
+
+
+def write_bytes(path: str, data: bytes) -> None:
+    """Writes ``data`` to ``path`` atomically, creating its folder."""
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=folder)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def write_text(path: str, text: str) -> None:
+    write_bytes(path, text.encode("utf-8"))
+
+
+def jsonable(value):
+    """A value as JSON writes it: numpy scalars as Python numbers, non-finite floats as None."""
+    if hasattr(value, "item"):
+        value = value.item()
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value
+
+
+def write_json(path: str, obj) -> None:
+    """Writes JSON (indented, keys sorted; numpy scalars as numbers, NaN as null) atomically, on
+    process 0 only."""
+    import jax  # pylint: disable=import-outside-toplevel
+
+    if jax.process_index() != 0:
+        return
+    write_text(path, json.dumps(obj, indent=2, sort_keys=True, default=jsonable) + "\n")
+
+
+def write_csv(path: str, header: Sequence, rows: Iterable[Sequence]) -> None:
+    """Writes a CSV with a header row atomically."""
+    buffer = _io.StringIO(newline="")
+    writer = csv.writer(buffer)
+    writer.writerow(header)
+    writer.writerows(rows)
+    write_text(path, buffer.getvalue())
+
+
+def write_png(path: str, image: np.ndarray) -> None:
+    """Writes a uint8 image (grey or BGR) as PNG atomically."""
+    import cv2  # pylint: disable=import-outside-toplevel
+
+    ok, buffer = cv2.imencode(".png", image)
+    if not ok:
+        raise OSError(f"could not encode {path} as PNG")
+    write_bytes(path, buffer.tobytes())
+
+
+# ----------------------------------------------------------------------------- reading images
+
+
+def is_dicom(path: str) -> bool:
+    """Whether the file starts like a DICOM Part 10 file (``DICM`` at byte 128)."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(132)
+    except OSError:
+        return False
+    return head[128:132] == DICOM_MAGIC
+
+
+def expand_inputs(paths: Sequence[str]) -> list[str]:
+    """Files stay as they are; a folder becomes its image files (by suffix or DICOM magic), sorted."""
+    files = []
+    for path in paths:
+        if os.path.isdir(path):
+            for name in sorted(os.listdir(path)):
+                full = os.path.join(path, name)
+                if name.startswith(".") or not os.path.isfile(full):
+                    continue
+                if name.lower().endswith(IMAGE_SUFFIXES) or is_dicom(full):
+                    files.append(full)
+        else:
+            files.append(path)
+    return files
+
+
+def _first(value) -> float:
+    """A DICOM numeric value that may be multi-valued -> its first value."""
+    if isinstance(value, (list, tuple)) or type(value).__name__ == "MultiValue":
+        value = value[0]
+    return float(value)
+
+
+def dicom_to_uint8(pixels: np.ndarray, *, photometric: str = "MONOCHROME2", slope: float = 1.0,
+                   intercept: float = 0.0, window_center: float | None = None,
+                   window_width: float | None = None) -> np.ndarray:
+    """Stored DICOM pixel values -> uint8 grey: modality rescale, then the linear VOI window
+    (PS3.3 C.11.2.1.2.1) when given, else min-max; MONOCHROME1 is inverted (bone white)."""
+    values = pixels.astype(np.float64) * slope + intercept
+    if window_center is not None and window_width is not None and window_width >= 1:
+        c, w = window_center, window_width
+        scaled = np.clip(((values - (c - 0.5)) / max(w - 1.0, 1.0) + 0.5), 0.0, 1.0)
+    else:
+        lo, hi = float(values.min()), float(values.max())
+        scaled = (values - lo) / (hi - lo) if hi > lo else np.zeros_like(values)
+    out = np.round(scaled * 255.0).astype(np.uint8)
+    if photometric.strip().upper() == "MONOCHROME1":
+        out = 255 - out
+    return out
+
+
+def read_dicom(path: str) -> np.ndarray:
+    """A DICOM radiograph -> uint8 grey (H, W) (see :func:`dicom_to_uint8`)."""
+    try:
+        import pydicom  # pylint: disable=import-outside-toplevel
+    except ImportError as e:
+        raise ImportError("reading DICOM needs pydicom: pip install pydicom") from e
+    try:
+        ds = pydicom.dcmread(path)
+    except Exception as e:  # pydicom raises several types for damaged files
+        raise ImageReadError(f"{path}: not a readable DICOM file ({e})") from e
+    if "PixelData" not in ds:
+        raise ImageReadError(f"{path}: DICOM file has no pixel data")
+    try:
+        pixels = ds.pixel_array
+    except Exception as e:
+        raise ImageReadError(f"{path}: cannot decode the DICOM pixel data "
+                             f"(transfer syntax {ds.file_meta.get('TransferSyntaxUID', '?')}): {e}") from e
+    photometric = str(ds.get("PhotometricInterpretation", "MONOCHROME2"))
+    if int(ds.get("NumberOfFrames", 1) or 1) > 1:
+        raise ImageReadError(f"{path}: multi-frame DICOM ({ds.NumberOfFrames} frames) is not supported")
+    if int(ds.get("SamplesPerPixel", 1)) > 1:
+        import cv2  # pylint: disable=import-outside-toplevel
+
+        pixels = cv2.cvtColor(np.ascontiguousarray(pixels[..., :3]), cv2.COLOR_RGB2GRAY)
+        photometric = "MONOCHROME2"
+    if pixels.ndim != 2:
+        raise ImageReadError(f"{path}: unsupported DICOM pixel array shape {pixels.shape}")
+    center = ds.get("WindowCenter")
+    width = ds.get("WindowWidth")
+    try:
+        center = _first(center) if center is not None and str(center) != "" else None
+        width = _first(width) if width is not None and str(width) != "" else None
+    except (TypeError, ValueError, IndexError):
+        center = width = None
+    return dicom_to_uint8(pixels, photometric=photometric, slope=float(ds.get("RescaleSlope", 1.0) or 1.0),
+                          intercept=float(ds.get("RescaleIntercept", 0.0) or 0.0), window_center=center,
+                          window_width=width)
+
+
+def read_image(path: str) -> np.ndarray:
+    """PNG, JPEG or DICOM file -> uint8 grey (H, W); ImageReadError (naming the file) otherwise."""
+    from tfds_rsna import rsna_bone_age  # pylint: disable=import-outside-toplevel
+
+    if not os.path.exists(path):
+        raise ImageReadError(f"{path}: no such file")
+    if os.path.isdir(path):
+        raise ImageReadError(f"{path}: is a folder")
+    if path.lower().endswith(".dcm") or is_dicom(path):
+        return read_dicom(path)
+    try:
+        with open(path, "rb") as f:
+            data = f.read()
+    except OSError as e:
+        raise ImageReadError(f"{path}: {e.strerror}") from e
+    try:
+        return rsna_bone_age.decode_grey(data, path)
+    except rsna_bone_age.RsnaFormatError as e:
+        raise ImageReadError(str(e)) from e

@@ -1,0 +1,219 @@
+"""The model as arrays: its split, abstract form, creation on the devices, and checkpoints.
+
+A model splits (:func:`split`) into a graph definition and three pytrees: ``params``
+(``nnx.Param``), ``rng_state`` (the dropout RNG streams, ``nnx.RngState``) and ``rest`` (batch
+statistics and any other variable); :func:`merge` joins them back. The graph definition comes
+in two modes, training (dropout on, batch statistics updated) and evaluation (:class:`Graphs`).
+
+The training state is a dict ``{"step", "params", "rest", "opt_state"}``, replicated over a
+``data`` mesh of all devices (:func:`make_mesh`, :func:`create`). A checkpoint (Orbax, one
+folder per step) keeps each part as its own item: ``params``, ``rest``, ``opt_state``,
+``step``, ``data_iter`` (the grain iterator) and ``meta`` (JSON: best validation value,
+early-stopping and plateau counters, label statistics). Inference restores ``params`` and
+``rest`` alone (:func:`restore_weights`), so it needs no optimiser. Runs written before this
+layout kept step, params, rest and optimiser state in one ``state`` item (``LEGACY_ITEM``);
+both functions restore them too.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from collections.abc import Callable
+
+import grain
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+import orbax.checkpoint as ocp
+from flax import nnx
+from jax.sharding import NamedSharding
+
+from boneage_jax import models
+
+ARRAY_ITEMS = ("params", "rest", "opt_state", "step")
+LEGACY_ITEM = "state"  # before the split: {step, params, rest, opt_state} in one item
+
+
+def _as_item(name: str, tree):
+    """The tree saved under item ``name`` (Orbax's standard handler saves no bare scalar)."""
+    return {"step": tree} if name == "step" else tree
+
+
+def _from_item(name: str, tree):
+    return tree["step"] if name == "step" else tree
+
+
+# ----------------------------------------------------------------------------- split and merge
+
+
+def split(model: nnx.Module) -> tuple[nnx.GraphDef, nnx.State, nnx.State, nnx.State]:
+    """(graphdef, params, rng_state, rest) of a model."""
+    return nnx.split(model, nnx.Param, nnx.RngState, ...)
+
+
+def merge(graphdef: nnx.GraphDef, params, rng_state, rest) -> nnx.Module:
+    """The model that :func:`split` took apart."""
+    return nnx.merge(graphdef, params, rng_state, rest)
+
+
+@dataclasses.dataclass(frozen=True)
+class Graphs:
+    """The model's graph definition in training mode and in evaluation mode."""
+
+    train: nnx.GraphDef
+    eval: nnx.GraphDef
+
+
+def model_factory(config: ml_collections.ConfigDict, *, in_channels: int, num_outputs: int,
+                  task: str) -> Callable[[], nnx.Module]:
+    """A function that builds the configured model (the same weights on every call)."""
+
+    def create() -> nnx.Module:
+        return models.create_model(config.model, in_channels=in_channels, image_size=config.data.image_size,
+                                   num_outputs=num_outputs, seed=config.seed, task=task)
+
+    return create
+
+
+def abstract(create: Callable[[], nnx.Module]) -> tuple[Graphs, nnx.State, nnx.State]:
+    """The graphs and the shapes of ``params`` and ``rest``, without allocating any weight."""
+    model = nnx.eval_shape(create)
+    model.train()
+    train_graphdef, params, _, rest = split(model)
+    model.eval()
+    eval_graphdef = split(model)[0]
+    return Graphs(train_graphdef, eval_graphdef), params, rest
+
+
+def rng_state(create: Callable[[], nnx.Module]) -> nnx.State:
+    """The dropout RNG state of a fresh model (not checkpointed: training reseeds it per step)."""
+    return jax.jit(lambda: split(create())[2])()
+
+
+def pretrained_part(model: nnx.Module) -> nnx.Module:
+    """The part that ``config.init_from`` initialises: the backbone, or a segmentation network."""
+    part = getattr(model, "pretrained_part", None)
+    if part is not None:
+        return part()
+    return model.backbone if hasattr(model, "backbone") else model.network  # models without pretrained_part()
+
+
+# ----------------------------------------------------------------------------- creation
+
+
+def make_mesh() -> jax.sharding.Mesh:
+    """A 1-d ``data`` mesh of all devices; the compiler propagates shardings (Auto axes)."""
+    return jax.make_mesh((jax.device_count(),), ("data",), axis_types=(jax.sharding.AxisType.Auto,))
+
+
+def create(config: ml_collections.ConfigDict, create_model: Callable[[], nnx.Module],
+           tx: optax.GradientTransformation, sharding: NamedSharding) -> tuple[Graphs, dict, nnx.State]:
+    """Builds the model inside ``jax.jit`` so its state lands replicated on every device of every
+    process. With ``config.init_from``, the pretrained part (backbone or segmentation network)
+    starts from weights written by ``python -m boneage_jax.weights``; the head is fresh.
+
+    Returns (graphs, training state, dropout RNG state)."""
+    pretrained = None
+    if config.init_from:
+        from boneage_jax import weights  # pylint: disable=import-outside-toplevel
+
+        part = pretrained_part(create_model())
+        weights.load_pretrained(part, config.init_from)
+        pretrained = jax.tree.map(np.asarray, nnx.state(part))
+
+    def init(pretrained):
+        model = create_model()
+        if pretrained is not None:
+            nnx.update(pretrained_part(model), pretrained)
+        _, params, rngs, rest = split(model)
+        state = {"step": jnp.zeros((), jnp.int32), "params": params, "rest": rest, "opt_state": tx.init(params)}
+        return state, rngs
+
+    graphs = abstract(create_model)[0]
+    state, rngs = jax.jit(init, out_shardings=sharding)(pretrained)
+    return graphs, state, rngs
+
+
+def abstract_state(state: dict) -> dict:
+    """Shapes, dtypes and shardings of a training state (a restore target)."""
+    return jax.tree.map(ocp.utils.to_shape_dtype_struct, state)
+
+
+# ----------------------------------------------------------------------------- checkpoints
+
+
+def checkpoint_managers(workdir: str) -> tuple[ocp.CheckpointManager, ocp.CheckpointManager]:
+    """``checkpoints/latest`` (for resuming) and ``checkpoints/best`` (by the validation metric)."""
+    root = os.path.join(os.path.abspath(workdir), "checkpoints")
+
+    def manager(name: str) -> ocp.CheckpointManager:
+        # Both managers may save the same step at once: their multi-process barriers need
+        # distinct names.
+        options = ocp.CheckpointManagerOptions(
+            max_to_keep=1, create=True,
+            multiprocessing_options=ocp.options.MultiprocessingOptions(barrier_sync_key_prefix=name),
+        )
+        return ocp.CheckpointManager(os.path.join(root, name), options=options)
+
+    return manager("latest"), manager("best")
+
+
+def save(manager: ocp.CheckpointManager, state: dict, iterator, meta: dict) -> None:
+    """Saves the training state's parts, the data iterator and ``meta`` as separate items."""
+    step = int(jax.device_get(state["step"]))
+    # An empty part (``rest`` of a model without batch statistics) has no item: Orbax saves no
+    # empty tree.
+    items = {name: ocp.args.StandardSave(_as_item(name, state[name])) for name in ARRAY_ITEMS
+             if jax.tree.leaves(state[name])}
+    manager.save(step, args=ocp.args.Composite(**items, data_iter=grain.checkpoint.CheckpointSave(iterator),
+                                               meta=ocp.args.JsonSave(meta)), force=True)
+
+
+def is_legacy(manager: ocp.CheckpointManager, step: int) -> bool:
+    """Whether ``step`` was saved in the one-item layout of runs from before the split."""
+    return os.path.isdir(os.path.join(str(manager.directory), str(step), LEGACY_ITEM))
+
+
+def restore(manager: ocp.CheckpointManager, target: dict, iterator=None) -> tuple[dict, dict]:
+    """(training state, meta) of the manager's latest step, restored onto ``target``'s shapes and
+    shardings (:func:`abstract_state`); also the data iterator when given."""
+    step = manager.latest_step()
+    items = {"meta": ocp.args.JsonRestore()}
+    if iterator is not None:
+        items["data_iter"] = grain.checkpoint.CheckpointRestore(iterator)
+    if is_legacy(manager, step):
+        items[LEGACY_ITEM] = ocp.args.StandardRestore(target)
+        restored = manager.restore(step, args=ocp.args.Composite(**items))
+        return restored[LEGACY_ITEM], restored["meta"]
+    saved = [name for name in ARRAY_ITEMS if jax.tree.leaves(target[name])]
+    items.update({name: ocp.args.StandardRestore(_as_item(name, target[name])) for name in saved})
+    restored = manager.restore(step, args=ocp.args.Composite(**items))
+    return ({name: _from_item(name, restored[name]) if name in saved else target[name] for name in ARRAY_ITEMS},
+            restored["meta"])
+
+
+def restore_weights(directory: str, params: nnx.State, rest: nnx.State) -> tuple[nnx.State, nnx.State, int]:
+    """(params, rest, step) of the latest checkpoint in ``directory``, onto the shapes ``params``
+    and ``rest`` (from :func:`abstract`): the optimiser state is not read."""
+    target = abstract_state({"params": params, "rest": rest, "step": jax.ShapeDtypeStruct((), np.int32)})
+    manager = ocp.CheckpointManager(os.path.abspath(directory))
+    try:
+        step = manager.latest_step()
+        if step is None:
+            raise FileNotFoundError(f"no checkpoint in {directory}")
+        if is_legacy(manager, step):
+            # The optimiser state in that item is left on disk.
+            args = {LEGACY_ITEM: ocp.args.PyTreeRestore(
+                item=target, restore_args=ocp.checkpoint_utils.construct_restore_args(target), partial_restore=True)}
+            restored = manager.restore(step, args=ocp.args.Composite(**args))[LEGACY_ITEM]
+        else:
+            saved = [name for name in target if jax.tree.leaves(target[name])]
+            args = {name: ocp.args.StandardRestore(_as_item(name, target[name])) for name in saved}
+            parts = manager.restore(step, args=ocp.args.Composite(**args))
+            restored = {**target, **{name: _from_item(name, parts[name]) for name in saved}}
+    finally:
+        manager.close()
+    return restored["params"], restored["rest"], int(jax.device_get(restored["step"]))

@@ -1,0 +1,137 @@
+"""boneage_jax.state: split and merge, checkpoint items, and runs saved in the layout from before
+the split (one ``state`` item), which must still evaluate, predict and resume."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+
+import grain
+import jax
+import ml_collections
+import numpy as np
+import orbax.checkpoint as ocp
+import pytest
+from conftest import tiny_demo_config
+from flax import nnx
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from boneage_jax import data, evaluation, inference, input_pipeline, objectives, state, train
+
+
+def save_legacy(manager: ocp.CheckpointManager, train_state: dict, iterator, meta: dict) -> None:
+    """``train.save_checkpoint`` as the code wrote checkpoints before ``state.py`` (commit 0a0e2d5):
+    step, params, rest and optimiser state in one ``state`` item."""
+    step = int(jax.device_get(train_state["step"]))
+    manager.save(
+        step,
+        args=ocp.args.Composite(
+            state=ocp.args.StandardSave(train_state),
+            data_iter=grain.checkpoint.CheckpointSave(iterator),
+            meta=ocp.args.JsonSave(meta),
+        ),
+        force=True,
+    )
+
+
+def rewrite_as_legacy(workdir: str, legacy: str) -> None:
+    """A copy of ``workdir`` whose checkpoints are in the legacy one-item layout."""
+    shutil.copytree(workdir, legacy, ignore=shutil.ignore_patterns("checkpoints"))
+    config = inference.read_config(workdir)
+    config.model.kwargs.filters = tuple(config.model.kwargs.filters)
+    config.model.head_hidden = tuple(config.model.head_hidden)
+    with open(os.path.join(workdir, "label_stats.json")) as f:
+        stats = objectives.LabelStats(**{k: tuple(v) if isinstance(v, list) else v for k, v in json.load(f).items()})
+    objective = objectives.make_objective(config, stats)
+    create = state.model_factory(config, in_channels=input_pipeline.input_channels(config.data),
+                                 num_outputs=objective.num_outputs, task=objective.task)
+    tx = train.make_optimizer(config, train.make_schedule(config, config.num_train_steps))
+    replicated = NamedSharding(state.make_mesh(), P())
+    _, fresh, _ = state.create(config, create, tx, replicated)
+    splits = data.select_splits(config.data, data.prepare(config.data), config.seed)
+    for which in ("latest", "best"):
+        iterator = iter(input_pipeline.train_dataset(config.data, splits["train"], config.batch_size, config.seed))
+        source = ocp.CheckpointManager(os.path.join(workdir, "checkpoints", which))
+        restored, meta = state.restore(source, state.abstract_state(fresh), iterator)
+        source.close()
+        target = ocp.CheckpointManager(os.path.join(legacy, "checkpoints", which),
+                                       options=ocp.CheckpointManagerOptions(max_to_keep=1, create=True))
+        save_legacy(target, restored, iterator, meta)
+        target.wait_until_finished()
+        target.close()
+
+
+def _config(phantom_dir: str, data_root: str, steps: int) -> ml_collections.ConfigDict:
+    config = tiny_demo_config(phantom_dir, data_root, num_train_steps=steps)
+    config.eval_every = 2
+    config.model.dropout = 0.2
+    return config
+
+
+@pytest.fixture(scope="module")
+def runs(phantom_dir, data_root, tmp_path_factory) -> tuple[str, str]:
+    """(a run of 4 steps saved as today, the same run's checkpoints in the legacy layout)."""
+    root = tmp_path_factory.mktemp("state")
+    workdir, legacy = str(root / "current"), str(root / "legacy")
+    train.train_and_evaluate(_config(phantom_dir, data_root, 4), workdir)
+    rewrite_as_legacy(workdir, legacy)
+    return workdir, legacy
+
+
+def _step_dir(workdir: str, which: str) -> str:
+    folder = os.path.join(workdir, "checkpoints", which)
+    return os.path.join(folder, max(os.listdir(folder), key=lambda n: int(n) if n.isdigit() else -1))
+
+
+def test_checkpoint_items_are_separate(runs):
+    workdir, legacy = runs
+    items = set(os.listdir(_step_dir(workdir, "latest")))
+    assert {"params", "rest", "opt_state", "step", "data_iter", "meta"} <= items and "state" not in items
+    assert {"state", "data_iter", "meta"} <= set(os.listdir(_step_dir(legacy, "latest")))
+    assert "params" not in os.listdir(_step_dir(legacy, "latest"))
+
+
+def test_split_and_merge_are_inverse(runs):
+    run = inference.load_run(runs[0])
+    model = run.model()
+    graphdef, params, rng_state, rest = state.split(model)
+    for x, y in zip(jax.tree.leaves(params), jax.tree.leaves(run.params), strict=True):
+        np.testing.assert_array_equal(x, y)
+    again = state.merge(graphdef, params, rng_state, rest)
+    images, male = np.zeros((2, 32, 32, 1), np.float32), np.ones(2, np.float32)
+    np.testing.assert_array_equal(again(images, male), model(images, male))
+    assert isinstance(again, nnx.Module)
+
+
+def test_legacy_run_evaluates_and_predicts_the_same(runs):
+    workdir, legacy = runs
+    new, old = evaluation.evaluate(workdir, split="test", verbose=False), evaluation.evaluate(legacy, split="test",
+                                                                                        verbose=False)
+    assert old.result["checkpoint_step"] == new.result["checkpoint_step"]
+    np.testing.assert_array_equal(old.predictions["pred_boneage"], new.predictions["pred_boneage"])
+    assert old.result["mae"] == new.result["mae"]
+    images = np.random.default_rng(0).normal(size=(3, 32, 32, 1)).astype(np.float32)
+    male = np.array([1, 0, 1], np.float32)
+    a = inference.load_run(workdir, which="latest").predict({"image": images, "male": male})
+    b = inference.load_run(legacy, which="latest").predict({"image": images, "male": male})
+    np.testing.assert_array_equal(np.asarray(a["boneage"]), np.asarray(b["boneage"]))
+
+
+def test_legacy_run_resumes_like_a_current_one(runs, phantom_dir, data_root, tmp_path):
+    """Both layouts resume to 6 steps with the same parameters and early-stopping counters."""
+    finals = []
+    for source in runs:
+        workdir = str(tmp_path / os.path.basename(source))
+        shutil.copytree(source, workdir)
+        train.train_and_evaluate(_config(phantom_dir, data_root, 6), workdir)
+        manager = ocp.CheckpointManager(os.path.join(workdir, "checkpoints", "latest"))
+        assert manager.latest_step() == 6 and not state.is_legacy(manager, 6)
+        restored = manager.restore(6, args=ocp.args.Composite(params=ocp.args.StandardRestore(),
+                                                              meta=ocp.args.JsonRestore()))
+        manager.close()
+        finals.append(restored)
+    for x, y in zip(jax.tree.leaves(finals[0]["params"]), jax.tree.leaves(finals[1]["params"]), strict=True):
+        np.testing.assert_array_equal(x, y)
+    assert finals[0]["meta"] == finals[1]["meta"]
