@@ -28,7 +28,7 @@ import numpy as np
 
 sys.path.insert(0, os.path.abspath(os.path.join(os.path.dirname(__file__), "..")))
 
-from boneage_jax import models, objectives, train  # noqa: E402
+from boneage_jax import models, objectives, state, train  # noqa: E402
 from configs.common import base_config  # noqa: E402
 
 def benchmark(name: str, image_size: int, batch_size: int, min_steps: int, min_seconds: float) -> dict:
@@ -36,13 +36,14 @@ def benchmark(name: str, image_size: int, batch_size: int, min_steps: int, min_s
     config = base_config()
     config.model.name = name
     config.data.image_size = image_size
-    mesh = train.make_mesh()
+    mesh = state.make_mesh()
     replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
     data_sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("data"))
     stats = objectives.LabelStats(mean=127.0, std=41.0)
     objective = objectives.Objective("regression", stats, "mse")
     tx = train.make_optimizer(config, train.make_schedule(config, 1000))
-    graphdef, _, state, rng_state = train.init_model_state(config, 3, objective.num_outputs, tx, replicated)
+    create = state.model_factory(config, in_channels=3, num_outputs=objective.num_outputs, task="boneage")
+    graphs, train_state, rng_state = state.create(config, create, tx, replicated)
     rng = np.random.default_rng(0)
     batch = {
         "image": rng.standard_normal((batch_size, image_size, image_size, 3), dtype=np.float32),
@@ -50,23 +51,23 @@ def benchmark(name: str, image_size: int, batch_size: int, min_steps: int, min_s
         "boneage": rng.uniform(0, 228, batch_size).astype(np.float32),
     }
     batch = jax.device_put(batch, data_sharding)
-    step = jax.jit(functools.partial(train.train_step, graphdef=graphdef, tx=tx, objective=objective),
+    step = jax.jit(functools.partial(train.train_step, graphdef=graphs.train, tx=tx, objective=objective),
                    donate_argnums=(0,))
     key = jax.random.key(0)
     start = time.perf_counter()
-    compiled = step.lower(state, batch, rng_state, key).compile()
+    compiled = step.lower(train_state, batch, rng_state, key).compile()
     compile_s = time.perf_counter() - start
-    state, metrics = compiled(state, batch, rng_state, key)
+    train_state, metrics = compiled(train_state, batch, rng_state, key)
     jax.block_until_ready(metrics)
     if not np.isfinite(float(metrics["loss"])):
         raise FloatingPointError(f"{name}: non-finite loss {float(metrics['loss'])}")
     steps, start = 0, time.perf_counter()
     while steps < min_steps or time.perf_counter() - start < min_seconds:
-        state, metrics = compiled(state, batch, rng_state, key)
+        train_state, metrics = compiled(train_state, batch, rng_state, key)
         jax.block_until_ready(metrics)
         steps += 1
     elapsed = time.perf_counter() - start
-    params = sum(x.size for x in jax.tree.leaves(state["params"]))
+    params = sum(x.size for x in jax.tree.leaves(train_state["params"]))
     return {"model": name, "parameters": int(params), "compile_s": round(compile_s, 1),
             "step_s": round(elapsed / steps, 3), "images_per_s": round(steps * batch_size / elapsed, 2),
             "timed_steps": steps}

@@ -93,14 +93,6 @@ def rng_state(create: Callable[[], nnx.Module]) -> nnx.State:
     return jax.jit(lambda: split(create())[2])()
 
 
-def pretrained_part(model: nnx.Module) -> nnx.Module:
-    """The part that ``config.init_from`` initialises: the backbone, or a segmentation network."""
-    part = getattr(model, "pretrained_part", None)
-    if part is not None:
-        return part()
-    return model.backbone if hasattr(model, "backbone") else model.network  # models without pretrained_part()
-
-
 # ----------------------------------------------------------------------------- creation
 
 
@@ -120,14 +112,14 @@ def create(config: ml_collections.ConfigDict, create_model: Callable[[], nnx.Mod
     if config.init_from:
         from boneage_jax import weights  # pylint: disable=import-outside-toplevel
 
-        part = pretrained_part(create_model())
+        part = nnx.jit(create_model)().pretrained_part()  # one compilation, not one per initialiser
         weights.load_pretrained(part, config.init_from)
         pretrained = jax.tree.map(np.asarray, nnx.state(part))
 
     def init(pretrained):
         model = create_model()
         if pretrained is not None:
-            nnx.update(pretrained_part(model), pretrained)
+            nnx.update(model.pretrained_part(), pretrained)
         _, params, rngs, rest = split(model)
         state = {"step": jnp.zeros((), jnp.int32), "params": params, "rest": rest, "opt_state": tx.init(params)}
         return state, rngs
