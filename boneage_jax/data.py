@@ -206,14 +206,14 @@ def filter_indices(labels: LabelIndex, indices: np.ndarray, data_config: ml_coll
     """Keeps the records of the configured sex and bone-age range (``data.sex``,
     ``data.min_age`` and ``data.max_age`` in months, inclusive). Unlabelled records pass the
     age filter (their age is unknown)."""
-    sex = data_config.get("sex", "both")
+    sex = data_config.sex
     if sex not in SEXES:
         raise ValueError(f"config.data.sex is {sex!r}; expected one of {SEXES}")
     keep = np.ones(len(indices), bool)
     if sex != "both":
         keep &= labels.male[indices] == (sex == "male")
     ages = labels.boneage[indices]
-    low, high = data_config.get("min_age", 0.0), data_config.get("max_age", 240.0)
+    low, high = data_config.min_age, data_config.max_age
     keep &= np.isnan(ages) | ((ages >= low) & (ages <= high))
     return np.asarray(indices)[keep]
 
@@ -227,7 +227,7 @@ def select_splits(data_config: ml_collections.ConfigDict, builder, seed: int) ->
     ``data.test_from_validation`` = n moves n random validation images into the test split
     (replacing it), and ``data.train_subset`` = n keeps n random training images."""
     splits = _base_splits(data_config, builder, seed)
-    num_folds = data_config.get("num_folds", 0)
+    num_folds = data_config.num_folds
     if num_folds:
         train, held_out = splits["train"], splits["validation"]
         pool = train.indices
@@ -238,7 +238,7 @@ def select_splits(data_config: ml_collections.ConfigDict, builder, seed: int) ->
         splits["validation"] = SplitSelection("train", fold_idx, train.labels)
     splits = {name: dataclasses.replace(s, indices=filter_indices(s.labels, s.indices, data_config))
               for name, s in splits.items()}
-    test_size = data_config.get("test_from_validation", 0)
+    test_size = data_config.test_from_validation
     if test_size:  # Nguyen et al.: the test set is a random draw from the validation images
         validation = splits["validation"]
         if test_size >= len(validation.indices):
@@ -247,15 +247,15 @@ def select_splits(data_config: ml_collections.ConfigDict, builder, seed: int) ->
         drawn = np.random.default_rng([seed, 1]).permutation(len(validation.indices))
         splits["test"] = dataclasses.replace(validation, indices=np.sort(validation.indices[drawn[:test_size]]))
         splits["validation"] = dataclasses.replace(validation, indices=np.sort(validation.indices[drawn[test_size:]]))
-    train_size = data_config.get("train_subset", 0)
+    train_size = data_config.train_subset
     if train_size and train_size < len(splits["train"].indices):  # Lee et al.: 1,000 training images per sex
         train = splits["train"]
         drawn = np.random.default_rng([seed, 2]).permutation(len(train.indices))[:train_size]
         splits["train"] = dataclasses.replace(train, indices=np.sort(train.indices[drawn]))
     for name in ("train", "validation"):
         if not len(splits[name].indices):
-            raise ValueError(f"the {name} split is empty after the filters data.sex={data_config.get('sex')!r}, "
-                             f"data.min_age={data_config.get('min_age')}, data.max_age={data_config.get('max_age')}")
+            raise ValueError(f"the {name} split is empty after the filters data.sex={data_config.sex!r}, "
+                             f"data.min_age={data_config.min_age}, data.max_age={data_config.max_age}")
     return splits
 
 

@@ -92,7 +92,7 @@ def sidecar(run: inference.LoadedRun, exported: jax.export.Exported, which: str)
                            "units": {"boneage": "months", "std": "months"}.get(name, "class index")}
                     for name, aval in out_avals.items()},
         "preprocessing": {
-            "builder_config": data.get("builder_config", "max512"),
+            "builder_config": data.builder_config,
             "stored_max_side": inference.stored_max_side(data),
             "image_size": size,
             "preprocess": data.preprocess,

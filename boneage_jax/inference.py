@@ -31,6 +31,7 @@ from flax import nnx
 from ml_collections import config_flags
 
 from boneage_jax import input_pipeline, objectives, state
+from configs.common import base_config
 
 
 def predict_step(params, rest, rng_state, batch: dict, *, graphdef, objective: objectives.Task):
@@ -59,12 +60,26 @@ class LoadedRun:
 
 
 def read_config(workdir: str) -> ml_collections.ConfigDict:
+    """A run's ``config.json`` over today's defaults (``configs.common.base_config``): a key that
+    a run from an older version did not save has the value that version used."""
     path = os.path.join(workdir, "config.json")
     if not os.path.isfile(path):
         raise FileNotFoundError(f"{path} is missing: is {workdir} a workdir written by boneage_jax.main?")
     with open(path) as f:
-        raw = json.load(f)
-    return ml_collections.ConfigDict(raw)
+        try:
+            raw = json.load(f)
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise ValueError(f"{path} is not a JSON config ({e})") from e
+    return ml_collections.ConfigDict(with_defaults(base_config().to_dict(), raw))
+
+
+def with_defaults(defaults: dict, saved: dict) -> dict:
+    """``saved`` with the keys it lacks taken from ``defaults``, recursively."""
+    merged = dict(defaults)
+    for key, value in saved.items():
+        default = defaults.get(key)
+        merged[key] = with_defaults(default, value) if isinstance(default, dict) and isinstance(value, dict) else value
+    return merged
 
 
 # Settings the weights depend on: an evaluation may not change them.
@@ -172,7 +187,7 @@ def stored_max_side(data_config) -> int | None:
     """The longest side that the run's TFDS builder config stores images at (None: original)."""
     from tfds_rsna import rsna_bone_age  # pylint: disable=import-outside-toplevel
 
-    name = data_config.get("builder_config", "max512")
+    name = data_config.builder_config
     for builder_config in rsna_bone_age.RsnaBoneAge.BUILDER_CONFIGS:
         if builder_config.name == name:
             return builder_config.max_side

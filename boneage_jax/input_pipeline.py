@@ -47,7 +47,7 @@ class SelectedRecords:
 def needs_annotations(data_config: ml_collections.ConfigDict) -> tuple[bool, bool]:
     """(mask, keypoints): whether the config's ops or batches use them."""
     pipeline = ops.Pipeline.from_config(data_config)
-    return pipeline.reads_mask or data_config.get("mask_in_batch", False), pipeline.reads_keypoints
+    return pipeline.reads_mask or data_config.mask_in_batch, pipeline.reads_keypoints
 
 
 def input_channels(data_config: ml_collections.ConfigDict) -> int:
@@ -74,7 +74,7 @@ def example_fn(data_config: ml_collections.ConfigDict) -> Callable[[dict], dict]
     for segmentation batches, where augmentation must still move it."""
     preprocess = ops.Pipeline.from_config(data_config).preprocess
     use_mask, use_keypoints = needs_annotations(data_config)
-    keep_mask = data_config.get("mask_in_batch", False)
+    keep_mask = data_config.mask_in_batch
 
     def fn(record: dict) -> dict:
         sample = {"image": record["image"][:, :, 0], "id": int(record["id"])}
@@ -111,7 +111,7 @@ def normalize_fn(data_config: ml_collections.ConfigDict) -> Callable[[dict], dic
     """Last ops to float32 (B, S, S, C); the mask goes into the batch only for segmentation
     (``data.mask_in_batch``), as float32 (S, S, 1) in {0, 1}."""
     pipeline = ops.Pipeline.from_config(data_config)
-    with_mask = data_config.get("mask_in_batch", False)
+    with_mask = data_config.mask_in_batch
 
     def fn(example: dict) -> dict:
         out = {k: v for k, v in example.items() if k != "mask"}
@@ -194,7 +194,7 @@ def train_dataset(
 ) -> grain.IterDataset:
     """Infinite, shuffled, augmented batches: this process's rows of each global batch."""
     source = data.data_source(data_config, selection.tfds_split, decode_masks=needs_annotations(data_config)[0])
-    sampling = data_config.get("sampling", "shuffle")
+    sampling = data_config.sampling
     if sampling == "shuffle":
         ds = grain.MapDataset.source(SelectedRecords(source, selection.indices)).seed(seed).shuffle().repeat(None)
     elif sampling == "balanced":

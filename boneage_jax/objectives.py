@@ -308,11 +308,11 @@ class Segmentation:
 
 def make_objective(config: ml_collections.ConfigDict, stats: LabelStats) -> Task:
     """The objective of ``config.task``: bone age (``config.model.head``) or segmentation."""
-    task = config.get("task", "boneage")
+    task = config.task
     if task == "boneage":
         return Objective(config.model.head, stats, config.loss)
     if task == "segmentation":
-        if not config.data.get("mask_in_batch", False):
+        if not config.data.mask_in_batch:
             raise ValueError("config.task='segmentation' needs config.data.mask_in_batch=True (masks in the batches)")
         return Segmentation(stats)
     raise ValueError(f"config.task {task!r}; expected one of {TASKS}")

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from boneage_jax import data
+from configs.common import base_config
 
 
 def _labels(n: int, seed: int = 0) -> data.LabelIndex:
@@ -66,10 +67,9 @@ def test_kaggle_layout_holds_out_validation(tmp_path, phantom_dir):
     manual.mkdir()
     shutil.copy(os.path.join(phantom_dir, "boneage-training-dataset.csv"), manual)
     shutil.copytree(os.path.join(phantom_dir, "boneage-training-dataset"), manual / "boneage-training-dataset")
-    config = ml_collections.ConfigDict(
-        {"manual_dir": str(manual), "data_dir": str(tmp_path / "tfds"), "builder_config": "max512",
-         "validation_fraction": 0.25}
-    )
+    config = base_config().data
+    config.update({"manual_dir": str(manual), "data_dir": str(tmp_path / "tfds"), "builder_config": "max512",
+                   "validation_fraction": 0.25})
     builder = data.prepare(config)
     splits = data.select_splits(config, builder, seed=0)
     assert set(splits) == {"train", "validation"}

@@ -138,9 +138,8 @@ def test_cnn_memon_is_the_papers_network():
 
 def test_image_size_reaches_class_backbones():
     """The flattening CNN is a class; its image_size must not fall back to the default 256."""
-    model = models.create_model(ml_collections.ConfigDict({"name": "cnn_memon", "sex_fusion": "winner16bit",
-                                                           "head_hidden": (), "dropout": 0.0, "dtype": "float32"}),
-                                in_channels=1, image_size=64, seed=0)
+    model = models.create_model(_model_config(kwargs={}, sex_fusion="winner16bit"), in_channels=1, image_size=64,
+                                seed=0)
     assert model.backbone.num_features == 4 * 4 * 128
     assert model(jnp.ones((2, 64, 64, 1)), jnp.ones((2,))).shape == (2, 1)
 

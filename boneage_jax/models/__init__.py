@@ -200,5 +200,5 @@ def create_model(
                          f"{registry.kind}s: {registry.describe()}")
     rngs = nnx.Rngs(params=seed, dropout=seed + 1)
     network = registry.create(name, in_channels=in_channels, image_size=image_size, dtype=model_config.dtype,
-                              rngs=rngs, **dict(model_config.get("kwargs", {})))
+                              rngs=rngs, **dict(model_config.kwargs))
     return wrap(network, model_config, num_outputs, rngs)
