@@ -9,6 +9,9 @@ interrupted run leaves the previous file (or none), never a partial one: :func:`
 :func:`read_dicom`: modality rescale, the first VOI window or else min-max, MONOCHROME1
 inverted); :func:`expand_inputs` turns folders into their image files. A file that cannot be
 read raises :class:`ImageReadError` naming it.
+
+:class:`FileLock` keeps a directory (a workdir, a dataset being prepared) to one process at a
+time and names the holder to anyone else.
 """
 
 from __future__ import annotations
@@ -89,6 +92,66 @@ def write_png(path: str, image: np.ndarray) -> None:
     if not ok:
         raise OSError(f"could not encode {path} as PNG")
     write_bytes(path, buffer.tobytes())
+
+
+# ----------------------------------------------------------------------------- locks
+
+
+class LockedError(RuntimeError):
+    """Another live process holds the lock."""
+
+
+class FileLock:
+    """An exclusive lock on ``path`` (``fcntl.flock``) that names its holder.
+
+    The operating system releases it when the holding process ends, however it ends, so the
+    lock of a killed run never blocks the next one. ``acquire`` raises :class:`LockedError`
+    naming the holder (pid, host, start time, command) while another process holds it."""
+
+    def __init__(self, path: str, what: str):
+        self.path, self.what = path, what
+        self._fd: int | None = None
+
+    def holder(self) -> str:
+        try:
+            with open(self.path, encoding="utf-8") as f:
+                info = json.load(f)
+            return (f"pid {info['pid']} on {info['host']}, started {info['started']}: "
+                    f"{' '.join(info.get('command', []))}")
+        except (OSError, ValueError, KeyError):
+            return "another process"
+
+    def acquire(self) -> FileLock:
+        import datetime  # pylint: disable=import-outside-toplevel
+        import fcntl  # pylint: disable=import-outside-toplevel
+        import socket  # pylint: disable=import-outside-toplevel
+        import sys  # pylint: disable=import-outside-toplevel
+
+        os.makedirs(os.path.dirname(os.path.abspath(self.path)), exist_ok=True)
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            raise LockedError(f"{self.what} is in use by {self.holder()} (lock {self.path}); wait for that "
+                              f"run to end or choose another directory") from None
+        info = {"pid": os.getpid(), "host": socket.gethostname(), "command": sys.argv,
+                "started": datetime.datetime.now().isoformat(timespec="seconds")}
+        os.ftruncate(fd, 0)
+        os.write(fd, json.dumps(info).encode())
+        self._fd = fd
+        return self
+
+    def release(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)  # closing the descriptor releases the flock
+            self._fd = None
+
+    def __enter__(self) -> FileLock:
+        return self.acquire()
+
+    def __exit__(self, *exc) -> None:
+        self.release()
 
 
 # ----------------------------------------------------------------------------- reading images

@@ -34,6 +34,9 @@ from boneage_jax import data, evaluation, inference, input_pipeline, io, objecti
 from boneage_jax import state as state_lib
 
 
+LOCK_FILE = ".lock"  # in the workdir, held while a run trains there
+
+
 class NonFiniteLossError(RuntimeError):
     """Training produced a NaN or infinite loss."""
 
@@ -128,8 +131,8 @@ def train_and_evaluate(
     Re-running with the same workdir resumes from the latest checkpoint. ``step_callback`` is
     called with the step number after every step (for progress hooks and tests).
     """
-    os.makedirs(workdir, exist_ok=True)
-    io.write_json(os.path.join(workdir, "config.json"), json.loads(config.to_json_best_effort()))
+    # Everything is checked before anything is written: a command that fails here leaves the
+    # workdir (and a finished run in it) as it was.
     mesh = state_lib.make_mesh()
     if config.batch_size % jax.device_count() or config.eval_batch_size % jax.device_count():
         raise ValueError(
@@ -144,14 +147,12 @@ def train_and_evaluate(
     splits = data.select_splits(config.data, builder, config.seed)
     stats = objectives.label_stats(config.model, splits["train"].boneage)
     objective = objectives.make_objective(config, stats)
-    io.write_json(os.path.join(workdir, "label_stats.json"), dataclasses.asdict(stats))
-    sample = next(input_pipeline.eval_batches(config.data, splits["validation"], jax.process_count()))
-    in_channels = sample["image"].shape[-1]
+    in_channels = input_pipeline.input_channels(config.data)
     total_steps = num_train_steps(config, len(splits["train"].indices))
     _log(
         f"Data: {len(splits['train'].indices)} train, {len(splits['validation'].indices)} validation"
         + (f", {len(splits['test'].indices)} test" if "test" in splits else "")
-        + f" images at {sample['image'].shape[1:]}; label mean {stats.mean:.1f} sd {stats.std:.1f} months"
+        + f" images at {(config.data.image_size, config.data.image_size, in_channels)}; label mean {stats.mean:.1f} sd {stats.std:.1f} months"
     )
 
     # Model and optimiser.
@@ -176,117 +177,132 @@ def train_and_evaluate(
     def predict(batch: dict) -> dict[str, jax.Array]:
         return predict_jit(state["params"], state["rest"], rng_state, batch)
 
-    # Resume.
-    train_iter = iter(input_pipeline.train_dataset(config.data, splits["train"], config.batch_size, config.seed))
-    latest, best = state_lib.checkpoint_managers(workdir)
-    meta = {"best_value": None, "best_step": None, "evals_since_best": 0, "evals_since_lr_drop": 0,
-            "label_mean": stats.mean, "label_std": stats.std, "stopped_early": False}
-    if latest.latest_step() is not None:
-        state, meta = state_lib.restore(latest, state_lib.abstract_state(state), train_iter)
-        _log(f"Resumed from {latest.directory} at step {int(state['step'])}")
-    start_step = int(jax.device_get(state["step"]))
-    writer = writers.MetricWriter(workdir, resume_step=start_step)
-    if start_step == 0:
-        writer.write(0, "info", {"num_params": num_params, "total_steps": total_steps})
-
-    pending: list[dict] = []  # step metrics not yet fetched from the device
-
-    def flush(step: int, images_per_s: float | None = None) -> None:
-        """Fetches pending step metrics, stops on a non-finite loss, logs their mean."""
-        if not pending:
-            return
-        fetched = jax.device_get(pending)
-        pending.clear()
-        losses = np.array([m["loss"] for m in fetched])
-        if not np.all(np.isfinite(losses)):
-            bad = step - len(losses) + int(np.flatnonzero(~np.isfinite(losses))[0]) + 1
-            raise NonFiniteLossError(
-                f"non-finite loss at step {bad}; stopping. The last good checkpoint is kept in "
-                f"{latest.directory} (lower config.learning_rate or set config.grad_clip_norm)"
-            )
-        averaged = {k: float(np.mean([m[k] for m in fetched])) for k in fetched[0]}
-        averaged["lr"] = float(schedule(step)) * lr_scale(state["opt_state"])
-        if images_per_s is not None:
-            averaged["images_per_s"] = images_per_s
-        writer.write(step, "train", averaged)
-        shown = "".join(f"  {k.removesuffix('_months')} {v:.3f}" for k, v in averaged.items()
-                        if k not in ("loss", "grad_norm", "lr", "images_per_s"))  # the objective's metrics
-        _log(f"step {step:>6}/{total_steps}  loss {averaged['loss']:.4f}{shown}  "
-             f"lr {averaged['lr']:.2e}" + (f"  {images_per_s:.1f} img/s" if images_per_s else ""))
-
-    def evaluate_validation(step: int) -> bool:
-        """Scores validation, keeps the best checkpoint, applies plateau and early stopping.
-
-        Returns True when early stopping ends the run."""
-        nonlocal state
-        result = objective.score(evaluation.predict_split(predict, config, splits["validation"], batch_sharding, objective))
-        writer.write(step, "validation", result)
-        _log(f"step {step:>6}  validation " + objective.summary(result))
-        value = result[objective.monitor]
-        sign = -1.0 if objective.higher_is_better else 1.0
-        if meta["best_value"] is None or sign * value < sign * meta["best_value"] - config.min_delta:
-            meta.update(best_value=value, best_step=step, evals_since_best=0, evals_since_lr_drop=0)
-            state_lib.save(best, state, train_iter, meta)
-            return False
-        meta["evals_since_best"] += 1
-        meta["evals_since_lr_drop"] += 1
-        if config.plateau_patience and meta["evals_since_lr_drop"] >= config.plateau_patience:
-            scale = max(lr_scale(state["opt_state"]) * config.plateau_factor, config.plateau_min_scale)
-            state["opt_state"] = set_lr_scale(state["opt_state"], scale)
-            meta["evals_since_lr_drop"] = 0
-            _log(f"step {step:>6}  validation {objective.monitor} plateaued: learning rate scaled to {scale:.3g}")
-        if config.early_stopping_patience and meta["evals_since_best"] >= config.early_stopping_patience:
-            _log(f"step {step:>6}  early stopping: no improvement in {meta['evals_since_best']} evaluations")
-            meta["stopped_early"] = True
-            return True
-        return False
-
-    # Train.
-    step = start_step
-    tick, tick_step = time.perf_counter(), step
-    stop = False
+    # One run per workdir: a second run in it stops here, naming the holder (the lock of a
+    # killed run goes with its process).
+    lock = io.FileLock(os.path.join(workdir, LOCK_FILE), f"workdir {workdir}")
+    if jax.process_index() == 0:
+        lock.acquire()
     try:
-        while step < total_steps and not stop:
-            batch = evaluation.global_batch(next(train_iter), batch_sharding)
-            state, step_metrics = step_fn(state, batch, rng_state, base_key)
-            pending.append(step_metrics)
-            step += 1
-            if step_callback is not None:
-                step_callback(step)
-            last = step == total_steps
-            if step % config.log_every == 0 or last:
-                jax.block_until_ready(state)
-                now = time.perf_counter()
-                flush(step, (step - tick_step) * config.batch_size / (now - tick))
-                tick, tick_step = now, step
-            if step % config.eval_every == 0 or last:
-                flush(step)
-                stop = evaluate_validation(step)
-            if step % config.checkpoint_every == 0 or last or stop:
-                flush(step)
-                state_lib.save(latest, state, train_iter, meta)
-            if tick_step == step:  # leave evaluation and checkpointing out of the throughput
-                tick = time.perf_counter()
-    finally:  # let checkpoints already started finish, also when training fails
-        latest.wait_until_finished()
-        best.wait_until_finished()
+        io.write_json(os.path.join(workdir, "config.json"), json.loads(config.to_json_best_effort()))
+        io.write_json(os.path.join(workdir, "label_stats.json"), dataclasses.asdict(stats))
+        # Resume.
+        train_iter = iter(input_pipeline.train_dataset(config.data, splits["train"], config.batch_size,
+                                                       config.seed))
+        latest, best = state_lib.checkpoint_managers(workdir)
+        meta = {"best_value": None, "best_step": None, "evals_since_best": 0, "evals_since_lr_drop": 0,
+                "label_mean": stats.mean, "label_std": stats.std, "stopped_early": False}
+        if latest.latest_step() is not None:
+            state, meta = state_lib.restore(latest, state_lib.abstract_state(state), train_iter)
+            _log(f"Resumed from {latest.directory} at step {int(state['step'])}")
+        start_step = int(jax.device_get(state["step"]))
+        # A run killed after saving ``best`` but before ``latest`` left best checkpoints from beyond
+        # the step it resumes at; the resumed run will reach (and save) those steps again.
+        for ahead in [s for s in best.all_steps() if s > start_step]:
+            best.delete(ahead)
+        writer = writers.MetricWriter(workdir, resume_step=start_step)
+        if start_step == 0:
+            writer.write(0, "info", {"num_params": num_params, "total_steps": total_steps})
 
-    # Final evaluation of the best checkpoint.
-    if best.latest_step() is not None:
-        state, _ = state_lib.restore(best, state_lib.abstract_state(state))
-    results = {}
-    for name in ("validation", "test"):
-        if name in splits:
-            predictions = evaluation.predict_split(predict, config, splits[name], batch_sharding, objective)
-            results[name] = objective.score(predictions)
-            if jax.process_index() == 0:
-                objective.write_artefacts(workdir, name, predictions)
-            results[name]["checkpoint_step"] = int(jax.device_get(state["step"]))
-            writer.write(step, f"final_{name}", results[name])
-    io.write_json(os.path.join(workdir, "results.json"), results)
-    writer.close()
-    latest.close()
-    best.close()
-    _log(objective.results_table(results))
-    return results
+        pending: list[dict] = []  # step metrics not yet fetched from the device
+
+        def flush(step: int, images_per_s: float | None = None) -> None:
+            """Fetches pending step metrics, stops on a non-finite loss, logs their mean."""
+            if not pending:
+                return
+            fetched = jax.device_get(pending)
+            pending.clear()
+            losses = np.array([m["loss"] for m in fetched])
+            if not np.all(np.isfinite(losses)):
+                bad = step - len(losses) + int(np.flatnonzero(~np.isfinite(losses))[0]) + 1
+                kept = (f"the last good checkpoint is kept in {latest.directory}" if latest.latest_step() is not None
+                        else f"no checkpoint had been saved yet (the first is due at step {config.checkpoint_every})")
+                raise NonFiniteLossError(f"non-finite loss at step {bad}; stopping: {kept} (lower "
+                                         f"config.learning_rate or set config.grad_clip_norm)")
+            averaged = {k: float(np.mean([m[k] for m in fetched])) for k in fetched[0]}
+            averaged["lr"] = float(schedule(step)) * lr_scale(state["opt_state"])
+            if images_per_s is not None:
+                averaged["images_per_s"] = images_per_s
+            writer.write(step, "train", averaged)
+            shown = "".join(f"  {k.removesuffix('_months')} {v:.3f}" for k, v in averaged.items()
+                            if k not in ("loss", "grad_norm", "lr", "images_per_s"))  # the objective's metrics
+            _log(f"step {step:>6}/{total_steps}  loss {averaged['loss']:.4f}{shown}  "
+                 f"lr {averaged['lr']:.2e}" + (f"  {images_per_s:.1f} img/s" if images_per_s else ""))
+
+        def evaluate_validation(step: int) -> bool:
+            """Scores validation, keeps the best checkpoint, applies plateau and early stopping.
+
+            Returns True when early stopping ends the run."""
+            nonlocal state
+            result = objective.score(evaluation.predict_split(predict, config, splits["validation"], batch_sharding, objective))
+            writer.write(step, "validation", result)
+            _log(f"step {step:>6}  validation " + objective.summary(result))
+            value = result[objective.monitor]
+            sign = -1.0 if objective.higher_is_better else 1.0
+            if meta["best_value"] is None or sign * value < sign * meta["best_value"] - config.min_delta:
+                meta.update(best_value=value, best_step=step, evals_since_best=0, evals_since_lr_drop=0)
+                state_lib.save(best, state, train_iter, meta)
+                return False
+            meta["evals_since_best"] += 1
+            meta["evals_since_lr_drop"] += 1
+            if config.plateau_patience and meta["evals_since_lr_drop"] >= config.plateau_patience:
+                scale = max(lr_scale(state["opt_state"]) * config.plateau_factor, config.plateau_min_scale)
+                state["opt_state"] = set_lr_scale(state["opt_state"], scale)
+                meta["evals_since_lr_drop"] = 0
+                _log(f"step {step:>6}  validation {objective.monitor} plateaued: learning rate scaled to {scale:.3g}")
+            if config.early_stopping_patience and meta["evals_since_best"] >= config.early_stopping_patience:
+                _log(f"step {step:>6}  early stopping: no improvement in {meta['evals_since_best']} evaluations")
+                meta["stopped_early"] = True
+                return True
+            return False
+
+        # Train.
+        step = start_step
+        tick, tick_step = time.perf_counter(), step
+        stop = False
+        try:
+            while step < total_steps and not stop:
+                batch = evaluation.global_batch(next(train_iter), batch_sharding)
+                state, step_metrics = step_fn(state, batch, rng_state, base_key)
+                pending.append(step_metrics)
+                step += 1
+                if step_callback is not None:
+                    step_callback(step)
+                last = step == total_steps
+                if step % config.log_every == 0 or last:
+                    jax.block_until_ready(state)
+                    now = time.perf_counter()
+                    flush(step, (step - tick_step) * config.batch_size / (now - tick))
+                    tick, tick_step = now, step
+                if step % config.eval_every == 0 or last:
+                    flush(step)
+                    stop = evaluate_validation(step)
+                if step % config.checkpoint_every == 0 or last or stop:
+                    flush(step)
+                    state_lib.save(latest, state, train_iter, meta)
+                if tick_step == step:  # leave evaluation and checkpointing out of the throughput
+                    tick = time.perf_counter()
+        finally:  # let checkpoints already started finish, also when training fails
+            latest.wait_until_finished()
+            best.wait_until_finished()
+
+        # Final evaluation of the best checkpoint.
+        if best.latest_step() is not None:
+            state, _ = state_lib.restore(best, state_lib.abstract_state(state))
+        results = {}
+        for name in ("validation", "test"):
+            if name in splits:
+                predictions = evaluation.predict_split(predict, config, splits[name], batch_sharding, objective)
+                results[name] = objective.score(predictions)
+                if jax.process_index() == 0:
+                    objective.write_artefacts(workdir, name, predictions)
+                results[name]["checkpoint_step"] = int(jax.device_get(state["step"]))
+                writer.write(step, f"final_{name}", results[name])
+        io.write_json(os.path.join(workdir, "results.json"), results)
+        writer.close()
+        latest.close()
+        best.close()
+        _log(objective.results_table(results))
+        return results
+    finally:
+        lock.release()
 

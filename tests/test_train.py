@@ -194,3 +194,68 @@ def test_init_from_pretrained_backbone(tiny_config, tmp_path):
     tiny_config.model.kwargs.filters = (4, 16)
     with pytest.raises(WeightMismatchError, match=r"layer convs/1/(bias|kernel): the model expects shape"):
         train.train_and_evaluate(tiny_config, str(tmp_path / "mismatch"))
+
+
+def test_kill_between_best_and_latest_save_still_resumes(tiny_config, tmp_path, monkeypatch):
+    """A run dies after ``best/4`` is written but before ``latest/4``: the same command resumes
+    from ``latest/2`` and finishes (it used to fail at step 4 with StepAlreadyExistsError)."""
+    from boneage_jax import state as state_lib
+
+    tiny_config.num_train_steps = 6
+    tiny_config.eval_every = 2
+    tiny_config.checkpoint_every = 2
+    tiny_config.min_delta = -1e9  # every evaluation counts as an improvement: best is saved at 2, 4, 6
+    workdir = str(tmp_path / "run")
+    real_save = state_lib.save
+
+    class Killed(Exception):
+        pass
+
+    def save_then_die(manager, state, iterator, meta):
+        if str(manager.directory).endswith("latest") and int(jax.device_get(state["step"])) == 4:
+            raise Killed
+        real_save(manager, state, iterator, meta)
+
+    monkeypatch.setattr(state_lib, "save", save_then_die)
+    with pytest.raises(Killed):
+        train.train_and_evaluate(tiny_config, workdir)
+    assert ocp.CheckpointManager(os.path.join(workdir, "checkpoints", "best")).all_steps() == [4]
+    monkeypatch.setattr(state_lib, "save", real_save)
+    results = train.train_and_evaluate(tiny_config, workdir)
+    assert results["validation"]["checkpoint_step"] == 6
+
+    # A command that fails its checks leaves the finished run's files as they were.
+    with open(os.path.join(workdir, "config.json"), "rb") as f:
+        before = f.read()
+    tiny_config.model.name = "nope"
+    with pytest.raises(ValueError, match="unknown model 'nope'|config.model.name 'nope'"):
+        train.train_and_evaluate(tiny_config, workdir)
+    with open(os.path.join(workdir, "config.json"), "rb") as f:
+        assert f.read() == before
+
+
+def test_one_run_per_workdir(tiny_config, tmp_path):
+    """A live holder of the workdir's lock stops a second run before it writes anything; the
+    lock file a killed run leaves behind does not."""
+    from boneage_jax import io
+
+    tiny_config.num_train_steps = 2
+    tiny_config.eval_every = 2
+    workdir = tmp_path / "run"
+    workdir.mkdir()
+    with io.FileLock(str(workdir / train.LOCK_FILE), "test holder"):
+        with pytest.raises(io.LockedError, match=rf"workdir {workdir} is in use by pid {os.getpid()} on "):
+            train.train_and_evaluate(tiny_config, str(workdir))
+    assert sorted(os.listdir(workdir)) == [train.LOCK_FILE]
+    # The lock file stays after its holder is gone; it blocks nobody.
+    train.train_and_evaluate(tiny_config, str(workdir))
+    assert os.path.isfile(workdir / "results.json")
+
+
+def test_non_finite_loss_before_any_checkpoint_says_so(tiny_config, tmp_path):
+    tiny_config.learning_rate = 1e30
+    tiny_config.schedule = "constant"
+    tiny_config.log_every = 1
+    tiny_config.checkpoint_every = 100
+    with pytest.raises(train.NonFiniteLossError, match="no checkpoint had been saved yet"):
+        train.train_and_evaluate(tiny_config, str(tmp_path / "nan"))
