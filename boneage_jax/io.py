@@ -226,9 +226,9 @@ def read_dicom(path: str) -> np.ndarray:
         raise ImageReadError(f"{path}: cannot decode the DICOM pixel data "
                              f"(transfer syntax {ds.file_meta.get('TransferSyntaxUID', '?')}): {e}") from e
     photometric = str(ds.get("PhotometricInterpretation", "MONOCHROME2"))
-    if int(ds.get("NumberOfFrames", 1) or 1) > 1:
+    if _dicom_number(ds, path, "NumberOfFrames", 1) > 1:
         raise ImageReadError(f"{path}: multi-frame DICOM ({ds.NumberOfFrames} frames) is not supported")
-    if int(ds.get("SamplesPerPixel", 1)) > 1:
+    if _dicom_number(ds, path, "SamplesPerPixel", 1) > 1:
         import cv2  # pylint: disable=import-outside-toplevel
 
         pixels = cv2.cvtColor(np.ascontiguousarray(pixels[..., :3]), cv2.COLOR_RGB2GRAY)
@@ -242,9 +242,24 @@ def read_dicom(path: str) -> np.ndarray:
         width = _first(width) if width is not None and str(width) != "" else None
     except (TypeError, ValueError, IndexError):
         center = width = None
-    return dicom_to_uint8(pixels, photometric=photometric, slope=float(ds.get("RescaleSlope", 1.0) or 1.0),
-                          intercept=float(ds.get("RescaleIntercept", 0.0) or 0.0), window_center=center,
+    return dicom_to_uint8(pixels, photometric=photometric, slope=_dicom_number(ds, path, "RescaleSlope", 1.0),
+                          intercept=_dicom_number(ds, path, "RescaleIntercept", 0.0), window_center=center,
                           window_width=width)
+
+
+def _dicom_number(ds, path: str, field: str, default: float) -> float:
+    """A numeric DICOM field (``default`` where absent or empty); ImageReadError naming the file
+    and the field when its value is not a finite number."""
+    value = ds.get(field)
+    if value is None or str(value).strip() == "":
+        return default
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        raise ImageReadError(f"{path}: DICOM field {field} is {str(value)[:40]!r}, not a number") from None
+    if not math.isfinite(number):
+        raise ImageReadError(f"{path}: DICOM field {field} is {number}, not a finite number")
+    return number
 
 
 def read_image(path: str) -> np.ndarray:

@@ -155,8 +155,13 @@ class Predictor:
         return rsna_bone_age.resize_longest_side(io.read_image(path), self.max_side)
 
     def prepare(self, image: np.ndarray, path: str = "image") -> np.ndarray:
-        from boneage_jax import input_pipeline  # pylint: disable=import-outside-toplevel
+        """The network input of a loaded image; ImageReadError for an image that is not usable
+        (``quality.unusable_reason``) or that the preprocessing cannot handle."""
+        from boneage_jax import input_pipeline, quality  # pylint: disable=import-outside-toplevel
 
+        reason = quality.unusable_reason(image, self.image_size)
+        if reason:
+            raise io.ImageReadError(f"{path}: rejected: {reason}")
         try:
             return input_pipeline.prepare_image(self.data_config, image)
         except Exception as e:  # an op failing on this image (e.g. an empty hand mask)
@@ -285,8 +290,12 @@ def predict_files(predictor: Predictor, files: Sequence[str], male: bool, *, hea
         try:
             image = predictor.load(path)
             inputs.append(predictor.prepare(image, path))
-        except (io.ImageReadError, OSError) as e:
+        except io.ImageReadError as e:  # its message starts with the file
             error(f"error: {e}")
+            failed.append(path)
+            continue
+        except Exception as e:  # pylint: disable=broad-except  # whatever else fails, the other files run
+            error(f"error: {path}: {type(e).__name__}: {e}")
             failed.append(path)
             continue
         kept.append(path)

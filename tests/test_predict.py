@@ -143,6 +143,61 @@ def test_cli_png_jpeg_dicom_csv_heatmaps_and_failure(run_dir, phantom_dir, tmp_p
     assert heat.shape == (256, 256, 3) and heat.std() > 0
 
 
+def _png_claiming(width: int, height: int) -> bytes:
+    """A PNG whose header claims ``width`` x ``height`` pixels (its data is a few bytes)."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
+
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0))
+            + chunk(b"IDAT", zlib.compress(b"\0" * 100)) + chunk(b"IEND", b""))
+
+
+def test_each_bad_file_is_named_and_the_others_still_run(run_dir, phantom_dir, tmp_path, capsys):
+    """Unusable images get a reason instead of a bone age; a hostile DICOM field or a PNG beyond
+    OpenCV's pixel limit names its file; the good image is still predicted."""
+    source = os.path.join(phantom_dir, "boneage-test-dataset")
+    name = sorted(os.listdir(source), key=lambda n: int(n.split(".")[0]))[0]
+    good = str(tmp_path / "good.png")
+    cv2.imwrite(good, cv2.imread(os.path.join(source, name), cv2.IMREAD_GRAYSCALE))
+    rng = np.random.default_rng(0)
+    bad = {}
+    for label, shape in {"5x5": (5, 5), "1x1": (1, 1), "1x2000": (1, 2000), "strip": (60, 400)}.items():
+        bad[label] = str(tmp_path / f"{label}.png")
+        cv2.imwrite(bad[label], rng.integers(0, 256, shape, dtype=np.uint8))
+    bad["blank"] = str(tmp_path / "blank.dcm")
+    write_dicom(bad["blank"], np.full((200, 160), 1000, np.uint16))
+    bad["slope"] = str(tmp_path / "slope.dcm")
+    write_dicom(bad["slope"], np.arange(200 * 160).reshape(200, 160) % 4096, slope="7.5", intercept="0")
+    with open(bad["slope"], "rb") as f:
+        raw = f.read()
+    assert raw.count(b"7.5 ") == 1  # pydicom refuses to write a non-numeric DS: edit the bytes
+    with open(bad["slope"], "wb") as f:
+        f.write(raw.replace(b"7.5 ", b"abc "))
+    bad["huge"] = str(tmp_path / "huge.png")
+    with open(bad["huge"], "wb") as f:
+        f.write(_png_claiming(40000, 40000))
+    out = str(tmp_path / "preds.csv")
+    code = predict.main(["--workdir", run_dir, "--sex", "male", "--cache_dir", "", good, *bad.values(), "--out", out])
+    captured = capsys.readouterr()
+    assert code == 1
+    errors = [line for line in captured.err.splitlines() if line.startswith("error:")]
+    assert len(errors) == len(bad), captured.err
+    for label, path in bad.items():
+        assert any(path in line for line in errors), f"{label} not named: {captured.err}"
+    for label in ("5x5", "1x1", "1x2000"):
+        assert any(f"{label}.png: rejected: too small" in line for line in errors)
+    assert any("strip.png: rejected: aspect ratio" in line for line in errors)
+    assert any("blank.dcm" in line and "rejected: no contrast" in line for line in errors)
+    assert any("slope.dcm" in line and "RescaleSlope" in line for line in errors)
+    assert any("huge.png" in line and "OpenCV" in line for line in errors)
+    assert "Traceback" not in captured.err
+    with open(out) as f:
+        assert [r["file"] for r in csv.DictReader(f)] == [good]
+
+
 def test_prediction_matches_tfds_pipeline(run_dir, phantom_dir):
     """A phantom test image read from its file equals the same record through TFDS + grain."""
     from boneage_jax import data, input_pipeline

@@ -316,7 +316,11 @@ def decode_grey(data: bytes, source: str) -> np.ndarray:
     """Decodes PNG/JPEG bytes to 8-bit grey, failing clearly on unreadable or truncated files."""
     if len(data) == 0:
         raise RsnaFormatError(f"{source}: image file is empty")
-    image = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_UNCHANGED)
+    try:
+        image = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_UNCHANGED)
+    except cv2.error as e:  # e.g. more pixels than OpenCV's limit (CV_IO_MAX_IMAGE_PIXELS)
+        reason = str(e).strip().splitlines()[-1] if str(e).strip() else "OpenCV error"
+        raise RsnaFormatError(f"{source}: OpenCV cannot decode this image ({reason})") from e
     if image is None or image.size == 0:
         raise RsnaFormatError(f"{source}: unreadable or truncated image")
     if data[:8] == PNG_SIGNATURE and not png_is_complete(data):
