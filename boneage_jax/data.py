@@ -9,8 +9,10 @@ deterministic, age-stratified fraction of ``train`` is held out for validation.
 from __future__ import annotations
 
 import dataclasses
+import glob
 import hashlib
 import os
+import shutil
 
 import cv2
 import jax
@@ -20,8 +22,10 @@ import tensorflow_datasets as tfds
 from absl import logging
 
 import tfds_rsna  # noqa: F401  (registers the builder)
+from boneage_jax import io
 
 DATASET = "rsna_bone_age"
+PREPARE_LOCK = ".prepare.lock"  # in a source's data dir, held while its dataset is built
 
 
 DEFAULT_DATA_ROOT = "~/tensorflow_datasets/boneage_jax"
@@ -55,15 +59,27 @@ def prepare(data_config: ml_collections.ConfigDict) -> tfds.core.DatasetBuilder:
         if not os.path.isdir(manual_dir):
             raise FileNotFoundError(f"config.data.manual_dir {manual_dir} does not exist")
         if jax.process_index() == 0:
-            logging.info("Preparing %s from %s into %s", dataset_name(data_config), manual_dir, data_dir)
-            print(f"Preparing dataset {dataset_name(data_config)} from {manual_dir} into {data_dir} ...", flush=True)
-            builder.download_and_prepare(download_config=tfds.download.DownloadConfig(manual_dir=manual_dir))
+            _prepare_once(builder, data_config, manual_dir, data_dir)
         if jax.process_count() > 1:
             from jax.experimental import multihost_utils  # pylint: disable=import-outside-toplevel
 
             multihost_utils.sync_global_devices("boneage_jax dataset prepared")
         builder = tfds.builder(dataset_name(data_config), data_dir=data_dir, file_format="array_record")
     return builder
+
+
+def _prepare_once(builder, data_config: ml_collections.ConfigDict, manual_dir: str, data_dir: str) -> None:
+    """Builds the dataset under a lock on its folder: a second process waits and then finds it
+    built; folders that a killed build left (TFDS's ``incomplete.*``) are removed first."""
+    with io.FileLock(os.path.join(data_dir, PREPARE_LOCK), f"dataset folder {data_dir}").acquire(wait=True):
+        if builder.is_prepared():  # another process built it while this one waited
+            return
+        name, config_name = dataset_name(data_config).split("/")
+        for stale in glob.glob(os.path.join(data_dir, name, config_name, "incomplete.*")):
+            shutil.rmtree(stale, ignore_errors=True)
+        logging.info("Preparing %s from %s into %s", dataset_name(data_config), manual_dir, data_dir)
+        print(f"Preparing dataset {dataset_name(data_config)} from {manual_dir} into {data_dir} ...", flush=True)
+        builder.download_and_prepare(download_config=tfds.download.DownloadConfig(manual_dir=manual_dir))
 
 
 def data_source(data_config: ml_collections.ConfigDict, split: str, decode_images: bool = True,

@@ -22,7 +22,7 @@ import json
 import math
 import os
 import tempfile
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 
 import numpy as np
 
@@ -121,7 +121,9 @@ class FileLock:
         except (OSError, ValueError, KeyError):
             return "another process"
 
-    def acquire(self) -> FileLock:
+    def acquire(self, wait: bool = False, message: Callable[[str], None] = print) -> FileLock:
+        """Takes the lock; with ``wait``, waits for its holder (telling ``message`` who) instead
+        of raising :class:`LockedError`."""
         import datetime  # pylint: disable=import-outside-toplevel
         import fcntl  # pylint: disable=import-outside-toplevel
         import socket  # pylint: disable=import-outside-toplevel
@@ -132,9 +134,13 @@ class FileLock:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            os.close(fd)
-            raise LockedError(f"{self.what} is in use by {self.holder()} (lock {self.path}); wait for that "
-                              f"run to end or choose another directory") from None
+            if wait:
+                message(f"waiting for {self.what}, in use by {self.holder()}")
+                fcntl.flock(fd, fcntl.LOCK_EX)
+            else:
+                os.close(fd)
+                raise LockedError(f"{self.what} is in use by {self.holder()} (lock {self.path}); wait for that "
+                                  f"run to end or choose another directory") from None
         info = {"pid": os.getpid(), "host": socket.gethostname(), "command": sys.argv,
                 "started": datetime.datetime.now().isoformat(timespec="seconds")}
         os.ftruncate(fd, 0)
@@ -148,7 +154,7 @@ class FileLock:
             self._fd = None
 
     def __enter__(self) -> FileLock:
-        return self.acquire()
+        return self if self._fd is not None else self.acquire()
 
     def __exit__(self, *exc) -> None:
         self.release()

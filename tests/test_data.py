@@ -143,3 +143,33 @@ def test_kfold_and_filters_in_select_splits(tiny_config):
     tiny_config.data.min_age = 300.0
     with pytest.raises(ValueError, match="train split is empty after the filters"):
         data.select_splits(tiny_config.data, builder, seed=0)
+
+
+def test_prepare_removes_what_a_killed_build_left_and_waits_for_a_running_one(tmp_path, phantom_dir):
+    """A build killed mid-way leaves TFDS's ``incomplete.*`` folder: the next prepare removes it.
+    While another process holds the dataset folder's lock, prepare waits for it."""
+    import threading
+
+    from boneage_jax import io
+
+    config = base_config().data
+    config.update({"manual_dir": phantom_dir, "data_dir": str(tmp_path / "root"), "builder_config": "max512"})
+    data_dir = data.data_dir_for(config)
+    stale = os.path.join(data_dir, "rsna_bone_age", "max512", "incomplete.ABC123_1.1.0")
+    os.makedirs(stale)
+    with open(os.path.join(stale, "rsna_bone_age-train.array_record-00000-of-00001"), "wb") as f:
+        f.write(b"half")
+    holder = io.FileLock(os.path.join(data_dir, data.PREPARE_LOCK), "test").acquire()
+    released = threading.Event()
+
+    def release_later():
+        released.wait(timeout=0.5)
+        holder.release()
+
+    thread = threading.Thread(target=release_later)
+    thread.start()
+    builder = data.prepare(config)
+    thread.join()
+    assert builder.is_prepared()
+    assert not os.path.exists(stale)
+    assert not [p for p in os.listdir(os.path.dirname(stale)) if p.startswith("incomplete.")]

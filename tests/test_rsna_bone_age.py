@@ -217,6 +217,18 @@ def test_truncated_image(tmp_path):
     _expect_error(tmp_path, r"4.png: (unreadable or truncated|truncated PNG)")
 
 
+def test_png_with_bytes_after_its_end_is_complete():
+    """Some writers append bytes after IEND: the PNG is whole; one cut inside a chunk is not."""
+    from tfds_rsna import rsna_bone_age
+
+    image = (np.arange(40 * 30) % 251).astype(np.uint8).reshape(40, 30)
+    png = rsna_bone_age.encode_png(image)
+    np.testing.assert_array_equal(rsna_bone_age.decode_grey(png + b"\0" * 64 + b"trailing metadata", "a.png"), image)
+    assert rsna_bone_age.png_is_complete(png + b"x" * 100) and not rsna_bone_age.png_is_complete(png[:-4])
+    with pytest.raises(rsna_bone_age.RsnaFormatError, match="b.png"):
+        rsna_bone_age.decode_grey(png[:-6], "b.png")
+
+
 def test_age_out_of_range(tmp_path):
     write_kaggle(str(tmp_path / "manual"))
     csv_path = tmp_path / "manual" / "boneage-training-dataset.csv"
