@@ -42,7 +42,8 @@ flags.mark_flags_as_required(["config", "workdir"], flag_values=FLAGS)
 def main(argv: Sequence[str]) -> int:
     """Parses ``argv`` (flags, then ``--config.*`` overrides), trains and evaluates; returns the
     exit status."""
-    config = cli.load_config_file(_CONFIG.value, cli.parse(FLAGS, argv, config_overrides=True))
+    overrides = cli.parse(FLAGS, argv, config_overrides=True)
+    config = cli.load_config_file(_CONFIG.value, overrides)
     if not flags.FLAGS["verbosity"].present:
         logging.set_verbosity(logging.WARNING)  # progress goes to stdout; -v 0 shows library logs
     if _MULTIHOST.value:

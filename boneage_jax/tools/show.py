@@ -147,7 +147,8 @@ def render(config, split: str, num: int, seed: int, side: int) -> np.ndarray:
 def main(argv: Sequence[str]) -> int:
     """Parses ``argv`` (flags, then ``--config.*`` overrides), draws the grid and writes it;
     returns the exit status (1 with an ``error:`` line when the PNG cannot be written)."""
-    config = cli.load_config_file(_CONFIG.value, cli.parse(FLAGS, argv, config_overrides=True))
+    overrides = cli.parse(FLAGS, argv, config_overrides=True)
+    config = cli.load_config_file(_CONFIG.value, overrides)
     grid = render(config, _SPLIT.value, _NUM.value, _SEED.value, _TILE.value)
     out = os.path.abspath(_OUT.value)
     try:
