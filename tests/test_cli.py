@@ -1,6 +1,7 @@
 """boneage_jax.cli: every command's flags live in its own FlagValues, so the commands import side by
 side; parsing starts from the defaults; launchers pass on what they do not know; config files
-with ``--config.*`` overrides; usage errors end the process with one line and status 1."""
+with ``--config.*`` overrides; usage errors end the process with one line and status 1; ``--help``
+shows the command's own flags."""
 
 from __future__ import annotations
 
@@ -116,3 +117,12 @@ def test_a_usage_error_ends_the_process_with_one_line_and_status_1(tmp_path):
     assert result.returncode == 1
     assert "--sweep 'model.dropout': expected key=value" in result.stderr and "Traceback" not in result.stderr
     assert not os.path.exists(tmp_path / "sweep")
+
+
+def test_help_prints_the_docstring_and_the_command_flags():
+    result = subprocess.run([sys.executable, "-m", "launch.multihost", "--help"], cwd=REPO, capture_output=True,
+                            text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.startswith("Multi-process / multi-host training.")
+    assert "--num_processes: Number of processes." in result.stdout and "--[no]print" in result.stdout
+    assert "--flagfile" not in result.stdout
