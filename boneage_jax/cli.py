@@ -84,7 +84,8 @@ def load_config_file(spec: str, overrides: Sequence[str] = (), flag: str = "conf
         config.keys()  # a config file that failed to load raises its OSError on first use
     except (AttributeError, KeyError) as e:
         key = str(e.args[0]).strip("'\"") if e.args else str(e)
-        raise app.UsageError(f"unknown config key {key!r} in {' '.join(overrides)} (the keys are those of {spec})") from e
+        raise app.UsageError(f"unknown config key {key!r} in {' '.join(overrides)} "
+                             f"(the keys are those of {spec})") from e
     except flags.Error as e:
         raise app.UsageError(str(e)) from e
     except OSError as e:
