@@ -1,12 +1,18 @@
 """How the commands run: absl flags held in each command's own ``FlagValues``, run by ``absl.app``.
 
-A command module (``evaluate``, ``report``, ``predict``, ``export``) defines its flags on its own
-``flags.FlagValues``, so commands can be imported side by side (as libraries and tests do), and
-a ``main(argv) -> exit status`` that starts with :func:`parse`. ``python -m`` runs it through
-:func:`run`: ``absl.app`` takes its own flags (``--help``, ``--verbosity``, ...) and passes the
-rest of the command line to ``main``. ``--config.key=value`` overrides of a run's saved config
-(``evaluate``, ``report``) are parsed by ``ml_collections.config_flags`` once the run's config
-is read (``inference.load_config``).
+A command module (``main``, ``evaluate``, ``report``, ``predict``, ``export``, ``segment``,
+``tools.show``, ``weights``, and ``launch.local``, ``launch.multihost``, ``launch.sweep``)
+defines its flags on its own ``flags.FlagValues``, so commands can be imported side by side (as
+libraries and tests do), and a ``main(argv) -> exit status`` that starts with :func:`parse` (or
+:func:`parse_known` in a launcher, which passes the arguments it does not know on to the
+command it starts). Each parse starts from the flags' defaults, so ``main`` can be called again
+in one process. ``python -m`` runs it through :func:`run`: ``--help`` prints the program's
+docstring and the command's flags; ``absl.app`` takes its own flags (``--verbosity``,
+``--helpfull``, ...) and passes the rest of the command line to ``main``.
+
+``--config.key=value`` overrides are parsed by ``ml_collections.config_flags``: of a config
+file (``--config=path.py[:variant]`` of ``main`` and ``tools.show``) by :func:`load_config_file`,
+of a run's saved config (``evaluate``, ``report``) once it is read (``inference.load_config``).
 """
 
 from __future__ import annotations
@@ -14,16 +20,28 @@ from __future__ import annotations
 import re
 import sys
 from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING
 
 from absl import app, flags
 
+if TYPE_CHECKING:
+    import ml_collections
+
 _CONFIG_ARG = re.compile(r"^--?(no)?config\.")
+
+
+def _reset(flag_values: flags.FlagValues) -> None:
+    """Every flag back to its default (``unparse_flags`` would also log and block reads)."""
+    for name in list(flag_values):
+        flag_values[name].unparse()
 
 
 def parse(flag_values: flags.FlagValues, argv: Sequence[str], *, config_overrides: bool = False) -> list[str]:
     """Parses ``argv`` (the arguments after the program name) into ``flag_values``; returns the
     positional arguments, and with ``config_overrides`` the ``--config.*`` arguments (with their
-    values) too, in their order. Raises ``app.UsageError`` naming a flag that is not known."""
+    values) too, in their order. Flags absent from ``argv`` take their defaults. Raises
+    ``app.UsageError`` naming a flag that is not known."""
+    _reset(flag_values)
     try:
         left = flag_values(["command", *argv], known_only=config_overrides)[1:]
     except flags.Error as e:
@@ -34,11 +52,83 @@ def parse(flag_values: flags.FlagValues, argv: Sequence[str], *, config_override
     return left
 
 
+def parse_known(flag_values: flags.FlagValues, argv: Sequence[str]) -> list[str]:
+    """Parses the flags of ``flag_values`` in ``argv`` (up to a ``--``) and returns every other
+    argument in its order, without the ``--``: for a launcher that passes them on to the
+    command it starts. Raises ``app.UsageError`` for a bad value of a known flag."""
+    _reset(flag_values)
+    try:
+        left = flag_values(["command", *argv], known_only=True)[1:]
+    except flags.Error as e:
+        raise app.UsageError(str(e)) from e
+    if "--" in left:
+        at = left.index("--")
+        left = left[:at] + left[at + 1:]
+    return left
+
+
+def load_config_file(spec: str, overrides: Sequence[str] = (), flag: str = "config") -> ml_collections.ConfigDict:
+    """The config of ``--config=spec`` (``path.py`` or ``path.py:variant``, as
+    ``config_flags.DEFINE_config_file`` reads it), with ``--config.key=value`` ``overrides``
+    applied and locked (no new keys). Raises ``app.UsageError`` naming the file or the key on a
+    missing file, an unknown key, a bad value or an argument that is not an override."""
+    from ml_collections import config_flags  # pylint: disable=import-outside-toplevel
+
+    argv = ["command", f"--{flag}={spec}", *overrides]
+    values = flags.FlagValues()
+    config_flags.DEFINE_config_file(flag, None, "Configuration file.", flag_values=values, sys_argv=argv,
+                                    lock_config=True)
+    try:
+        left = values(argv)[1:]
+        config = values[flag].value
+        config.keys()  # a config file that failed to load raises its OSError on first use
+    except (AttributeError, KeyError) as e:
+        key = str(e.args[0]).strip("'\"") if e.args else str(e)
+        raise app.UsageError(f"unknown config key {key!r} in {' '.join(overrides)} "
+                             f"(the keys are those of {spec})") from e
+    except flags.Error as e:
+        raise app.UsageError(str(e)) from e
+    except OSError as e:
+        raise app.UsageError(f"--{flag}={spec}: cannot load the config file ({str(e).splitlines()[-1].strip()})") from e
+    if left:
+        raise app.UsageError(f"unexpected arguments: {' '.join(left)} (after --{flag}={spec} only "
+                             f"--{flag}.key=value overrides)")
+    return config
+
+
+HELP_ARGS = ("--help", "-help", "-h", "-?", "--helpshort")
+
+
+def command_flags(main: Callable[[Sequence[str]], int]) -> flags.FlagValues | None:
+    """The flags of a command's ``main``: its object's ``flags`` (``EvaluateCommand``) or its
+    module's ``FLAGS``."""
+    owner = getattr(main, "__self__", None)
+    if isinstance(getattr(owner, "flags", None), flags.FlagValues):
+        return owner.flags
+    found = getattr(sys.modules.get(main.__module__), "FLAGS", None)
+    return found if isinstance(found, flags.FlagValues) else None
+
+
+def print_help(main: Callable[[Sequence[str]], int]) -> None:
+    """Prints the running program's docstring and the flags of its ``main``."""
+    doc = getattr(sys.modules.get("__main__"), "__doc__", None) or ""
+    print(doc.strip("\n"))
+    flag_values = command_flags(main)
+    if flag_values is not None:
+        print("\nflags:\n" + flag_values.get_help(prefix="  ", include_special_flags=False))
+    print("\n(absl's own flags: --helpfull)")
+
+
 def run(main: Callable[[Sequence[str]], int]) -> None:
     """Runs ``main(arguments)`` as the program; its return value is the exit status. A usage
-    error prints the message and exits with status 1."""
+    error prints the message and exits with status 1. ``--help`` (or ``-h``) before any ``--``
+    prints the program's docstring and the command's flags (:func:`command_flags`) and exits 0."""
 
     def parse_absl_flags(argv: list[str]) -> list[str]:
+        own = argv[1:argv.index("--")] if "--" in argv else argv[1:]
+        if any(arg in HELP_ARGS for arg in own):
+            print_help(main)
+            sys.exit(0)
         try:
             return flags.FLAGS(argv, known_only=True)
         except flags.Error as e:
@@ -50,7 +140,7 @@ def run(main: Callable[[Sequence[str]], int]) -> None:
             status = main(argv[1:])
         except app.UsageError as e:
             print(f"FATAL Flags parsing error: {e}", file=sys.stderr)
-            print("Pass --helpfull to see help on flags.", file=sys.stderr)
+            print("Pass --help to see the command's flags.", file=sys.stderr)
             sys.exit(1)
         sys.exit(status)
 

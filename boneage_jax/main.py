@@ -3,11 +3,15 @@
     python -m boneage_jax.main --config=configs/demo.py --workdir=runs/demo \
         [--config.data.manual_dir=PATH] [--config.key=value ...]
 
+``--config`` is a config file, ``path.py`` or ``path.py:variant`` (its ``get_config(variant)``);
+``--config.key=value`` arguments override its values (``ml_collections.config_flags``, through
+:func:`boneage_jax.cli.load_config_file`; the config is locked, so a key it lacks is an error).
 The dataset is prepared on first use. Re-running the same command resumes from the latest
 checkpoint in the workdir. With ``--multihost``, ``jax.distributed.initialize()`` connects the
 processes of a multi-host job first: on TPU pods, Slurm and Open MPI it finds its peers from
 the environment; elsewhere pass ``--coordinator_address``, ``--num_processes`` and
-``--process_id`` (``launch/multihost.py`` does that for processes on one machine).
+``--process_id`` (``launch/multihost.py`` does that for processes on one machine). The exit
+status is 1 when training stops on a non-finite loss.
 """
 
 from __future__ import annotations
@@ -15,25 +19,31 @@ from __future__ import annotations
 import json
 import os
 import sys
+from collections.abc import Sequence
 
 import jax
-from absl import app, flags, logging
-from ml_collections import config_flags
+from absl import flags, logging
 
-from boneage_jax import train
+from boneage_jax import cli, train
 
-_CONFIG = config_flags.DEFINE_config_file("config", None, "Training configuration file.", lock_config=True)
-_WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics and results.")
-_MULTIHOST = flags.DEFINE_bool("multihost", False, "Call jax.distributed.initialize() before anything else.")
-_COORDINATOR = flags.DEFINE_string("coordinator_address", None, "host:port of process 0 (multi-host).")
-_NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Number of processes (multi-host).")
-_PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index (multi-host).")
-flags.mark_flags_as_required(["config", "workdir"])
+FLAGS = flags.FlagValues()  # this command's flags (cli.parse); the config's --config.* overrides follow them
+_CONFIG = flags.DEFINE_string("config", None, "Training configuration file, path.py or path.py:variant; "
+                              "--config.key=value overrides its values.", flag_values=FLAGS)
+_WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics and results.", flag_values=FLAGS)
+_MULTIHOST = flags.DEFINE_bool("multihost", False, "Call jax.distributed.initialize() before anything else.",
+                               flag_values=FLAGS)
+_COORDINATOR = flags.DEFINE_string("coordinator_address", None, "host:port of process 0 (multi-host).",
+                                   flag_values=FLAGS)
+_NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Number of processes (multi-host).", flag_values=FLAGS)
+_PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index (multi-host).", flag_values=FLAGS)
+flags.mark_flags_as_required(["config", "workdir"], flag_values=FLAGS)
 
 
-def main(argv: list[str]) -> None:
-    if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+def main(argv: Sequence[str]) -> int:
+    """Parses ``argv`` (flags, then ``--config.*`` overrides), trains and evaluates; returns the
+    exit status."""
+    overrides = cli.parse(FLAGS, argv, config_overrides=True)
+    config = cli.load_config_file(_CONFIG.value, overrides)
     if not flags.FLAGS["verbosity"].present:
         logging.set_verbosity(logging.WARNING)  # progress goes to stdout; -v 0 shows library logs
     if _MULTIHOST.value:
@@ -41,7 +51,6 @@ def main(argv: list[str]) -> None:
         jax.distributed.initialize(
             coordinator_address=_COORDINATOR.value, num_processes=_NUM_PROCESSES.value, process_id=_PROCESS_ID.value
         )
-    config = _CONFIG.value
     workdir = _WORKDIR.value
     os.makedirs(workdir, exist_ok=True)
     saved = os.path.join(workdir, "config.json")
@@ -55,8 +64,9 @@ def main(argv: list[str]) -> None:
         train.train_and_evaluate(config, workdir)
     except train.NonFiniteLossError as e:
         print(f"error: {e}", file=sys.stderr)
-        sys.exit(1)
+        return 1
+    return 0
 
 
 if __name__ == "__main__":
-    app.run(main)
+    cli.run(main)

@@ -12,10 +12,12 @@ Each function draws one figure into ``path`` and returns the path:
 - ``overlays``: radiographs with a map (Grad-CAM or attention) laid over them.
 
 ``python -m boneage_jax.evaluate --workdir DIR --report`` draws them all into ``DIR/report``.
+Each figure is written atomically (``io.write_bytes``), in the format of its path's suffix.
 """
 
 from __future__ import annotations
 
+import io as _io
 import os
 
 import matplotlib
@@ -25,16 +27,17 @@ import matplotlib.pyplot as plt  # noqa: E402
 from matplotlib.ticker import MaxNLocator  # noqa: E402
 import numpy as np  # noqa: E402
 
-from boneage_jax import metrics  # noqa: E402
+from boneage_jax import io, metrics  # noqa: E402
 
 DPI = 110
 SEX_COLOURS = {"male": "tab:blue", "female": "tab:red"}
 
 
 def _save(fig, path: str) -> str:
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    fig.savefig(path, dpi=DPI, bbox_inches="tight")
+    buffer = _io.BytesIO()
+    fig.savefig(buffer, format=os.path.splitext(path)[1][1:].lower() or "png", dpi=DPI, bbox_inches="tight")
     plt.close(fig)
+    io.write_bytes(path, buffer.getvalue())
     return path
 
 

@@ -10,8 +10,9 @@ the ``resize_pad`` to the stored image size, keeps the hand-sized component
 are what ``hand_mask(source='cache', cache_dir=OUT)`` reads in a bone-age config, and they can
 also be copied to ``hand-masks/`` beside the images. Where the dataset has masks of its own
 (the phantoms), the Jaccard index of the written masks against them is printed. Each file is
-written to a temporary name and renamed, so an interrupted run leaves no partial PNG; re-running
-rewrites every mask.
+written atomically (``io.write_png``), so an interrupted run leaves no partial PNG; re-running
+rewrites every mask. A run that is not a segmentation run, or a missing workdir, stops with one
+``error:`` line and exit status 1. :func:`segment_dataset` does the work for library callers.
 """
 
 from __future__ import annotations
@@ -19,21 +20,26 @@ from __future__ import annotations
 import os
 import sys
 import time
+from collections.abc import Sequence
 
 import cv2
 import numpy as np
 from absl import app, flags
 
-from boneage_jax import data, inference, input_pipeline, io, objectives, ops
+from boneage_jax import cli, data, inference, input_pipeline, io, objectives, ops
 from boneage_jax.ops import hand
 
-_WORKDIR = flags.DEFINE_string("workdir", None, "Workdir of a trained segmentation run.")
-_OUT = flags.DEFINE_string("out", None, "Folder for <id>.png masks.")
-_MANUAL_DIR = flags.DEFINE_string("manual_dir", None, "Dataset folder (default: the run's data.manual_dir).")
-_DATA_DIR = flags.DEFINE_string("data_dir", None, "Prepared-data root (default: the run's data.data_dir).")
-_BATCH = flags.DEFINE_integer("batch_size", 16, "Images per prediction batch.")
-_MIN_AREA = flags.DEFINE_float("min_area_fraction", 0.05, "Smallest hand, as a fraction of the image.")
-flags.mark_flags_as_required(["workdir", "out"])
+FLAGS = flags.FlagValues()  # this command's flags (cli.parse)
+_WORKDIR = flags.DEFINE_string("workdir", None, "Workdir of a trained segmentation run.", flag_values=FLAGS)
+_OUT = flags.DEFINE_string("out", None, "Folder for <id>.png masks.", flag_values=FLAGS)
+_MANUAL_DIR = flags.DEFINE_string("manual_dir", None, "Dataset folder (default: the run's data.manual_dir).",
+                                  flag_values=FLAGS)
+_DATA_DIR = flags.DEFINE_string("data_dir", None, "Prepared-data root (default: the run's data.data_dir).",
+                                flag_values=FLAGS)
+_BATCH = flags.DEFINE_integer("batch_size", 16, "Images per prediction batch.", lower_bound=1, flag_values=FLAGS)
+_MIN_AREA = flags.DEFINE_float("min_area_fraction", 0.05, "Smallest hand, as a fraction of the image.",
+                               lower_bound=0.0, upper_bound=1.0, flag_values=FLAGS)
+flags.mark_flags_as_required(["workdir", "out"], flag_values=FLAGS)
 
 
 def check_invertible(preprocess: str) -> None:
@@ -94,19 +100,24 @@ def segment_dataset(workdir: str, out: str, manual_dir: str | None = None, data_
     return result
 
 
-def main(argv: list[str]) -> None:
-    if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+def main(argv: Sequence[str]) -> int:
+    """Parses ``argv`` and writes the masks; returns the exit status (1 with an ``error:`` line
+    for a missing workdir or a run that is not a segmentation run)."""
+    extra = cli.parse(FLAGS, argv)
+    if extra:
+        raise app.UsageError(f"unexpected arguments: {' '.join(extra)}")
     try:
         result = segment_dataset(_WORKDIR.value, _OUT.value, _MANUAL_DIR.value, _DATA_DIR.value, _BATCH.value,
                                  _MIN_AREA.value)
     except (FileNotFoundError, ValueError) as e:
-        sys.exit(f"error: {e}")
+        print(f"error: {e}", file=sys.stderr)
+        return 1
     line = f"Wrote {result['masks']} masks to {_OUT.value} in {result['seconds']} s"
     if "jaccard_mean" in result:
         line += f"; Jaccard against the dataset's masks: mean {result['jaccard_mean']:.4f}, min {result['jaccard_min']:.4f}"
     print(line)
+    return 0
 
 
 if __name__ == "__main__":
-    app.run(main)
+    cli.run(main)

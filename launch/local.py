@@ -4,15 +4,29 @@ r"""Runs one training job on this machine and keeps its console output in the wo
         [-- --config.batch_size=64 ...]
 
 ``--cpu_devices=N`` splits the CPU into N JAX devices (``XLA_FLAGS``), to try data-parallel
-code without accelerators. The output also goes to ``<workdir>/train.log``.
+code without accelerators. The output also goes to ``<workdir>/train.log``. Arguments this
+command does not define (``--config.*`` overrides; ``--`` may come before them) are passed on
+to ``boneage_jax.main``; the exit status is its exit status.
 """
 
 from __future__ import annotations
 
-import argparse
 import os
 import subprocess
 import sys
+from collections.abc import Sequence
+
+from absl import flags
+
+from boneage_jax import cli
+
+FLAGS = flags.FlagValues()  # this command's flags (cli.parse_known); the others go to boneage_jax.main
+_CONFIG = flags.DEFINE_string("config", None, "Training configuration file (boneage_jax.main's --config).",
+                              flag_values=FLAGS)
+_WORKDIR = flags.DEFINE_string("workdir", None, "The run's workdir.", flag_values=FLAGS)
+_CPU_DEVICES = flags.DEFINE_integer("cpu_devices", None, "Split the CPU into N JAX devices.", lower_bound=1,
+                                    flag_values=FLAGS)
+flags.mark_flags_as_required(["config", "workdir"], flag_values=FLAGS)
 
 
 def command(config: str, workdir: str, extra: list[str]) -> list[str]:
@@ -41,17 +55,13 @@ def run_logged(cmd: list[str], env: dict[str, str], log_path: str) -> int:
     return process.returncode
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", required=True)
-    parser.add_argument("--workdir", required=True)
-    parser.add_argument("--cpu_devices", type=int, default=None, help="split the CPU into N JAX devices")
-    args, extra = parser.parse_known_args(argv)
-    extra = [a for a in extra if a != "--"]
-    cmd = command(args.config, args.workdir, extra)
+def main(argv: Sequence[str]) -> int:
+    """Parses ``argv`` and runs the training command; returns its exit status."""
+    extra = cli.parse_known(FLAGS, argv)
+    cmd = command(_CONFIG.value, _WORKDIR.value, extra)
     print("+", " ".join(cmd), flush=True)
-    return run_logged(cmd, environment(args.cpu_devices), os.path.join(args.workdir, "train.log"))
+    return run_logged(cmd, environment(_CPU_DEVICES.value), os.path.join(_WORKDIR.value, "train.log"))
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    cli.run(main)

@@ -17,19 +17,40 @@ On a cluster, print each host's command and start it there::
 On Slurm or TPU pods ``jax.distributed.initialize`` finds its peers itself: run
 ``srun python -m boneage_jax.main --multihost --config=... --workdir=...`` on every task.
 The workdir must be on storage that all hosts share (checkpoints are written collectively).
+Arguments this command does not define (``--config.*`` overrides; ``--`` may come before
+them) are passed on to every process's ``boneage_jax.main``. Each process's output goes to
+``<workdir>/process_<i>.log``; process 0's is printed at the end. When one process fails the
+others are stopped, and the exit status is 1.
 """
 
 from __future__ import annotations
 
-import argparse
 import os
 import shlex
 import socket
 import subprocess
 import sys
 import time
+from collections.abc import Sequence
 
+from absl import flags
+
+from boneage_jax import cli
 from launch import local
+
+FLAGS = flags.FlagValues()  # this command's flags (cli.parse_known); the others go to boneage_jax.main
+_CONFIG = flags.DEFINE_string("config", None, "Training configuration file (boneage_jax.main's --config).",
+                              flag_values=FLAGS)
+_WORKDIR = flags.DEFINE_string("workdir", None, "The run's workdir, on storage all hosts share.", flag_values=FLAGS)
+_NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Number of processes.", lower_bound=1,
+                                      flag_values=FLAGS)
+_COORDINATOR = flags.DEFINE_string("coordinator", None, "host:port of process 0 (default: a free local port).",
+                                   flag_values=FLAGS)
+_CPU_DEVICES = flags.DEFINE_integer("cpu_devices", None, "JAX CPU devices per local process.", lower_bound=1,
+                                    flag_values=FLAGS)
+_PRINT = flags.DEFINE_bool("print", False, "Print each process's command instead of running it.",
+                           flag_values=FLAGS)
+flags.mark_flags_as_required(["config", "workdir", "num_processes"], flag_values=FLAGS)
 
 
 def free_port() -> int:
@@ -57,38 +78,33 @@ def wait_all(processes: list[subprocess.Popen]) -> list[int]:
     return [p.returncode for p in processes]
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", required=True)
-    parser.add_argument("--workdir", required=True)
-    parser.add_argument("--num_processes", type=int, required=True)
-    parser.add_argument("--coordinator", default=None, help="host:port of process 0 (default: a free local port)")
-    parser.add_argument("--cpu_devices", type=int, default=None, help="JAX CPU devices per local process")
-    parser.add_argument("--print", action="store_true", help="print each process's command instead of running")
-    args, extra = parser.parse_known_args(argv)
-    extra = [a for a in extra if a != "--"]
-    coordinator = args.coordinator or f"localhost:{free_port()}"
-    commands = [process_command(args.config, args.workdir, coordinator, args.num_processes, i, extra)
-                for i in range(args.num_processes)]
-    if args.print:
+def main(argv: Sequence[str]) -> int:
+    """Parses ``argv`` and starts (or with ``--print`` prints) one training process per
+    ``--num_processes``; returns 1 when any of them failed."""
+    extra = cli.parse_known(FLAGS, argv)
+    workdir, num_processes = _WORKDIR.value, _NUM_PROCESSES.value
+    coordinator = _COORDINATOR.value or f"localhost:{free_port()}"
+    commands = [process_command(_CONFIG.value, workdir, coordinator, num_processes, i, extra)
+                for i in range(num_processes)]
+    if _PRINT.value:
         for i, cmd in enumerate(commands):
             print(f"# process {i}\n{shlex.join(cmd)}")
         return 0
-    env = local.environment(args.cpu_devices)
-    os.makedirs(args.workdir, exist_ok=True)
-    logs = [open(os.path.join(args.workdir, f"process_{i}.log"), "w") for i in range(args.num_processes)]
+    env = local.environment(_CPU_DEVICES.value)
+    os.makedirs(workdir, exist_ok=True)
+    logs = [open(os.path.join(workdir, f"process_{i}.log"), "w") for i in range(num_processes)]
     processes = [subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT)
                  for cmd, log in zip(commands, logs)]
     codes = wait_all(processes)
     for log in logs:
         log.close()
-    with open(os.path.join(args.workdir, "process_0.log")) as f:
+    with open(os.path.join(workdir, "process_0.log")) as f:
         sys.stdout.write(f.read())
     failed = [i for i, c in enumerate(codes) if c]
     if failed:
-        print(f"processes {failed} failed; see {args.workdir}/process_<i>.log", file=sys.stderr)
+        print(f"processes {failed} failed; see {workdir}/process_<i>.log", file=sys.stderr)
     return 1 if failed else 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    cli.run(main)

@@ -31,11 +31,14 @@ start as separate jobs (e.g. each through ``launch/multihost.py`` or a cluster s
 ``results.json``; ``failed`` or ``started`` as this command last left them, recorded in
 ``<workdir>/sweep_status.json``; ``incomplete`` for a folder without results that another
 job may still be writing; ``not started``).
+
+Arguments this command does not define (``--`` may come before them) are passed on to every
+run's ``boneage_jax.main``. A malformed ``--sweep``/``--set`` or ``--folds`` stops the command
+with one error line naming it. The summary files are written atomically (``boneage_jax.io``).
 """
 
 from __future__ import annotations
 
-import argparse
 import ast
 import dataclasses
 import hashlib
@@ -46,8 +49,29 @@ import os
 import re
 import shlex
 import sys
+from collections.abc import Sequence
 
+from absl import app, flags
+
+from boneage_jax import cli, io
 from launch import local
+
+FLAGS = flags.FlagValues()  # this command's flags (cli.parse_known); the others go to every run's boneage_jax.main
+_CONFIG = flags.DEFINE_string("config", None, "Training configuration file (boneage_jax.main's --config).",
+                              flag_values=FLAGS)
+_WORKDIR = flags.DEFINE_string("workdir", None, "Parent folder of the runs and the summary.", flag_values=FLAGS)
+_SWEEP = flags.DEFINE_multi_string("sweep", [], "KEY=V1,V2,...: config values to sweep (repeat for a grid).",
+                                   flag_values=FLAGS)
+_SET = flags.DEFINE_multi_string("set", [], "KEY=VALUE: a config override for every run (repeatable).",
+                                 flag_values=FLAGS)
+_FOLDS = flags.DEFINE_integer("folds", 0, "K-fold cross-validation of every combination (K >= 2; 0: none).",
+                              flag_values=FLAGS)
+_PRINT = flags.DEFINE_bool("print", False, "Print the commands of the runs still to do.", flag_values=FLAGS)
+_SUMMARIZE_ONLY = flags.DEFINE_bool("summarize_only", False, "Rebuild the summary from the run folders.",
+                                    flag_values=FLAGS)
+_CPU_DEVICES = flags.DEFINE_integer("cpu_devices", None, "Split the CPU into N JAX devices.", lower_bound=1,
+                                    flag_values=FLAGS)
+flags.mark_flags_as_required(["config", "workdir"], flag_values=FLAGS)
 
 METRICS = ("mae", "rmse", "r2", "num_examples", "accuracy")
 SPLITS = ("validation", "test")
@@ -182,8 +206,6 @@ def read_statuses(workdir: str) -> dict[str, str]:
 
 
 def write_statuses(workdir: str, statuses: dict[str, str]) -> None:
-    from boneage_jax import io  # pylint: disable=import-outside-toplevel
-
     io.write_text(os.path.join(workdir, STATUS_FILE), json.dumps(statuses, indent=2, sort_keys=True))
 
 
@@ -267,8 +289,6 @@ def _cell(value, metric: bool = True) -> str:
 
 def write_summary(workdir: str, runs: list[Run], statuses: dict[str, str], folds: int = 0) -> list[dict]:
     """Writes summary.csv and summary.md; returns the per-run rows."""
-    from boneage_jax import io  # pylint: disable=import-outside-toplevel
-
     columns, rows = run_rows(workdir, runs, statuses)
     aggregates = fold_aggregates(columns, rows, folds) if folds else []
     csv_rows = [[_csv(row.get(c)) for c in columns] for row in rows]
@@ -305,64 +325,61 @@ def _csv(value):
 # ----------------------------------------------------------------------------- main
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", required=True)
-    parser.add_argument("--workdir", required=True, help="parent folder of the runs and the summary")
-    parser.add_argument("--sweep", action="append", default=[], metavar="KEY=V1,V2,...",
-                        help="config values to sweep (repeat for a grid)")
-    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                        help="a config override for every run (repeatable)")
-    parser.add_argument("--folds", type=int, default=0, help="K-fold cross-validation of every combination")
-    parser.add_argument("--print", action="store_true", help="print the commands of the runs still to do")
-    parser.add_argument("--summarize_only", action="store_true", help="rebuild the summary from the run folders")
-    parser.add_argument("--cpu_devices", type=int, default=None, help="split the CPU into N JAX devices")
-    args, extra = parser.parse_known_args(argv)
-    extra = [a for a in extra if a != "--"]
+def plan(sweep_texts: Sequence[str], set_texts: Sequence[str], folds: int) -> tuple[list[Run], list[tuple[str, str]]]:
+    """The runs of ``--sweep`` (with ``--folds``) and the ``--set`` overrides of every run;
+    ValueError naming the option on a malformed or clashing value."""
+    sweeps = []
+    for text in sweep_texts:
+        key, values = parse_assignment(text, "--sweep")
+        sweeps.append((key, split_values(values)))
+    sets = [parse_assignment(text, "--set") for text in set_texts]
+    if folds == 1 or folds < 0:
+        raise ValueError(f"--folds {folds}: use K >= 2 (or 0 for no cross-validation)")
+    swept = {k for k, _ in sweeps} | ({"data.num_folds", "data.fold"} if folds else set())
+    clash = swept & {k for k, _ in sets}
+    if clash:
+        raise ValueError(f"{sorted(clash)} both swept and set")
+    return grid(sweeps, folds), sets
+
+
+def main(argv: Sequence[str]) -> int:
+    """Parses ``argv``, runs (or prints) the runs still to do and writes the summary; returns 1
+    when a run has no results."""
+    extra = cli.parse_known(FLAGS, argv)
+    config, workdir, folds = _CONFIG.value, _WORKDIR.value, _FOLDS.value
     try:
-        sweeps = []
-        for text in args.sweep:
-            key, values = parse_assignment(text, "--sweep")
-            sweeps.append((key, split_values(values)))
-        sets = [parse_assignment(text, "--set") for text in args.set]
-        if args.folds == 1 or args.folds < 0:
-            raise ValueError(f"--folds {args.folds}: use K >= 2 (or 0 for no cross-validation)")
-        swept = {k for k, _ in sweeps} | ({"data.num_folds", "data.fold"} if args.folds else set())
-        clash = swept & {k for k, _ in sets}
-        if clash:
-            raise ValueError(f"{sorted(clash)} both swept and set")
-        runs = grid(sweeps, args.folds)
+        runs, sets = plan(_SWEEP.value, _SET.value, folds)
     except ValueError as e:
-        parser.error(str(e))
-    os.makedirs(args.workdir, exist_ok=True)
-    statuses = read_statuses(args.workdir)
-    if args.print:
+        raise app.UsageError(str(e)) from e
+    os.makedirs(workdir, exist_ok=True)
+    statuses = read_statuses(workdir)
+    if _PRINT.value:
         for run in runs:
-            if read_results(args.workdir, run) is not None:
+            if read_results(workdir, run) is not None:
                 print(f"# done: {run.name}")
             else:
-                print(shlex.join(command(args.config, args.workdir, run, sets, extra)))
+                print(shlex.join(command(config, workdir, run, sets, extra)))
         return 0
-    if not args.summarize_only:
-        env = local.environment(args.cpu_devices)
+    if not _SUMMARIZE_ONLY.value:
+        env = local.environment(_CPU_DEVICES.value)
         for i, run in enumerate(runs):
-            if read_results(args.workdir, run) is not None:
+            if read_results(workdir, run) is not None:
                 print(f"[{i + 1}/{len(runs)}] {run.name}: done, skipped", flush=True)
                 continue
-            cmd = command(args.config, args.workdir, run, sets, extra)
+            cmd = command(config, workdir, run, sets, extra)
             print(f"[{i + 1}/{len(runs)}] {run.name}\n+ {shlex.join(cmd)}", flush=True)
             statuses[run.name] = "started"  # stays so if the sweep is killed
-            write_statuses(args.workdir, statuses)
-            code = local.run_logged(cmd, env, os.path.join(args.workdir, run.name, "train.log"))
-            if code == 0 and read_results(args.workdir, run) is not None:
+            write_statuses(workdir, statuses)
+            code = local.run_logged(cmd, env, os.path.join(workdir, run.name, "train.log"))
+            if code == 0 and read_results(workdir, run) is not None:
                 statuses.pop(run.name)
             else:
                 statuses[run.name] = "failed"
                 print(f"[{i + 1}/{len(runs)}] {run.name}: failed (exit status {code}); see "
-                      f"{os.path.join(args.workdir, run.name, 'train.log')}", file=sys.stderr, flush=True)
-            write_statuses(args.workdir, statuses)
-    rows = write_summary(args.workdir, runs, statuses, args.folds)
-    with open(os.path.join(args.workdir, "summary.md")) as f:
+                      f"{os.path.join(workdir, run.name, 'train.log')}", file=sys.stderr, flush=True)
+            write_statuses(workdir, statuses)
+    rows = write_summary(workdir, runs, statuses, folds)
+    with open(os.path.join(workdir, "summary.md")) as f:
         print(f.read())
     bad = [r["name"] for r in rows if r["status"] != "ok"]
     if bad:
@@ -372,4 +389,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    cli.run(main)

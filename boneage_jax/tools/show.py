@@ -15,29 +15,36 @@ One row per example (id, bone age and sex written on it), one column per stage:
 - ``normalised``: the network input (``data.normalize``), first channel, min-max scaled.
 
 The stages are the config's :class:`boneage_jax.ops.Pipeline`, as training runs them.
+``--config`` is read as ``boneage_jax.main`` reads it (``path.py[:variant]`` and
+``--config.key=value`` overrides, :func:`boneage_jax.cli.load_config_file`); the grid is
+written atomically (``io.write_png``). :func:`render` draws it for library callers.
 """
 
 from __future__ import annotations
 
 import os
 import sys
+from collections.abc import Sequence
 
 import cv2
 import numpy as np
-from absl import app, flags
-from ml_collections import config_flags
+from absl import flags
 
-from boneage_jax import data, ops
+from boneage_jax import cli, data, io, ops
 from boneage_jax.ops import hand
 
-_CONFIG = config_flags.DEFINE_config_file("config", None, "Training configuration file.", lock_config=True)
-_OUT = flags.DEFINE_string("out", None, "PNG file to write.")
-_NUM = flags.DEFINE_integer("num", 8, "Examples (rows).")
-_SPLIT = flags.DEFINE_enum("split", "train", ["train", "validation", "test"], "Split to draw from.")
-_SEED = flags.DEFINE_integer("seed", 0, "Seed of the example choice and the augmentation.")
-_TILE = flags.DEFINE_integer("tile", 192, "Tile side in pixels.")
-flags.mark_flags_as_required(["config", "out"])
+FLAGS = flags.FlagValues()  # this command's flags (cli.parse); the config's --config.* overrides follow them
+_CONFIG = flags.DEFINE_string("config", None, "Training configuration file, path.py or path.py:variant; "
+                              "--config.key=value overrides its values.", flag_values=FLAGS)
+_OUT = flags.DEFINE_string("out", None, "PNG file to write.", flag_values=FLAGS)
+_NUM = flags.DEFINE_integer("num", 8, "Examples (rows).", lower_bound=1, flag_values=FLAGS)
+_SPLIT = flags.DEFINE_enum("split", "train", ["train", "validation", "test"], "Split to draw from.",
+                           flag_values=FLAGS)
+_SEED = flags.DEFINE_integer("seed", 0, "Seed of the example choice and the augmentation.", flag_values=FLAGS)
+_TILE = flags.DEFINE_integer("tile", 192, "Tile side in pixels.", lower_bound=1, flag_values=FLAGS)
+flags.mark_flags_as_required(["config", "out"], flag_values=FLAGS)
 
+HEADER_HEIGHT = 20  # the row of stage names above the tiles
 STAGES = ("raw", "preprocessed", "augmented", "mask", "normalised")
 ROI_COLOURS = {"hand": (0, 200, 0), "roi1": (255, 80, 0), "roi2": (255, 220, 0), "roi3": (255, 0, 255)}
 
@@ -110,7 +117,7 @@ def render(config, split: str, num: int, seed: int, side: int) -> np.ndarray:
     rng = np.random.default_rng(seed)
     chosen = rng.choice(selection.indices, size=min(num, len(selection.indices)), replace=False)
     pipeline = ops.Pipeline.from_config(config.data)
-    header = np.full((20, side * len(STAGES), 3), 0, np.uint8)
+    header = np.full((HEADER_HEIGHT, side * len(STAGES), 3), 0, np.uint8)
     for column, stage in enumerate(STAGES):
         cv2.putText(header, stage, (column * side + 4, 14), cv2.FONT_HERSHEY_SIMPLEX, 0.45, (255, 255, 255), 1,
                     cv2.LINE_AA)
@@ -137,18 +144,22 @@ def render(config, split: str, num: int, seed: int, side: int) -> np.ndarray:
     return np.concatenate(rows, axis=0)
 
 
-def main(argv: list[str]) -> None:
-    if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-    grid = render(_CONFIG.value, _SPLIT.value, _NUM.value, _SEED.value, _TILE.value)
+def main(argv: Sequence[str]) -> int:
+    """Parses ``argv`` (flags, then ``--config.*`` overrides), draws the grid and writes it;
+    returns the exit status (1 with an ``error:`` line when the PNG cannot be written)."""
+    overrides = cli.parse(FLAGS, argv, config_overrides=True)
+    config = cli.load_config_file(_CONFIG.value, overrides)
+    grid = render(config, _SPLIT.value, _NUM.value, _SEED.value, _TILE.value)
     out = os.path.abspath(_OUT.value)
-    os.makedirs(os.path.dirname(out), exist_ok=True)
-    tmp = out + ".tmp.png"
-    if not cv2.imwrite(tmp, grid):
-        sys.exit(f"error: could not write {out}")
-    os.replace(tmp, out)
-    print(f"Wrote {out}: {grid.shape[0] // _TILE.value} examples x {len(STAGES)} stages ({', '.join(STAGES)})")
+    try:
+        io.write_png(out, grid)
+    except OSError as e:
+        print(f"error: could not write {out}: {e}", file=sys.stderr)
+        return 1
+    examples = (grid.shape[0] - HEADER_HEIGHT) // _TILE.value
+    print(f"Wrote {out}: {examples} examples x {len(STAGES)} stages ({', '.join(STAGES)})")
+    return 0
 
 
 if __name__ == "__main__":
-    app.run(main)
+    cli.run(main)

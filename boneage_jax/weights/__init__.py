@@ -46,9 +46,10 @@ Keras model with ``write_keras_h5``).
 Pretrained directories
 ----------------------
 ``python -m boneage_jax.weights --from keras|torch --model NAME --in FILE --out DIR
-[--in_channels 3] [--image_size 224] [--overwrite]`` builds the backbone ``NAME``, imports
-``FILE`` and writes ``DIR`` atomically (through a temporary sibling directory renamed at the end)
-with
+[--in_channels 3] [--image_size 224] [--overwrite]`` (:func:`main`, absl flags on its own
+``FLAGS``, run by :func:`boneage_jax.cli.run`; :func:`convert` for library callers) builds the
+backbone ``NAME``, imports ``FILE`` and writes ``DIR`` atomically (a temporary sibling
+directory, its files written with ``boneage_jax.io``, renamed at the end) with
 
 - ``DIR/state``: an Orbax checkpoint of the backbone's parameters and batch statistics as a pure
   dict (``nnx.to_pure_dict`` of ``nnx.state(backbone, (nnx.Param, nnx.BatchStat))``, keys as
@@ -63,7 +64,6 @@ the first mismatching layer if it does not fit.
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import shutil
@@ -72,8 +72,10 @@ import tempfile
 from collections.abc import Sequence
 
 import numpy as np
+from absl import app, flags
 from flax import nnx
 
+from boneage_jax import cli, io
 from boneage_jax.weights.loaders import WeightMismatchError, assign
 
 METADATA = "boneage_jax_weights.json"
@@ -232,8 +234,7 @@ def save_pretrained(backbone: nnx.Module, directory: str, metadata: dict, overwr
         checkpointer.save(os.path.join(tmp, STATE), pure)
         checkpointer.wait_until_finished()
         checkpointer.close()
-        with open(os.path.join(tmp, METADATA), "w") as f:
-            json.dump(metadata, f, indent=2)
+        io.write_text(os.path.join(tmp, METADATA), json.dumps(metadata, indent=2))
         if os.path.exists(directory):
             shutil.rmtree(directory)
         os.rename(tmp, directory)
@@ -307,23 +308,31 @@ def convert(
     return backbone
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    """The ``python -m boneage_jax.weights`` command: returns the exit status."""
-    parser = argparse.ArgumentParser(prog="python -m boneage_jax.weights", description=__doc__.split("\n")[0])
-    parser.add_argument("--from", dest="framework", choices=FRAMEWORKS, required=True)
-    parser.add_argument("--model", required=True, help="a registered backbone name, e.g. resnet50_keras")
-    parser.add_argument("--in", dest="source", required=True, help="the weight file")
-    parser.add_argument("--out", required=True, help="the directory to write")
-    parser.add_argument("--in_channels", type=int, default=3, choices=(1, 3),
-                        help="1: a grey stem (RGB stem kernels are summed over their input channels)")
-    parser.add_argument("--image_size", type=int, default=224, help="only for backbones whose layers depend on it")
-    parser.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
-    args = parser.parse_args(argv)
+FLAGS = flags.FlagValues()  # the command's flags (cli.parse); --from and --in are Python keywords, hence the names
+_FRAMEWORK = flags.DEFINE_enum("from", None, list(FRAMEWORKS), "The weight file's framework.", flag_values=FLAGS)
+_MODEL = flags.DEFINE_string("model", None, "A registered backbone name, e.g. resnet50_keras.", flag_values=FLAGS)
+_SOURCE = flags.DEFINE_string("in", None, "The weight file.", flag_values=FLAGS)
+_OUT = flags.DEFINE_string("out", None, "The directory to write.", flag_values=FLAGS)
+_IN_CHANNELS = flags.DEFINE_enum("in_channels", "3", ["1", "3"],
+                                 "1: a grey stem (RGB stem kernels are summed over their input channels).",
+                                 flag_values=FLAGS)
+_IMAGE_SIZE = flags.DEFINE_integer("image_size", 224, "Only for backbones whose layers depend on it.", lower_bound=1,
+                                   flag_values=FLAGS)
+_OVERWRITE = flags.DEFINE_bool("overwrite", False, "Replace --out if it exists.", flag_values=FLAGS)
+flags.mark_flags_as_required(["from", "model", "in", "out"], flag_values=FLAGS)
+
+
+def main(argv: Sequence[str]) -> int:
+    """The ``python -m boneage_jax.weights`` command: parses ``argv``, converts, and returns the
+    exit status (1 with an ``error:`` line when the file cannot be read or does not fit)."""
+    extra = cli.parse(FLAGS, argv)
+    if extra:
+        raise app.UsageError(f"unexpected arguments: {' '.join(extra)}")
     try:
-        convert(args.model, args.framework, args.source, args.out, args.in_channels, args.image_size, args.overwrite)
+        convert(_MODEL.value, _FRAMEWORK.value, _SOURCE.value, _OUT.value, int(_IN_CHANNELS.value),
+                _IMAGE_SIZE.value, _OVERWRITE.value)
     except (WeightMismatchError, ValueError, FileNotFoundError, FileExistsError, ImportError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
-    print(f"wrote {os.path.abspath(args.out)}")
+    print(f"wrote {os.path.abspath(_OUT.value)}")
     return 0
-
