@@ -19,7 +19,7 @@ REPO = os.path.abspath(os.path.join(os.path.dirname(__file__), ".."))
 
 COMMANDS = ("boneage_jax.main", "boneage_jax.evaluate", "boneage_jax.report", "boneage_jax.predict",
             "boneage_jax.export", "boneage_jax.segment", "boneage_jax.tools.show", "boneage_jax.weights",
-            "launch.local", "launch.multihost", "launch.sweep")
+            "boneage_jax.models.__main__", "launch.local", "launch.multihost", "launch.sweep")
 
 # A typical command line of each command with its own FlagValues -> (arguments left, flag values after parsing).
 TYPICAL = {
@@ -41,6 +41,8 @@ TYPICAL = {
                              "weights/r50", "--in_channels", "1"], [],
                             {"from": "torch", "model": "resnet50_torch", "in": "r50.safetensors", "out": "weights/r50",
                              "in_channels": "1", "overwrite": False}),
+    "boneage_jax.models.__main__": (["--json", "--image_size=64", "cnn_memon", "resnet50"], ["cnn_memon", "resnet50"],
+                                    {"json": True, "image_size": 64}),
 }
 # Launchers: their own flags are parsed, every other argument is passed on (without the "--").
 TYPICAL_LAUNCHERS = {

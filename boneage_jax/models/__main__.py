@@ -13,14 +13,19 @@ seconds each (about 2.5 minutes for all of them on 2 CPU cores).
 
 from __future__ import annotations
 
-import argparse
 import json
-import sys
+from collections.abc import Sequence
 
 import jax
+from absl import app, flags
 from flax import nnx
 
-from boneage_jax import models
+from boneage_jax import cli, models
+
+FLAGS = flags.FlagValues()  # this command's flags (cli.parse)
+_JSON = flags.DEFINE_bool("json", False, "Print a JSON object name -> parameter count.", flag_values=FLAGS)
+_IMAGE_SIZE = flags.DEFINE_integer("image_size", 224, "Input size for families whose layers depend on it.",
+                                   lower_bound=1, flag_values=FLAGS)
 
 
 def count_parameters(name: str, image_size: int = 224, in_channels: int = 3) -> int:
@@ -32,14 +37,16 @@ def count_parameters(name: str, image_size: int = 224, in_channels: int = 3) -> 
     return sum(x.size for x in jax.tree.leaves(nnx.state(network, nnx.Param)))
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("names", nargs="*", help="families to count (default: all registered, without aliases)")
-    parser.add_argument("--json", action="store_true", help="print a JSON object name -> parameter count")
-    parser.add_argument("--image_size", type=int, default=224)
-    args = parser.parse_args(argv)
-    counts = {name: count_parameters(name, args.image_size) for name in args.names or models.available()}
-    if args.json:
+def main(argv: Sequence[str]) -> int:
+    """Positional arguments: families to count (default: all registered, without aliases)."""
+    names = cli.parse(FLAGS, argv)
+    for name in names:
+        try:
+            models.registry_of(name)
+        except ValueError as e:
+            raise app.UsageError(str(e)) from None
+    counts = {name: count_parameters(name, _IMAGE_SIZE.value) for name in names or models.available()}
+    if _JSON.value:
         print(json.dumps(counts, indent=2))
         return 0
     for registry in models.REGISTRIES:
@@ -60,4 +67,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    cli.run(main)
