@@ -24,6 +24,8 @@ from typing import TYPE_CHECKING
 
 from absl import app, flags
 
+from boneage_jax.io import LockedError
+
 if TYPE_CHECKING:
     import ml_collections
 
@@ -119,29 +121,50 @@ def print_help(main: Callable[[Sequence[str]], int]) -> None:
     print("\n(absl's own flags: --helpfull)")
 
 
+# What a user can get wrong (a flag, a config key, a file, a workdir): one ``error:`` line and
+# exit status 2. Anything else is a bug and keeps its traceback.
+USER_ERRORS = (ValueError, FileNotFoundError, FileExistsError, NotADirectoryError, IsADirectoryError,
+               PermissionError, LockedError)
+USAGE_STATUS = 2
+
+
 def run(main: Callable[[Sequence[str]], int]) -> None:
-    """Runs ``main(arguments)`` as the program; its return value is the exit status. A usage
-    error prints the message and exits with status 1. ``--help`` (or ``-h``) before any ``--``
-    prints the program's docstring and the command's flags (:func:`command_flags`) and exits 0."""
+    """Runs ``main(arguments)`` as the program; its return value is the exit status.
+
+    A usage error, or a user error (``USER_ERRORS``: a bad value, a missing or unreadable file,
+    a busy workdir) that ``main`` lets through, prints one ``error: ...`` line and exits with
+    status 2; ``--verbose`` shows its traceback instead. ``--help`` (or ``-h``) before any
+    ``--`` prints the program's docstring and the command's flags (:func:`command_flags`) and
+    exits 0."""
+    verbose = False
 
     def parse_absl_flags(argv: list[str]) -> list[str]:
+        nonlocal verbose
         own = argv[1:argv.index("--")] if "--" in argv else argv[1:]
         if any(arg in HELP_ARGS for arg in own):
             print_help(main)
             sys.exit(0)
+        if "--verbose" in own:
+            verbose = True
+            argv = [arg for i, arg in enumerate(argv) if not (arg == "--verbose" and 0 < i <= len(own))]
         try:
             return flags.FLAGS(argv, known_only=True)
         except flags.Error as e:
-            print(f"FATAL Flags parsing error: {e}", file=sys.stderr)
-            sys.exit(1)
+            print(f"error: {e}", file=sys.stderr)
+            sys.exit(USAGE_STATUS)
 
     def call(argv: list[str]) -> None:
         try:
             status = main(argv[1:])
         except app.UsageError as e:
-            print(f"FATAL Flags parsing error: {e}", file=sys.stderr)
+            print(f"error: {e}", file=sys.stderr)
             print("Pass --help to see the command's flags.", file=sys.stderr)
-            sys.exit(1)
+            sys.exit(USAGE_STATUS)
+        except USER_ERRORS as e:
+            if verbose:
+                raise
+            print(f"error: {e}", file=sys.stderr)
+            sys.exit(USAGE_STATUS)
         sys.exit(status)
 
     app.run(call, flags_parser=parse_absl_flags)
@@ -200,5 +223,5 @@ class EvaluateCommand:
                                 report=self.report or self._report.value, report_images=self._report_images.value)
         except (FileNotFoundError, ValueError) as e:
             print(f"error: {e}", file=sys.stderr)
-            return 1
+            return USAGE_STATUS
         return 0

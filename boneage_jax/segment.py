@@ -12,7 +12,7 @@ also be copied to ``hand-masks/`` beside the images. Where the dataset has masks
 (the phantoms), the Jaccard index of the written masks against them is printed. Each file is
 written atomically (``io.write_png``), so an interrupted run leaves no partial PNG; re-running
 rewrites every mask. A run that is not a segmentation run, or a missing workdir, stops with one
-``error:`` line and exit status 1. :func:`segment_dataset` does the work for library callers.
+``error:`` line and exit status 2. :func:`segment_dataset` does the work for library callers.
 """
 
 from __future__ import annotations
@@ -101,7 +101,7 @@ def segment_dataset(workdir: str, out: str, manual_dir: str | None = None, data_
 
 
 def main(argv: Sequence[str]) -> int:
-    """Parses ``argv`` and writes the masks; returns the exit status (1 with an ``error:`` line
+    """Parses ``argv`` and writes the masks; returns the exit status (2 with an ``error:`` line
     for a missing workdir or a run that is not a segmentation run)."""
     extra = cli.parse(FLAGS, argv)
     if extra:
@@ -111,7 +111,7 @@ def main(argv: Sequence[str]) -> int:
                                  _MIN_AREA.value)
     except (FileNotFoundError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
-        return 1
+        return cli.USAGE_STATUS
     line = f"Wrote {result['masks']} masks to {_OUT.value} in {result['seconds']} s"
     if "jaccard_mean" in result:
         line += f"; Jaccard against the dataset's masks: mean {result['jaccard_mean']:.4f}, min {result['jaccard_min']:.4f}"

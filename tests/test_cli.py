@@ -112,11 +112,11 @@ def test_load_config_file_applies_overrides_and_names_what_is_wrong():
         cli.load_config_file("configs/demo.py", ["stray"])
 
 
-def test_a_usage_error_ends_the_process_with_one_line_and_status_1(tmp_path):
+def test_a_usage_error_ends_the_process_with_one_line_and_status_2(tmp_path):
     result = subprocess.run([sys.executable, "-m", "launch.sweep", "--config=configs/demo.py",
                              f"--workdir={tmp_path / 'sweep'}", "--sweep", "model.dropout"],
                             cwd=REPO, capture_output=True, text=True, timeout=120)
-    assert result.returncode == 1
+    assert result.returncode == 2
     assert "--sweep 'model.dropout': expected key=value" in result.stderr and "Traceback" not in result.stderr
     assert not os.path.exists(tmp_path / "sweep")
 

@@ -128,7 +128,7 @@ def test_missing_workdir_and_checkpoint_errors(workdir, tmp_path):
     result = subprocess.run([sys.executable, "-m", "boneage_jax.evaluate", f"--workdir={tmp_path}/nowhere"],
                             cwd=REPO, env={**os.environ, "PYTHONPATH": REPO}, capture_output=True, text=True,
                             timeout=120)
-    assert result.returncode == 1
+    assert result.returncode == 2
     assert f"workdir {tmp_path}/nowhere does not exist" in result.stderr
     empty = tmp_path / "empty"
     empty.mkdir()

@@ -324,7 +324,7 @@ flags.mark_flags_as_required(["from", "model", "in", "out"], flag_values=FLAGS)
 
 def main(argv: Sequence[str]) -> int:
     """The ``python -m boneage_jax.weights`` command: parses ``argv``, converts, and returns the
-    exit status (1 with an ``error:`` line when the file cannot be read or does not fit)."""
+    exit status (2 with an ``error:`` line when the file cannot be read or does not fit)."""
     extra = cli.parse(FLAGS, argv)
     if extra:
         raise app.UsageError(f"unexpected arguments: {' '.join(extra)}")
@@ -333,6 +333,6 @@ def main(argv: Sequence[str]) -> int:
                 _IMAGE_SIZE.value, _OVERWRITE.value)
     except (WeightMismatchError, ValueError, FileNotFoundError, FileExistsError, ImportError) as e:
         print(f"error: {e}", file=sys.stderr)
-        return 1
+        return cli.USAGE_STATUS
     print(f"wrote {os.path.abspath(_OUT.value)}")
     return 0
