@@ -16,8 +16,6 @@ status is 1 when training stops on a non-finite loss.
 
 from __future__ import annotations
 
-import json
-import os
 import sys
 from collections.abc import Sequence
 
@@ -52,13 +50,6 @@ def main(argv: Sequence[str]) -> int:
             coordinator_address=_COORDINATOR.value, num_processes=_NUM_PROCESSES.value, process_id=_PROCESS_ID.value
         )
     workdir = _WORKDIR.value
-    os.makedirs(workdir, exist_ok=True)
-    saved = os.path.join(workdir, "config.json")
-    if os.path.exists(saved):
-        with open(saved) as f:
-            previous = json.load(f)
-        if previous != json.loads(config.to_json_best_effort()):
-            logging.warning("%s differs from this run's config; it is overwritten", saved)
     logging.info("JAX devices: %s (process %d of %d)", jax.devices(), jax.process_index(), jax.process_count())
     try:
         train.train_and_evaluate(config, workdir)

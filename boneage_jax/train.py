@@ -183,7 +183,16 @@ def train_and_evaluate(
     if jax.process_index() == 0:
         lock.acquire()
     try:
-        io.write_json(os.path.join(workdir, "config.json"), json.loads(config.to_json_best_effort()))
+        saved, as_json = os.path.join(workdir, "config.json"), json.loads(config.to_json_best_effort())
+        if os.path.isfile(saved) and jax.process_index() == 0:
+            with open(saved, encoding="utf-8") as f:
+                try:
+                    differs = json.load(f) != as_json
+                except ValueError:
+                    differs = True
+            if differs:
+                _log(f"note: {saved} differs from this run's config; it now holds this run's")
+        io.write_json(saved, as_json)
         io.write_json(os.path.join(workdir, "label_stats.json"), dataclasses.asdict(stats))
         # Resume.
         train_iter = iter(input_pipeline.train_dataset(config.data, splits["train"], config.batch_size,
