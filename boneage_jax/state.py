@@ -18,7 +18,9 @@ both functions restore them too.
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
+import re
 from collections.abc import Callable
 
 import grain
@@ -34,6 +36,7 @@ from jax.sharding import NamedSharding
 from boneage_jax import models
 
 ARRAY_ITEMS = ("params", "rest", "opt_state", "step")
+KEEP_STEPS = 2  # per manager: the step before the newest survives damage to the newest
 LEGACY_ITEM = "state"  # before the split: {step, params, rest, opt_state} in one item
 
 
@@ -145,7 +148,7 @@ def checkpoint_managers(workdir: str) -> tuple[ocp.CheckpointManager, ocp.Checkp
         # Both managers may save the same step at once: their multi-process barriers need
         # distinct names.
         options = ocp.CheckpointManagerOptions(
-            max_to_keep=1, create=True,
+            max_to_keep=KEEP_STEPS, create=True,
             multiprocessing_options=ocp.options.MultiprocessingOptions(barrier_sync_key_prefix=name),
         )
         return ocp.CheckpointManager(os.path.join(root, name), options=options)
@@ -169,10 +172,49 @@ def is_legacy(manager: ocp.CheckpointManager, step: int) -> bool:
     return os.path.isdir(os.path.join(str(manager.directory), str(step), LEGACY_ITEM))
 
 
-def restore(manager: ocp.CheckpointManager, target: dict, iterator=None) -> tuple[dict, dict]:
-    """(training state, meta) of the manager's latest step, restored onto ``target``'s shapes and
-    shardings (:func:`abstract_state`); also the data iterator when given."""
-    step = manager.latest_step()
+class DamagedCheckpointError(ValueError):
+    """A checkpoint step cannot be read; the message names the step and, where found, the file."""
+
+
+_JSON_FILES = ("_CHECKPOINT_METADATA", "_METADATA", "_sharding", "metadata")
+
+
+def damaged_file(step_dir: str, error: BaseException) -> str | None:
+    """The file of a checkpoint step that is damaged: a JSON file of Orbax's, grain's or ours that
+    does not parse, or else the file that the error names."""
+    for folder, _, files in sorted(os.walk(step_dir)):
+        for name in sorted(files):
+            if name in _JSON_FILES or name.endswith(".json") or os.path.basename(folder) == "array_metadatas":
+                path = os.path.join(folder, name)
+                try:
+                    with open(path, encoding="utf-8") as f:
+                        json.load(f)
+                except (OSError, ValueError):
+                    return path
+    named = re.findall(r'(?:local file |file )"?(/[^"\s]+)', str(error))
+    return named[-1] if named else None
+
+
+def _damage(manager: ocp.CheckpointManager, step: int, error: BaseException) -> DamagedCheckpointError:
+    step_dir = os.path.join(str(manager.directory), str(step))
+    where = damaged_file(step_dir, error)
+    reason = (str(error).strip().splitlines() or [type(error).__name__])[0][:200]
+    return DamagedCheckpointError(f"checkpoint {step_dir} cannot be read" + (f": {where} is damaged" if where else "")
+                                  + f" ({type(error).__name__}: {reason})")
+
+
+def restore(manager: ocp.CheckpointManager, target: dict, iterator=None, step: int | None = None) -> tuple[dict, dict]:
+    """(training state, meta) of the manager's ``step`` (default: its latest), restored onto
+    ``target``'s shapes and shardings (:func:`abstract_state`); also the data iterator when
+    given. :class:`DamagedCheckpointError` names a step that cannot be read."""
+    step = manager.latest_step() if step is None else step
+    try:
+        return _restore(manager, step, target, iterator)
+    except Exception as e:  # Orbax, tensorstore and json raise many types for damaged files
+        raise _damage(manager, step, e) from e
+
+
+def _restore(manager: ocp.CheckpointManager, step: int, target: dict, iterator) -> tuple[dict, dict]:
     items = {"meta": ocp.args.JsonRestore()}
     if iterator is not None:
         items["data_iter"] = grain.checkpoint.CheckpointRestore(iterator)
@@ -196,16 +238,20 @@ def restore_weights(directory: str, params: nnx.State, rest: nnx.State) -> tuple
         step = manager.latest_step()
         if step is None:
             raise FileNotFoundError(f"no checkpoint in {directory}")
-        if is_legacy(manager, step):
-            # The optimiser state in that item is left on disk.
-            args = {LEGACY_ITEM: ocp.args.PyTreeRestore(
-                item=target, restore_args=ocp.checkpoint_utils.construct_restore_args(target), partial_restore=True)}
-            restored = manager.restore(step, args=ocp.args.Composite(**args))[LEGACY_ITEM]
-        else:
-            saved = [name for name in target if jax.tree.leaves(target[name])]
-            args = {name: ocp.args.StandardRestore(_as_item(name, target[name])) for name in saved}
-            parts = manager.restore(step, args=ocp.args.Composite(**args))
-            restored = {**target, **{name: _from_item(name, parts[name]) for name in saved}}
+        try:
+            if is_legacy(manager, step):
+                # The optimiser state in that item is left on disk.
+                args = {LEGACY_ITEM: ocp.args.PyTreeRestore(
+                    item=target, restore_args=ocp.checkpoint_utils.construct_restore_args(target),
+                    partial_restore=True)}
+                restored = manager.restore(step, args=ocp.args.Composite(**args))[LEGACY_ITEM]
+            else:
+                saved = [name for name in target if jax.tree.leaves(target[name])]
+                args = {name: ocp.args.StandardRestore(_as_item(name, target[name])) for name in saved}
+                parts = manager.restore(step, args=ocp.args.Composite(**args))
+                restored = {**target, **{name: _from_item(name, parts[name]) for name in saved}}
+        except Exception as e:  # Orbax, tensorstore and json raise many types for damaged files
+            raise _damage(manager, step, e) from e
     finally:
         manager.close()
     return restored["params"], restored["rest"], int(jax.device_get(restored["step"]))

@@ -123,6 +123,34 @@ def _log(message: str) -> None:
         print(message, flush=True)
 
 
+DAMAGED_POLICIES = ("stop", "previous")
+
+
+def _resume(config: ml_collections.ConfigDict, latest, target: dict, train_iter) -> tuple[dict, dict]:
+    """The latest checkpoint's (state, meta). If it cannot be read, the step before it (the manager
+    keeps two) is offered, and taken with ``config.on_damaged_checkpoint='previous'``: the damaged
+    step then moves to ``checkpoints/damaged/``. Never a silent restart from scratch."""
+    try:
+        return state_lib.restore(latest, target, train_iter)
+    except state_lib.DamagedCheckpointError as e:
+        newest = latest.latest_step()
+        earlier = [s for s in latest.all_steps() if s < newest]
+        if not earlier:
+            raise state_lib.DamagedCheckpointError(
+                f"{e}; no earlier step is kept: delete {latest.directory} to train from the start") from e
+        if config.on_damaged_checkpoint != "previous":
+            raise state_lib.DamagedCheckpointError(
+                f"{e}; step {earlier[-1]} before it is kept: re-run with --config.on_damaged_checkpoint=previous "
+                f"to resume from it") from e
+        aside = os.path.join(os.path.dirname(str(latest.directory)), "damaged", f"latest-{newest}")
+        if jax.process_index() == 0:
+            os.makedirs(os.path.dirname(aside), exist_ok=True)
+            os.replace(os.path.join(str(latest.directory), str(newest)), aside)
+        latest.reload()
+        _log(f"warning: {e}; moved to {aside}, resuming from step {earlier[-1]}")
+        return state_lib.restore(latest, target, train_iter, step=earlier[-1])
+
+
 def train_and_evaluate(
     config: ml_collections.ConfigDict, workdir: str, *, step_callback: Callable[[int], None] | None = None
 ) -> dict[str, dict[str, float]]:
@@ -133,6 +161,9 @@ def train_and_evaluate(
     """
     # Everything is checked before anything is written: a command that fails here leaves the
     # workdir (and a finished run in it) as it was.
+    if config.on_damaged_checkpoint not in DAMAGED_POLICIES:
+        raise ValueError(f"config.on_damaged_checkpoint is {config.on_damaged_checkpoint!r}; "
+                         f"expected one of {DAMAGED_POLICIES}")
     mesh = state_lib.make_mesh()
     if config.batch_size % jax.device_count() or config.eval_batch_size % jax.device_count():
         raise ValueError(
@@ -201,7 +232,7 @@ def train_and_evaluate(
         meta = {"best_value": None, "best_step": None, "evals_since_best": 0, "evals_since_lr_drop": 0,
                 "label_mean": stats.mean, "label_std": stats.std, "stopped_early": False}
         if latest.latest_step() is not None:
-            state, meta = state_lib.restore(latest, state_lib.abstract_state(state), train_iter)
+            state, meta = _resume(config, latest, state_lib.abstract_state(state), train_iter)
             _log(f"Resumed from {latest.directory} at step {int(state['step'])}")
         start_step = int(jax.device_get(state["step"]))
         # A run killed after saving ``best`` but before ``latest`` left best checkpoints from beyond

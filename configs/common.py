@@ -68,4 +68,5 @@ def base_config() -> ml_collections.ConfigDict:
     config.log_every = 50
     config.eval_every = 500
     config.checkpoint_every = 500
+    config.on_damaged_checkpoint = "stop"  # the latest checkpoint cannot be read: stop, or resume from "previous"
     return config

@@ -259,3 +259,59 @@ def test_non_finite_loss_before_any_checkpoint_says_so(tiny_config, tmp_path):
     tiny_config.checkpoint_every = 100
     with pytest.raises(train.NonFiniteLossError, match="no checkpoint had been saved yet"):
         train.train_and_evaluate(tiny_config, str(tmp_path / "nan"))
+
+
+def _damage(step_dir: str, kind: str) -> str:
+    """Damages one file of a checkpoint step; returns its path."""
+    if kind == "truncated array data":
+        path = next(os.path.join(step_dir, "params", "d", name) for name in os.listdir(os.path.join(step_dir, "params", "d")))
+        with open(path, "rb") as f:
+            data = f.read()
+        with open(path, "wb") as f:
+            f.write(data[: len(data) // 2])
+        return path
+    path = {"garbage metadata": os.path.join(step_dir, "params", "_METADATA"),
+            "broken iterator state": os.path.join(step_dir, "data_iter", "process_0-of-1.json")}[kind]
+    with open(path, "w") as f:
+        f.write("{garbage")
+    return path
+
+
+def test_damaged_latest_checkpoint_is_named_and_the_previous_step_offered(tiny_config, tmp_path):
+    """For each kind of damage to the newest checkpoint: one error naming the file and offering
+    the step before it; told so, the run resumes from that step and ends as an unbroken run."""
+    import shutil
+
+    from boneage_jax import state as state_lib
+
+    tiny_config.num_train_steps = 6
+    tiny_config.eval_every = 6
+    tiny_config.checkpoint_every = 2
+    unbroken = str(tmp_path / "unbroken")
+    train.train_and_evaluate(tiny_config, unbroken)
+
+    class Killed(Exception):
+        pass
+
+    def kill_at_5(step: int) -> None:
+        if step == 5:
+            raise Killed
+
+    base = str(tmp_path / "base")
+    with pytest.raises(Killed):
+        train.train_and_evaluate(tiny_config, base, step_callback=kill_at_5)
+    assert sorted(os.listdir(os.path.join(base, "checkpoints", "latest"))) == ["2", "4"]
+    for i, kind in enumerate(("truncated array data", "garbage metadata", "broken iterator state")):
+        workdir = str(tmp_path / f"damaged{i}")
+        shutil.copytree(base, workdir)
+        damaged = _damage(os.path.join(workdir, "checkpoints", "latest", "4"), kind)
+        tiny_config.on_damaged_checkpoint = "stop"
+        with pytest.raises(state_lib.DamagedCheckpointError) as error:
+            train.train_and_evaluate(tiny_config, workdir)
+        assert f"{damaged} is damaged" in str(error.value), kind
+        assert "step 2 before it is kept: re-run with --config.on_damaged_checkpoint=previous" in str(error.value)
+        tiny_config.on_damaged_checkpoint = "previous"
+        train.train_and_evaluate(tiny_config, workdir)
+        assert os.path.isdir(os.path.join(workdir, "checkpoints", "damaged", "latest-4"))
+        for x, y in zip(jax.tree.leaves(_final_params(workdir)), jax.tree.leaves(_final_params(unbroken)), strict=True):
+            np.testing.assert_array_equal(x, y)
