@@ -34,6 +34,19 @@ _COORDINATOR = flags.DEFINE_string("coordinator_address", None, "host:port of pr
                                    flag_values=FLAGS)
 _NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Number of processes (multi-host).", flag_values=FLAGS)
 _PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index (multi-host).", flag_values=FLAGS)
+_BIND = flags.DEFINE_string("coordinator_bind_address", None,
+                            "Where process 0's coordination service listens (default: 127.0.0.1:PORT when "
+                            "--coordinator_address is on this machine, else JAX's [::]:PORT).", flag_values=FLAGS)
+LOCAL_HOSTS = ("localhost", "127.0.0.1", "::1", "[::1]")
+
+
+def coordinator_bind_address(coordinator: str | None, bind: str | None) -> str | None:
+    """``bind`` if given; a loopback address for a coordinator on this machine (the coordination
+    service has no authentication, so it listens on nothing else); else None (JAX's default)."""
+    if bind or not coordinator:
+        return bind
+    host, _, port = coordinator.rpartition(":")
+    return f"127.0.0.1:{port}" if host in LOCAL_HOSTS else None
 flags.mark_flags_as_required(["config", "workdir"], flag_values=FLAGS)
 
 
@@ -47,7 +60,8 @@ def main(argv: Sequence[str]) -> int:
     if _MULTIHOST.value:
         jax.config.update("jax_cpu_collectives_implementation", "gloo")  # CPU collectives across processes
         jax.distributed.initialize(
-            coordinator_address=_COORDINATOR.value, num_processes=_NUM_PROCESSES.value, process_id=_PROCESS_ID.value
+            coordinator_address=_COORDINATOR.value, num_processes=_NUM_PROCESSES.value, process_id=_PROCESS_ID.value,
+            coordinator_bind_address=coordinator_bind_address(_COORDINATOR.value, _BIND.value),
         )
     workdir = _WORKDIR.value
     logging.info("JAX devices: %s (process %d of %d)", jax.devices(), jax.process_index(), jax.process_count())

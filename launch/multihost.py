@@ -83,7 +83,7 @@ def main(argv: Sequence[str]) -> int:
     ``--num_processes``; returns 1 when any of them failed."""
     extra = cli.parse_known(FLAGS, argv)
     workdir, num_processes = _WORKDIR.value, _NUM_PROCESSES.value
-    coordinator = _COORDINATOR.value or f"localhost:{free_port()}"
+    coordinator = _COORDINATOR.value or f"127.0.0.1:{free_port()}"  # main binds it to the loopback only
     commands = [process_command(_CONFIG.value, workdir, coordinator, num_processes, i, extra)
                 for i in range(num_processes)]
     if _PRINT.value:

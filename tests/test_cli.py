@@ -128,3 +128,13 @@ def test_help_prints_the_docstring_and_the_command_flags():
     assert result.stdout.startswith("Multi-process / multi-host training.")
     assert "--num_processes: Number of processes." in result.stdout and "--[no]print" in result.stdout
     assert "--flagfile" not in result.stdout
+
+
+def test_a_coordinator_on_this_machine_listens_on_the_loopback_only():
+    from boneage_jax import main
+
+    assert main.coordinator_bind_address("127.0.0.1:12355", None) == "127.0.0.1:12355"
+    assert main.coordinator_bind_address("localhost:9", None) == "127.0.0.1:9"
+    assert main.coordinator_bind_address("host0:12355", None) is None  # across hosts: JAX's default
+    assert main.coordinator_bind_address("host0:12355", "10.0.0.1:12355") == "10.0.0.1:12355"
+    assert main.coordinator_bind_address(None, None) is None
