@@ -229,6 +229,13 @@ def test_png_with_bytes_after_its_end_is_complete():
         rsna_bone_age.decode_grey(png[:-6], "b.png")
 
 
+def test_label_file_that_is_not_utf8_text(tmp_path):
+    write_kaggle(str(tmp_path / "manual"))
+    csv_path = tmp_path / "manual" / "boneage-training-dataset.csv"
+    csv_path.write_bytes(csv_path.read_bytes().replace(b"3,60,True", b"3,60,\xff\xfeTrue"))
+    _expect_error(tmp_path, r"boneage-training-dataset.csv:4: not UTF-8 text \(byte 0xff\)")
+
+
 def test_age_out_of_range(tmp_path):
     write_kaggle(str(tmp_path / "manual"))
     csv_path = tmp_path / "manual" / "boneage-training-dataset.csv"

@@ -141,8 +141,17 @@ def _check_header(path: str, header: Sequence, expected: Sequence[str]) -> None:
 
 
 def _read_csv(path: str, expected_header: Sequence[str]) -> list[tuple[str, list[str]]]:
-    with open(path, newline="", encoding="utf-8-sig") as f:
-        rows = list(csv.reader(f))
+    try:
+        with open(path, newline="", encoding="utf-8-sig") as f:
+            rows = list(csv.reader(f))
+    except UnicodeDecodeError as e:
+        line = e.object[:e.start].count(b"\n") + 1
+        raise RsnaFormatError(f"{path}:{line}: not UTF-8 text (byte 0x{e.object[e.start]:02x}); save the label "
+                              f"file as UTF-8 CSV") from None
+    except csv.Error as e:
+        raise RsnaFormatError(f"{path}: not a CSV file ({e})") from None
+    except OSError as e:
+        raise RsnaFormatError(f"{path}: cannot be read ({e.strerror})") from None
     if not rows:
         raise RsnaFormatError(f"{path}: file is empty; expected header {list(expected_header)}")
     _check_header(path, rows[0], expected_header)
