@@ -185,3 +185,16 @@ def test_cli_end_to_end_on_tiny_keras_vgg16(tmp_path, capsys):
     assert weights.main(["--from", "keras", "--model", "vgg19", "--in", source, "--out", str(tmp_path / "vgg19")]) == 2
     assert "block3_conv4: missing" in capsys.readouterr().err
     assert sorted(os.listdir(tmp_path)) == sorted([os.path.basename(source), "vgg16_grey"])
+
+
+@pytest.mark.parametrize("suffix, framework, match", [
+    (".h5", "keras", "not an HDF5 file"),
+    (".safetensors", "torch", "not a safetensors file"),
+])
+def test_a_file_that_is_not_what_its_extension_says_is_named(tmp_path, suffix, framework, match):
+    from boneage_jax import weights
+
+    path = tmp_path / f"fake{suffix}"
+    path.write_bytes(b"not weights at all" * 10)
+    with pytest.raises(ValueError, match=rf"{path}: {match}"):
+        weights.read_weights(str(path), framework)

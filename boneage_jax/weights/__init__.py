@@ -94,6 +94,8 @@ def read_keras_h5(path: str) -> dict[str, list[np.ndarray]]:
     """Keras layer name -> weight arrays in Keras order, in the file's layer order."""
     import h5py  # pylint: disable=import-outside-toplevel
 
+    if not h5py.is_hdf5(path):
+        raise ValueError(f"{path}: not an HDF5 file (no HDF5 signature); Keras weights come as .h5 files")
     with h5py.File(path, "r") as f:
         root = f["model_weights"] if "model_weights" in f else f
         if "layer_names" in root.attrs:
@@ -138,9 +140,13 @@ def write_keras_h5(
 
 
 def read_safetensors(path: str) -> dict[str, np.ndarray]:
+    from safetensors import SafetensorError  # pylint: disable=import-outside-toplevel
     from safetensors.numpy import load_file  # pylint: disable=import-outside-toplevel
 
-    return dict(load_file(path))
+    try:
+        return dict(load_file(path))
+    except SafetensorError as e:
+        raise ValueError(f"{path}: not a safetensors file ({e})") from None
 
 
 def read_torch(path: str) -> dict[str, np.ndarray]:
