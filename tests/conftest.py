@@ -1,9 +1,15 @@
 """Shared fixtures (a small phantom dataset, the tiny demo config) and the session's compile settings.
 
-Every test process shares one persistent JAX compilation cache (``.pytest_cache/jax``; the
-environment variables below reach the subprocesses the CLI tests start too), so a step that
-several tests compile with the same shapes is compiled once per run, and once per machine
-until the code changes. ``pytest --cache-clear`` empties it.
+Compile time dominates the suite on a CPU, so every test process (and, through the environment,
+every subprocess a CLI test starts):
+
+- shares one persistent JAX compilation cache (``.pytest_cache/jax``): a step that several tests
+  compile with the same shapes is compiled once per run, and once per machine until the code
+  changes (``pytest --cache-clear`` empties it);
+- compiles with LLVM at optimisation level 1 (``XLA_FLAGS``; XLA:CPU's default is 2): the jitted
+  model initialisers compile 3-5 times faster (the U-Net's 25 s -> 5 s) while steps run as fast
+  and give the same numbers; level 0 would compile faster still but runs training steps 3-5
+  times slower.
 """
 
 from __future__ import annotations
@@ -20,6 +26,8 @@ JAX_CACHE = os.path.join(REPO, ".pytest_cache", "jax")
 os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", JAX_CACHE)
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "-1")
+if "xla_backend_optimization_level" not in os.environ.get("XLA_FLAGS", ""):
+    os.environ["XLA_FLAGS"] = " ".join([os.environ.get("XLA_FLAGS", ""), "--xla_backend_optimization_level=1"]).strip()
 
 import jax  # noqa: E402
 
