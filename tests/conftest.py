@@ -1,4 +1,5 @@
-"""Shared fixtures (a small phantom dataset, the tiny demo config) and the session's compile settings.
+"""Shared fixtures (a small phantom dataset, the tiny demo config and one run trained on it) and the
+session's compile settings.
 
 Compile time dominates the suite on a CPU, so every test process (and, through the environment,
 every subprocess a CLI test starts):
@@ -74,3 +75,16 @@ def tiny_demo_config(phantom_dir: str, data_root: str, num_train_steps: int = 6)
 def tiny_config(phantom_dir, data_root):
     """``configs/demo.py:tiny`` on the phantoms: 32 px, batch 8, 6 steps."""
     return tiny_demo_config(phantom_dir, data_root)
+
+
+@pytest.fixture(scope="session")
+def tiny_run(phantom_dir, data_root, tmp_path_factory) -> str:
+    """The workdir of ``configs/demo.py:tiny`` trained on the phantoms (6 steps), once per session.
+
+    Shared by the tests that read a trained run (evaluate, predict, ...): a test that writes into
+    a workdir beyond its own named outputs copies this one first."""
+    from boneage_jax import train
+
+    workdir = str(tmp_path_factory.mktemp("tiny_run") / "run")
+    train.train_and_evaluate(tiny_demo_config(phantom_dir, data_root), workdir)
+    return workdir
