@@ -26,8 +26,10 @@ demo: venv
 		--num_train $(DEMO_TRAIN) --num_validation $(DEMO_VALIDATION) --num_test $(DEMO_TEST) --seed 0 --num_workers 2
 	$(PY) -m boneage_jax.main --config=configs/demo.py --workdir=$(DEMO_WORKDIR)
 
+# The default suite (not the slow marker); the slowest tests are listed at the end. The JAX
+# compilation cache it fills lives in .pytest_cache/jax (tests/conftest.py).
 test: venv
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q --durations=10 tests
 
 # The papers' resolutions and long checks (minutes to hours on a CPU).
 test-slow: venv

@@ -8,12 +8,17 @@ another with ``--config.model.name=convmixer_1536_20`` etc.), CLAHE, the 2017 wi
 AdamW (lr 1e-3), batch 8, MSE loss with MAE reported, reduce-on-plateau and early stopping.
 Trained from scratch (no ImageNet ConvMixer weights in Keras; PyTorch weights import with
 ``python -m boneage_jax.weights --from torch --model convmixer_768_32``).
+``--config=configs/convmixer.py:tiny`` runs its data pipeline, head and objective in seconds
+with a tiny CNN in place of ConvMixer; ``:tiny_own_network`` keeps ConvMixer at 64 px (see
+``configs/common.py``).
 """
 
-from configs.common import base_config
+import ml_collections
+
+from configs.common import base_config, with_variant
 
 
-def get_config():
+def get_config(variant: str = "") -> ml_collections.ConfigDict:
     config = base_config()
     config.data.image_size = 256
     config.data.preprocess = "resize_pad|clahe(clip_limit=2.0, tile_grid=8)"
@@ -33,4 +38,4 @@ def get_config():
     config.early_stopping_patience = 8
     config.eval_every = 1580  # one epoch at batch 8
     config.checkpoint_every = 1580
-    return config
+    return with_variant(config, variant, own_network_image_size=64)

@@ -12,12 +12,17 @@ then CLAHE (clip 1-3) or gamma (0.7-1.3) chosen at random; per-image z-score aft
 subtracting the 1st percentile; sex concatenated (a dense sex embedding in Deeplasia); MSE on
 z-scored age, AdamW with cosine decay. Deeplasia's sharpening augmentation (p 0.2) is not
 implemented. Their ensemble of three models scored MAD 3.87 months.
+``--config=configs/efficientnet_b0.py:tiny`` runs its data pipeline, head and objective in seconds
+with a tiny CNN in place of EfficientNet-B0; ``:tiny_own_network`` keeps EfficientNet-B0 at 64 px (see
+``configs/common.py``).
 """
 
-from configs.common import base_config
+import ml_collections
+
+from configs.common import base_config, with_variant
 
 
-def get_config():
+def get_config(variant: str = "") -> ml_collections.ConfigDict:
     config = base_config()
     config.data.image_size = 512
     config.data.builder_config = "max1024"
@@ -38,4 +43,4 @@ def get_config():
     config.warmup_steps = 500
     config.eval_every = 525
     config.checkpoint_every = 525
-    return config
+    return with_variant(config, variant, own_network_image_size=64)

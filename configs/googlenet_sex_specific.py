@@ -12,12 +12,17 @@ global histogram equalisation, GoogLeNet at 224 px with Caffe's ``preprocess_inp
 (``--config.model.name=caffenet`` or ``resnet50`` for their other networks); sex is not an
 input. Scored by MAD and CCC (``python -m boneage_jax.evaluate``). Published: MAD 8.89 months,
 CCC 0.941 (GoogLeNet, female, ROI1).
+``--config=configs/googlenet_sex_specific.py:tiny`` runs its data pipeline, head and objective in seconds
+with a tiny CNN in place of GoogLeNet; ``:tiny_own_network`` keeps GoogLeNet at 64 px (see
+``configs/common.py``).
 """
 
-from configs.common import base_config
+import ml_collections
+
+from configs.common import base_config, with_variant
 
 
-def get_config():
+def get_config(variant: str = "") -> ml_collections.ConfigDict:
     config = base_config()
     config.data.sex = "female"
     config.data.train_subset = 1000
@@ -38,4 +43,4 @@ def get_config():
     config.early_stopping_patience = 8
     config.eval_every = 100
     config.checkpoint_every = 100
-    return config
+    return with_variant(config, variant, own_network_image_size=64)

@@ -10,12 +10,17 @@ concatenated to the pooled features, then Dense 1000, Dense 1000 and the bone-ag
 (``sex_fusion='winner16bit'``), Keras ``preprocess_input`` ('tf'), flips and affine
 augmentation, MAE loss on z-scored age. The winner's exact training schedule was not
 published; ours is Adam with lr 1e-4 and reduce-on-plateau.
+``--config=configs/inception_v3.py:tiny`` runs its data pipeline, head and objective in seconds
+with a tiny CNN in place of InceptionV3; ``:tiny_own_network`` keeps InceptionV3 at 80 px (see
+``configs/common.py``).
 """
 
-from configs.common import base_config
+import ml_collections
+
+from configs.common import base_config, with_variant
 
 
-def get_config():
+def get_config(variant: str = "") -> ml_collections.ConfigDict:
     config = base_config()
     config.data.image_size = 500
     config.data.preprocess = "resize_pad"
@@ -34,4 +39,4 @@ def get_config():
     config.early_stopping_patience = 8
     config.eval_every = 790
     config.checkpoint_every = 790
-    return config
+    return with_variant(config, variant, own_network_image_size=80)

@@ -11,12 +11,17 @@ Dropout, Dense 1), class-balanced sampling (10 age bins x 500 images per epoch, 
 their augmentation preset (flip, shifts 15%, rotation 5 degrees, shear 0.01, zoom 25%, fill
 nearest), batch 32, MAE loss. Their test set is 1,024 random validation images
 (``data.test_from_validation``); sex is not an input (``sex_fusion='none'``).
+``--config=configs/vgg19_attention.py:tiny`` runs its data pipeline, head and objective in seconds
+with a tiny CNN in place of VGG19; ``:tiny_own_network`` keeps VGG19 at 64 px (see
+``configs/common.py``).
 """
 
-from configs.common import base_config
+import ml_collections
+
+from configs.common import base_config, with_variant
 
 
-def get_config():
+def get_config(variant: str = "") -> ml_collections.ConfigDict:
     config = base_config()
     config.data.image_size = 384
     config.data.preprocess = "resize_pad"
@@ -39,4 +44,4 @@ def get_config():
     config.early_stopping_patience = 6
     config.eval_every = 400
     config.checkpoint_every = 400
-    return config
+    return with_variant(config, variant, own_network_image_size=64)

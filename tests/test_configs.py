@@ -1,4 +1,4 @@
-"""Every paper config runs end to end on the phantoms at a reduced size and a few steps."""
+"""Every paper config runs end to end on the phantoms as its ``tiny`` variant (configs/common.py)."""
 
 from __future__ import annotations
 
@@ -7,40 +7,18 @@ import json
 import os
 
 import pytest
+from conftest import on_phantoms
 
 from boneage_jax import train
+from configs import common
 
 CONFIGS = ["demo", "xception", "convmixer", "vgg19_attention", "age_classes", "googlenet_sex_specific",
            "unet_cnn", "inception_v3", "efficientnet_b0", "unet_segmentation"]
-# Smallest inputs the networks take (InceptionV3 and Xception need about 75 px).
-IMAGE_SIZE = {"inception_v3": 80, "xception": 80}
-# Configs whose ImageNet-size networks take minutes to compile on 2 CPU cores: the default suite
-# runs their data pipeline, head and objective with a tiny CNN in place of the network (every
-# family's own training step is compiled in tests/test_models_zoo.py); ``make test-slow`` runs
-# them with their own network.
+# Configs whose ImageNet-size networks take minutes to compile on 2 CPU cores: their ``tiny``
+# variant runs their data pipeline, head and objective with a tiny CNN in place of the network
+# (every family's own training step is compiled in tests/test_models_zoo.py); ``make test-slow``
+# runs their ``tiny_own_network`` variant.
 HEAVY = {"xception", "convmixer", "vgg19_attention", "googlenet_sex_specific", "inception_v3", "efficientnet_b0"}
-
-
-def _shrink(config, phantom_dir: str, data_root: str, name: str):
-    config.data.manual_dir = phantom_dir
-    config.data.data_dir = data_root
-    config.data.builder_config = "max512"
-    config.data.image_size = IMAGE_SIZE.get(name, 64)
-    config.data.num_threads = 1
-    config.data.prefetch = 8
-    config.data.mask_cache = os.path.join(phantom_dir, "hand-masks")  # the phantoms' own masks as a cache
-    config.data.test_from_validation = min(config.data.test_from_validation, 8)
-    config.data.balance_per_bin = min(config.data.balance_per_bin, 4)
-    config.batch_size = 4
-    config.eval_batch_size = 8
-    config.num_epochs = 0.0
-    config.num_train_steps = 2
-    config.warmup_steps = 0
-    config.log_every = config.eval_every = config.checkpoint_every = 2
-    if config.model.name == "unet":
-        config.model.kwargs.base_filters = 4
-        config.model.kwargs.depth = 2
-    return config
 
 
 def test_every_config_file_is_listed():
@@ -49,27 +27,62 @@ def test_every_config_file_is_listed():
     assert files == set(CONFIGS)
 
 
-def _run(name: str, phantom_dir: str, data_root: str, tmp_path, tiny_network: bool) -> None:
+@pytest.mark.parametrize("name", CONFIGS)
+def test_variants_keep_the_published_config_and_shrink_it(name):
     module = importlib.import_module(f"configs.{name}")
     assert "python -m" in module.__doc__  # the docstring gives the command
-    config = _shrink(module.get_config(), phantom_dir, data_root, name)
-    if tiny_network:
-        config.model.name = "cnn_memon"
-        config.model.kwargs = {"pool": "avg", "filters": (4, 8)}
-    results = train.train_and_evaluate(config, str(tmp_path / name))
+    assert f"configs/{name}.py:tiny" in module.__doc__  # ... and the tiny variant
+    published, tiny, own = (module.get_config(v) for v in ("", "tiny", "tiny_own_network"))
+    assert published.to_dict() == module.get_config().to_dict()
+    assert published.data.image_size > common.TINY_IMAGE_SIZE == tiny.data.image_size
+    for config in (tiny, own):
+        assert (config.batch_size, config.num_train_steps, config.num_epochs) == (8, 6, 0.0)
+        assert config.data.builder_config == "max512" and config.task == published.task
+        assert (config.data.preprocess, config.data.augment, config.data.normalize) == (
+            published.data.preprocess, published.data.augment, published.data.normalize)
+        assert (config.model.head, config.model.sex_fusion) == (published.model.head, published.model.sex_fusion)
+    assert own.model.name == published.model.name
+    tiny_network = {"name": tiny.model.name, "kwargs": tiny.model.kwargs.to_dict()}
+    assert (tiny_network == common.TINY_NETWORK) == (name in HEAVY)
+    assert (tiny.to_dict() == own.to_dict()) == (name not in HEAVY)
+
+
+def test_unknown_variant_names_the_choices():
+    from configs import demo
+
+    with pytest.raises(ValueError, match=r"config variant 'huge' is unknown: use one of '', 'tiny', 'tiny_own_network'"):
+        demo.get_config("huge")
+
+
+def _check_results(results: dict, task: str) -> None:
     assert set(results) >= {"validation", "test"}
-    metric = "jaccard" if config.task == "segmentation" else "mae"
+    metric = "jaccard" if task == "segmentation" else "mae"
     assert all(metric in r for r in results.values())
+
+
+def _run(name: str, variant: str, phantom_dir: str, data_root: str, tmp_path) -> None:
+    module = importlib.import_module(f"configs.{name}")
+    config = on_phantoms(module.get_config(variant), phantom_dir, data_root)
+    results = train.train_and_evaluate(config, str(tmp_path / name))
+    _check_results(results, config.task)
     with open(tmp_path / name / "results.json") as f:
         assert json.load(f) == json.loads(json.dumps(results))
 
 
-@pytest.mark.parametrize("name", CONFIGS)
+@pytest.mark.parametrize("name", [n for n in CONFIGS if n != "demo"])
 def test_config_runs_end_to_end(name, phantom_dir, data_root, tmp_path):
-    _run(name, phantom_dir, data_root, tmp_path, tiny_network=name in HEAVY)
+    _run(name, "tiny", phantom_dir, data_root, tmp_path)
+
+
+def test_demo_config_runs_end_to_end(tiny_run):
+    """configs/demo.py:tiny is the session's shared run (conftest ``tiny_run``)."""
+    with open(os.path.join(tiny_run, "config.json")) as f:
+        assert json.load(f)["model"]["kwargs"]["filters"] == [4, 8]
+    with open(os.path.join(tiny_run, "results.json")) as f:
+        _check_results(json.load(f), "boneage")
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("name", sorted(HEAVY))
 def test_config_runs_with_its_own_network(name, phantom_dir, data_root, tmp_path):
-    _run(name, phantom_dir, data_root, tmp_path, tiny_network=False)
+    _run(name, "tiny_own_network", phantom_dir, data_root, tmp_path)
