@@ -10,7 +10,7 @@ DEMO_TRAIN ?= 2000
 DEMO_VALIDATION ?= 200
 DEMO_TEST ?= 200
 
-.PHONY: venv demo test test-slow clean-demo
+.PHONY: venv demo test test-slow test-reliability clean-demo
 
 venv: $(STAMP)
 
@@ -34,6 +34,10 @@ test: venv
 # The papers' resolutions and long checks (minutes to hours on a CPU).
 test-slow: venv
 	$(PY) -m pytest -q -m slow tests
+
+# SIGKILL at random points, KILLS times (default 50), each resumed run checked against an unbroken one.
+test-reliability: venv
+	$(PY) -m pytest -q -s -m reliability tests/reliability
 
 clean-demo:
 	rm -rf $(PHANTOM_DIR) data/tfds $(DEMO_WORKDIR)

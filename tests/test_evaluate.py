@@ -13,7 +13,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import tiny_demo_config
 from flax import nnx
 
 from boneage_jax import cli, evaluate, evaluation, explain, inference, report, train
@@ -22,12 +21,10 @@ REPO = os.path.abspath(os.path.join(os.path.dirname(__file__), ".."))
 
 
 @pytest.fixture(scope="module")
-def workdir(phantom_dir, data_root, tmp_path_factory) -> str:
-    """configs/demo.py at 32 px (as conftest's tiny_config), trained for 6 steps."""
-    config = tiny_demo_config(phantom_dir, data_root)
-    path = str(tmp_path_factory.mktemp("evaluate") / "run")
-    train.train_and_evaluate(config, path)
-    return path
+def workdir(tiny_run) -> str:
+    """The session's tiny trained run (conftest ``tiny_run``: configs/demo.py:tiny, 6 steps);
+    evaluation adds only its own evaluation_*, predictions_* and report files to it."""
+    return tiny_run
 
 
 def _results(workdir: str) -> dict:

@@ -263,11 +263,12 @@ def train_step_check(
     assert y.shape == (2, model.num_features) and y.dtype == jnp.dtype(dtype)
     assert np.isfinite(float(loss))
     leaves = jax.tree_util.tree_leaves(grads)
-    assert leaves and all(g.dtype == jnp.float32 and bool(jnp.all(jnp.isfinite(g))) for g in leaves)
+    # Checked in numpy: eager jnp checks would compile once per leaf shape.
+    assert leaves and all(g.dtype == jnp.float32 and np.isfinite(np.asarray(g)).all() for g in leaves)
     stem = grads
     for key in stem_path(name):
         stem = stem[key]
-    assert stem.shape[2] == in_channels and float(jnp.abs(stem[...]).max()) > 0
+    assert stem.shape[2] == in_channels and np.abs(np.asarray(stem[...])).max() > 0
     stats_after = [np.asarray(v) for v in jax.tree_util.tree_leaves(nnx.state(model, nnx.BatchStat))]
     if stats_before:
         assert any(not np.allclose(a, b) for a, b in zip(stats_before, stats_after))

@@ -11,30 +11,16 @@ import sys
 import cv2
 import numpy as np
 import pytest
-from conftest import tiny_demo_config
 
 from boneage_jax import io, predict
 
 REPO = os.path.abspath(os.path.join(os.path.dirname(__file__), ".."))
 
 
-def tiny_run_config(phantom_dir: str, data_root: str):
-    """The conftest ``tiny_config`` (a function-scoped fixture) at 2 steps, for module-scoped runs."""
-    config = tiny_demo_config(phantom_dir, data_root, num_train_steps=2)
-    config.eval_every = 2
-    return config
-
-
-def train_tiny(config, workdir: str) -> str:
-    from boneage_jax import train
-
-    train.train_and_evaluate(config, workdir)  # writes config.json
-    return workdir
-
-
 @pytest.fixture(scope="module")
-def run_dir(phantom_dir, data_root, tmp_path_factory) -> str:
-    return train_tiny(tiny_run_config(phantom_dir, data_root), str(tmp_path_factory.mktemp("predict") / "run"))
+def run_dir(tiny_run) -> str:
+    """The session's tiny trained run (conftest ``tiny_run``); predict only reads it."""
+    return tiny_run
 
 
 def write_dicom(path: str, pixels: np.ndarray, photometric: str = "MONOCHROME2", center=None, width=None,

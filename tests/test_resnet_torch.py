@@ -270,8 +270,8 @@ def train_step_check(name, in_channels, dtype="float32", size=32):
     assert y.shape == (2, model.num_features) and y.dtype == jnp.dtype(dtype)
     assert np.isfinite(float(loss))
     leaves = jax.tree_util.tree_leaves(grads)
-    assert all(bool(jnp.all(jnp.isfinite(g))) and g.dtype == jnp.float32 for g in leaves)
-    assert float(jnp.abs(grads["conv1"]["kernel"][...]).max()) > 0
+    assert all(np.isfinite(np.asarray(g)).all() and g.dtype == jnp.float32 for g in leaves)  # numpy: no compiles
+    assert np.abs(np.asarray(grads["conv1"]["kernel"][...])).max() > 0
     assert not np.allclose(np.asarray(model.bn1.mean[...]), before)  # batch statistics moved
     assert {leaf.dtype for leaf in jax.tree_util.tree_leaves(nnx.state(model, nnx.Param))} == {jnp.dtype("float32")}
 

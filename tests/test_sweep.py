@@ -30,10 +30,8 @@ def test_values_names_and_grid():
 
 
 def _tiny_sets(phantom_dir: str, data_root: str) -> list[str]:
-    values = {"data.manual_dir": phantom_dir, "data.data_dir": data_root, "data.image_size": 32,
-              "data.num_threads": 1, "data.prefetch": 8, "model.kwargs.filters": "(4,8)",
-              "model.head_hidden": "(8,)", "batch_size": 8, "eval_batch_size": 8, "num_train_steps": 2,
-              "warmup_steps": 0, "log_every": 2, "eval_every": 2, "checkpoint_every": 2}
+    """``--set`` arguments over ``configs/demo.py:tiny``: the phantoms, 2 steps."""
+    values = {"data.manual_dir": phantom_dir, "data.data_dir": data_root, "num_train_steps": 2, "eval_every": 2}
     return [arg for k, v in values.items() for arg in ("--set", f"{k}={v}")]
 
 
@@ -45,7 +43,7 @@ def _read(path: str) -> list[dict]:
 def test_sweep_folds_failure_resume_and_print(phantom_dir, data_root, tmp_path, capsys):
     # 2 x 1 values x 2 folds: 4 runs of 2 steps, of which the 'bogus' fusion fails.
     workdir = str(tmp_path / "sweep")
-    argv = ["--config=configs/demo.py", f"--workdir={workdir}", "--sweep", "model.sex_fusion=none,bogus",
+    argv = ["--config=configs/demo.py:tiny", f"--workdir={workdir}", "--sweep", "model.sex_fusion=none,bogus",
             "--sweep", "model.dropout=0.0", "--folds", "2", *_tiny_sets(phantom_dir, data_root)]
     assert sweep.main(argv) == 1
     captured = capsys.readouterr()

@@ -41,7 +41,7 @@ def test_main_writes_every_output(tiny_config, tmp_path):
     workdir = str(tmp_path / "run")
     args = _overrides(tiny_config, log_every=2)
     result = subprocess.run(
-        [sys.executable, "-m", "boneage_jax.main", "--config=configs/demo.py", f"--workdir={workdir}", *args],
+        [sys.executable, "-m", "boneage_jax.main", "--config=configs/demo.py:tiny", f"--workdir={workdir}", *args],
         cwd=REPO, capture_output=True, text=True, timeout=300,
     )
     assert result.returncode == 0, result.stderr[-3000:]
@@ -94,12 +94,10 @@ def test_killed_run_resumes_to_identical_parameters(tiny_config, tmp_path):
 
 
 def _overrides(config, **changes) -> list[str]:
-    values = {
-        "data.manual_dir": config.data.manual_dir, "data.data_dir": config.data.data_dir,
-        "data.image_size": config.data.image_size, "model.kwargs.filters": "(4,8)", "model.head_hidden": "(8,)",
-        "batch_size": 8, "eval_batch_size": 8, "num_train_steps": 4, "log_every": 1, "eval_every": 2,
-        "checkpoint_every": 2, "warmup_steps": 0, **changes,
-    }
+    """Overrides of ``--config=configs/demo.py:tiny`` (the ``tiny_config`` fixture's settings) for
+    a command-line run on the phantoms."""
+    values = {"data.manual_dir": config.data.manual_dir, "data.data_dir": config.data.data_dir,
+              "num_train_steps": 4, "log_every": 1, "eval_every": 2, "checkpoint_every": 2, **changes}
     return [f"--config.{k}={v}" for k, v in values.items()]
 
 
@@ -109,7 +107,7 @@ def test_data_parallel_and_multi_process_give_the_same_losses(tiny_config, tmp_p
     for devices in (1, 4):
         workdir = str(tmp_path / f"d{devices}")
         result = subprocess.run(
-            [sys.executable, "-m", "launch.local", "--config=configs/demo.py", f"--workdir={workdir}",
+            [sys.executable, "-m", "launch.local", "--config=configs/demo.py:tiny", f"--workdir={workdir}",
              f"--cpu_devices={devices}", "--", *_overrides(tiny_config)],
             cwd=REPO, capture_output=True, text=True, timeout=300)
         assert result.returncode == 0, result.stdout[-3000:]
@@ -118,7 +116,7 @@ def test_data_parallel_and_multi_process_give_the_same_losses(tiny_config, tmp_p
     workdir = str(tmp_path / "multihost")
     result = subprocess.run(
         [sys.executable, "-m", "launch.multihost", "--num_processes=2", "--cpu_devices=2",
-         "--config=configs/demo.py", f"--workdir={workdir}", "--", *_overrides(tiny_config)],
+         "--config=configs/demo.py:tiny", f"--workdir={workdir}", "--", *_overrides(tiny_config)],
         cwd=REPO, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     assert "on 4 device(s) in 2 process(es)" in result.stdout
