@@ -30,7 +30,7 @@ from flax import nnx
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from boneage_jax import data, evaluation, inference, input_pipeline, io, objectives, writers
+from boneage_jax import config_check, data, evaluation, inference, input_pipeline, io, objectives, writers
 from boneage_jax import state as state_lib
 
 
@@ -123,9 +123,6 @@ def _log(message: str) -> None:
         print(message, flush=True)
 
 
-DAMAGED_POLICIES = ("stop", "previous")
-
-
 def _resume(config: ml_collections.ConfigDict, latest, target: dict, train_iter) -> tuple[dict, dict]:
     """The latest checkpoint's (state, meta). If it cannot be read, the step before it (the manager
     keeps two) is offered, and taken with ``config.on_damaged_checkpoint='previous'``: the damaged
@@ -161,9 +158,7 @@ def train_and_evaluate(
     """
     # Everything is checked before anything is written: a command that fails here leaves the
     # workdir (and a finished run in it) as it was.
-    if config.on_damaged_checkpoint not in DAMAGED_POLICIES:
-        raise ValueError(f"config.on_damaged_checkpoint is {config.on_damaged_checkpoint!r}; "
-                         f"expected one of {DAMAGED_POLICIES}")
+    config_check.check(config)
     mesh = state_lib.make_mesh()
     if config.batch_size % jax.device_count() or config.eval_batch_size % jax.device_count():
         raise ValueError(
