@@ -20,10 +20,17 @@ from absl import flags
 
 from boneage_jax import cli
 
+
+
+def define_run_flags(flag_values: flags.FlagValues, workdir_help: str) -> tuple[flags.FlagHolder, flags.FlagHolder]:
+    """``--config`` and ``--workdir``, the flags every launcher passes on to ``boneage_jax.main``."""
+    config = flags.DEFINE_string("config", None, "Training configuration file (boneage_jax.main's --config).",
+                                 flag_values=flag_values)
+    return config, flags.DEFINE_string("workdir", None, workdir_help, flag_values=flag_values)
+
+
 FLAGS = flags.FlagValues()  # this command's flags (cli.parse_known); the others go to boneage_jax.main
-_CONFIG = flags.DEFINE_string("config", None, "Training configuration file (boneage_jax.main's --config).",
-                              flag_values=FLAGS)
-_WORKDIR = flags.DEFINE_string("workdir", None, "The run's workdir.", flag_values=FLAGS)
+_CONFIG, _WORKDIR = define_run_flags(FLAGS, "The run's workdir.")
 _CPU_DEVICES = flags.DEFINE_integer("cpu_devices", None, "Split the CPU into N JAX devices.", lower_bound=1,
                                     flag_values=FLAGS)
 flags.mark_flags_as_required(["config", "workdir"], flag_values=FLAGS)

@@ -39,9 +39,7 @@ from boneage_jax import cli
 from launch import local
 
 FLAGS = flags.FlagValues()  # this command's flags (cli.parse_known); the others go to boneage_jax.main
-_CONFIG = flags.DEFINE_string("config", None, "Training configuration file (boneage_jax.main's --config).",
-                              flag_values=FLAGS)
-_WORKDIR = flags.DEFINE_string("workdir", None, "The run's workdir, on storage all hosts share.", flag_values=FLAGS)
+_CONFIG, _WORKDIR = local.define_run_flags(FLAGS, "The run's workdir, on storage all hosts share.")
 _NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Number of processes.", lower_bound=1,
                                       flag_values=FLAGS)
 _COORDINATOR = flags.DEFINE_string("coordinator", None, "host:port of process 0 (default: a free local port).",
