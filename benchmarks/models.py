@@ -28,7 +28,7 @@ import numpy as np
 
 sys.path.insert(0, os.path.abspath(os.path.join(os.path.dirname(__file__), "..")))
 
-from boneage_jax import models, objectives, state, train  # noqa: E402
+from boneage_jax import io, models, objectives, state, train  # noqa: E402
 from configs.common import base_config  # noqa: E402
 
 def benchmark(name: str, image_size: int, batch_size: int, min_steps: int, min_seconds: float) -> dict:
@@ -109,11 +109,8 @@ def main(argv: list[str] | None = None) -> int:
         rows.append(row)
         print(json.dumps(row), flush=True)
         if args.out:
-            os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
             for path, text in ((args.out, markdown(rows, header)), (args.out + ".json", json.dumps(rows, indent=1))):
-                with open(path + ".tmp", "w") as f:
-                    f.write(text)
-                os.replace(path + ".tmp", path)
+                io.write_text(path, text)
     print(markdown(rows, header))
     return 0 if len(rows) == len(names) else 1
 
