@@ -28,10 +28,10 @@ demo: venv
 
 # The default suite (not the slow marker); the slowest tests are listed at the end. The JAX
 # compilation cache it fills lives in .pytest_cache/jax (tests/conftest.py).
-# Test files spread over one worker per core (pytest-xdist; a file stays on one worker, so its
-# module fixtures are built once).
+# Tests spread over one worker per core (pytest-xdist); the files with a module-scoped trained
+# run keep their tests on one worker (xdist_group), so that run is built once.
 test: venv
-	$(PY) -m pytest -q -n auto --dist loadfile --durations=10 tests
+	$(PY) -m pytest -q -n auto --dist loadgroup --durations=10 tests
 
 # The papers' resolutions and long checks (minutes to hours on a CPU).
 test-slow: venv

@@ -14,6 +14,9 @@ from conftest import tiny_demo_config
 
 from boneage_jax import export, inference, train
 
+# Its module-scoped trained run is built once: every test of the file on one xdist worker.
+pytestmark = pytest.mark.xdist_group("test_export")
+
 # Runs in a fresh interpreter that may import nothing but jax and numpy.
 _RELOAD = """
     import sys

@@ -13,6 +13,9 @@ import cv2
 import numpy as np
 import pytest
 
+# Its module-scoped trained run is built once: every test of the file on one xdist worker.
+pytestmark = pytest.mark.xdist_group("test_segmentation")
+
 REPO = os.path.abspath(os.path.join(os.path.dirname(__file__), ".."))
 
 

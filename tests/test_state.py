@@ -20,6 +20,9 @@ from jax.sharding import PartitionSpec as P
 
 from boneage_jax import data, evaluation, inference, input_pipeline, objectives, state, train
 
+# Its module-scoped trained run is built once: every test of the file on one xdist worker.
+pytestmark = pytest.mark.xdist_group("test_state")
+
 
 def save_legacy(manager: ocp.CheckpointManager, train_state: dict, iterator, meta: dict) -> None:
     """``train.save_checkpoint`` as the code wrote checkpoints before ``state.py`` (commit 0a0e2d5):
