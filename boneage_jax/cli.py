@@ -22,7 +22,7 @@ import sys
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING
 
-from absl import app, flags
+from absl import app, flags, logging
 
 from boneage_jax.io import LockedError
 
@@ -148,10 +148,13 @@ def run(main: Callable[[Sequence[str]], int]) -> None:
             verbose = True
             argv = [arg for i, arg in enumerate(argv) if not (arg == "--verbose" and 0 < i <= len(own))]
         try:
-            return flags.FLAGS(argv, known_only=True)
+            left = flags.FLAGS(argv, known_only=True)
         except flags.Error as e:
             print(f"error: {e}", file=sys.stderr)
             sys.exit(USAGE_STATUS)
+        if not flags.FLAGS["verbosity"].present:
+            logging.set_verbosity(logging.WARNING)  # progress goes to stdout; -v 0 shows library logs
+        return left
 
     def call(argv: list[str]) -> None:
         try:
@@ -202,16 +205,12 @@ class EvaluateCommand:
 
     def main(self, argv: Sequence[str]) -> int:
         """Parses ``argv`` (flags, then the run's ``--config.*`` overrides) and evaluates; returns
-        the exit status (1 with a one-line error for a missing workdir, checkpoint or bad override)."""
-        from absl import logging  # pylint: disable=import-outside-toplevel
-
+        the exit status (2 with a one-line error for a missing workdir, checkpoint or bad override)."""
         from boneage_jax import evaluation  # pylint: disable=import-outside-toplevel
 
         overrides = parse(self.flags, argv, config_overrides=True)
         if self._workdir.value is None:
             raise app.UsageError("--workdir is required")
-        if not flags.FLAGS["verbosity"].present:
-            logging.set_verbosity(logging.WARNING)
         try:
             angles = [float(a) for a in self._tta_angles.value]
         except ValueError as e:

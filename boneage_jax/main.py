@@ -55,8 +55,6 @@ def main(argv: Sequence[str]) -> int:
     exit status."""
     overrides = cli.parse(FLAGS, argv, config_overrides=True)
     config = cli.load_config_file(_CONFIG.value, overrides)
-    if not flags.FLAGS["verbosity"].present:
-        logging.set_verbosity(logging.WARNING)  # progress goes to stdout; -v 0 shows library logs
     if _MULTIHOST.value:
         jax.config.update("jax_cpu_collectives_implementation", "gloo")  # CPU collectives across processes
         jax.distributed.initialize(
