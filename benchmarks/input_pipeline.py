@@ -42,7 +42,7 @@ def main(argv: list[str]) -> None:
     elapsed = time.perf_counter() - start
     images = _BATCHES.value * len(batch["image"])
     print(f"{images} images of {batch['image'].shape[1:]} in {elapsed:.2f} s from "
-          f"{config.data.builder_config} ({config.data.num_threads} threads, {config.data.num_workers} workers)")
+          f"{config.data.builder_config} ({input_pipeline.read_threads(config.data)} threads, {config.data.num_workers} workers)")
     print(json.dumps({"images_per_s": round(images / elapsed, 1)}))
 
 

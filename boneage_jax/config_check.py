@@ -51,7 +51,7 @@ RULES: dict[str, tuple[Callable, str]] = {
     "data.builder_config": _one_of(BUILDER_CONFIGS),
     "data.image_size": _integer(16, 4096),
     "data.validation_fraction": _number(0.0, 1.0, open_low=True, open_high=True),
-    "data.num_threads": _integer(1),
+    "data.num_threads": _integer(0),
     "data.prefetch": _integer(1),
     "data.num_workers": _integer(0),
     "data.sex": _one_of(data.SEXES),

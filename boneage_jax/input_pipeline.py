@@ -19,6 +19,7 @@ of the pipeline, as validation images go.
 from __future__ import annotations
 
 import functools
+import os
 import sys
 from collections.abc import Callable, Iterator
 
@@ -137,8 +138,24 @@ def local_batch_size(global_batch_size: int) -> int:
     return global_batch_size // jax.process_count()
 
 
+LOCAL_PROCESS_VARIABLES = ("BONEAGE_LOCAL_PROCESSES", "OMPI_COMM_WORLD_LOCAL_SIZE", "SLURM_NTASKS_PER_NODE")
+
+
+def read_threads(data_config: ml_collections.ConfigDict) -> int:
+    """``data.num_threads``, or with 0 the CPUs this process may use (``os.sched_getaffinity``),
+    shared with the other processes of this run on this host when the process is not bound to
+    its own CPUs (their number from ``launch.multihost``, Open MPI or Slurm); at least 1."""
+    if data_config.num_threads:
+        return data_config.num_threads
+    usable = len(os.sched_getaffinity(0))
+    if usable < (os.cpu_count() or usable):  # already bound to its share (Slurm, taskset)
+        return max(1, usable)
+    local = next((int(os.environ[v]) for v in LOCAL_PROCESS_VARIABLES if os.environ.get(v, "").isdigit()), 1)
+    return max(1, usable // max(1, local))
+
+
 def _read_options(data_config: ml_collections.ConfigDict) -> grain.ReadOptions:
-    return grain.ReadOptions(num_threads=data_config.num_threads, prefetch_buffer_size=data_config.prefetch)
+    return grain.ReadOptions(num_threads=read_threads(data_config), prefetch_buffer_size=data_config.prefetch)
 
 
 class BalancedEpochs:

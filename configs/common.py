@@ -35,7 +35,7 @@ def base_config() -> ml_collections.ConfigDict:
     data.preprocess = "resize_pad"  # uint8 ops for every split (see boneage_jax/ops/)
     data.augment = ""  # uint8 ops for training only
     data.normalize = "zscore"  # last ops: to float32, channels
-    data.num_threads = 2  # grain read threads per process
+    data.num_threads = 0  # grain read threads per process; 0: the CPUs this process may use / local processes
     data.prefetch = 64  # grain prefetch buffer (examples)
     data.num_workers = 0  # grain worker processes (0: threads in the main process)
     data.sex = "both"  # both, male or female (sex-specific models, Lee et al.)

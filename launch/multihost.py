@@ -89,6 +89,7 @@ def main(argv: Sequence[str]) -> int:
             print(f"# process {i}\n{shlex.join(cmd)}")
         return 0
     env = local.environment(_CPU_DEVICES.value)
+    env["BONEAGE_LOCAL_PROCESSES"] = str(num_processes)  # they share this machine's CPUs (data.num_threads=0)
     os.makedirs(workdir, exist_ok=True)
     logs = [open(os.path.join(workdir, f"process_{i}.log"), "w") for i in range(num_processes)]
     processes = [subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT)

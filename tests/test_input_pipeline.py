@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import numpy as np
 import pytest
 
@@ -146,3 +147,21 @@ def test_input_channels_and_prepare_image_match_the_batches(tiny_config):
         record = source[int(splits["validation"].indices[0])]
         image = input_pipeline.prepare_image(tiny_config.data, record["image"])
         np.testing.assert_allclose(image, batch["image"][0], atol=1e-6)
+
+
+def test_read_threads_default_to_the_cpus_this_process_may_use(monkeypatch):
+    from configs.common import base_config
+
+    data_config = base_config().data
+    assert data_config.num_threads == 0
+    cpus = len(os.sched_getaffinity(0))
+    monkeypatch.delenv("BONEAGE_LOCAL_PROCESSES", raising=False)
+    monkeypatch.delenv("OMPI_COMM_WORLD_LOCAL_SIZE", raising=False)
+    monkeypatch.delenv("SLURM_NTASKS_PER_NODE", raising=False)
+    expected = cpus
+    assert input_pipeline.read_threads(data_config) == expected
+    if cpus == (os.cpu_count() or cpus):  # not bound to a share: the local processes divide the CPUs
+        monkeypatch.setenv("BONEAGE_LOCAL_PROCESSES", str(cpus * 2))
+        assert input_pipeline.read_threads(data_config) == 1
+    data_config.num_threads = 3
+    assert input_pipeline.read_threads(data_config) == 3
