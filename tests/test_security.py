@@ -20,7 +20,7 @@ import os
 import pytest
 
 ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), ".."))
-PACKAGES = ("boneage_jax", "tfds_rsna", "configs", "launch", "benchmarks")
+PACKAGES = ("boneage_jax", "tfds_rsna", "configs", "launch", "benchmarks", "tools")
 
 _PICKLE_MODULES = {"pickle", "cPickle", "_pickle", "dill", "cloudpickle", "marshal"}
 
