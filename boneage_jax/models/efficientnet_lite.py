@@ -199,7 +199,7 @@ class EfficientNetLite(nnx.Module):
         self.blocks = nnx.List(blocks)
         self.conv_head = _conv(plan[-1][3], HEAD, dtype=dtype, rngs=rngs)
         self.bn1 = _bn(HEAD, dtype=dtype, rngs=rngs)
-        self.num_features = HEAD
+        self.num_features = num_classes if include_top else HEAD  # the width of what __call__ returns
         if include_top:
             self.dropout = nnx.Dropout(dropout, rngs=rngs)
             self.fc = nnx.Linear(HEAD, num_classes, dtype=dtype, rngs=rngs)

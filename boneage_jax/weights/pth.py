@@ -32,6 +32,7 @@ import collections
 import dataclasses
 import functools
 import io
+import os
 import pickle
 import struct
 import zipfile
@@ -227,6 +228,8 @@ def _read_zip(path: str) -> Any:
             if member not in names:
                 raise ValueError(f"{path}: storage {key} is missing ({member})")
             dtype = storage.dtype.newbyteorder("<" if byteorder == "little" else ">")
+            if z.getinfo(member).file_size < storage.numel * dtype.itemsize:
+                raise ValueError(f"{path}: storage {key} holds fewer than its {storage.numel} elements")
             raw = z.read(member)
             storage.data = np.frombuffer(raw, dtype, count=min(storage.numel, len(raw) // dtype.itemsize))
             if len(storage.data) < storage.numel:
@@ -235,6 +238,7 @@ def _read_zip(path: str) -> Any:
 
 
 def _read_legacy(path: str) -> Any:
+    size = os.path.getsize(path)
     with open(path, "rb") as f:
         try:
             magic = _unpickle(f, path)
@@ -264,6 +268,8 @@ def _read_legacy(path: str) -> Any:
                 raise ValueError(f"{path}: truncated before storage {key}")
             numel = struct.unpack("<q" if little else ">q", header)[0]
             dtype = storage.dtype.newbyteorder("<" if little else ">")
+            if numel < 0 or numel * dtype.itemsize > size - f.tell():
+                raise ValueError(f"{path}: storage {key} is truncated")
             raw = f.read(numel * dtype.itemsize)
             if numel < storage.numel or len(raw) != numel * dtype.itemsize:
                 raise ValueError(f"{path}: storage {key} is truncated")
@@ -275,6 +281,10 @@ def read_pth(path: str) -> Any:
     """The object of a torch file with its tensors as numpy arrays, nothing executed; raises
     ``UnsafePthError`` for a global outside ``ALLOWED``, ``ValueError`` for a file that is not a
     torch file or is damaged."""
-    if zipfile.is_zipfile(path):
-        return _read_zip(path)
-    return _read_legacy(path)
+    try:
+        if zipfile.is_zipfile(path):
+            return _read_zip(path)
+        return _read_legacy(path)
+    except (TypeError, AttributeError, KeyError, IndexError, OverflowError, zipfile.BadZipFile) as e:
+        # geometry or storage ids of unexpected types: a damaged (or crafted) file
+        raise ValueError(f"{path}: not a readable torch state dict ({type(e).__name__}: {e})") from None
