@@ -175,7 +175,8 @@ def test_photographs_are_classified(lite0):
     x = jnp.asarray(np.stack([_photo("chelsea"), _photo("coffee")]))
     probabilities = np.asarray(jax.nn.softmax(logits(lite0, x), axis=-1))
     cat, coffee = probabilities.argmax(-1)
-    print(f"chelsea: class {cat} p={probabilities[0, cat]:.3f}; coffee: class {coffee} p={probabilities[1, coffee]:.3f}")
+    print(f"chelsea: class {cat} p={probabilities[0, cat]:.3f}; "
+          f"coffee: class {coffee} p={probabilities[1, coffee]:.3f}")
     assert cat in CAT_CLASSES and probabilities[0, cat] > 0.5
     assert coffee in COFFEE_CLASSES and probabilities[1, coffee] > 0.5
     assert probabilities[0, list(CAT_CLASSES)].sum() > 0.8
