@@ -119,7 +119,9 @@ def create(config: ml_collections.ConfigDict, create_model: Callable[[], nnx.Mod
 
         part = nnx.jit(create_model)().pretrained_part()  # one compilation, not one per initialiser
         weights.init_pretrained(part, config.init_from, config.model.name)
-        pretrained = jax.tree.map(np.asarray, nnx.state(part))
+        # Parameters and batch statistics only: RNG state (dropout keys) is not a weight, and
+        # key arrays do not convert to numpy.
+        pretrained = jax.tree.map(np.asarray, nnx.state(part, (nnx.Param, nnx.BatchStat)))
 
     def init(pretrained):
         model = create_model()

@@ -159,27 +159,25 @@ def test_a_wrong_tensor_is_named():
 
 
 def _photo(name: str) -> np.ndarray:
-    """scikit-image's photograph: centre square, 224 px (anti-aliased), ImageNet-normalised, float32."""
+    """scikit-image's photograph, the whole of it resized to 224x224 (anti-aliased), ImageNet-normalised."""
     skimage_data = pytest.importorskip("skimage.data", reason="scikit-image is not installed")
-    transform = pytest.importorskip("skimage.transform")
-    image = getattr(skimage_data, name)()
-    h, w = image.shape[:2]
-    s = min(h, w)
-    image = image[(h - s) // 2:(h - s) // 2 + s, (w - s) // 2:(w - s) // 2 + s]
-    image = transform.resize(image, (224, 224), anti_aliasing=True)  # float64 in [0, 1]
+    transform = pytest.importorskip("skimage.transform", reason="scikit-image is not installed")
+    image = transform.resize(getattr(skimage_data, name)(), (224, 224), anti_aliasing=True)  # float64 in [0, 1]
     return ((image.astype(np.float32) - MEAN) / STD).astype(np.float32)
 
 
 def test_photographs_are_classified(lite0):
-    """The cat is a cat (281-285), the coffee a cup / espresso / coffee mug."""
+    """The cat is a cat (281-285), the coffee an espresso / cup / coffee mug. Measured: chelsea
+    285 Egyptian cat p=0.777 (cat classes 0.966 together), coffee 967 espresso p=0.824."""
     x = jnp.asarray(np.stack([_photo("chelsea"), _photo("coffee")]))
     probabilities = np.asarray(jax.nn.softmax(logits(lite0, x), axis=-1))
     cat, coffee = probabilities.argmax(-1)
     print(f"chelsea: class {cat} p={probabilities[0, cat]:.3f}; "
           f"coffee: class {coffee} p={probabilities[1, coffee]:.3f}")
-    assert cat in CAT_CLASSES and probabilities[0, cat] > 0.5
-    assert coffee in COFFEE_CLASSES and probabilities[1, coffee] > 0.5
-    assert probabilities[0, list(CAT_CLASSES)].sum() > 0.8
+    assert cat in CAT_CLASSES and probabilities[0, cat] > 0.6
+    assert probabilities[0, list(CAT_CLASSES)].sum() > 0.9
+    assert coffee in COFFEE_CLASSES and probabilities[1, coffee] > 0.6
+    assert probabilities[1, list(COFFEE_CLASSES)].sum() > 0.9
 
 
 def test_logits_equal_the_reference(lite0):
