@@ -142,7 +142,8 @@ class PthUnpickler(pickle.Unpickler):
             return value if isinstance(value, type) else functools.partial(value)
         raise UnsafePthError(
             f"{self.path}: refused to load the global {module}.{name}: a weight file may hold only tensors "
-            "and (ordered) dicts, so it was not unpickled (nothing in it was run)"
+            "and (ordered) dicts (save model.state_dict(), not the model), so it was not unpickled (nothing in "
+            "it was run)"
         )
 
     def persistent_load(self, pid):
