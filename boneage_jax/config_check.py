@@ -13,7 +13,7 @@ from collections.abc import Callable
 
 import ml_collections
 
-from boneage_jax import data, models, objectives, ops
+from boneage_jax import data, models, objectives, ops, weights
 
 SCHEDULES = ("constant", "cosine")
 LOSSES = ("mse", "mae", "huber")
@@ -123,4 +123,9 @@ def check(config: ml_collections.ConfigDict) -> None:
         raise ValueError(f"config.model.class_edges is {tuple(config.model.class_edges)}; expected at least 3 "
                          f"increasing ages in months")
     models.registry_of(config.model.name)  # "unknown model ..." with the registered names
+    if config.init_from == weights.IMAGENET:
+        try:
+            weights.imagenet_file(config.model.name)  # the model has a weight package, and it is installed
+        except (ValueError, FileNotFoundError) as e:
+            raise ValueError(f"config.init_from is 'imagenet': {e}") from None
     ops.Pipeline.from_config(d)  # each spec parses, names known ops and arguments ("data.preprocess: ...")

@@ -108,7 +108,9 @@ def create(config: ml_collections.ConfigDict, create_model: Callable[[], nnx.Mod
            tx: optax.GradientTransformation, sharding: NamedSharding) -> tuple[Graphs, dict, nnx.State]:
     """Builds the model inside ``jax.jit`` so its state lands replicated on every device of every
     process. With ``config.init_from``, the pretrained part (backbone or segmentation network)
-    starts from weights written by ``python -m boneage_jax.weights``; the head is fresh.
+    starts from weights written by ``python -m boneage_jax.weights``, or for ``imagenet`` from
+    the installed ImageNet weight package of the model (``weights.init_pretrained``); the head
+    is fresh.
 
     Returns (graphs, training state, dropout RNG state)."""
     pretrained = None
@@ -116,8 +118,10 @@ def create(config: ml_collections.ConfigDict, create_model: Callable[[], nnx.Mod
         from boneage_jax import weights  # pylint: disable=import-outside-toplevel
 
         part = nnx.jit(create_model)().pretrained_part()  # one compilation, not one per initialiser
-        weights.load_pretrained(part, config.init_from)
-        pretrained = jax.tree.map(np.asarray, nnx.state(part))
+        weights.init_pretrained(part, config.init_from, config.model.name)
+        # Parameters and batch statistics only: RNG state (dropout keys) is not a weight, and
+        # key arrays do not convert to numpy.
+        pretrained = jax.tree.map(np.asarray, nnx.state(part, (nnx.Param, nnx.BatchStat)))
 
     def init(pretrained):
         model = create_model()

@@ -188,7 +188,11 @@ def train_and_evaluate(
                                      task=objective.task)
     graphs, state, rng_state = state_lib.create(config, create, tx, replicated)
     if config.init_from:
-        _log(f"Backbone initialised from {config.init_from}")
+        from boneage_jax import weights  # pylint: disable=import-outside-toplevel
+
+        source = (f"ImageNet ({weights.imagenet_file(config.model.name)})" if config.init_from == weights.IMAGENET
+                  else config.init_from)
+        _log(f"Backbone initialised from {source}")
     base_key = jax.jit(lambda: jax.random.key(config.seed), out_shardings=replicated)()
     num_params = sum(x.size for x in jax.tree.leaves(state["params"]))
     _log(f"Model: {config.model.name} ({num_params:,} parameters), {total_steps} steps, "

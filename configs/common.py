@@ -62,7 +62,7 @@ def base_config() -> ml_collections.ConfigDict:
     model.head_hidden = ()  # extra dense layers before the output
     model.dropout = 0.0
     model.dtype = "float32"  # compute dtype: float32 or bfloat16 (parameters stay float32)
-    config.init_from = ""  # pretrained backbone (python -m boneage_jax.weights --out DIR); head stays fresh
+    config.init_from = ""  # pretrained backbone: python -m boneage_jax.weights --out DIR, or "imagenet"; head fresh
 
     config.batch_size = 32
     config.eval_batch_size = 64

@@ -1,9 +1,15 @@
 """No code path of the package deserialises untrusted input unsafely or evaluates strings.
 
 The scan reads every Python file of the shipped packages as a syntax tree and reports calls
-to ``pickle.load``/``loads`` (and ``cPickle``, ``dill``, ``joblib.load``), ``torch.load``
-without ``weights_only=True``, ``np.load(..., allow_pickle=True)``, ``yaml.load`` (use
-``yaml.safe_load``), ``marshal.loads``, and the builtins ``eval`` and ``exec``.
+to ``pickle.load``/``loads``/``Unpickler`` (and ``cPickle``, ``dill``, ``joblib.load``; also when
+imported by name, ``from pickle import loads``), ``torch.load`` without ``weights_only=True``,
+``np.load(..., allow_pickle=True)``, ``yaml.load`` (use ``yaml.safe_load``), ``marshal.loads``,
+and the builtins ``eval`` and ``exec``.
+
+The one sanctioned way to unpickle is a restricted unpickler: a class deriving from
+``pickle.Unpickler`` that overrides ``find_class`` (an allow-list of globals, as
+``boneage_jax.weights.pth.PthUnpickler`` does for torch state dicts). A subclass that does not
+override ``find_class`` is reported.
 """
 
 from __future__ import annotations
@@ -14,7 +20,7 @@ import os
 import pytest
 
 ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), ".."))
-PACKAGES = ("boneage_jax", "tfds_rsna", "configs", "launch", "benchmarks")
+PACKAGES = ("boneage_jax", "tfds_rsna", "configs", "launch", "benchmarks", "tools")
 
 _PICKLE_MODULES = {"pickle", "cPickle", "_pickle", "dill", "cloudpickle", "marshal"}
 
@@ -36,10 +42,26 @@ def _keyword_is_true(call: ast.Call, name: str) -> bool:
                for kw in call.keywords)
 
 
+def _is_unpickler(base: ast.AST, imported: set[str]) -> bool:
+    name = _dotted(base)
+    head, _, last = name.rpartition(".")
+    return (last == "Unpickler" and head.split(".")[-1] in _PICKLE_MODULES) or (not head and name in imported)
+
+
 def unsafe_calls(source: str, filename: str = "<string>") -> list[str]:
-    """``file:line: what`` for every unsafe call in ``source``."""
+    """``file:line: what`` for every unsafe call in ``source`` (and every unpickler subclass
+    without its own ``find_class``)."""
     found = []
-    for node in ast.walk(ast.parse(source, filename)):
+    tree = ast.parse(source, filename)
+    # names bound by ``from pickle import load, loads, Unpickler [as x]``
+    imported = {alias.asname or alias.name for node in ast.walk(tree)
+                if isinstance(node, ast.ImportFrom) and (node.module or "").split(".")[-1] in _PICKLE_MODULES
+                for alias in node.names if alias.name in ("load", "loads", "Unpickler")}
+    for node in ast.walk(tree):
+        if isinstance(node, ast.ClassDef) and any(_is_unpickler(b, imported) for b in node.bases):
+            if not any(isinstance(item, ast.FunctionDef) and item.name == "find_class" for item in node.body):
+                found.append(f"{filename}:{node.lineno}: class {node.name} unpickles without overriding find_class")
+            continue
         if not isinstance(node, ast.Call):
             continue
         name = _dotted(node.func)
@@ -47,6 +69,8 @@ def unsafe_calls(source: str, filename: str = "<string>") -> list[str]:
         problem = None
         if name in ("eval", "exec"):
             problem = f"{name}() of a string"
+        elif name in imported:
+            problem = f"{name} (imported from a pickle module): unpickling"
         elif head.split(".")[-1] in _PICKLE_MODULES and last in ("load", "loads", "Unpickler"):
             problem = f"{name}: unpickling"
         elif name in ("joblib.load",):
@@ -90,6 +114,11 @@ def test_package_has_no_unsafe_deserialisation_or_eval():
     "eval('1 + 1')",
     "exec('x = 1')",
     "import marshal\nmarshal.loads(b'')",
+    "import pickle\npickle.Unpickler(open('x', 'rb')).load()",
+    "from pickle import loads\nloads(b'')",
+    "from pickle import Unpickler as U\nU(open('x', 'rb')).load()",
+    "import pickle\nclass Open(pickle.Unpickler):\n    pass\nOpen(open('x', 'rb')).load()",
+    "from pickle import Unpickler\nclass Open(Unpickler):\n    def persistent_load(self, pid):\n        return pid\n",
 ])
 def test_scan_finds_unsafe_calls(snippet):
     assert unsafe_calls(snippet)
@@ -102,6 +131,9 @@ def test_scan_finds_unsafe_calls(snippet):
     "import yaml\nyaml.safe_load(open('x'))",
     "model.eval()",
     "import json\njson.load(open('x'))",
+    # the sanctioned exception: a restricted unpickler (an allow-list in find_class)
+    "import pickle\nclass Safe(pickle.Unpickler):\n    def find_class(self, module, name):\n"
+    "        raise ValueError(name)\nSafe(open('x', 'rb')).load()",
 ])
 def test_scan_accepts_safe_calls(snippet):
     assert not unsafe_calls(snippet)

@@ -190,6 +190,7 @@ def test_cli_end_to_end_on_tiny_keras_vgg16(tmp_path, capsys):
 @pytest.mark.parametrize("suffix, framework, match", [
     (".h5", "keras", "not an HDF5 file"),
     (".safetensors", "torch", "not a safetensors file"),
+    (".pth", "torch", r"not a torch file \(neither a zip archive nor the legacy torch format\)"),
 ])
 def test_a_file_that_is_not_what_its_extension_says_is_named(tmp_path, suffix, framework, match):
     from boneage_jax import weights

