@@ -245,16 +245,12 @@ def test_wrong_shape_missing_and_extra_tensors_are_named(tmp_path):
         weights.import_weights(model, str(tmp_path / "r50.safetensors"), "torch")
 
 
-def test_pth_without_torch_says_what_to_do(tmp_path):
-    try:
-        import torch  # noqa: F401
-    except ImportError:
-        path = tmp_path / "resnet18.pth"
-        path.write_bytes(b"not really a pickle")
-        with pytest.raises(ImportError, match="pip install torch.*safetensors"):
-            weights.read_weights(str(path), "torch")
-    else:
-        pytest.skip("torch is installed")
+def test_a_pth_that_is_not_a_torch_file_is_named(tmp_path):
+    """.pth files are read without torch (``boneage_jax.weights.pth``); garbage is named."""
+    path = tmp_path / "resnet18.pth"
+    path.write_bytes(b"not really a pickle")
+    with pytest.raises(ValueError, match=rf"{path}: not a torch file"):
+        weights.read_weights(str(path), "torch")
 
 
 def train_step_check(name, in_channels, dtype="float32", size=32):
