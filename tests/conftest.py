@@ -89,14 +89,3 @@ def tiny_run(phantom_dir, data_root, tmp_path_factory) -> str:
     train.train_and_evaluate(tiny_demo_config(phantom_dir, data_root), workdir)
     return workdir
 
-
-# The longest-running files first: pytest-xdist hands out work in collection order, so a long
-# file collected last would leave one worker running alone at the end (longest first).
-LONGEST_FIRST = ("test_segmentation.py", "test_models_keras.py", "test_train.py", "test_sweep.py",
-                 "test_models_zoo.py", "test_unet.py", "test_efficientnet_lite.py")
-
-
-def pytest_collection_modifyitems(config, items):
-    del config
-    rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
-    items.sort(key=lambda item: rank.get(os.path.basename(str(item.fspath)), len(rank)))  # stable
