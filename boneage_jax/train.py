@@ -271,7 +271,6 @@ def train_and_evaluate(
             """Scores validation, keeps the best checkpoint, applies plateau and early stopping.
 
             Returns True when early stopping ends the run."""
-            nonlocal state
             result = objective.score(evaluation.predict_split(predict, config, splits["validation"], batch_sharding, objective))
             writer.write(step, "validation", result)
             _log(f"step {step:>6}  validation " + objective.summary(result))

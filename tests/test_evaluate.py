@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from boneage_jax import cli, evaluate, evaluation, explain, inference, report, train
+from boneage_jax import cli, evaluate, evaluation, explain, inference, report
 
 REPO = os.path.abspath(os.path.join(os.path.dirname(__file__), ".."))
 

@@ -46,29 +46,19 @@ model. Constructor keywords from ``config.model.kwargs``: ``drop_connect_rate`` 
 
 from __future__ import annotations
 
-import math
 
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
 from boneage_jax.models import BACKBONES, layers
+from boneage_jax.models.efficientnet import BLOCKS, BN, IMAGENET_MEAN, IMAGENET_STD, round_filters, round_repeats
 from boneage_jax.weights import loaders
 
-BN = {"epsilon": 1e-3, "momentum": 0.99}
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
+# The stage table (kernel, repeats, filters_in, filters_out, expand_ratio, stride), the rounding
+# of widths and depths, BatchNorm settings and ImageNet statistics are EfficientNet's; Lite drops
+# squeeze-excitation and keeps the stem and head widths fixed.
 STEM, HEAD = 32, 1280  # fixed: not scaled by the width multiplier
-# kernel, repeats, filters_in, filters_out, expand_ratio, stride (no squeeze-excitation, id_skip)
-BLOCKS = (
-    (3, 1, 32, 16, 1, 1),
-    (3, 2, 16, 24, 6, 2),
-    (5, 2, 24, 40, 6, 2),
-    (3, 3, 40, 80, 6, 2),
-    (5, 3, 80, 112, 6, 1),
-    (5, 4, 112, 192, 6, 2),
-    (3, 1, 192, 320, 6, 1),
-)
 # name: (width coefficient, depth coefficient, default resolution, dropout before fc)
 VARIANTS = {
     "lite0": (1.0, 1.0, 224, 0.2),
@@ -77,19 +67,6 @@ VARIANTS = {
     "lite3": (1.2, 1.4, 280, 0.3),
     "lite4": (1.4, 1.8, 300, 0.3),
 }
-
-
-def round_filters(filters: int, width: float, divisor: int = 8) -> int:
-    """The reference's ``round_filters``: nearest multiple of ``divisor``, at most 10% down."""
-    scaled = filters * width
-    new = max(divisor, int(scaled + divisor / 2) // divisor * divisor)
-    if new < 0.9 * scaled:
-        new += divisor
-    return int(new)
-
-
-def round_repeats(repeats: int, depth: float) -> int:
-    return int(math.ceil(depth * repeats))
 
 
 def stages(width: float, depth: float) -> list[tuple[int, int, int, int, int, int]]:
