@@ -48,6 +48,7 @@ def test_every_family_takes_the_same_constructor_keywords():
                                          ("resnet152", "resnet152_torch"), ("inception_v1", "googlenet")])
 def test_old_names_are_aliases_of_the_layout_names(alias, name):
     """A run's config.json written with an old name builds the same network, parameter paths included."""
+    models.available()  # the families (and their aliases) register on import
     assert models.BACKBONES.aliases[alias] == name and models.BACKBONES.resolve(alias) == name
     assert alias not in models.available() and name in models.available()
     old, new = (nnx.eval_shape(lambda n=n: models.create_backbone(n, in_channels=1, image_size=32, rngs=nnx.Rngs(0)))
@@ -57,6 +58,7 @@ def test_old_names_are_aliases_of_the_layout_names(alias, name):
 
 
 def test_registering_a_name_twice_fails():
+    models.available()  # the families register on import: vgg16 must be there before the second try
     with pytest.raises(ValueError, match="model 'vgg16' registered twice"):
         models.BACKBONES.register("vgg16", object)
     with pytest.raises(ValueError, match="model 'resnet50' registered twice"):
