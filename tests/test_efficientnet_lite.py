@@ -25,12 +25,12 @@ from flax import nnx
 from helpers import fast_init
 
 from boneage_jax import models, weights
-from boneage_jax.models import efficientnet_lite, layers
+from boneage_jax.models import efficientnet, efficientnet_lite, layers
 from boneage_jax.weights import loaders
 
 FIXTURE = os.path.join(os.path.dirname(__file__), "data", "efficientnet_lite_reference.npz")
-MEAN = np.array(efficientnet_lite.IMAGENET_MEAN, np.float32)
-STD = np.array(efficientnet_lite.IMAGENET_STD, np.float32)
+MEAN = np.array(efficientnet.IMAGENET_MEAN, np.float32)
+STD = np.array(efficientnet.IMAGENET_STD, np.float32)
 # torch ``sum(p.numel() for p in model.parameters())`` of the reference, with its 1000-class ``_fc``
 # (checked below against the weight files and the fixture): lite0 4,652,008 + 42,016 BatchNorm
 # statistics = the 4,694,024 values of efficientnet-lite0-57934424.pth.
@@ -101,9 +101,18 @@ def test_registered_and_widths():
     for variant in range(5):
         assert models.BACKBONES.resolve(f"efficientnet_lite{variant}") == f"efficientnet_lite{variant}"
     # fixed stem and head, first/last stage repeats unscaled; blocks scaled (lite4: width 1.4, depth 1.8)
-    assert efficientnet_lite.stages(1.4, 1.8) == [
+    plan = efficientnet.block_plan(1.4, 1.8, 0.2, stem=efficientnet_lite.STEM, fixed_end_repeats=True)
+    stages = {}  # stage: (kernel, repeats, filters_in, filters_out, expand, stride)
+    for b in plan:
+        if b.index_in_stage == 0:
+            stages[b.stage] = (b.kernel, 1, b.cin, b.cout, b.expand, b.stride)
+        else:
+            assert (b.cin, b.stride) == (b.cout, 1)
+            stages[b.stage] = stages[b.stage][:1] + (stages[b.stage][1] + 1,) + stages[b.stage][2:]
+    assert list(stages.values()) == [
         (3, 1, 32, 24, 1, 1), (3, 4, 24, 32, 6, 2), (5, 4, 32, 56, 6, 2), (3, 6, 56, 112, 6, 2),
         (5, 6, 112, 160, 6, 1), (5, 8, 160, 272, 6, 2), (3, 1, 272, 448, 6, 1)]
+    assert [b.drop_rate for b in plan] == pytest.approx([0.2 * i / 30 for i in range(30)])
     model = abstract(4, include_top=False)
     assert model.num_features == 1280 and len(model.blocks) == 30
 

@@ -33,6 +33,7 @@ parity tests compare exactly that.
 from __future__ import annotations
 
 import math
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -79,6 +80,68 @@ def round_filters(filters: float, width: float, divisor: int = 8) -> int:
 
 def round_repeats(repeats: int, depth: float) -> int:
     return int(math.ceil(depth * repeats))
+
+
+class BlockSpec(NamedTuple):
+    """One MBConv block of a scaled network."""
+
+    stage: int  # 1-based, as Keras names blocks ("block2a_")
+    index_in_stage: int  # 0-based ("a" is 0)
+    cin: int
+    cout: int
+    kernel: int
+    stride: int
+    expand: int
+    drop_rate: float  # drop-connect: drop_connect_rate * block index / number of blocks
+
+
+def block_plan(width: float, depth: float, drop_connect_rate: float, *, stem: int | None = None,
+               fixed_end_repeats: bool = False) -> list[BlockSpec]:
+    """Every block of ``BLOCKS`` scaled by ``width`` and ``depth``, in order. EfficientNet-Lite
+    passes its fixed ``stem`` width and keeps the repeats of the first and last stages
+    (``fixed_end_repeats``)."""
+    stages = []
+    for i, (kernel, repeats, fin, fout, expand, stride) in enumerate(BLOCKS):
+        fin, fout = round_filters(fin, width), round_filters(fout, width)
+        if i == 0 and stem is not None:
+            fin = stem
+        if not (fixed_end_repeats and i in (0, len(BLOCKS) - 1)):
+            repeats = round_repeats(repeats, depth)
+        stages.append((kernel, repeats, fin, fout, expand, stride))
+    total = sum(stage[1] for stage in stages)
+    plan = []
+    for number, (kernel, repeats, fin, fout, expand, stride) in enumerate(stages, start=1):
+        for j in range(repeats):
+            plan.append(BlockSpec(number, j, fin if j == 0 else fout, fout, kernel, stride if j == 0 else 1, expand,
+                                  drop_connect_rate * len(plan) / total))
+    return plan
+
+
+class ScaledFamily(nnx.Module):
+    """What EfficientNet and EfficientNet-Lite share: a variant's scaling, the argument checks and
+    the model input (compute dtype, optional ImageNet mean/std)."""
+
+    FAMILY: str = ""
+    VARIANTS: dict[str, tuple[float, float, int, float]] = {}
+
+    def _scaling(self, variant: str, in_channels: int, dtype, imagenet_normalize: bool) -> tuple[float, float, float]:
+        """Checks the arguments, keeps them as attributes, returns (width, depth, dropout)."""
+        if variant not in self.VARIANTS:
+            raise ValueError(f"{self.FAMILY} variant {variant!r}; expected one of {sorted(self.VARIANTS)}")
+        if imagenet_normalize and in_channels != 3:
+            raise ValueError("imagenet_normalize needs in_channels=3 (per-channel RGB mean/std)")
+        width, depth, self.default_size, dropout = self.VARIANTS[variant]
+        self.variant = variant
+        self.in_channels = in_channels
+        self.dtype = dtype
+        self.imagenet_normalize = imagenet_normalize
+        return width, depth, dropout
+
+    def _input(self, x: jnp.ndarray) -> jnp.ndarray:
+        x = x.astype(self.dtype)
+        if self.imagenet_normalize:
+            x = (x - jnp.asarray(IMAGENET_MEAN, self.dtype)) / jnp.asarray(IMAGENET_STD, self.dtype)
+        return x
 
 
 def correct_pad(size: tuple[int, int], kernel: int) -> tuple[tuple[int, int], tuple[int, int]]:
@@ -145,7 +208,9 @@ class MBConv(nnx.Module):
         return x
 
 
-class EfficientNet(nnx.Module):
+class EfficientNet(ScaledFamily):
+    FAMILY, VARIANTS = "EfficientNet", VARIANTS
+
     def __init__(
         self,
         variant: str = "b0",
@@ -159,29 +224,15 @@ class EfficientNet(nnx.Module):
         depthwise_impl: str = "auto",
     ):
         del image_size  # any input size works
-        if variant not in VARIANTS:
-            raise ValueError(f"EfficientNet variant {variant!r}; expected one of {sorted(VARIANTS)}")
-        if imagenet_normalize and in_channels != 3:
-            raise ValueError("imagenet_normalize needs in_channels=3 (per-channel RGB mean/std)")
-        width, depth, self.default_size, _ = VARIANTS[variant]
-        self.variant = variant
-        self.in_channels = in_channels
-        self.dtype = dtype
-        self.imagenet_normalize = imagenet_normalize
+        width, depth, _ = self._scaling(variant, in_channels, dtype, imagenet_normalize)
         stem = round_filters(32, width)
         self.stem_conv = _conv(in_channels, stem, 3, 2, padding="VALID", dtype=dtype, rngs=rngs)
         self.stem_bn = _bn(stem, dtype=dtype, rngs=rngs)
-        total = float(sum(round_repeats(b[1], depth) for b in BLOCKS))
-        blocks, index = [], 0
-        for stage, (kernel, repeats, fin, fout, expand, strides) in enumerate(BLOCKS, start=1):
-            fin, fout = round_filters(fin, width), round_filters(fout, width)
-            for j in range(round_repeats(repeats, depth)):
-                blocks.append(MBConv(
-                    f"block{stage}{chr(j + 97)}_", fin if j == 0 else fout, fout, kernel, strides if j == 0 else 1,
-                    expand, drop_connect_rate * index / total, depthwise_impl=depthwise_impl, dtype=dtype, rngs=rngs,
-                ))
-                index += 1
-        self.blocks = nnx.List(blocks)
+        self.blocks = nnx.List([
+            MBConv(f"block{b.stage}{chr(b.index_in_stage + 97)}_", b.cin, b.cout, b.kernel, b.stride, b.expand,
+                   b.drop_rate, depthwise_impl=depthwise_impl, dtype=dtype, rngs=rngs)
+            for b in block_plan(width, depth, drop_connect_rate)
+        ])
         top = round_filters(1280, width)
         self.top_conv = _conv(round_filters(320, width), top, dtype=dtype, rngs=rngs)
         self.top_bn = _bn(top, dtype=dtype, rngs=rngs)
@@ -189,9 +240,7 @@ class EfficientNet(nnx.Module):
 
     def features(self, x: jnp.ndarray) -> jnp.ndarray:
         """The ``top_activation`` feature map (stride 32)."""
-        x = x.astype(self.dtype)
-        if self.imagenet_normalize:
-            x = (x - jnp.asarray(IMAGENET_MEAN, self.dtype)) / jnp.asarray(IMAGENET_STD, self.dtype)
+        x = self._input(x)
         top, left = correct_pad(x.shape[1:3], 3)
         x = jnp.pad(x, ((0, 0), top, left, (0, 0)))
         x = nnx.swish(self.stem_bn(self.stem_conv(x)))

@@ -52,12 +52,12 @@ import numpy as np
 from flax import nnx
 
 from boneage_jax.models import BACKBONES, layers
-from boneage_jax.models.efficientnet import BLOCKS, BN, IMAGENET_MEAN, IMAGENET_STD, round_filters, round_repeats
+from boneage_jax.models.efficientnet import BN, ScaledFamily, block_plan
 from boneage_jax.weights import loaders
 
-# The stage table (kernel, repeats, filters_in, filters_out, expand_ratio, stride), the rounding
-# of widths and depths, BatchNorm settings and ImageNet statistics are EfficientNet's; Lite drops
-# squeeze-excitation and keeps the stem and head widths fixed.
+# The stage table and its scaling (``block_plan``), BatchNorm settings, argument checks and
+# input normalisation (``ScaledFamily``) are EfficientNet's; Lite drops squeeze-excitation and
+# keeps the stem and head widths (and the first and last stages' repeats) fixed.
 STEM, HEAD = 32, 1280  # fixed: not scaled by the width multiplier
 # name: (width coefficient, depth coefficient, default resolution, dropout before fc)
 VARIANTS = {
@@ -67,21 +67,6 @@ VARIANTS = {
     "lite3": (1.2, 1.4, 280, 0.3),
     "lite4": (1.4, 1.8, 300, 0.3),
 }
-
-
-def stages(width: float, depth: float) -> list[tuple[int, int, int, int, int, int]]:
-    """(kernel, repeats, filters_in, filters_out, expand, stride) per stage after scaling, as the
-    reference builds them with ``fix_head_stem``: the first stage takes the fixed 32-channel
-    stem, and the first and last stages keep their repeats."""
-    out = []
-    for i, (kernel, repeats, fin, fout, expand, stride) in enumerate(BLOCKS):
-        fin, fout = round_filters(fin, width), round_filters(fout, width)
-        if i == 0:
-            fin = STEM
-        if i not in (0, len(BLOCKS) - 1):
-            repeats = round_repeats(repeats, depth)
-        out.append((kernel, repeats, fin, fout, expand, stride))
-    return out
 
 
 def _conv(cin, cout, kernel=1, stride=1, *, dtype, rngs):
@@ -136,7 +121,9 @@ class MBConvLite(nnx.Module):
         loaders.torch_bn(self.bn2, source, f"{prefix}._bn2")
 
 
-class EfficientNetLite(nnx.Module):
+class EfficientNetLite(ScaledFamily):
+    FAMILY, VARIANTS = "EfficientNet-Lite", VARIANTS
+
     def __init__(
         self,
         variant: str = "lite0",
@@ -152,29 +139,17 @@ class EfficientNetLite(nnx.Module):
         num_classes: int = 1000,
     ):
         del image_size  # any input size works
-        if variant not in VARIANTS:
-            raise ValueError(f"EfficientNet-Lite variant {variant!r}; expected one of {sorted(VARIANTS)}")
-        if imagenet_normalize and in_channels != 3:
-            raise ValueError("imagenet_normalize needs in_channels=3 (per-channel RGB mean/std)")
-        width, depth, self.default_size, dropout = VARIANTS[variant]
-        self.variant = variant
-        self.in_channels = in_channels
-        self.dtype = dtype
-        self.imagenet_normalize = imagenet_normalize
+        width, depth, dropout = self._scaling(variant, in_channels, dtype, imagenet_normalize)
         self.include_top = include_top
         self.conv_stem = _conv(in_channels, STEM, 3, 2, dtype=dtype, rngs=rngs)
         self.bn0 = _bn(STEM, dtype=dtype, rngs=rngs)
-        plan = stages(width, depth)
-        total = sum(repeats for _, repeats, *_ in plan)
-        blocks = []
-        for kernel, repeats, fin, fout, expand, stride in plan:
-            for j in range(repeats):
-                blocks.append(MBConvLite(
-                    fin if j == 0 else fout, fout, kernel, stride if j == 0 else 1, expand,
-                    drop_connect_rate * len(blocks) / total, depthwise_impl=depthwise_impl, dtype=dtype, rngs=rngs,
-                ))
-        self.blocks = nnx.List(blocks)
-        self.conv_head = _conv(plan[-1][3], HEAD, dtype=dtype, rngs=rngs)
+        plan = block_plan(width, depth, drop_connect_rate, stem=STEM, fixed_end_repeats=True)
+        self.blocks = nnx.List([
+            MBConvLite(b.cin, b.cout, b.kernel, b.stride, b.expand, b.drop_rate, depthwise_impl=depthwise_impl,
+                       dtype=dtype, rngs=rngs)
+            for b in plan
+        ])
+        self.conv_head = _conv(plan[-1].cout, HEAD, dtype=dtype, rngs=rngs)
         self.bn1 = _bn(HEAD, dtype=dtype, rngs=rngs)
         self.num_features = num_classes if include_top else HEAD  # the width of what __call__ returns
         if include_top:
@@ -183,9 +158,7 @@ class EfficientNetLite(nnx.Module):
 
     def features(self, x: jnp.ndarray) -> jnp.ndarray:
         """The feature map after ``conv_head``/``bn1``/ReLU6 (stride 32, 1280 channels)."""
-        x = x.astype(self.dtype)
-        if self.imagenet_normalize:
-            x = (x - jnp.asarray(IMAGENET_MEAN, self.dtype)) / jnp.asarray(IMAGENET_STD, self.dtype)
+        x = self._input(x)
         x = relu6(self.bn0(self.conv_stem(x)))
         for block in self.blocks:
             x = block(x)
