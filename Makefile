@@ -12,7 +12,10 @@ DEMO_TEST ?= 200
 
 .PHONY: venv demo test test-slow test-reliability clean-demo
 
+# The oneDNN convolution library (boneage_jax/kernels) is compiled here when its source or
+# jaxlib changed; without it convolutions fall back to XLA's CPU path (a warning says so).
 venv: $(STAMP)
+	$(PY) -m boneage_jax.kernels.build || echo "warning: the oneDNN convolutions were not built; XLA's slower CPU convolutions will be used"
 
 $(STAMP): setup.cfg pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
+from boneage_jax.kernels import onednn
 from boneage_jax.models import convmixer, layers
 
 
@@ -88,9 +89,13 @@ def test_initialisers_have_the_reference_statistics():
     assert abstract.shape == (3, 3, 4, 8)
 
 
-def test_depthwise_auto_is_one_rule():
-    """``impl="auto"`` resolves once, in ``layers``; ConvMixer only adds its memory limit."""
+def test_depthwise_auto_is_one_rule(monkeypatch):
+    """``impl="auto"`` resolves once, in ``layers``; ConvMixer only adds its memory limit. On the
+    CPU it is oneDNN's grouped kernel when the oneDNN convolutions are in use, else "shift"."""
+    monkeypatch.setenv(onednn.ENV, "xla")
     assert layers.resolve_depthwise_impl("auto", "cpu") == "shift"
+    monkeypatch.setattr(onednn, "use_onednn", lambda backend=None: backend == "cpu")
+    assert layers.resolve_depthwise_impl("auto", "cpu") == "grouped"
     assert layers.resolve_depthwise_impl("auto", "gpu") == "grouped"
     assert layers.resolve_depthwise_impl("grouped", "cpu") == "grouped"
     with pytest.raises(ValueError, match="depthwise_impl 'fft'"):

@@ -29,6 +29,7 @@ from flax import nnx
 from helpers import fast_init
 
 from boneage_jax import models, weights
+from boneage_jax.kernels import onednn
 from boneage_jax.models import caffenet, convmixer, googlenet, layers, unet, vgg19_attention
 from boneage_jax.weights import loaders
 
@@ -270,7 +271,8 @@ def test_parameter_counts_against_references():
     assert layers.count_params(h) == sum(9 * a * b + 2 * b for a, b in zip(widths, widths[1:])) == 240_608
 
 
-def test_convmixer_depthwise_impl_choice():
+def test_convmixer_depthwise_impl_choice(monkeypatch):
+    monkeypatch.setenv(onednn.ENV, "xla")  # XLA's CPU convolutions: "shift" unless memory forbids
     assert convmixer.depthwise_impl_for("auto", "cpu") == "shift"
     assert convmixer.depthwise_impl_for("auto", "cpu", dim=256, depth=8) == "shift"
     assert convmixer.depthwise_impl_for("auto", "cpu", dim=768, depth=32) == "grouped"  # memory

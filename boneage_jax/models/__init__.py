@@ -34,6 +34,7 @@ from collections.abc import Callable
 import jax.numpy as jnp
 import ml_collections
 from flax import nnx
+from jax import lax
 
 _NOT_FAMILIES = {"heads", "layers"}
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
@@ -79,9 +80,22 @@ class Registry:
         resolved = self.resolve(name)
         if resolved is None:
             raise ValueError(f"unknown {self.kind} {name!r}; registered: {self.describe()}")
-        return self.constructors[resolved](
+        network = self.constructors[resolved](
             in_channels=in_channels, image_size=image_size, dtype=compute_dtype(dtype), rngs=rngs, **kwargs
         )
+        use_cpu_convolutions(network)
+        return network
+
+
+def use_cpu_convolutions(module: nnx.Module) -> None:
+    """Points every ``nnx.Conv`` of ``module`` at ``kernels.onednn.conv_general_dilated``, which
+    runs a convolution through oneDNN on a one-device CPU backend and through
+    ``lax.conv_general_dilated`` otherwise (decided when the model is traced)."""
+    from boneage_jax.kernels import onednn  # pylint: disable=import-outside-toplevel
+
+    for _, child in nnx.iter_graph(module):
+        if isinstance(child, nnx.Conv) and child.conv_general_dilated is lax.conv_general_dilated:
+            child.conv_general_dilated = onednn.conv_general_dilated
 
 
 BACKBONES = Registry("backbone")

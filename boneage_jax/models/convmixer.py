@@ -78,8 +78,8 @@ SHIFT_MAX_DIM_X_DEPTH = 4096
 
 
 def depthwise_impl_for(impl: str = "auto", backend: str | None = None, dim: int = 0, depth: int = 0) -> str:
-    """``layers.resolve_depthwise_impl`` (``"auto"``: shifted on the CPU, grouped elsewhere), except
-    that ``"auto"`` takes the grouped form for mixers with ``dim * depth`` above
+    """``layers.resolve_depthwise_impl`` (``"auto"``: grouped, or shifted on a CPU without oneDNN),
+    except that ``"auto"`` takes the grouped form for mixers with ``dim * depth`` above
     ``SHIFT_MAX_DIM_X_DEPTH`` (memory)."""
     if impl not in layers.DEPTHWISE_IMPLS:
         raise ValueError(f"convmixer: depthwise_impl {impl!r}; expected one of {layers.DEPTHWISE_IMPLS}")

@@ -26,6 +26,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from boneage_jax.kernels import onednn
+
 
 # ----------------------------------------------------------------------------- initialisers
 
@@ -83,20 +85,23 @@ def _pair(v) -> tuple[int, int]:
 # ----------------------------------------------------------------------------- depthwise conv
 
 DEPTHWISE_IMPLS = ("auto", "shift", "grouped")
-# "auto": the faster depthwise form per backend (measurements in ``convmixer``'s docstring and
-# ``benchmarks/depthwise.py``); backends not listed use "grouped".
-AUTO_DEPTHWISE = {"cpu": "shift"}
 
 
 def resolve_depthwise_impl(impl: str = "auto", backend: str | None = None) -> str:
-    """Resolves ``"auto"`` to ``"shift"`` on the CPU and ``"grouped"`` elsewhere (``backend``
-    defaults to JAX's); ``"shift"`` and ``"grouped"`` are returned as they are."""
+    """Resolves ``"auto"`` to the faster form (``backend`` defaults to JAX's): ``"grouped"``,
+    except on a CPU where the oneDNN convolutions are not in use (``kernels.onednn.use_onednn``:
+    not built, ``BONEAGE_CPU_CONV=xla``, or several CPU devices), where XLA's grouped
+    convolution is 5-9x slower than ``"shift"``. oneDNN's depthwise kernel is in turn 5-12x
+    faster than ``"shift"`` (``benchmarks/depthwise.py``). ``"shift"`` and ``"grouped"`` are
+    returned as they are."""
     if impl not in DEPTHWISE_IMPLS:
         raise ValueError(f"depthwise_impl {impl!r}; expected one of {DEPTHWISE_IMPLS}")
     if impl != "auto":
         return impl
-    return AUTO_DEPTHWISE.get(backend or jax.default_backend(), "grouped")
-
+    backend = backend or jax.default_backend()
+    if backend == "cpu" and not onednn.use_onednn(backend):
+        return "shift"
+    return "grouped"
 
 
 class DepthwiseConv(nnx.Module):
@@ -108,11 +113,14 @@ class DepthwiseConv(nnx.Module):
     ``"VALID"``, a torch-style symmetric int, or ``((top, bottom), (left, right))``.
 
     ``impl="shift"`` sums ``kh*kw`` strided slices of the padded input times one kernel tap each;
-    XLA fuses them into a single loop, which on XLA:CPU runs forward+backward 5-9x faster than the
-    grouped convolution. ``impl="grouped"`` uses ``lax.conv_general_dilated(feature_group_count=C)``,
-    which is faster on GPU (cuDNN; 1.2-2x on an H100). ``impl="auto"`` (default) picks "shift" when
-    the default backend is the CPU and "grouped" otherwise. Both accumulate in float32 and
-    return ``dtype``; they agree to float32 rounding.
+    XLA fuses them into a single loop, which on XLA:CPU runs forward+backward 5-9x faster than
+    XLA's grouped convolution (at a large memory cost: its backward keeps every slice).
+    ``impl="grouped"`` is the convolution with ``feature_group_count=C``, through
+    ``kernels.onednn.conv_general_dilated``: oneDNN's depthwise kernel on the CPU (5-12x faster
+    than "shift", no extra memory), cuDNN on GPU (1.2-2x faster than "shift" on an H100).
+    ``impl="auto"`` (default) is ``resolve_depthwise_impl``'s choice: "grouped", or "shift" on a
+    CPU without oneDNN. Both accumulate in float32 and return ``dtype``; they agree to float32
+    rounding.
     """
 
     def __init__(
@@ -149,7 +157,7 @@ class DepthwiseConv(nnx.Module):
         pads = resolve_padding(self.padding, x.shape[1:3], self.kernel_size, self.strides)
         kernel = self.kernel[...]
         if resolve_depthwise_impl(self.impl) == "grouped":
-            y = jax.lax.conv_general_dilated(
+            y = onednn.conv_general_dilated(  # oneDNN's depthwise kernel on the CPU, else XLA's
                 x.astype(self.dtype),
                 kernel.astype(self.dtype),
                 window_strides=self.strides,

@@ -1,0 +1,224 @@
+// 2D convolutions on the CPU through oneDNN, as XLA FFI custom calls.
+//
+// Three handlers, all in JAX's NHWC / HWIO layouts (row-major, as XLA hands custom calls their
+// operands), float32 or bfloat16:
+//   boneage_onednn_conv_forward          (x, w)  -> y
+//   boneage_onednn_conv_backward_data    (dy, w) -> dx
+//   boneage_onednn_conv_backward_weights (x, dy) -> dw
+// Attributes: strides, padding_low, padding_high, dilation (two int64 each, height then width) and
+// groups (feature groups: 1, or the channel count for a depthwise convolution; the kernel is then
+// (KH, KW, C / groups, O) as lax.conv_general_dilated takes it).
+//
+// oneDNN picks its own weight layout for each convolution (format_tag::any); the HWIO kernel is
+// reordered into it (and a weight gradient out of it) on every call. Activations stay NHWC, the
+// layout of oneDNN's fastest direct kernels on AVX-512. Primitives are built once per shape and
+// kept; calls run one at a time (oneDNN parallelises each call over all cores with OpenMP).
+// Built by `python -m boneage_jax.kernels.build`; loaded by boneage_jax/kernels/onednn.py.
+
+#include <cstdint>
+#include <map>
+#include <memory>
+#include <mutex>
+#include <string>
+#include <tuple>
+#include <vector>
+
+#include "oneapi/dnnl/dnnl.hpp"
+#include "xla/ffi/api/ffi.h"
+
+namespace ffi = xla::ffi;
+using dnnl::memory;
+using tag = dnnl::memory::format_tag;
+
+namespace {
+
+enum Kind : int { kForward = 0, kBackwardData = 1, kBackwardWeights = 2 };
+
+struct Key {
+  int kind;
+  int dtype;
+  std::vector<int64_t> values;  // x dims, w dims, y dims, strides, pads, dilation, groups
+  bool operator<(const Key& other) const {
+    return std::tie(kind, dtype, values) < std::tie(other.kind, other.dtype, other.values);
+  }
+};
+
+struct Entry {
+  dnnl::primitive convolution;
+  memory::desc src, weights, dst;  // the primitive's (weights may be blocked)
+  memory::desc user_weights;       // HWIO
+  bool reorder = false;
+  dnnl::reorder weights_reorder;   // user -> primitive (forward, backward data) or back (weights)
+  std::shared_ptr<void> weights_buffer;
+};
+
+dnnl::engine& Engine() {
+  static dnnl::engine engine(dnnl::engine::kind::cpu, 0);
+  return engine;
+}
+
+std::mutex& Lock() {
+  static std::mutex mutex;
+  return mutex;
+}
+
+std::map<Key, std::unique_ptr<Entry>>& Cache() {
+  static std::map<Key, std::unique_ptr<Entry>> cache;
+  return cache;
+}
+
+std::shared_ptr<void> Allocate(size_t bytes) {
+  void* pointer = nullptr;
+  if (posix_memalign(&pointer, 64, bytes > 0 ? bytes : 64) != 0) throw std::bad_alloc();
+  return std::shared_ptr<void>(pointer, free);
+}
+
+// x: (N, H, W, C); w: (KH, KW, C, O); y: (N, OH, OW, O).
+Entry* Lookup(Kind kind, memory::data_type dtype, ffi::Span<const int64_t> x, ffi::Span<const int64_t> w,
+              ffi::Span<const int64_t> y, ffi::Span<const int64_t> strides, ffi::Span<const int64_t> low,
+              ffi::Span<const int64_t> high, ffi::Span<const int64_t> dilation, int64_t groups) {
+  Key key{kind, static_cast<int>(dtype), {}};
+  for (auto span : {x, w, y, strides, low, high, dilation}) key.values.insert(key.values.end(), span.begin(), span.end());
+  key.values.push_back(groups);
+  auto& cache = Cache();
+  auto found = cache.find(key);
+  if (found != cache.end()) return found->second.get();
+
+  memory::dims src_dims = {x[0], x[3], x[1], x[2]};
+  // HWIO, or for groups > 1 HW(I/G)(G O/G): oneDNN's hwio and hwigo.
+  memory::dims weight_dims = groups == 1 ? memory::dims{w[3], w[2], w[0], w[1]}
+                                         : memory::dims{groups, w[3] / groups, w[2], w[0], w[1]};
+  tag user_tag = groups == 1 ? tag::hwio : tag::hwigo;
+  memory::dims dst_dims = {y[0], y[3], y[1], y[2]};
+  memory::dims stride_dims = {strides[0], strides[1]};
+  memory::dims dilate_dims = {dilation[0] - 1, dilation[1] - 1};  // oneDNN counts the gaps
+  memory::dims low_dims = {low[0], low[1]}, high_dims = {high[0], high[1]};
+  memory::desc src_md(src_dims, dtype, tag::nhwc), dst_md(dst_dims, dtype, tag::nhwc);
+  memory::desc any_weights(weight_dims, dtype, tag::any);
+
+  auto entry = std::make_unique<Entry>();
+  entry->user_weights = memory::desc(weight_dims, dtype, user_tag);
+  auto forward = dnnl::convolution_forward::primitive_desc(
+      Engine(), dnnl::prop_kind::forward_training, dnnl::algorithm::convolution_direct, src_md, any_weights, dst_md,
+      stride_dims, dilate_dims, low_dims, high_dims);
+  if (kind == kForward) {
+    entry->convolution = dnnl::convolution_forward(forward);
+    entry->weights = forward.weights_desc();
+  } else if (kind == kBackwardData) {
+    auto backward = dnnl::convolution_backward_data::primitive_desc(
+        Engine(), dnnl::algorithm::convolution_direct, src_md, any_weights, dst_md, stride_dims, dilate_dims,
+        low_dims, high_dims, forward);
+    entry->convolution = dnnl::convolution_backward_data(backward);
+    entry->weights = backward.weights_desc();
+  } else {
+    auto backward = dnnl::convolution_backward_weights::primitive_desc(
+        Engine(), dnnl::algorithm::convolution_direct, src_md, any_weights, dst_md, stride_dims, dilate_dims,
+        low_dims, high_dims, forward);
+    entry->convolution = dnnl::convolution_backward_weights(backward);
+    entry->weights = backward.diff_weights_desc();
+  }
+  entry->src = src_md;
+  entry->dst = dst_md;
+  entry->reorder = entry->weights != entry->user_weights;
+  if (entry->reorder) {
+    entry->weights_buffer = Allocate(entry->weights.get_size());
+    entry->weights_reorder =
+        kind == kBackwardWeights
+            ? dnnl::reorder(dnnl::reorder::primitive_desc(Engine(), entry->weights, Engine(), entry->user_weights))
+            : dnnl::reorder(dnnl::reorder::primitive_desc(Engine(), entry->user_weights, Engine(), entry->weights));
+  }
+  Entry* result = entry.get();
+  cache.emplace(std::move(key), std::move(entry));
+  return result;
+}
+
+ffi::Error Run(Kind kind, ffi::AnyBuffer a, ffi::AnyBuffer b, ffi::Result<ffi::AnyBuffer> out,
+               ffi::Span<const int64_t> strides, ffi::Span<const int64_t> low, ffi::Span<const int64_t> high,
+               ffi::Span<const int64_t> dilation, int64_t groups) {
+  memory::data_type dtype;
+  switch (a.element_type()) {
+    case ffi::DataType::F32: dtype = memory::data_type::f32; break;
+    case ffi::DataType::BF16: dtype = memory::data_type::bf16; break;
+    default: return ffi::Error(ffi::ErrorCode::kInvalidArgument, "oneDNN convolution: float32 or bfloat16 only");
+  }
+  if (a.dimensions().size() != 4 || b.dimensions().size() != 4 || out->dimensions().size() != 4 ||
+      strides.size() != 2 || low.size() != 2 || high.size() != 2 || dilation.size() != 2 || groups < 1) {
+    return ffi::Error(ffi::ErrorCode::kInvalidArgument, "oneDNN convolution: 4-D operands, 2 spatial attributes");
+  }
+  // Which buffer is x (NHWC input), w (HWIO kernel) and y (NHWC output) for this kind.
+  ffi::Span<const int64_t> x, w, y;
+  void *x_data, *w_data, *y_data;
+  if (kind == kForward) {
+    x = a.dimensions(), w = b.dimensions(), y = out->dimensions();
+    x_data = a.untyped_data(), w_data = b.untyped_data(), y_data = out->untyped_data();
+  } else if (kind == kBackwardData) {
+    y = a.dimensions(), w = b.dimensions(), x = out->dimensions();
+    y_data = a.untyped_data(), w_data = b.untyped_data(), x_data = out->untyped_data();
+  } else {
+    x = a.dimensions(), y = b.dimensions(), w = out->dimensions();
+    x_data = a.untyped_data(), y_data = b.untyped_data(), w_data = out->untyped_data();
+  }
+  try {
+    std::lock_guard<std::mutex> guard(Lock());
+    if (x[3] != w[2] * groups || w[3] % groups != 0) {
+      return ffi::Error(ffi::ErrorCode::kInvalidArgument, "oneDNN convolution: channels do not match the groups");
+    }
+    Entry* entry = Lookup(kind, dtype, x, w, y, strides, low, high, dilation, groups);
+    dnnl::stream stream(Engine());
+    memory src(entry->src, Engine(), x_data), dst(entry->dst, Engine(), y_data);
+    memory user_weights(entry->user_weights, Engine(), w_data);
+    memory weights = entry->reorder ? memory(entry->weights, Engine(), entry->weights_buffer.get()) : user_weights;
+    if (kind == kForward) {
+      if (entry->reorder) entry->weights_reorder.execute(stream, user_weights, weights);
+      entry->convolution.execute(stream, {{DNNL_ARG_SRC, src}, {DNNL_ARG_WEIGHTS, weights}, {DNNL_ARG_DST, dst}});
+    } else if (kind == kBackwardData) {
+      if (entry->reorder) entry->weights_reorder.execute(stream, user_weights, weights);
+      entry->convolution.execute(
+          stream, {{DNNL_ARG_DIFF_DST, dst}, {DNNL_ARG_WEIGHTS, weights}, {DNNL_ARG_DIFF_SRC, src}});
+    } else {
+      entry->convolution.execute(
+          stream, {{DNNL_ARG_SRC, src}, {DNNL_ARG_DIFF_DST, dst}, {DNNL_ARG_DIFF_WEIGHTS, weights}});
+      if (entry->reorder) entry->weights_reorder.execute(stream, weights, user_weights);
+    }
+    stream.wait();
+  } catch (const dnnl::error& error) {
+    return ffi::Error(ffi::ErrorCode::kInternal, std::string("oneDNN convolution: ") + error.what());
+  } catch (const std::bad_alloc&) {
+    return ffi::Error(ffi::ErrorCode::kResourceExhausted, "oneDNN convolution: out of memory");
+  }
+  return ffi::Error::Success();
+}
+
+ffi::Error Forward(ffi::AnyBuffer x, ffi::AnyBuffer w, ffi::Result<ffi::AnyBuffer> y, ffi::Span<const int64_t> strides,
+                   ffi::Span<const int64_t> low, ffi::Span<const int64_t> high, ffi::Span<const int64_t> dilation, int64_t groups) {
+  return Run(kForward, x, w, y, strides, low, high, dilation, groups);
+}
+
+ffi::Error BackwardData(ffi::AnyBuffer dy, ffi::AnyBuffer w, ffi::Result<ffi::AnyBuffer> dx,
+                        ffi::Span<const int64_t> strides, ffi::Span<const int64_t> low, ffi::Span<const int64_t> high,
+                        ffi::Span<const int64_t> dilation, int64_t groups) {
+  return Run(kBackwardData, dy, w, dx, strides, low, high, dilation, groups);
+}
+
+ffi::Error BackwardWeights(ffi::AnyBuffer x, ffi::AnyBuffer dy, ffi::Result<ffi::AnyBuffer> dw,
+                           ffi::Span<const int64_t> strides, ffi::Span<const int64_t> low,
+                           ffi::Span<const int64_t> high, ffi::Span<const int64_t> dilation, int64_t groups) {
+  return Run(kBackwardWeights, x, dy, dw, strides, low, high, dilation, groups);
+}
+
+}  // namespace
+
+#define BONEAGE_CONV_BINDING                               \
+  ffi::Ffi::Bind()                                         \
+      .Arg<ffi::AnyBuffer>()                               \
+      .Arg<ffi::AnyBuffer>()                               \
+      .Ret<ffi::AnyBuffer>()                               \
+      .Attr<ffi::Span<const int64_t>>("strides")           \
+      .Attr<ffi::Span<const int64_t>>("padding_low")       \
+      .Attr<ffi::Span<const int64_t>>("padding_high")      \
+      .Attr<ffi::Span<const int64_t>>("dilation")          \
+      .Attr<int64_t>("groups")
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(boneage_onednn_conv_forward, Forward, BONEAGE_CONV_BINDING);
+XLA_FFI_DEFINE_HANDLER_SYMBOL(boneage_onednn_conv_backward_data, BackwardData, BONEAGE_CONV_BINDING);
+XLA_FFI_DEFINE_HANDLER_SYMBOL(boneage_onednn_conv_backward_weights, BackwardWeights, BONEAGE_CONV_BINDING);

@@ -1,0 +1,174 @@
+"""oneDNN convolutions (boneage_jax/kernels): the same values and gradients as XLA's
+convolution for every geometry the models use, the fallbacks, and a model's training loss."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from flax import nnx
+from jax import lax
+
+from boneage_jax import models
+from boneage_jax.kernels import build, onednn
+
+
+@pytest.fixture(scope="module", autouse=True)
+def library():
+    """The library built for this source (``make venv`` builds it; built here when missing)."""
+    if onednn.load() is not None:
+        try:
+            build.compile_library(quiet=True)
+        except (FileNotFoundError, RuntimeError) as e:
+            pytest.skip(f"the oneDNN convolution library cannot be built here: {str(e).splitlines()[0]}")
+        onednn.load.cache_clear()
+    assert onednn.load() is None
+    if jax.device_count() != 1:
+        pytest.skip("oneDNN convolutions run on a one-device CPU backend")
+
+
+def _uses_onednn(fn, *args) -> bool:
+    """Whether ``fn`` lowers to a oneDNN custom call (traced anew: jit caches traces by function)."""
+    return "boneage_onednn_conv" in jax.jit(lambda *a: fn(*a)).lower(*args).as_text()
+
+
+def _conv(impl, x, w, strides, padding, dilation):
+    kwargs = dict(rhs_dilation=dilation, dimension_numbers=("NHWC", "HWIO", "NHWC"),
+                  feature_group_count=x.shape[3] // w.shape[2])
+    return impl(x, w, strides, padding, **kwargs)
+
+
+GEOMETRIES = [
+    # (x shape, kernel shape, strides, padding, dilation)
+    ((2, 9, 11, 5), (3, 3, 5, 7), (1, 1), "SAME", (1, 1)),
+    ((2, 9, 11, 5), (3, 3, 5, 7), (2, 2), "SAME", (1, 1)),
+    ((2, 10, 10, 4), (3, 3, 4, 6), (2, 2), "VALID", (1, 1)),
+    ((1, 16, 16, 3), (7, 7, 3, 8), (2, 2), ((3, 3), (3, 3)), (1, 1)),  # torchvision's stem
+    ((2, 8, 8, 16), (1, 1, 16, 32), (1, 1), "VALID", (1, 1)),
+    ((2, 8, 8, 16), (1, 1, 16, 8), (2, 2), "VALID", (1, 1)),  # strided 1x1 shortcut
+    ((2, 12, 9, 4), (1, 7, 4, 4), (1, 1), ((0, 0), (3, 3)), (1, 1)),  # Inception's 1x7
+    ((2, 12, 12, 4), (3, 3, 4, 4), (1, 1), ((0, 1), (1, 0)), (1, 1)),  # asymmetric
+    ((2, 12, 12, 4), (3, 3, 4, 5), (1, 1), "SAME", (2, 2)),  # dilated
+    ((2, 9, 9, 6), (3, 3, 1, 6), (1, 1), "SAME", (1, 1)),  # depthwise
+    ((2, 9, 9, 6), (5, 5, 1, 6), (2, 2), ((1, 2), (1, 2)), (1, 1)),  # depthwise, strided, TF padding
+    ((2, 8, 8, 6), (3, 3, 2, 9), (1, 1), "SAME", (1, 1)),  # 3 groups of 2 -> 3
+]
+
+
+@pytest.mark.parametrize("x_shape, w_shape, strides, padding, dilation", GEOMETRIES)
+def test_values_and_gradients_equal_xla(x_shape, w_shape, strides, padding, dilation):
+    rng = np.random.default_rng(0)
+    x = jnp.asarray(rng.standard_normal(x_shape, np.float32))
+    w = jnp.asarray(rng.standard_normal(w_shape, np.float32) * 0.3)
+    cotangent = jnp.asarray(rng.standard_normal(_conv(lax.conv_general_dilated, x, w, strides, padding,
+                                                            dilation).shape, np.float32))
+
+    def loss(impl):
+        return lambda x, w: (_conv(impl, x, w, strides, padding, dilation) * cotangent).sum()
+
+    ours = jax.jit(jax.value_and_grad(loss(onednn.conv_general_dilated), argnums=(0, 1)))
+    reference = jax.jit(jax.value_and_grad(loss(lax.conv_general_dilated), argnums=(0, 1)))
+    assert _uses_onednn(lambda x, w: _conv(onednn.conv_general_dilated, x, w, strides, padding, dilation), x, w)
+    (value, (dx, dw)), (value_ref, (dx_ref, dw_ref)) = ours(x, w), reference(x, w)
+    np.testing.assert_allclose(value, value_ref, rtol=1e-4, atol=1e-3)
+    np.testing.assert_allclose(dx, dx_ref, rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(dw, dw_ref, rtol=1e-4, atol=1e-3)
+
+
+def test_bfloat16():
+    rng = np.random.default_rng(1)
+    x = jnp.asarray(rng.standard_normal((2, 8, 8, 16), np.float32), jnp.bfloat16)
+    w = jnp.asarray(rng.standard_normal((3, 3, 16, 8), np.float32) * 0.2, jnp.bfloat16)
+
+    def forward(impl):
+        return jax.jit(lambda x, w: _conv(impl, x, w, (1, 1), "SAME", (1, 1)))
+
+    y = forward(onednn.conv_general_dilated)(x, w)
+    assert y.dtype == jnp.bfloat16 and _uses_onednn(forward(onednn.conv_general_dilated), x, w)
+    expected = forward(lax.conv_general_dilated)(x.astype(jnp.float32), w.astype(jnp.float32))
+    np.testing.assert_allclose(np.asarray(y, np.float32), expected, rtol=3e-2, atol=3e-2)
+    dw = jax.grad(lambda w: _conv(onednn.conv_general_dilated, x, w, (1, 1), "SAME", (1, 1)).astype(
+        jnp.float32).sum())(w)
+    dw_ref = jax.grad(lambda w: _conv(lax.conv_general_dilated, x.astype(jnp.float32), w, (1, 1), "SAME",
+                                      (1, 1)).sum())(w.astype(jnp.float32))
+    assert dw.dtype == jnp.bfloat16
+    np.testing.assert_allclose(np.asarray(dw, np.float32), dw_ref, rtol=3e-2, atol=0.5)
+
+
+def test_what_oneDNN_does_not_take_goes_to_xla():
+    x = jnp.ones((2, 8, 8, 4))
+    batch_groups = lambda x, w: onednn.conv_general_dilated(  # noqa: E731
+        x, w, (1, 1), "SAME", batch_group_count=2, dimension_numbers=("NHWC", "HWIO", "NHWC"))
+    reference = lambda x, w: lax.conv_general_dilated(  # noqa: E731
+        x, w, (1, 1), "SAME", batch_group_count=2, dimension_numbers=("NHWC", "HWIO", "NHWC"))
+    w = jnp.ones((3, 3, 4, 4))
+    assert not _uses_onednn(batch_groups, x, w)
+    np.testing.assert_array_equal(jax.jit(batch_groups)(x, w), jax.jit(reference)(x, w))
+    dilated_input = lambda x, w: onednn.conv_general_dilated(  # noqa: E731
+        x, w, (1, 1), ((1, 1), (1, 1)), lhs_dilation=(2, 2), dimension_numbers=("NHWC", "HWIO", "NHWC"))
+    assert not _uses_onednn(dilated_input, x, w)
+    nchw = lambda x, w: onednn.conv_general_dilated(x, w, (1, 1), "SAME")  # noqa: E731  (NCHW / OIHW)
+    assert not _uses_onednn(nchw, jnp.ones((2, 4, 8, 8)), jnp.ones((5, 4, 3, 3)))
+    mixed = lambda x, w: onednn.conv_general_dilated(  # noqa: E731
+        x, w, (1, 1), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC"))
+    assert not _uses_onednn(mixed, x.astype(jnp.float16), jnp.ones((3, 3, 4, 4), jnp.float16))
+
+
+def test_mode_from_the_environment(monkeypatch):
+    x, w = jnp.ones((1, 8, 8, 4)), jnp.ones((3, 3, 4, 4))
+    conv = lambda x, w: onednn.conv_general_dilated(  # noqa: E731
+        x, w, (1, 1), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC"))
+    monkeypatch.setenv(onednn.ENV, "xla")
+    assert not _uses_onednn(conv, x, w)
+    monkeypatch.setenv(onednn.ENV, "onednn")
+    assert _uses_onednn(conv, x, w)
+    monkeypatch.setenv(onednn.ENV, "mkl")
+    with pytest.raises(ValueError, match=r"BONEAGE_CPU_CONV='mkl'; expected one of \('auto', 'onednn', 'xla'\)"):
+        jax.jit(lambda x, w: conv(x, w)).lower(x, w)
+
+
+def test_missing_library_falls_back_in_auto_mode_and_fails_in_onednn_mode(monkeypatch, caplog):
+    monkeypatch.setattr(onednn, "load", lambda: "the oneDNN convolution library is not built (test)")
+    conv = lambda x, w: onednn.conv_general_dilated(  # noqa: E731
+        x, w, (1, 1), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC"))
+    x, w = jnp.ones((1, 8, 8, 4)), jnp.ones((3, 3, 4, 4))
+    assert not _uses_onednn(conv, x, w)
+    monkeypatch.setenv(onednn.ENV, "onednn")
+    with pytest.raises(RuntimeError, match="BONEAGE_CPU_CONV=onednn but the oneDNN convolution library is not built"):
+        jax.jit(conv).lower(x, w)
+
+
+def test_models_built_by_the_registry_use_it_and_train_to_the_same_loss(monkeypatch):
+    """Three training steps of the torchvision ResNet-18 layout (7x7/2 stem, 3x3 and strided 1x1
+    convolutions, BatchNorm): the same losses and updated parameters through oneDNN as through
+    XLA's convolutions, within float32 tolerance."""
+    model = models.create_backbone("resnet18_torch", in_channels=3, image_size=64, rngs=nnx.Rngs(0))
+    convs = [m for _, m in nnx.iter_graph(model) if isinstance(m, nnx.Conv)]
+    assert convs and all(c.conv_general_dilated is onednn.conv_general_dilated for c in convs)
+    x = jnp.asarray(np.random.default_rng(0).standard_normal((4, 64, 64, 3), np.float32))
+    target = jnp.arange(4, dtype=jnp.float32)
+
+    def loss_fn(m):
+        return ((m(x).mean(axis=1) - target) ** 2).mean()
+
+    def steps(model):
+        model = nnx.clone(model)
+        optimizer = nnx.Optimizer(model, optax.sgd(0.05), wrt=nnx.Param)  # Adam would magnify rounding
+
+        @nnx.jit  # traced anew for each call of steps: reads BONEAGE_CPU_CONV
+        def step(model, optimizer):
+            loss, grads = nnx.value_and_grad(loss_fn)(model)
+            optimizer.update(model, grads)
+            return loss
+
+        losses = [float(step(model, optimizer)) for _ in range(3)]
+        return losses, nnx.state(model, nnx.Param)
+
+    losses, params_onednn = steps(model)
+    monkeypatch.setenv(onednn.ENV, "xla")
+    losses_xla, params_xla = steps(model)
+    np.testing.assert_allclose(losses, losses_xla, rtol=1e-4)
+    for a, b in zip(jax.tree.leaves(params_onednn), jax.tree.leaves(params_xla)):
+        np.testing.assert_allclose(a, b, rtol=1e-3, atol=1e-4)
