@@ -10,7 +10,7 @@ DEMO_TRAIN ?= 2000
 DEMO_VALIDATION ?= 200
 DEMO_TEST ?= 200
 
-.PHONY: venv demo test test-slow test-reliability clean-demo
+.PHONY: venv demo test test-slow test-reliability bench-peers clean-demo
 
 # The oneDNN convolution library (boneage_jax/kernels) is compiled here when its source or
 # jaxlib changed; without it convolutions fall back to XLA's CPU path (a warning says so).
@@ -44,6 +44,13 @@ test-slow: venv
 # SIGKILL at random points, KILLS times (default 50), each resumed run checked against an unbroken one.
 test-reliability: venv
 	$(PY) -m pytest -q -s -m reliability tests/reliability
+
+# Our CPU training step beside PyTorch's and Keras's on the same workload (benchmarks/peers/run.py):
+# writes benchmarks/results/peers_cpu_256px_b8.md and .json. The peers' venvs are created under
+# benchmarks/peers/.venvs on first use (minutes) unless ARGS names interpreters; flags go in ARGS, e.g.
+#   make bench-peers ARGS="--networks=resnet50 --torch_python=/path/to/torch/bin/python"
+bench-peers: venv
+	$(PY) -m benchmarks.peers.run $(ARGS)
 
 clean-demo:
 	rm -rf $(PHANTOM_DIR) data/tfds $(DEMO_WORKDIR)

@@ -90,7 +90,9 @@ def unsafe_calls(source: str, filename: str = "<string>") -> list[str]:
 
 def _package_files():
     for package in PACKAGES:
-        for folder, _, files in os.walk(os.path.join(ROOT, package)):
+        for folder, folders, files in os.walk(os.path.join(ROOT, package)):
+            # hidden folders are not the package's code: benchmarks/peers/.venvs holds the peers' installs
+            folders[:] = [name for name in folders if not name.startswith(".")]
             for name in files:
                 if name.endswith(".py"):
                     yield os.path.join(folder, name)

@@ -1,0 +1,102 @@
+"""What every peer-benchmark job shares: its arguments, the timing loop and how it reports.
+
+Standard library only: each job runs in its own stack's interpreter (ours, PyTorch's venv,
+Keras's venv), which has none of the other stacks' packages. A job script puts its own folder on
+``sys.path`` (Python does so for a script) and imports this module as ``job_common``; the harness
+imports it as ``benchmarks.peers.job_common`` for the network names.
+
+A job builds one network's training step, runs the first step (timed on its own: it includes any
+tracing and compilation), then ``--warmup_steps`` untimed steps, then ``--steps`` timed ones, and
+prints one line ``PEER_RESULT {json}`` on stdout. Every step ends with the loss on the host, so a
+step's time covers all of its work. ``--versions`` prints the stack's versions the same way and
+builds nothing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import statistics
+import sys
+import time
+from collections.abc import Callable
+
+# The networks every stack builds: key -> the name the tables show.
+NETWORKS = {
+    "resnet50": "ResNet-50",
+    "xception": "Xception",
+    "inception_v3": "InceptionV3",
+    "efficientnet_b0": "EfficientNet-B0",
+    "vgg19": "VGG19",
+}
+RESULT_MARKER = "PEER_RESULT "
+LEARNING_RATE = 1e-3
+WEIGHT_DECAY = 1e-4  # configs.common.base_config's, used by every stack
+
+
+def parse_arguments(description: str, add_extra: Callable[[argparse.ArgumentParser], None] | None = None,
+                    argv: list[str] | None = None) -> argparse.Namespace:
+    """The job's arguments: ``--versions``, or a network and the workload's sizes."""
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--versions", action="store_true", help="print the stack's versions and exit")
+    parser.add_argument("--network", choices=sorted(NETWORKS))
+    parser.add_argument("--image_size", type=int, default=256)
+    parser.add_argument("--batch_size", type=int, default=8)
+    parser.add_argument("--warmup_steps", type=int, default=2)
+    parser.add_argument("--steps", type=int, default=10)
+    parser.add_argument("--device", choices=("cpu", "gpu"), default="cpu")
+    if add_extra is not None:
+        add_extra(parser)
+    args = parser.parse_args(argv)
+    if not args.versions:
+        if args.network is None:
+            parser.error("--network is required (one of " + ", ".join(sorted(NETWORKS)) + ")")
+        for flag, value, least in (("image_size", args.image_size, 32), ("batch_size", args.batch_size, 1),
+                                   ("warmup_steps", args.warmup_steps, 0), ("steps", args.steps, 1)):
+            if value < least:
+                parser.error(f"--{flag}={value}: expected an integer >= {least}")
+    return args
+
+
+def usable_cpus() -> int:
+    """CPUs this process may run on (its affinity), which may be fewer than the machine has."""
+    return len(os.sched_getaffinity(0))
+
+
+def time_steps(step: Callable[[], float], warmup_steps: int, steps: int) -> dict:
+    """Runs ``step`` (one training step, returning its loss on the host) once timed as the first
+    step, ``warmup_steps`` times untimed, then ``steps`` times timed. Raises ``FloatingPointError``
+    if a loss is not finite."""
+    start = time.perf_counter()
+    first_loss = step()
+    first_step_s = time.perf_counter() - start
+    for _ in range(warmup_steps):
+        step()
+    times, loss = [], first_loss
+    for _ in range(steps):
+        start = time.perf_counter()
+        loss = step()
+        times.append(time.perf_counter() - start)
+    if not (math.isfinite(first_loss) and math.isfinite(loss)):
+        raise FloatingPointError(f"non-finite loss: first {first_loss}, last {loss}")
+    return {"first_step_s": first_step_s, "step_s_median": statistics.median(times), "step_s_min": min(times),
+            "step_s_max": max(times), "timed_steps": steps, "warmup_steps": warmup_steps,
+            "first_loss": first_loss, "last_loss": loss}
+
+
+def result(args: argparse.Namespace, stack: str, timing: dict, **fields) -> dict:
+    """The job's report: ``timing`` (from :func:`time_steps`), images/s (batch / median step) and
+    ``fields`` (parameters, what was built, versions)."""
+    return {"stack": stack, "network": args.network, "image_size": args.image_size, "batch_size": args.batch_size,
+            "device": args.device, **timing, "images_per_s": args.batch_size / timing["step_s_median"], **fields}
+
+
+def emit(report: dict) -> None:
+    """Prints ``report`` as the job's one result line."""
+    print(RESULT_MARKER + json.dumps(report), flush=True)
+
+
+def python_version() -> str:
+    return sys.version.split()[0]

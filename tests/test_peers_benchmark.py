@@ -1,0 +1,169 @@
+"""The peer benchmark (benchmarks/peers/) without the peers' venvs: its CPU accounting on fake
+/proc/stat readings, the job runner's timeout, the table and its ratio to the best peer, the
+flags' errors, and a real run of our own job (VGG19, 32 px, one step) through the harness."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import sys
+
+import pytest
+from absl import app
+
+from benchmarks.peers import harness, job_common, run, table, venvs
+
+# /proc/stat's aggregate line: user nice system idle iowait irq softirq steal guest guest_nice
+STAT = "cpu  {user} 0 {system} {idle} {iowait} 0 0 {steal} 7 0\ncpu0 1 2 3 4 5 6 7 8 9 10\nintr 12345\n"
+
+
+def stat(user: int, system: int, idle: int, iowait: int = 0, steal: int = 0) -> str:
+    return STAT.format(user=user, system=system, idle=idle, iowait=iowait, steal=steal)
+
+
+def test_cpu_times_reads_the_aggregate_line_and_counts_steal_as_busy():
+    times = harness.cpu_times(stat(user=300, system=100, idle=500, iowait=50, steal=50), ticks_per_s=100)
+    assert times.busy_s == pytest.approx(4.5)  # user + system + steal; guest (7) is inside user already
+    assert times.total_s == pytest.approx(10.0)
+    with pytest.raises(ValueError, match="/proc/stat"):
+        harness.cpu_times("intr 1\n")
+
+
+def test_others_cpu_is_the_machine_busy_time_less_the_jobs_own():
+    before = harness.CpuTimes(busy_s=100.0, total_s=1000.0)
+    after = harness.CpuTimes(busy_s=130.0, total_s=1040.0)  # 40 s of both CPUs, 30 s busy
+    assert harness.busy_percent(before, after) == pytest.approx(75.0)
+    assert harness.others_cpu_percent(before, after, job_cpu_s=20.0) == pytest.approx(25.0)
+    assert harness.others_cpu_percent(before, after, job_cpu_s=30.5) == 0.0  # tick rounding never goes negative
+
+
+def test_wait_for_idle_waits_for_a_quiet_window_and_gives_up_at_the_timeout():
+    # busy 50%, then 5%: quiet after the second window
+    readings = iter([harness.CpuTimes(0, 0), harness.CpuTimes(1, 2), harness.CpuTimes(1, 2), harness.CpuTimes(1.1, 4)])
+    quiet = harness.wait_for_idle(10.0, 1.0, 60.0, read=lambda: next(readings), sleep=lambda s: None)
+    assert quiet == harness.Quiet(True, pytest.approx(5.0), 2.0)
+    always_busy = iter(harness.CpuTimes(i, i) for i in range(100))
+    quiet = harness.wait_for_idle(10.0, 1.0, 3.0, read=lambda: next(always_busy), sleep=lambda s: None)
+    assert not quiet.quiet and quiet.waited_s == 3.0 and quiet.busy_pct == pytest.approx(100.0)
+
+
+def test_run_job_counts_the_jobs_cpu_and_kills_it_at_the_timeout(tmp_path):
+    burn = "import time\nend = time.process_time() + 0.3\nwhile time.process_time() < end: pass\nprint('done')"
+    done = harness.run_job([sys.executable, "-c", burn], env=os.environ, cwd=str(tmp_path), timeout_s=60)
+    assert done.returncode == 0 and done.stdout.strip() == "done"
+    assert done.job_cpu_s >= 0.3 and 0.0 <= done.others_cpu_pct <= 100.0
+    killed = harness.run_job([sys.executable, "-c", "import time; time.sleep(60)"], env=os.environ,
+                             cwd=str(tmp_path), timeout_s=0.5)
+    assert killed.timed_out and killed.wall_s < 30
+
+
+def test_a_failed_job_gives_a_row_with_its_error_line():
+    stderr = "Traceback (most recent call last):\n  File x\nRuntimeError: out of memory\nwarning: trailing\n"
+    failed = harness.JobRun(returncode=1, wall_s=3.0, job_cpu_s=2.0, others_cpu_pct=1.0, job_cpu_pct=33.0,
+                            stdout="", stderr=stderr)
+    quiet = harness.Quiet(False, 55.0, 300.0)
+    row = run.job_row("xception", "keras", failed, quiet, 10.0, 1800.0)
+    assert row["status"] == "failed"
+    assert row["note"].startswith("RuntimeError: out of memory; the CPU never got below 10% busy")
+    killed = harness.JobRun(None, 1800.0, 1.0, 0.0, 1.0, "", "step 3\n")
+    row = run.job_row("xception", "torch", killed, harness.Quiet(True, 2.0, 1.0), 10.0, 1800.0)
+    assert row["status"] == "timeout" and row["note"] == "killed after 1800 s (last line: step 3)"
+    report = {"stack": "torch", "network": "xception", "images_per_s": 4.0, "versions": {"torch": "x"}}
+    ok = harness.JobRun(0, 9.0, 15.0, 0.5, 83.0, "noise\n" + job_common.RESULT_MARKER + json.dumps(report), "")
+    row = run.job_row("xception", "torch", ok, harness.Quiet(True, 2.0, 1.0), 10.0, 1800.0)
+    assert row["status"] == "ok" and row["images_per_s"] == 4.0 and "versions" not in row and row["note"] == ""
+
+
+def _row(network: str, stack: str, speed: float | None) -> dict:
+    if speed is None:
+        return {"network": network, "stack": stack, "status": "failed", "note": "RuntimeError: boom",
+                "others_cpu_pct": 0.0, "job_cpu_pct": 50.0}
+    return {"network": network, "stack": stack, "status": "ok", "images_per_s": speed, "step_s_median": 8 / speed,
+            "step_s_min": 8 / speed, "step_s_max": 8 / speed, "first_step_s": 12.0, "parameters": 23_510_081,
+            "built": "a | b", "note": "", "others_cpu_pct": 1.5, "job_cpu_pct": 97.0}
+
+
+def test_summary_divides_ours_by_the_fastest_peer_that_ran():
+    stacks = ["ours", "torch", "keras"]
+    rows = [_row("resnet50", "ours", 2.0), _row("resnet50", "torch", 4.0), _row("resnet50", "keras", 5.0),
+            _row("xception", "ours", 3.0), _row("xception", "torch", 2.5), _row("xception", "keras", None),
+            _row("vgg19", "ours", None), _row("vgg19", "torch", 1.0)]
+    networks = ["resnet50", "xception", "inception_v3", "vgg19"]
+    summary = table.summary(rows, networks, stacks)
+    assert [entry["network"] for entry in summary] == ["resnet50", "xception", "vgg19"]  # no rows, no line
+    assert summary[0]["best_peer"] == "keras" and summary[0]["ours_to_best_peer"] == pytest.approx(0.4)
+    assert summary[1]["best_peer"] == "torch" and summary[1]["ours_to_best_peer"] == pytest.approx(1.2)
+    assert summary[2]["ours_to_best_peer"] is None
+    text = table.markdown({"title": "T", "facts": {"machine": "m"}}, rows, networks, stacks)
+    assert "| ResNet-50 | 2.00 | 4.00 | 5.00 | Keras 3 (TensorFlow) | 0.40 |" in text
+    assert "| Xception | 3.00 | 2.50 | n/a | PyTorch eager | 1.20 |" in text
+    assert "| VGG19 | n/a | 1.00 | n/a | PyTorch eager | n/a |" in text
+    assert "| Xception | Keras 3 (TensorFlow) | failed |" in text and "RuntimeError: boom" in text
+    assert "a / b" in text  # a '|' inside a cell would break the table
+
+
+def test_time_steps_times_the_first_step_apart_and_takes_the_median():
+    calls = []
+
+    def step() -> float:
+        calls.append(1)
+        return 1.0
+
+    timing = job_common.time_steps(step, warmup_steps=2, steps=3)
+    assert len(calls) == 6 and timing["timed_steps"] == 3
+    assert timing["step_s_min"] <= timing["step_s_median"] <= timing["step_s_max"]
+    with pytest.raises(FloatingPointError):
+        job_common.time_steps(lambda: math.nan, warmup_steps=0, steps=1)
+
+
+@pytest.mark.parametrize("argv, flag", [(["--networks=resnet51"], "--networks"), (["--stacks=jax"], "--stacks"),
+                                        (["--image_size=16"], "--image_size"), (["--steps=0"], "--steps"),
+                                        (["--torch_python=/nonexistent/python"], "--torch_python"),
+                                        (["--out=table.txt"], "--out"),
+                                        (["--idle_threshold_pct=0"], "--idle_threshold_pct")])
+def test_bad_flags_name_the_flag(argv, flag):
+    with pytest.raises(app.UsageError, match=flag):
+        run.main(argv)
+
+
+def test_our_job_runs_through_the_harness(tmp_path):
+    """Our real train step (VGG19 + Dense(1), 32 px, batch 1, one timed step) in a subprocess."""
+    out = tmp_path / "peers.md"
+    status = run.main(["--stacks=ours", "--networks=vgg19", "--image_size=32", "--batch_size=1", "--warmup_steps=0",
+                       "--steps=1", f"--ours_python={sys.executable}", "--idle_threshold_pct=100", "--idle_timeout_s=1",
+                       f"--out={out}"])
+    document = json.loads((tmp_path / "peers.json").read_text())
+    (row,) = document["rows"]
+    assert status == 0, row
+    assert row["status"] == "ok" and row["network"] == "vgg19" and row["stack"] == "ours"
+    # keras.applications.VGG19(include_top=False) has 20,024,384 parameters; Dense(1) adds 513: no sex head
+    assert row["parameters"] == 20_024_384 + 513
+    assert row["images_per_s"] > 0 and row["first_step_s"] >= row["compile_s"] > 0
+    assert math.isfinite(row["last_loss"])
+    assert document["header"]["versions"]["ours"]["boneage_jax"] == run.REPO
+    assert "| VGG19 |" in out.read_text()
+
+
+def test_a_peer_venv_is_installed_once_per_version_of_its_requirements(tmp_path, monkeypatch):
+    """``venvs.ensure`` with a stand-in interpreter that records each pip call (no real install)."""
+    root = tmp_path / "venvs"
+    (root / "torch" / "bin").mkdir(parents=True)
+    calls = tmp_path / "calls.txt"
+    python = root / "torch" / "bin" / "python"
+    python.write_text(f"#!/bin/sh\necho \"$*\" >> {calls}\nexit ${{FAIL:-0}}\n")
+    python.chmod(0o755)
+    requirements = tmp_path / "torch.txt"
+    requirements.write_text("torch==1\n")
+    monkeypatch.setitem(venvs.REQUIREMENTS, "torch", str(requirements))
+    assert venvs.ensure("torch", root=str(root), log=lambda line: None) == str(python)
+    assert venvs.ensure("torch", root=str(root), log=lambda line: None) == str(python)
+    assert calls.read_text().splitlines() == [f"-m pip install --no-compile -r {requirements}"]
+    requirements.write_text("torch==2\n")  # a new pin installs again
+    monkeypatch.setenv("FAIL", "1")
+    with pytest.raises(venvs.VenvError, match=r"torch\.txt.*exit 1.*torch\.log"):
+        venvs.ensure("torch", root=str(root), log=lambda line: None)
+    monkeypatch.delenv("FAIL")
+    venvs.ensure("torch", root=str(root), log=lambda line: None)
+    assert len(calls.read_text().splitlines()) == 3
+    assert len([name for name in os.listdir(root / "torch") if name.startswith(".installed-")]) == 1
