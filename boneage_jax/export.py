@@ -31,6 +31,7 @@ import numpy as np
 from absl import app, flags
 
 from boneage_jax import cli, inference, io, objectives, ops
+from boneage_jax.kernels import onednn
 
 FORMAT = "boneage_jax.jaxexport/1"
 DEFAULT_PLATFORMS = ("cpu", "cuda", "tpu")
@@ -69,7 +70,8 @@ def export_run(run: inference.LoadedRun, batch_size: int | None = None,
         batch = int(batch_size)
     images = jax.ShapeDtypeStruct((batch, size, size, run.in_channels), np.float32)
     male = jax.ShapeDtypeStruct((batch,), np.float32)
-    return jax.export.export(jax.jit(inference_function(run)), platforms=platforms)(images, male)
+    with onednn.xla_convolutions():  # portable: no custom calls into this machine's oneDNN library
+        return jax.export.export(jax.jit(inference_function(run)), platforms=platforms)(images, male)
 
 
 def sidecar(run: inference.LoadedRun, exported: jax.export.Exported, which: str) -> dict:

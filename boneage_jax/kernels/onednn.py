@@ -21,18 +21,22 @@ hold, and to ``lax.conv_general_dilated`` otherwise (same results within float32
   ``auto`` mode a missing library logs one warning and XLA's path is used; ``onednn`` mode
   raises instead.
 
-``BONEAGE_CPU_CONV=xla`` turns it off. The gradient is a ``jax.custom_vjp`` whose backward pass
-calls oneDNN's backward-data and backward-weights convolutions.
+``BONEAGE_CPU_CONV=xla`` turns it off; ``with xla_convolutions():`` turns it off for what is
+traced inside (``boneage_jax.export`` does: an exported program must not need this library).
+The gradient is a ``jax.custom_vjp`` whose backward pass calls oneDNN's backward-data and
+backward-weights convolutions.
 """
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import functools
 import logging
 import os
 import platform
-from typing import Sequence
+import threading
+from collections.abc import Iterator, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -82,11 +86,26 @@ def _warn_once(reason: str) -> None:
     logging.warning("Convolutions run on XLA's CPU path (2-3x slower than oneDNN's): %s", reason)
 
 
+_XLA_ONLY = threading.local()
+
+
+@contextlib.contextmanager
+def xla_convolutions() -> Iterator[None]:
+    """Within it, convolutions traced in this thread use XLA's path: for ``jax.export``, whose
+    serialised programs cannot hold custom calls (they would need this library to run)."""
+    previous = getattr(_XLA_ONLY, "active", False)
+    _XLA_ONLY.active = True
+    try:
+        yield
+    finally:
+        _XLA_ONLY.active = previous
+
+
 def use_onednn(backend: str | None = None) -> bool:
     """Whether convolutions traced now for ``backend`` (default: JAX's) go to oneDNN (see the
     module docstring)."""
     chosen = mode()
-    if chosen == "xla" or (backend or jax.default_backend()) != "cpu" or jax.device_count() != 1:
+    if chosen == "xla" or getattr(_XLA_ONLY, "active", False) or (backend or jax.default_backend()) != "cpu" or jax.device_count() != 1:
         return False
     reason = load()
     if reason is None:
