@@ -15,8 +15,9 @@ settings: another dataset folder, sex and age filters, batch size); the model se
   (``--tta_flip``) and small rotations (``--tta_angles``, default -5 and +5 degrees) of the
   normalised input (edges replicated).
 - ``--ensemble``: more workdirs; the prediction is the members' mean (each member reads the
-  images with its own preprocessing). Gaussian heads combine as a mixture (std of the
-  mixture); class heads vote (ties go to the class whose mean age is nearest the mean age).
+  images with its own preprocessing). The members combine as a mixture (std of the mixture:
+  Gaussian heads with their variance, other heads as points); class heads vote (ties go to
+  the class whose mean age is nearest the mean age).
 - ``--bias_correction``: fits ``true ~ slope * pred + intercept`` on the validation
   predictions (same models, same TTA) and applies it to the scored split.
 
@@ -24,9 +25,27 @@ Writes into the (first) workdir ``evaluation_<split>[_latest][_tta][_ensemble][_
 (``results.json``'s keys mae, rmse, r2, num_examples, baseline_mae, checkpoint_step, and mse,
 mad_difference, mad_deviation, ccc, mean_error, sd_error, ``breakdown`` per sex and per age
 band, ``accuracy`` and ``confusion_matrix`` for class heads, ``bias_correction``, ``inference``
-timing and memory) and ``predictions_<same suffix>.csv`` (id, male, boneage, pred_boneage,
-[pred_std], [pred_class]; ``_on-<folder>`` is added when ``data.manual_dir`` is not the run's).
-``--report`` also draws the figures and ``report/report.md`` (``boneage_jax.report``).
+timing and memory, and for uncertainty:
+
+- ``confidence_intervals``: 95% percentile bootstrap intervals of MAE, RMSE and CCC over the
+  images (2,000 resamples, seed 0), ``{"mae": {"estimate", "low", "high"}, ...}``;
+- ``prediction_interval``: where the per-image intervals come from (``sources``: the gaussian
+  head's std, the spread over the TTA views, the spread over the ensemble members; combined as
+  mean of the variances + variance of the means), or a ``note`` that there are none (a regression
+  or classification head without ``--tta`` or ``--ensemble``);
+- ``calibration`` (with intervals and labels): observed coverage and mean width of the normal
+  intervals at nominal levels 10%..90% and 95% (``levels``, ``coverage``, ``mean_width``) and
+  ``coverage_68``, ``mean_width_68``, ``coverage_95``, ``mean_width_95``;
+- ``member_comparison`` (``--ensemble``, labelled): each member's MAE with its interval, and
+  paired bootstrap intervals of MAE differences on the same images: each member minus the first
+  (``--workdir``) and the ensemble minus each member, before any bias correction)
+
+and ``predictions_<same suffix>.csv`` (id, male, boneage, pred_boneage, [pred_boneage_uncorrected],
+[pred_std], [pred_class], and with intervals pred_low_68, pred_high_68, pred_low_95,
+pred_high_95; ``_on-<folder>`` is added when ``data.manual_dir`` is not the run's). With
+``--bias_correction`` the std is scaled by the correction's slope. ``--report`` also draws the
+figures (with ``reliability.png``, the calibration curve) and ``report/report.md``
+(``boneage_jax.report``).
 """
 
 from __future__ import annotations

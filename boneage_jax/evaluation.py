@@ -3,12 +3,17 @@
 - :func:`global_batch` and :func:`to_host` move batches onto the ``data`` mesh and back
   (gathering across processes); the readout of one batch is ``inference.predict_step``.
 - :func:`predict_split`: predictions for every example of a split, padding removed.
-- :func:`score_predictions`: the objective's metrics plus, for bone age, the breakdown per sex
+- :func:`score_predictions`: the objective's metrics plus, for bone age, bootstrap confidence
+  intervals of MAE, RMSE and CCC, the calibration of per-image intervals, the breakdown per sex
   and age band and the confusion matrix of class heads.
 - Test-time augmentation (:func:`tta_views`: flip and small rotations of the normalised input,
   edges replicated) and ensembles (:func:`combine`, :func:`ensemble_predictions`: the members'
-  mean; Gaussian heads as a mixture, class heads by vote) over loaded runs
-  (``boneage_jax.inference.LoadedRun``), with timing (:class:`Timing`) and peak memory.
+  mean; the spread as a mixture of the views or members, Gaussian heads with their variance;
+  class heads by vote) over loaded runs (``boneage_jax.inference.LoadedRun``), with timing
+  (:class:`Timing`) and peak memory; :func:`compare_members`: the members' MAE against each
+  other and the ensemble (paired bootstrap).
+- Per-image prediction intervals (:func:`with_intervals`: 68% and 95% normal intervals from
+  ``pred_std``, where a Gaussian head, TTA or an ensemble gives one; :func:`interval_sources`).
 - :func:`evaluate`: what ``python -m boneage_jax.evaluate`` (and ``boneage_jax.report``) does:
   loads a run (and ensemble members), scores a split, optionally bias-corrected, writes
   ``evaluation_<suffix>.json`` and ``predictions_<suffix>.csv`` into the workdir, and with
@@ -79,13 +84,18 @@ def predict_split(
 
 
 def score_predictions(predictions: dict[str, np.ndarray], objective) -> dict:
-    """``objective.score`` plus the breakdown per sex and age band, and the confusion matrix
-    for class heads, over the labelled predictions."""
+    """``objective.score`` plus, over the labelled predictions, bootstrap confidence intervals of
+    MAE, RMSE and CCC (``confidence_intervals``), the calibration of the per-image intervals
+    where there is a ``pred_std`` (``calibration``), the breakdown per sex and age band, and the
+    confusion matrix for class heads."""
     result = dict(objective.score(predictions))
     labelled = ~np.isnan(predictions["boneage"])
     if not labelled.any():
         return result
     pred, true, male = (predictions[k][labelled] for k in ("pred_boneage", "boneage", "male"))
+    result["confidence_intervals"] = metrics.bootstrap_intervals(pred, true)
+    if "pred_std" in predictions:
+        result["calibration"] = metrics.calibration(pred, predictions["pred_std"][labelled], true)
     result["breakdown"] = metrics.breakdown(pred, true, male, baseline=objective.stats.mean)
     if "pred_class" in predictions:
         true_class = objective.true_classes(true)
@@ -138,16 +148,20 @@ def tta_views(images: np.ndarray, flip: bool = True, angles: Sequence[float] = (
 def combine(readouts: Sequence[dict], prefix: str = "", class_means: Sequence[float] | None = None) -> dict:
     """Mean of several readouts of the same images (TTA views or ensemble members).
 
-    ``{prefix}boneage``: the mean. ``{prefix}std`` (when all have one): the standard deviation of
-    the equal-weight Gaussian mixture, sqrt(mean(std^2 + mu^2) - mean(mu)^2). ``{prefix}class``
-    (when all have one): the majority vote, ties going to the class whose ``class_means`` is
-    nearest the mean age (else the lowest class)."""
+    ``{prefix}boneage``: the mean. ``{prefix}std``: the standard deviation of the equal-weight
+    mixture of the readouts, whose variance is the mean of their variances plus the variance of
+    their means: Gaussian readouts (all with a ``std``) as normals; readouts without one, when
+    there are several, as point masses (the spread of the means alone); none for a single
+    readout without one. ``{prefix}class`` (when all have one): the majority vote, ties going to
+    the class whose ``class_means`` is nearest the mean age (else the lowest class)."""
     ages = np.stack([np.asarray(r[f"{prefix}boneage"], np.float64) for r in readouts])
     out = {f"{prefix}boneage": ages.mean(0).astype(np.float32)}
-    if all(f"{prefix}std" in r for r in readouts):
-        stds = np.stack([np.asarray(r[f"{prefix}std"], np.float64) for r in readouts])
-        var = np.mean(stds**2 + ages**2, axis=0) - ages.mean(0) ** 2
-        out[f"{prefix}std"] = np.sqrt(np.maximum(var, 0.0)).astype(np.float32)
+    gaussian = all(f"{prefix}std" in r for r in readouts)
+    if gaussian or len(readouts) > 1:
+        variances = (np.stack([np.asarray(r[f"{prefix}std"], np.float64) ** 2 for r in readouts]) if gaussian
+                     else np.zeros_like(ages))
+        var = variances.mean(0) + ages.var(0)
+        out[f"{prefix}std"] = np.sqrt(var).astype(np.float32)
     if all(f"{prefix}class" in r for r in readouts):
         classes = np.stack([np.asarray(r[f"{prefix}class"], np.int64) for r in readouts])  # (N, B)
         num = int(classes.max()) + 1 if class_means is None else len(class_means)
@@ -213,16 +227,22 @@ def member_predictions(run: inference.LoadedRun, chosen: Sequence[data.SplitSele
     return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
 
 
-def ensemble_predictions(runs: Sequence[inference.LoadedRun], chosen: Sequence[data.SplitSelection],
-                         timing: Timing | None = None, **tta) -> dict[str, np.ndarray]:
-    """The members' predictions combined (one member: its own)."""
+def each_member_predictions(runs: Sequence[inference.LoadedRun], chosen: Sequence[data.SplitSelection],
+                            timing: Timing | None = None, **tta) -> list[dict[str, np.ndarray]]:
+    """Every member's own predictions of the same images (``timing`` counts each image once)."""
     each = [member_predictions(run, chosen, timing=timing, **tta) for run in runs]
     if timing is not None and len(runs) > 1:
         timing.images //= len(runs)
-    first = each[0]
     for run, other in zip(runs[1:], each[1:]):
-        if not np.array_equal(first["id"], other["id"]):
+        if not np.array_equal(each[0]["id"], other["id"]):
             raise ValueError(f"ensemble member {run.workdir} predicted other images than {runs[0].workdir}")
+    return each
+
+
+def combine_members(runs: Sequence[inference.LoadedRun],
+                    each: Sequence[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
+    """The members' predictions combined (``combine``; one member: its own)."""
+    first = each[0]
     if len(each) == 1:
         return first
     heads = {run.objective.head for run in runs}
@@ -233,6 +253,75 @@ def ensemble_predictions(runs: Sequence[inference.LoadedRun], chosen: Sequence[d
             r.pop("pred_class", None)
     combined = combine(readouts, prefix="pred_", class_means=runs[0].objective.stats.class_means or None)
     return {**{k: v for k, v in first.items() if not k.startswith("pred_")}, **combined}
+
+
+def ensemble_predictions(runs: Sequence[inference.LoadedRun], chosen: Sequence[data.SplitSelection],
+                         timing: Timing | None = None, **tta) -> dict[str, np.ndarray]:
+    """The members' predictions combined (one member: its own)."""
+    return combine_members(runs, each_member_predictions(runs, chosen, timing, **tta))
+
+
+def compare_members(runs: Sequence[inference.LoadedRun], each: Sequence[dict[str, np.ndarray]],
+                    combined: dict[str, np.ndarray]) -> dict:
+    """Paired bootstrap comparisons of an ensemble's members on their labelled images: each
+    member's MAE with its interval, each later member minus the first (``--workdir``'s run: two
+    configs compared on the same images), and the ensemble minus each member. The predictions
+    are compared as the models made them (before any bias correction)."""
+    labelled = ~np.isnan(combined["boneage"])
+    true = combined["boneage"][labelled]
+    preds = [p["pred_boneage"][labelled] for p in each]
+    ensemble = combined["pred_boneage"][labelled]
+    members = []
+    for run, pred in zip(runs, preds):
+        mae = metrics.bootstrap_intervals(pred, true)["mae"]
+        members.append({"workdir": run.workdir, "mae": mae["estimate"], "low": mae["low"], "high": mae["high"]})
+
+    def difference(pred_a, pred_b, workdir):
+        d = metrics.paired_bootstrap_mae(pred_a, pred_b, true)
+        return {"workdir": workdir, "difference": d["difference"], "low": d["low"], "high": d["high"]}
+
+    return {**metrics.bootstrap_settings(len(true)), "members": members,
+            "minus_first": [difference(pred, preds[0], run.workdir) for run, pred in zip(runs[1:], preds[1:])],
+            "ensemble_minus_member": [difference(ensemble, pred, run.workdir) for run, pred in zip(runs, preds)]}
+
+
+# ----------------------------------------------------------------------------- per-image intervals
+
+
+def interval_sources(runs: Sequence[inference.LoadedRun], tta_views: int) -> list[str]:
+    """Where a per-image spread comes from (``combine``): the Gaussian heads' standard deviation
+    (when every member has one), the spread over the TTA views, the spread over the members.
+    Empty: the predictions have no interval."""
+    sources = []
+    gaussian = sum(run.objective.head == "gaussian" for run in runs)
+    if gaussian == len(runs):
+        sources.append("gaussian head")
+    elif gaussian and tta_views > 1:  # every member has a std then, so the Gaussian ones count
+        sources.append(f"gaussian head of {gaussian} of {len(runs)} members")
+    if tta_views > 1:
+        sources.append(f"spread over {tta_views} TTA views")
+    if len(runs) > 1:
+        sources.append(f"spread over {len(runs)} ensemble members")
+    return sources
+
+
+# The per-image interval columns: pred_low_68, pred_high_68, pred_low_95, pred_high_95.
+INTERVAL_COLUMNS = tuple(f"pred_{end}_{metrics.level_name(level)}" for level in metrics.INTERVAL_LEVELS
+                         for end in ("low", "high"))
+
+
+def with_intervals(predictions: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """``predictions`` with ``INTERVAL_COLUMNS`` (the central normal intervals of
+    ``pred_boneage`` and ``pred_std`` at ``metrics.INTERVAL_LEVELS``) when they have a ``pred_std``."""
+    if "pred_std" not in predictions:
+        return predictions
+    out = dict(predictions)
+    for level in metrics.INTERVAL_LEVELS:
+        low, high = metrics.normal_interval(predictions["pred_boneage"], predictions["pred_std"], level)
+        out[f"pred_low_{metrics.level_name(level)}"] = low.astype(np.float32)
+        out[f"pred_high_{metrics.level_name(level)}"] = high.astype(np.float32)
+    return out
+
 
 # ----------------------------------------------------------------------------- evaluating runs
 
@@ -330,9 +419,13 @@ def evaluate(workdir: str, *, split: str | None = None, which: str = "best", tta
     split, chosen = selections(config, split)
     tta_options = {"tta": tta, "tta_flip": tta_flip, "tta_angles": tuple(float(a) for a in tta_angles)}
 
+    tta_views = 1 + tta_flip + len(tta_options["tta_angles"]) if tta else 1
+
     timing = Timing()
-    predictions = ensemble_predictions(runs, chosen, timing=timing, **tta_options)
+    each = each_member_predictions(runs, chosen, timing=timing, **tta_options)
+    predictions = combine_members(runs, each)
     objective = runs[0].objective
+    comparison = compare_members(runs, each, predictions) if len(runs) > 1 and has_labels(predictions) else None
 
     correction = None
     if bias_correction:
@@ -348,9 +441,12 @@ def evaluate(workdir: str, *, split: str | None = None, which: str = "best", tta
         predictions = {**predictions, "pred_boneage_uncorrected": predictions["pred_boneage"],
                        "pred_boneage": metrics.apply_linear_correction(predictions["pred_boneage"],
                                                                        correction).astype(np.float32)}
+        if "pred_std" in predictions:  # the predictive distribution through the same line
+            predictions["pred_std"] = (predictions["pred_std"] * abs(correction["slope"])).astype(np.float32)
         correction = {**correction, "fitted_on": "validation", "num_fitted": int(labelled.sum()),
                       "in_sample": split in ("validation", "all"), "uncorrected": uncorrected}
 
+    predictions = with_intervals(predictions)
     result = score_predictions(predictions, objective)
     result["checkpoint_step"] = runs[0].step
     result["split"] = split
@@ -359,10 +455,14 @@ def evaluate(workdir: str, *, split: str | None = None, which: str = "best", tta
     result["dataset"] = os.path.abspath(os.path.expanduser(config.data.manual_dir))
     result["members"] = [{"workdir": r.workdir, "checkpoint_step": r.step, "model": r.config.model.name}
                          for r in runs]
-    result["tta"] = ({"views": 1 + tta_flip + len(tta_options["tta_angles"]), "flip": tta_flip,
-                      "angles": list(tta_options["tta_angles"])} if tta else None)
+    result["tta"] = ({"views": tta_views, "flip": tta_flip, "angles": list(tta_options["tta_angles"])}
+                     if tta else None)
     if correction is not None:
         result["bias_correction"] = correction
+    result["prediction_interval"] = interval_description(predictions, interval_sources(runs, tta_views), objective,
+                                                         correction)
+    if comparison is not None:
+        result["member_comparison"] = comparison
     result["inference"] = {**timing.summary(), **memory_summary()}
     result["overrides"] = list(overrides)
 
@@ -387,9 +487,30 @@ def evaluate(workdir: str, *, split: str | None = None, which: str = "best", tta
     return outcome
 
 
+def has_labels(predictions: dict[str, np.ndarray]) -> bool:
+    return bool((~np.isnan(predictions["boneage"])).any())
+
+
+def interval_description(predictions: dict[str, np.ndarray], sources: Sequence[str], objective,
+                         correction: dict | None) -> dict:
+    """``prediction_interval`` of the evaluation JSON: where the per-image intervals come from
+    and which CSV columns hold them, or why there are none."""
+    if "pred_std" not in predictions:
+        return {"sources": [], "note": f"no per-image interval: a {objective.head} head gives no spread of its own "
+                                       "(a gaussian head, --tta or --ensemble would)"}
+    out = {"sources": list(sources), "levels": list(metrics.INTERVAL_LEVELS),
+           "csv_columns": ["pred_std", *INTERVAL_COLUMNS],
+           "distribution": "normal around pred_boneage with variance pred_std^2 = mean of the variances + variance "
+                           "of the means over the TTA views and ensemble members (a readout without a std counts "
+                           "as variance 0)"}
+    if correction is not None:
+        out["scaled_by_bias_correction"] = abs(correction["slope"])
+    return out
+
+
 def write_predictions_csv(path: str, predictions: dict[str, np.ndarray]) -> None:
     columns = ["id", "male", "boneage", "pred_boneage"] + [
-        k for k in ("pred_boneage_uncorrected", "pred_std", "pred_class") if k in predictions]
+        k for k in ("pred_boneage_uncorrected", "pred_std", "pred_class", *INTERVAL_COLUMNS) if k in predictions]
 
     def cell(key, value):
         if key in ("id", "pred_class"):
@@ -400,6 +521,62 @@ def write_predictions_csv(path: str, predictions: dict[str, np.ndarray]) -> None
 
     rows = ([cell(k, predictions[k][i]) for k in columns] for i in range(len(predictions["id"])))
     io.write_csv(path, columns, rows)
+
+
+def _ci(low: float | None, high: float | None, level: float, digits: int) -> str:
+    if low is None or high is None or not (np.isfinite(low) and np.isfinite(high)):
+        return f"{level_percent(level)} CI n/a"
+    return f"{level_percent(level)} CI {low:.{digits}f} to {high:.{digits}f}"
+
+
+def level_percent(level: float) -> str:
+    return f"{metrics.level_name(level)}%"
+
+
+def confidence_text(intervals: dict) -> str:
+    """"MAE 8.79 (95% CI 7.90 to 9.70), RMSE ..., CCC ..." and how the intervals were made."""
+    parts = []
+    for name, label, digits in (("mae", "MAE", 2), ("rmse", "RMSE", 2), ("ccc", "CCC", 3)):
+        entry = intervals[name]
+        parts.append(f"{label} {entry['estimate']:.{digits}f} "
+                     f"({_ci(entry['low'], entry['high'], intervals['level'], digits)})")
+    return (", ".join(parts) + f" [percentile bootstrap over the {intervals['num_examples']:,} images, "
+            f"{intervals['num_resamples']:,} resamples, seed {intervals['seed']}]")
+
+
+def interval_text(result: dict) -> str:
+    """One line on the per-image intervals: their sources and calibration, or that there are none."""
+    interval = result["prediction_interval"]
+    if not interval["sources"]:
+        return interval["note"]
+    text = f"per-image intervals ({', '.join(interval['sources'])})"
+    if "calibration" not in result:
+        return text + ": no labels to check them against"
+    c = result["calibration"]
+    covered = [f"{level_percent(level)} interval covers {c[f'coverage_{metrics.level_name(level)}']:.1%} of the "
+               f"images (mean width {c[f'mean_width_{metrics.level_name(level)}']:.2f} months)"
+               for level in metrics.INTERVAL_LEVELS]
+    return text + ": " + "; ".join(covered)
+
+
+def comparison_lines(comparison: dict) -> list[str]:
+    """The ensemble members' MAE and the paired differences (``compare_members``), one a line."""
+    level, names = comparison["level"], {}
+    for m in comparison["members"]:
+        names[m["workdir"]] = os.path.basename(os.path.normpath(m["workdir"])) or m["workdir"]
+    if len(set(names.values())) < len(names):  # the same folder name twice: full paths
+        names = {w: w for w in names}
+    lines = ["members (paired bootstrap over the same images): " + ", ".join(
+        f"{names[m['workdir']]} MAE {m['mae']:.2f} ({_ci(m['low'], m['high'], level, 2)})"
+        for m in comparison["members"])]
+    first = names[comparison["members"][0]["workdir"]]
+    for d in comparison["minus_first"]:
+        lines.append(f"  MAE {names[d['workdir']]} - {first}: {d['difference']:+.2f} "
+                     f"({_ci(d['low'], d['high'], level, 2)})")
+    for d in comparison["ensemble_minus_member"]:
+        lines.append(f"  MAE ensemble - {names[d['workdir']]}: {d['difference']:+.2f} "
+                     f"({_ci(d['low'], d['high'], level, 2)})")
+    return lines
 
 
 def summary_table(outcome: Evaluation) -> str:
@@ -414,6 +591,7 @@ def summary_table(outcome: Evaluation) -> str:
     lines = [head]
     if "mae" not in r:
         lines.append(f"{r['num_examples']} images, unlabelled: predictions only")
+        lines.append(interval_text(r))
     else:
         lines.append(f"{'':<10}{'images':>7}{'MAE':>8}{'RMSE':>8}{'R2':>8}{'CCC':>8}{'MADdev':>8}{'bias':>8}"
                      f"{'baseline':>10}")
@@ -429,6 +607,10 @@ def summary_table(outcome: Evaluation) -> str:
         for group in ("sex", "age_band"):
             for name, m in r["breakdown"][group].items():
                 lines.append(row(name, m))
+        lines.append(confidence_text(r["confidence_intervals"]))
+        lines.append(interval_text(r))
+        if "member_comparison" in r:
+            lines += comparison_lines(r["member_comparison"])
         if "accuracy" in r:
             lines.append(f"class accuracy {r['accuracy']:.3f} over {len(r['confusion_matrix'])} classes")
         if "bias_correction" in r:

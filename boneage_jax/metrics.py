@@ -18,9 +18,21 @@ Classification heads: ``accuracy`` and ``confusion_matrix`` (rows true class, co
 ``breakdown`` repeats the regression metrics per sex and per age band (``AGE_BANDS``: 0-2, 2-6,
 6-10, 10-14 and 14-19 years); ``fit_linear_correction`` / ``apply_linear_correction`` fit
 ``true ~ slope * pred + intercept`` by least squares (on validation) and apply it (to test).
+
+Uncertainty of the scores: ``bootstrap_intervals`` (percentile bootstrap confidence intervals of
+MAE, RMSE and CCC over the images; 2,000 resamples, seed 0) and ``paired_bootstrap_mae`` (the
+MAE difference of two predictions of the same images, with its interval).
+
+Uncertainty per image: ``normal_interval`` (the central interval of a normal prediction with a
+standard deviation), ``interval_coverage`` and ``calibration`` (observed coverage and mean width
+of such intervals at nominal levels: the reliability curve), ``coverage_sampling_band`` (the
+coverage a calibrated model shows by chance with n images).
 """
 
 from __future__ import annotations
+
+import statistics
+from collections.abc import Iterator
 
 import numpy as np
 
@@ -205,3 +217,166 @@ def fit_linear_correction(pred, true) -> dict[str, float]:
 
 def apply_linear_correction(pred, correction: dict[str, float]) -> np.ndarray:
     return np.asarray(pred, np.float64) * correction["slope"] + correction["intercept"]
+
+
+# ----------------------------------------------------------------------------- bootstrap confidence intervals
+
+BOOTSTRAP_RESAMPLES = 2000
+BOOTSTRAP_SEED = 0
+BOOTSTRAP_LEVEL = 0.95
+_RESAMPLED_VALUES_AT_ONCE = 1 << 21  # per array: a chunk of resamples stays under ~16 MiB of float64
+
+
+def bootstrap_indices(num_examples: int, num_resamples: int = BOOTSTRAP_RESAMPLES,
+                      seed: int = BOOTSTRAP_SEED) -> Iterator[np.ndarray]:
+    """Indices of ``num_resamples`` resamples with replacement of ``num_examples`` examples, in
+    chunks of rows (one row per resample) small enough to hold a few float copies of."""
+    if num_examples < 1 or num_resamples < 1:
+        raise ValueError(f"bootstrap of {num_examples} examples with {num_resamples} resamples")
+    rng = np.random.default_rng(seed)
+    rows = max(1, _RESAMPLED_VALUES_AT_ONCE // num_examples)
+    for start in range(0, num_resamples, rows):
+        yield rng.integers(0, num_examples, size=(min(rows, num_resamples - start), num_examples))
+
+
+def resampled_regression(pred: np.ndarray, true: np.ndarray, index: np.ndarray) -> dict[str, np.ndarray]:
+    """MAE, RMSE and CCC (as :func:`mae`, :func:`rmse`, :func:`ccc`) of each resample, a row of
+    ``index`` (R, N); each value has shape (R,)."""
+    p, t = pred[index], true[index]
+    error = p - t
+    mp, mt = p.mean(axis=1), t.mean(axis=1)
+    covariance = np.mean((p - mp[:, None]) * (t - mt[:, None]), axis=1)
+    denominator = p.var(axis=1) + t.var(axis=1) + (mp - mt) ** 2
+    safe = np.where(denominator > 0, denominator, 1.0)
+    return {
+        "mae": np.abs(error).mean(axis=1),
+        "rmse": np.sqrt(np.mean(error**2, axis=1)),
+        "ccc": np.where(denominator > 0, 2.0 * covariance / safe, np.nan),
+    }
+
+
+def percentile_interval(values: np.ndarray, level: float = BOOTSTRAP_LEVEL) -> tuple[float, float]:
+    """The central ``level`` interval of bootstrap values (NaN values, such as the CCC of a
+    resample whose predictions and labels are all equal, are left out; all NaN -> NaN)."""
+    values = np.asarray(values, np.float64)
+    values = values[~np.isnan(values)]
+    if len(values) == 0:
+        return float("nan"), float("nan")
+    low, high = np.quantile(values, [(1.0 - level) / 2.0, (1.0 + level) / 2.0])
+    return float(low), float(high)
+
+
+def bootstrap_settings(num_examples: int, *, level: float = BOOTSTRAP_LEVEL, num_resamples: int = BOOTSTRAP_RESAMPLES,
+                       seed: int = BOOTSTRAP_SEED) -> dict:
+    """How a bootstrap interval was made (the keys every bootstrap result starts with)."""
+    if not 0.0 < level < 1.0:
+        raise ValueError(f"confidence level {level} must be in (0, 1)")
+    return {"method": "percentile bootstrap over images", "level": level, "num_resamples": num_resamples,
+            "seed": seed, "num_examples": num_examples}
+
+
+def bootstrap_intervals(pred, true, *, level: float = BOOTSTRAP_LEVEL, num_resamples: int = BOOTSTRAP_RESAMPLES,
+                        seed: int = BOOTSTRAP_SEED) -> dict:
+    """Percentile bootstrap confidence intervals of MAE, RMSE and CCC over the examples.
+
+    Resamples the (prediction, label) pairs with replacement ``num_resamples`` times (fixed
+    ``seed``: the same inputs give the same interval) and takes the central ``level`` quantiles
+    of each metric. Returns the settings and ``{"mae"|"rmse"|"ccc": {"estimate", "low", "high"}}``,
+    the estimate being the metric of all examples."""
+    pred, true = _pair(pred, true)
+    result = bootstrap_settings(len(true), level=level, num_resamples=num_resamples, seed=seed)
+    draws: dict[str, list[np.ndarray]] = {"mae": [], "rmse": [], "ccc": []}
+    for index in bootstrap_indices(len(true), num_resamples, seed):
+        for name, values in resampled_regression(pred, true, index).items():
+            draws[name].append(values)
+    estimates = {"mae": mae(pred, true), "rmse": rmse(pred, true), "ccc": ccc(pred, true)}
+    for name, values in draws.items():
+        low, high = percentile_interval(np.concatenate(values), level)
+        result[name] = {"estimate": estimates[name], "low": low, "high": high}
+    return result
+
+
+def paired_bootstrap_mae(pred_a, pred_b, true, *, level: float = BOOTSTRAP_LEVEL,
+                         num_resamples: int = BOOTSTRAP_RESAMPLES, seed: int = BOOTSTRAP_SEED) -> dict:
+    """MAE(a) - MAE(b) of two sets of predictions of the same images, with its percentile
+    bootstrap interval: each resample draws images, and both predictions of a drawn image go
+    together, so what the two share (hard images) cancels. Negative: ``a`` is better.
+
+    Returns the settings and ``mae_a``, ``mae_b``, ``difference``, ``low``, ``high``."""
+    pred_a, true = _pair(pred_a, true)
+    pred_b, _ = _pair(pred_b, true)
+    gap = np.abs(pred_a - true) - np.abs(pred_b - true)  # MAE(a) - MAE(b) is its mean
+    result = bootstrap_settings(len(true), level=level, num_resamples=num_resamples, seed=seed)
+    differences = np.concatenate([gap[index].mean(axis=1)
+                                  for index in bootstrap_indices(len(true), num_resamples, seed)])
+    low, high = percentile_interval(differences, level)
+    return {**result, "mae_a": mae(pred_a, true), "mae_b": mae(pred_b, true), "difference": float(gap.mean()),
+            "low": low, "high": high}
+
+
+# ----------------------------------------------------------------------------- prediction intervals and calibration
+
+INTERVAL_LEVELS = (0.68, 0.95)  # the per-image intervals written beside each prediction
+RELIABILITY_LEVELS = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95)  # the reliability curve
+
+
+def level_name(level: float) -> str:
+    """0.68 -> "68" (the suffix of the interval columns and calibration keys)."""
+    return f"{100.0 * level:g}"
+
+
+def normal_interval(mean, std, level: float) -> tuple[np.ndarray, np.ndarray]:
+    """The central ``level`` interval of N(mean, std^2): mean -+ z std, z the (1 + level) / 2
+    quantile of the standard normal (1.96 for 0.95, 0.994 for 0.68)."""
+    if not 0.0 < level < 1.0:
+        raise ValueError(f"interval level {level} must be in (0, 1)")
+    mean, std = np.asarray(mean, np.float64), np.asarray(std, np.float64)
+    if np.any(std < 0):
+        raise ValueError("standard deviations must not be negative")
+    z = statistics.NormalDist().inv_cdf(0.5 + level / 2.0)
+    return mean - z * std, mean + z * std
+
+
+def interval_coverage(true, low, high) -> float:
+    """Fraction of the labels inside their closed interval [low, high]."""
+    true, low, high = (np.asarray(a, np.float64) for a in (true, low, high))
+    if not true.shape == low.shape == high.shape or len(true) == 0:
+        raise ValueError(f"labels {true.shape} and interval ends {low.shape}, {high.shape} must be equal, "
+                         "non-empty shapes")
+    return float(np.mean((true >= low) & (true <= high)))
+
+
+def calibration(pred, std, true, levels=RELIABILITY_LEVELS, headline=INTERVAL_LEVELS) -> dict:
+    """How often per-image normal intervals (``normal_interval`` of ``pred``, ``std``) hold the truth.
+
+    For each nominal level in ``levels`` (the reliability curve) and ``headline``: the observed
+    coverage and the mean interval width in months. A calibrated model covers about the nominal
+    fraction; lower coverage means over-confident intervals. Returns ``num_examples``,
+    ``levels``, ``coverage``, ``mean_width`` (lists, one per level) and
+    ``coverage_<L>`` / ``mean_width_<L>`` for each headline level (``coverage_68``, ...)."""
+    pred, true = _pair(pred, true)
+    std = np.asarray(std, np.float64)
+    if std.shape != true.shape:
+        raise ValueError(f"standard deviations {std.shape} and labels {true.shape} must have equal shapes")
+
+    def at(level: float) -> tuple[float, float]:
+        low, high = normal_interval(pred, std, level)
+        return interval_coverage(true, low, high), float(np.mean(high - low))
+
+    curve = [at(level) for level in levels]
+    result = {"num_examples": int(len(true)), "levels": [float(level) for level in levels],
+              "coverage": [c for c, _ in curve], "mean_width": [w for _, w in curve]}
+    for level in headline:
+        coverage, width = at(level)
+        result[f"coverage_{level_name(level)}"] = coverage
+        result[f"mean_width_{level_name(level)}"] = width
+    return result
+
+
+def coverage_sampling_band(levels, num_examples: int, z: float = 1.96) -> tuple[np.ndarray, np.ndarray]:
+    """Where the observed coverage of a *calibrated* model falls for ``num_examples`` images
+    (normal approximation of the binomial, +-``z`` standard errors, clipped to [0, 1]): how far
+    from the diagonal a reliability curve may wander by chance alone."""
+    levels = np.asarray(levels, np.float64)
+    half = z * np.sqrt(levels * (1.0 - levels) / max(num_examples, 1))
+    return np.clip(levels - half, 0.0, 1.0), np.clip(levels + half, 0.0, 1.0)

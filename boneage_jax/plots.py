@@ -9,6 +9,8 @@ Each function draws one figure into ``path`` and returns the path:
   difference and the 95% limits of agreement (mean +- 1.96 SD);
 - ``error_by_age``: absolute error against true age, with the mean of each age band;
 - ``confusion``: the confusion matrix of a classification head;
+- ``reliability``: observed against nominal coverage of the per-image prediction intervals,
+  with the diagonal of a calibrated model and the band that chance alone leaves around it;
 - ``overlays``: radiographs with a map (Grad-CAM or attention) laid over them.
 
 ``python -m boneage_jax.evaluate --workdir DIR --report`` draws them all into ``DIR/report``.
@@ -149,6 +151,32 @@ def error_by_age(pred: np.ndarray, true: np.ndarray, path: str, title: str = "")
     ax.set_ylim(0, max(float(error.max()), 1.0) * 1.25)  # room for the band labels
     ax.grid(alpha=0.3, axis="y")
     ax.legend(fontsize=8, loc="upper left", ncols=2)
+    return _save(fig, path)
+
+
+def reliability(levels, coverage, num_examples: int, path: str, mean_width=None, title: str = "") -> str:
+    """Observed coverage of the per-image intervals against their nominal level (a reliability
+    diagram): on the diagonal when calibrated, below it when over-confident. The grey band is
+    where a calibrated model's coverage falls for ``num_examples`` images (95%, normal
+    approximation); ``mean_width`` (months) labels the points."""
+    levels, coverage = np.asarray(levels, np.float64), np.asarray(coverage, np.float64)
+    fig, ax = plt.subplots(figsize=(5.5, 5.5))
+    grid = np.linspace(0.0, 1.0, 101)
+    low, high = metrics.coverage_sampling_band(grid, num_examples)
+    ax.fill_between(grid, low, high, color="0.85",
+                    label=f"chance range of a calibrated model ({num_examples} images, 95%)")
+    ax.plot([0, 1], [0, 1], "k--", lw=1, label="calibrated")
+    ax.plot(levels, coverage, marker="o", color="tab:blue", label="observed")
+    if mean_width is not None:
+        for x, y, w in zip(levels, coverage, mean_width):
+            ax.annotate(f"{w:.1f}", (x, y), textcoords="offset points", xytext=(4, -11), fontsize=7,
+                        color="tab:blue")
+    ax.set(xlim=(0, 1), ylim=(0, 1), aspect="equal", xlabel="nominal coverage of the interval",
+           ylabel="observed coverage (fraction of true ages inside)",
+           title=(title + "\n" if title else "") + "interval calibration"
+                 + (" (labels: mean width, months)" if mean_width is not None else ""))
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8, loc="upper left")
     return _save(fig, path)
 
 

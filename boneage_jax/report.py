@@ -9,11 +9,15 @@ default split: test if the dataset has one, else validation), then writes into
 
 - ``learning_curves.png``: training loss; training and validation MAE against the step;
 - ``predicted_vs_true.png``, ``bland_altman.png``, ``error_by_age.png`` of the evaluated split;
+- ``reliability.png``: calibration of the per-image prediction intervals (Gaussian heads, TTA,
+  ensembles), observed against nominal coverage;
 - ``confusion.png`` for classification heads;
 - ``gradcam.png``: Grad-CAM of the predicted age on the first ``--report_images`` validation
   images (any convolutional model, see ``boneage_jax.explain``);
 - ``attention.png``: ``vgg19_attention``'s attention maps on the same images;
-- ``report.md``: the model, the results, the breakdown per sex and age band, and a resources
+- ``report.md``: the model, the results with bootstrap confidence intervals, the per-image
+  intervals and their coverage (or that the run has none), the ensemble members compared, the
+  breakdown per sex and age band, and a resources
   table (parameters, training time and throughput from ``metrics.jsonl``, inference time per
   image, peak host and device memory), linking the figures.
 """
@@ -28,13 +32,15 @@ import statistics
 import jax
 import numpy as np
 
-from boneage_jax import data, explain, input_pipeline, io, plots
+from boneage_jax import data, explain, input_pipeline, io, metrics, plots
+from boneage_jax import evaluation as evaluation_lib
 
 FIGURES = {
     "learning_curves": "Learning curves",
     "predicted_vs_true": "Predicted against true bone age",
     "bland_altman": "Bland-Altman",
     "error_by_age": "Absolute error by age",
+    "reliability": "Calibration of the per-image intervals",
     "confusion": "Confusion matrix",
     "gradcam": "Grad-CAM",
     "attention": "Attention maps",
@@ -116,6 +122,31 @@ def _metrics_table(rows: list[tuple[str, dict]], with_baseline: bool = True) -> 
     return lines
 
 
+def _uncertainty_section(r: dict, with_figure: bool) -> list[str]:
+    """The per-image intervals (sources, coverage and width at 68% and 95%), in Markdown."""
+    interval = r["prediction_interval"]
+    lines = ["### Uncertainty per image", ""]
+    if not interval["sources"]:
+        return lines + [interval["note"][0].upper() + interval["note"][1:] + ".", ""]
+    mixture = any(source.startswith("spread") for source in interval["sources"])
+    lines.append("Each prediction carries a normal interval (`pred_std` and the 68% and 95% interval ends in the "
+                 f"CSV) whose variance comes from: {', '.join(interval['sources'])}"
+                 + ("; combined as the mean of the variances plus the variance of the means" if mixture else "")
+                 + (f"; scaled by the bias correction's slope (x{interval['scaled_by_bias_correction']:.3f})"
+                    if "scaled_by_bias_correction" in interval else "") + ".")
+    lines.append("")
+    if "calibration" in r:
+        c = r["calibration"]
+        lines += ["| nominal coverage | observed coverage | mean width (months) |", "|---:|---:|---:|"]
+        for level in metrics.INTERVAL_LEVELS:
+            name = metrics.level_name(level)
+            lines.append(f"| {name}% | {100 * c[f'coverage_{name}']:.1f}% | {c[f'mean_width_{name}']:.2f} |")
+        lines += ["", f"Observed coverage is the fraction of the {c['num_examples']} images whose true bone age "
+                  "lies inside its interval; below the nominal level the intervals are over-confident"
+                  + (" (figure: [reliability.png](reliability.png))." if with_figure else "."), ""]
+    return lines
+
+
 def example_batch(run, num_images: int) -> dict | None:
     """The first ``num_images`` validation images of the run's dataset, as one batch."""
     builder = data.prepare(run.config.data)
@@ -150,6 +181,12 @@ def draw_figures(evaluation, out_dir: str, num_images: int = 8) -> dict[str, str
         plots.error_by_age(pred, true, os.path.join(out_dir, "error_by_age.png"), title=tag)
         drawn.update(predicted_vs_true="predicted_vs_true.png", bland_altman="bland_altman.png",
                      error_by_age="error_by_age.png")
+    if "calibration" in evaluation.result:
+        c = evaluation.result["calibration"]
+        plots.reliability(c["levels"], c["coverage"], c["num_examples"], os.path.join(out_dir, "reliability.png"),
+                          mean_width=c["mean_width"],
+                          title=f"{tag}: {', '.join(evaluation.result['prediction_interval']['sources'])}")
+        drawn["reliability"] = "reliability.png"
     if "confusion_matrix" in evaluation.result:
         edges = evaluation.result["class_edges"]
         labels = [f"{edges[i]:.0f}-{edges[i + 1]:.0f}" for i in range(len(edges) - 1)]
@@ -223,7 +260,14 @@ def write_report(evaluation, num_images: int = 8) -> str:
         lines += ["", "MAE is the mean absolute difference (what Lee et al. and Deeplasia call MAD); "
                   "MAD (deviation) is the mean absolute deviation of the errors about their mean; mean error is "
                   "the bias (predicted - true); baseline MAE predicts the training mean for everyone. All in months.",
-                  "", "### By sex", ""]
+                  "", "Confidence intervals: " + evaluation_lib.confidence_text(r["confidence_intervals"]) + ".", ""]
+        if "member_comparison" in r:
+            lines += ["Ensemble members, their MAE and paired differences on the same images (before any bias "
+                      "correction):", ""]
+            lines += ["    " + line for line in evaluation_lib.comparison_lines(r["member_comparison"])]
+            lines.append("")
+        lines += _uncertainty_section(r, "reliability" in drawn)
+        lines += ["### By sex", ""]
         lines += _metrics_table(list(r["breakdown"]["sex"].items()))
         lines += ["", "### By age band (true age)", ""]
         lines += _metrics_table([(name.replace("y", " years"), m) for name, m in r["breakdown"]["age_band"].items()])
@@ -238,6 +282,7 @@ def write_report(evaluation, num_images: int = 8) -> str:
             lines += [f"Class accuracy: {r['accuracy']:.3f}.", ""]
     else:
         lines += ["The images are unlabelled: predictions only.", ""]
+        lines += _uncertainty_section(r, False)
 
     inference = r["inference"]
     lines += ["## Resources", "", "| | |", "|---|---|",

@@ -89,3 +89,19 @@ def tiny_run(phantom_dir, data_root, tmp_path_factory) -> str:
     train.train_and_evaluate(tiny_demo_config(phantom_dir, data_root), workdir)
     return workdir
 
+
+@pytest.fixture(scope="session")
+def tiny_gaussian_run(phantom_dir, data_root, tmp_path_factory) -> str:
+    """The workdir of ``configs/demo.py:tiny`` with a gaussian head (mean and log-variance: a
+    ``std`` in months with every prediction), trained 2 steps on the phantoms, once per session.
+
+    Shared by the tests of Gaussian readouts (export, per-image intervals); the same rule as
+    ``tiny_run`` applies to writing into it."""
+    from boneage_jax import train
+
+    config = tiny_demo_config(phantom_dir, data_root, num_train_steps=2)
+    config.model.head = "gaussian"
+    config.eval_every = 2
+    workdir = str(tmp_path_factory.mktemp("tiny_gaussian_run") / "run")
+    train.train_and_evaluate(config, workdir)
+    return workdir

@@ -57,6 +57,15 @@ def test_test_split_matches_results_json(workdir):
     pred = np.array([float(r["pred_boneage"]) for r in rows])
     true = np.array([float(r["boneage"]) for r in rows])
     assert np.mean(np.abs(pred - true)) == pytest.approx(expected["mae"], abs=1e-3)
+    ci = saved["confidence_intervals"]
+    assert ci["num_examples"] == 16 and ci["num_resamples"] == 2000 and ci["level"] == 0.95
+    for key in ("mae", "rmse", "ccc"):
+        assert ci[key]["estimate"] == pytest.approx(saved[key])
+        assert ci[key]["low"] <= saved[key] <= ci[key]["high"], key
+    # A regression head without TTA or an ensemble has no spread: no interval, and it says so.
+    assert saved["prediction_interval"]["sources"] == [] and "no per-image interval" in \
+        saved["prediction_interval"]["note"]
+    assert "calibration" not in saved and "pred_std" not in ev.predictions
 
 
 def test_split_all_scores_every_labelled_image(workdir):
@@ -73,6 +82,10 @@ def test_tta_is_close_but_different(workdir):
     assert tta.result["tta"] == {"views": 4, "flip": True, "angles": [-5.0, 5.0]}
     assert tta.result["mae"] != plain["mae"]
     assert abs(tta.result["mae"] - plain["mae"]) < 0.2 * plain["mae"]
+    # A regression head's interval under TTA is the spread over the views.
+    assert tta.result["prediction_interval"]["sources"] == ["spread over 4 TTA views"]
+    assert np.all(tta.predictions["pred_std"] > 0)
+    assert tta.result["calibration"]["num_examples"] == 16
 
 
 def test_ensemble_of_one_run_twice_equals_the_run(workdir):
@@ -83,6 +96,15 @@ def test_ensemble_of_one_run_twice_equals_the_run(workdir):
     np.testing.assert_allclose(double.predictions["pred_boneage"], single.predictions["pred_boneage"], rtol=1e-6)
     for key in ("mae", "rmse", "r2", "ccc"):
         assert double.result[key] == pytest.approx(single.result[key], rel=1e-6)
+    # Identical members: no spread (a zero-width interval, which covers nothing), no MAE difference.
+    assert double.result["prediction_interval"]["sources"] == ["spread over 2 ensemble members"]
+    np.testing.assert_array_equal(double.predictions["pred_std"], 0.0)
+    assert double.result["calibration"]["coverage_95"] == 0.0
+    comparison = double.result["member_comparison"]
+    assert [m["mae"] for m in comparison["members"]] == pytest.approx([single.result["mae"]] * 2)
+    for d in comparison["minus_first"] + comparison["ensemble_minus_member"]:
+        assert (d["difference"], d["low"], d["high"]) == (0.0, 0.0, 0.0)
+    assert len(comparison["minus_first"]) == 1 and len(comparison["ensemble_minus_member"]) == 2
 
 
 def test_bias_correction_is_fitted_on_validation(workdir):
@@ -96,6 +118,61 @@ def test_bias_correction_is_fitted_on_validation(workdir):
     np.testing.assert_allclose(ev.predictions["pred_boneage"],
                                ev.predictions["pred_boneage_uncorrected"] * slope + intercept, rtol=1e-4)
     assert bc["uncorrected"]["mae"] == pytest.approx(_results(workdir)["test"]["mae"], abs=1e-4)
+
+
+def _csv_rows(path: str) -> list[dict]:
+    with open(path) as f:
+        return list(csv.DictReader(f))
+
+
+def test_gaussian_head_intervals_calibration_and_report(tiny_gaussian_run, capsys):
+    """A gaussian head's per-image intervals in the CSV, their coverage in the JSON, the printed
+    table and report.md with the reliability figure."""
+    ev = evaluation.evaluate(tiny_gaussian_run, split="test", report=True, report_images=0)
+    printed = capsys.readouterr().out
+    r = ev.result
+    assert r["prediction_interval"]["sources"] == ["gaussian head"]
+    rows = _csv_rows(ev.csv_path)
+    assert list(rows[0]) == ["id", "male", "boneage", "pred_boneage", "pred_std", "pred_low_68", "pred_high_68",
+                             "pred_low_95", "pred_high_95"]
+    column = {k: np.array([float(row[k]) for row in rows]) for k in rows[0]}
+    assert np.all(column["pred_std"] > 0)
+    for level, z in ((68, 0.994458), (95, 1.959964)):
+        low, high = column[f"pred_low_{level}"], column[f"pred_high_{level}"]
+        np.testing.assert_allclose(low, column["pred_boneage"] - z * column["pred_std"], atol=2e-3)
+        np.testing.assert_allclose(high, column["pred_boneage"] + z * column["pred_std"], atol=2e-3)
+        inside = (column["boneage"] >= low) & (column["boneage"] <= high)
+        assert r["calibration"][f"coverage_{level}"] == pytest.approx(inside.mean())
+        assert r["calibration"][f"mean_width_{level}"] == pytest.approx(np.mean(high - low), abs=2e-3)
+    assert r["calibration"]["levels"] == [0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95]
+    with open(ev.json_path) as f:
+        saved = json.load(f)["calibration"]
+    assert saved["coverage"] == pytest.approx(r["calibration"]["coverage"])
+    assert saved["mean_width_95"] == pytest.approx(r["calibration"]["mean_width_95"])
+    assert re.search(r"MAE \d+\.\d\d \(95% CI \d+\.\d\d to \d+\.\d\d\)", printed)
+    assert "per-image intervals (gaussian head): 68% interval covers" in printed
+    out = os.path.dirname(ev.report_path)
+    assert os.path.getsize(os.path.join(out, "reliability.png")) > 1000
+    with open(ev.report_path) as f:
+        text = f.read()
+    assert "![Calibration of the per-image intervals](reliability.png)" in text
+    assert "### Uncertainty per image" in text and "Confidence intervals: MAE" in text
+    assert f"| 95% | {100 * r['calibration']['coverage_95']:.1f}% |" in text
+
+
+def test_tta_ensemble_of_gaussian_heads_adds_the_spread(tiny_gaussian_run):
+    """Total variance = mean of the variances + variance of the means: a second, identical member
+    adds no spread to the TTA mixture; a bias correction scales the std by its slope."""
+    tta = evaluation.evaluate(tiny_gaussian_run, split="validation", tta=True, verbose=False)
+    double = evaluation.evaluate(tiny_gaussian_run, split="validation", tta=True, ensemble=[tiny_gaussian_run],
+                                 bias_correction=True, verbose=False)
+    assert double.result["prediction_interval"]["sources"] == [
+        "gaussian head", "spread over 4 TTA views", "spread over 2 ensemble members"]
+    slope = double.result["bias_correction"]["slope"]
+    assert double.result["prediction_interval"]["scaled_by_bias_correction"] == pytest.approx(abs(slope))
+    np.testing.assert_allclose(double.predictions["pred_std"], tta.predictions["pred_std"] * abs(slope), rtol=1e-5)
+    np.testing.assert_allclose(double.predictions["pred_high_95"] - double.predictions["pred_low_95"],
+                               2 * 1.959964 * double.predictions["pred_std"], rtol=1e-4)
 
 
 def test_report_cli_with_config_override(workdir):
@@ -192,6 +269,10 @@ def test_combine_and_tta_views():
     # Mixture of N(10, 1) and N(14, 1): variance 1 + 4.
     np.testing.assert_allclose(out["std"], [np.sqrt(5.0), 2.0], rtol=1e-6)
     np.testing.assert_array_equal(out["class"], [1, 2])  # tie 0/1 -> class mean 13 is nearer 12 than 10.5
+    # Readouts without a std (regression heads): the spread of their means, none for one readout.
+    points = [{"boneage": np.array([a, 5.0])} for a in (10.0, 14.0, 12.0)]
+    np.testing.assert_allclose(evaluation.combine(points)["std"], [np.sqrt(8.0 / 3.0), 0.0], rtol=1e-6)
+    assert "std" not in evaluation.combine(points[:1])
     images = np.random.default_rng(0).normal(size=(2, 16, 16, 1)).astype(np.float32)
     views = evaluation.tta_views(images, flip=True, angles=(-5.0, 5.0))
     assert len(views) == 4 and all(v.shape == images.shape and v.dtype == np.float32 for v in views)

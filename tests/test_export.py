@@ -10,9 +10,8 @@ import textwrap
 
 import numpy as np
 import pytest
-from conftest import tiny_demo_config
 
-from boneage_jax import export, inference, train
+from boneage_jax import export, inference
 
 # Its module-scoped trained run is built once: every test of the file on one xdist worker.
 pytestmark = pytest.mark.xdist_group("test_export")
@@ -37,15 +36,10 @@ _RELOAD = """
 
 
 @pytest.fixture(scope="module")
-def run_dir(phantom_dir, data_root, tmp_path_factory) -> str:
-    """The conftest ``tiny_config`` (function-scoped) for a module-scoped run of 2 steps, with
-    a gaussian head (two outputs: boneage and std)."""
-    config = tiny_demo_config(phantom_dir, data_root, num_train_steps=2)
-    config.model.head = "gaussian"
-    config.eval_every = 2
-    workdir = str(tmp_path_factory.mktemp("export") / "run")
-    train.train_and_evaluate(config, workdir)  # writes config.json
-    return workdir
+def run_dir(tiny_gaussian_run) -> str:
+    """The conftest ``tiny_gaussian_run``: 2 steps of configs/demo.py:tiny with a gaussian head
+    (two outputs: boneage and std)."""
+    return tiny_gaussian_run
 
 
 def test_exported_model_runs_without_this_codebase(run_dir, tmp_path):
