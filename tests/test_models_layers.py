@@ -102,3 +102,26 @@ def test_depthwise_auto_is_one_rule(monkeypatch):
         layers.DepthwiseConv(4, impl="fft", rngs=nnx.Rngs(0))
     for backend in ("cpu", "gpu", "tpu"):
         assert convmixer.depthwise_impl_for("auto", backend) == layers.resolve_depthwise_impl("auto", backend)
+
+
+@pytest.mark.parametrize("shape, size, stride, padding", [
+    ((2, 16, 16, 3), 3, 2, 1),  # ResNet's stem pool (torch-style padding)
+    ((2, 15, 15, 4), 3, 2, "SAME"),  # Xception
+    ((2, 15, 15, 4), 3, 2, "VALID"),  # Inception
+    ((2, 16, 12, 3), 2, 2, "VALID"),  # VGG, U-Net
+    ((2, 9, 9, 3), 3, 1, ((1, 1), (1, 1))),  # GoogLeNet's branch pool
+])
+def test_max_pool_gradient_goes_to_the_first_maximum_as_xla_sends_it(shape, size, stride, padding):
+    rng = np.random.default_rng(0)
+    x = np.maximum(rng.standard_normal(shape), 0).astype(np.float32)  # ReLU'd: windows of tied zeros
+    x[:, ::3, ::2] = 1.0  # and ties between positive maxima
+    pads = layers.resolve_padding(padding, shape[1:3], (size, size), (stride, stride))
+
+    def reference(x):
+        return nnx.max_pool(x, (size, size), strides=(stride, stride), padding=pads)
+
+    weights = jnp.asarray(rng.standard_normal(reference(x).shape), jnp.float32)
+    np.testing.assert_array_equal(layers.max_pool(x, size, stride, padding), reference(x))
+    ours = jax.grad(lambda x: (layers.max_pool(x, size, stride, padding) * weights).sum())(x)
+    expected = jax.grad(lambda x: (reference(x) * weights).sum())(x)
+    np.testing.assert_allclose(ours, expected, rtol=1e-6, atol=1e-6)  # a pixel shared by windows: sum order

@@ -19,6 +19,7 @@ The loaders that copy Keras/torch weight files into these layers live in
 """
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 
 import jax
@@ -238,9 +239,48 @@ def global_avg_pool(x: jnp.ndarray) -> jnp.ndarray:
 
 
 def max_pool(x: jnp.ndarray, size: int, stride: int, padding="VALID") -> jnp.ndarray:
-    """Max pooling with TF ``"same"``/``"valid"`` or explicit torch-style padding (pads with -inf)."""
-    pads = resolve_padding(padding, x.shape[1:3], (size, size), (stride, stride))
+    """Max pooling with TF ``"same"``/``"valid"`` or explicit torch-style padding (pads with -inf).
+
+    The gradient goes to the first maximum of each window in row-major order, as XLA's
+    ``select_and_scatter`` sends it, but is computed as ``size * size`` shifted comparisons and
+    interior-padded adds (:func:`_max_pool_backward`): on XLA:CPU, whose select-and-scatter
+    becomes iota + reduce-window + scatter, that is 2.8x faster for ResNet's 3x3/2 stem pool."""
+    pads = tuple(resolve_padding(padding, x.shape[1:3], (size, size), (stride, stride)))
+    return _max_pool(x, size, stride, pads)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(1, 2, 3))
+def _max_pool(x: jnp.ndarray, size: int, stride: int, pads) -> jnp.ndarray:
     return nnx.max_pool(x, (size, size), strides=(stride, stride), padding=pads)
+
+
+def _max_pool_forward(x, size, stride, pads):
+    y = _max_pool(x, size, stride, pads)
+    return y, (x, y)
+
+
+def _max_pool_backward(size, stride, pads, residuals, dy):
+    """Window taps in row-major order; each sends ``dy`` where it equals the window's maximum and
+    no earlier tap did, through the transpose of its strided slice (an interior-padded add)."""
+    x, y = residuals
+    xp = jnp.pad(x, ((0, 0), pads[0], pads[1], (0, 0)), constant_values=-jnp.inf)
+    (hp, wp), (ho, wo) = xp.shape[1:3], y.shape[1:3]
+    zero = jnp.zeros((), dy.dtype)
+    taken = jnp.zeros(y.shape, bool)
+    dxp = jnp.zeros(xp.shape, dy.dtype)
+    for i in range(size):
+        for j in range(size):
+            end_h, end_w = i + (ho - 1) * stride + 1, j + (wo - 1) * stride + 1
+            tap = jax.lax.slice(xp, (0, i, j, 0), (xp.shape[0], end_h, end_w, xp.shape[3]), (1, stride, stride, 1))
+            hit = (tap == y) & ~taken
+            taken = taken | hit
+            dxp = dxp + jax.lax.pad(jnp.where(hit, dy, zero), zero,
+                                    ((0, 0, 0), (i, hp - end_h, stride - 1), (j, wp - end_w, stride - 1), (0, 0, 0)))
+    h, w = x.shape[1:3]
+    return (dxp[:, pads[0][0]:pads[0][0] + h, pads[1][0]:pads[1][0] + w, :],)
+
+
+_max_pool.defvjp(_max_pool_forward, _max_pool_backward)
 
 
 def avg_pool(x: jnp.ndarray, size: int, stride: int, padding="VALID", count_include_pad: bool = False) -> jnp.ndarray:
