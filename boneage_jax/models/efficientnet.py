@@ -118,14 +118,29 @@ def block_plan(width: float, depth: float, drop_connect_rate: float, *, stem: in
 
 
 class ScaledFamily(nnx.Module):
-    """What EfficientNet and EfficientNet-Lite share: a variant's scaling, the argument checks and
-    the model input (compute dtype, optional ImageNet mean/std)."""
+    """What EfficientNet and EfficientNet-Lite share: the constructor's common keywords, a
+    variant's scaling and its checks, and the model input (compute dtype, optional ImageNet
+    mean/std). A family names itself (``FAMILY``), lists its ``VARIANTS`` and builds its layers in
+    :meth:`build`, which also takes the family's own keywords."""
 
     FAMILY: str = ""
-    VARIANTS: dict[str, tuple[float, float, int, float]] = {}
+    VARIANTS: dict[str, tuple[float, float, int, float]] = {}  # width, depth, resolution, dropout
 
-    def _scaling(self, variant: str, in_channels: int, dtype, imagenet_normalize: bool) -> tuple[float, float, float]:
-        """Checks the arguments, keeps them as attributes, returns (width, depth, dropout)."""
+    def __init__(
+        self,
+        variant: str | None = None,
+        *,
+        in_channels: int = 3,
+        image_size: int | None = None,
+        dtype=jnp.float32,
+        rngs: nnx.Rngs,
+        drop_connect_rate: float = 0.2,
+        imagenet_normalize: bool = False,
+        depthwise_impl: str = "auto",
+        **family_options,
+    ):
+        del image_size  # any input size works
+        variant = variant or next(iter(self.VARIANTS))
         if variant not in self.VARIANTS:
             raise ValueError(f"{self.FAMILY} variant {variant!r}; expected one of {sorted(self.VARIANTS)}")
         if imagenet_normalize and in_channels != 3:
@@ -135,7 +150,12 @@ class ScaledFamily(nnx.Module):
         self.in_channels = in_channels
         self.dtype = dtype
         self.imagenet_normalize = imagenet_normalize
-        return width, depth, dropout
+        self.build(width, depth, dropout, drop_connect_rate=drop_connect_rate, depthwise_impl=depthwise_impl,
+                   rngs=rngs, **family_options)
+
+    def build(self, width: float, depth: float, dropout: float, *, drop_connect_rate: float, depthwise_impl: str,
+              rngs: nnx.Rngs, **family_options) -> None:
+        raise NotImplementedError  # each family builds its layers
 
     def _input(self, x: jnp.ndarray) -> jnp.ndarray:
         x = x.astype(self.dtype)
@@ -162,6 +182,20 @@ def _bn(c, *, dtype, rngs):
     return nnx.BatchNorm(c, **BN, dtype=dtype, rngs=rngs)
 
 
+def expansion_and_depthwise(cin: int, expand: int, kernel: int, stride: int, padding, *, depthwise_impl: str, dtype,
+                            rngs: nnx.Rngs) -> tuple[int, nnx.Conv | None, nnx.BatchNorm | None, layers.DepthwiseConv]:
+    """The first layers of an inverted-residual block, in creation order: the 1x1 expansion
+    convolution and its BatchNorm (``None`` when ``expand`` is 1) and the depthwise convolution;
+    with the expanded width. Each family names them as its reference does."""
+    hidden = cin * expand
+    expand_conv = _conv(cin, hidden, dtype=dtype, rngs=rngs) if expand != 1 else None
+    expand_bn = _bn(hidden, dtype=dtype, rngs=rngs) if expand != 1 else None
+    depthwise = layers.DepthwiseConv(hidden, kernel, stride, padding=padding, use_bias=False,
+                                     kernel_init=layers.efficientnet_depthwise, impl=depthwise_impl, dtype=dtype,
+                                     rngs=rngs)
+    return hidden, expand_conv, expand_bn, depthwise
+
+
 class MBConv(nnx.Module):
     """One inverted-residual block; attributes are named like its Keras layers (minus prefix)."""
 
@@ -169,15 +203,12 @@ class MBConv(nnx.Module):
         self.name = name
         self.kernel = kernel
         self.strides = strides
-        filters = cin * expand
         self.expand = expand
+        filters, expand_conv, expand_bn, self.dwconv = expansion_and_depthwise(
+            cin, expand, kernel, strides, "VALID" if strides == 2 else "SAME", depthwise_impl=depthwise_impl,
+            dtype=dtype, rngs=rngs)
         if expand != 1:
-            self.expand_conv = _conv(cin, filters, dtype=dtype, rngs=rngs)
-            self.expand_bn = _bn(filters, dtype=dtype, rngs=rngs)
-        self.dwconv = layers.DepthwiseConv(
-            filters, kernel, strides, padding="VALID" if strides == 2 else "SAME", use_bias=False,
-            kernel_init=layers.efficientnet_depthwise, impl=depthwise_impl, dtype=dtype, rngs=rngs,
-        )
+            self.expand_conv, self.expand_bn = expand_conv, expand_bn
         self.bn = _bn(filters, dtype=dtype, rngs=rngs)
         se = max(1, int(cin * SE_RATIO))
         self.se_reduce = _conv(filters, se, use_bias=True, dtype=dtype, rngs=rngs)
@@ -211,20 +242,9 @@ class MBConv(nnx.Module):
 class EfficientNet(ScaledFamily):
     FAMILY, VARIANTS = "EfficientNet", VARIANTS
 
-    def __init__(
-        self,
-        variant: str = "b0",
-        *,
-        in_channels: int = 3,
-        image_size: int | None = None,
-        dtype=jnp.float32,
-        rngs: nnx.Rngs,
-        drop_connect_rate: float = 0.2,
-        imagenet_normalize: bool = False,
-        depthwise_impl: str = "auto",
-    ):
-        del image_size  # any input size works
-        width, depth, _ = self._scaling(variant, in_channels, dtype, imagenet_normalize)
+    def build(self, width, depth, dropout, *, drop_connect_rate, depthwise_impl, rngs):
+        del dropout  # no classifier
+        in_channels, dtype = self.in_channels, self.dtype
         stem = round_filters(32, width)
         self.stem_conv = _conv(in_channels, stem, 3, 2, padding="VALID", dtype=dtype, rngs=rngs)
         self.stem_bn = _bn(stem, dtype=dtype, rngs=rngs)

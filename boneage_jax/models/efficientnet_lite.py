@@ -51,22 +51,19 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from boneage_jax.models import BACKBONES, layers
-from boneage_jax.models.efficientnet import BN, ScaledFamily, block_plan
+from boneage_jax.models import BACKBONES, efficientnet, layers
+from boneage_jax.models.efficientnet import BN, ScaledFamily, block_plan, expansion_and_depthwise
 from boneage_jax.weights import loaders
 
 # The stage table and its scaling (``block_plan``), BatchNorm settings, argument checks and
 # input normalisation (``ScaledFamily``) are EfficientNet's; Lite drops squeeze-excitation and
 # keeps the stem and head widths (and the first and last stages' repeats) fixed.
 STEM, HEAD = 32, 1280  # fixed: not scaled by the width multiplier
+# LiteN scales width and depth as EfficientNet-BN does; its resolutions and dropouts are its own.
+RESOLUTION_AND_DROPOUT = {0: (224, 0.2), 1: (240, 0.2), 2: (260, 0.3), 3: (280, 0.3), 4: (300, 0.3)}
 # name: (width coefficient, depth coefficient, default resolution, dropout before fc)
-VARIANTS = {
-    "lite0": (1.0, 1.0, 224, 0.2),
-    "lite1": (1.0, 1.1, 240, 0.2),
-    "lite2": (1.1, 1.2, 260, 0.3),
-    "lite3": (1.2, 1.4, 280, 0.3),
-    "lite4": (1.4, 1.8, 300, 0.3),
-}
+VARIANTS = {f"lite{n}": (*efficientnet.VARIANTS[f"b{n}"][:2], *RESOLUTION_AND_DROPOUT[n])
+            for n in RESOLUTION_AND_DROPOUT}
 
 
 def _conv(cin, cout, kernel=1, stride=1, *, dtype, rngs):
@@ -86,15 +83,11 @@ class MBConvLite(nnx.Module):
     """An inverted-residual block without squeeze-excitation; attributes named as the reference's."""
 
     def __init__(self, cin, cout, kernel, stride, expand, drop_rate, *, depthwise_impl="auto", dtype, rngs):
-        hidden = cin * expand
         self.expand = expand
+        hidden, expand_conv, expand_bn, self.depthwise_conv = expansion_and_depthwise(
+            cin, expand, kernel, stride, "SAME", depthwise_impl=depthwise_impl, dtype=dtype, rngs=rngs)
         if expand != 1:
-            self.expand_conv = _conv(cin, hidden, dtype=dtype, rngs=rngs)
-            self.bn0 = _bn(hidden, dtype=dtype, rngs=rngs)
-        self.depthwise_conv = layers.DepthwiseConv(
-            hidden, kernel, stride, padding="SAME", use_bias=False, kernel_init=layers.efficientnet_depthwise,
-            impl=depthwise_impl, dtype=dtype, rngs=rngs,
-        )
+            self.expand_conv, self.bn0 = expand_conv, expand_bn
         self.bn1 = _bn(hidden, dtype=dtype, rngs=rngs)
         self.project_conv = _conv(hidden, cout, dtype=dtype, rngs=rngs)
         self.bn2 = _bn(cout, dtype=dtype, rngs=rngs)
@@ -124,22 +117,9 @@ class MBConvLite(nnx.Module):
 class EfficientNetLite(ScaledFamily):
     FAMILY, VARIANTS = "EfficientNet-Lite", VARIANTS
 
-    def __init__(
-        self,
-        variant: str = "lite0",
-        *,
-        in_channels: int = 3,
-        image_size: int | None = None,
-        dtype=jnp.float32,
-        rngs: nnx.Rngs,
-        drop_connect_rate: float = 0.2,
-        imagenet_normalize: bool = False,
-        depthwise_impl: str = "auto",
-        include_top: bool = False,
-        num_classes: int = 1000,
-    ):
-        del image_size  # any input size works
-        width, depth, dropout = self._scaling(variant, in_channels, dtype, imagenet_normalize)
+    def build(self, width, depth, dropout, *, drop_connect_rate, depthwise_impl, rngs, include_top: bool = False,
+              num_classes: int = 1000):
+        in_channels, dtype = self.in_channels, self.dtype
         self.include_top = include_top
         self.conv_stem = _conv(in_channels, STEM, 3, 2, dtype=dtype, rngs=rngs)
         self.bn0 = _bn(STEM, dtype=dtype, rngs=rngs)
