@@ -121,7 +121,8 @@ class ScaledFamily(nnx.Module):
     """What EfficientNet and EfficientNet-Lite share: the constructor's common keywords, a
     variant's scaling and its checks, and the model input (compute dtype, optional ImageNet
     mean/std). A family names itself (``FAMILY``), lists its ``VARIANTS`` and builds its layers in
-    :meth:`build`, which also takes the family's own keywords."""
+    its ``build(width, depth, dropout, *, drop_connect_rate, depthwise_impl, rngs, **own_keywords)``,
+    which the constructor calls after the checks."""
 
     FAMILY: str = ""
     VARIANTS: dict[str, tuple[float, float, int, float]] = {}  # width, depth, resolution, dropout
@@ -152,10 +153,6 @@ class ScaledFamily(nnx.Module):
         self.imagenet_normalize = imagenet_normalize
         self.build(width, depth, dropout, drop_connect_rate=drop_connect_rate, depthwise_impl=depthwise_impl,
                    rngs=rngs, **family_options)
-
-    def build(self, width: float, depth: float, dropout: float, *, drop_connect_rate: float, depthwise_impl: str,
-              rngs: nnx.Rngs, **family_options) -> None:
-        raise NotImplementedError  # each family builds its layers
 
     def _input(self, x: jnp.ndarray) -> jnp.ndarray:
         x = x.astype(self.dtype)
