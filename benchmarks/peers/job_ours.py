@@ -46,7 +46,25 @@ def versions() -> dict:
     return {"jax": jax.__version__, "jaxlib": jaxlib.__version__, "flax": flax.__version__,
             "optax": optax.__version__, "python": job_common.python_version(),
             "boneage_jax": os.path.dirname(os.path.dirname(os.path.abspath(boneage_jax.__file__))),
-            "XLA_FLAGS": os.environ.get("XLA_FLAGS", "")}
+            "XLA_FLAGS": os.environ.get("XLA_FLAGS", ""), "convolutions": convolutions()}
+
+
+def convolutions() -> str:
+    """Which convolutions a CPU step of ours runs: oneDNN's (``boneage_jax.kernels``) or XLA's, and why."""
+    import jax  # pylint: disable=import-outside-toplevel
+
+    from boneage_jax.kernels import onednn  # pylint: disable=import-outside-toplevel
+
+    if jax.default_backend() != "cpu":
+        return f"XLA's ({jax.default_backend()})"
+    try:
+        if onednn.use_onednn():
+            return "oneDNN"
+        if onednn.mode() == "xla":
+            return f"XLA's ({onednn.ENV}=xla)"
+        return f"XLA's ({onednn.load() or 'several CPU devices'})"
+    except (RuntimeError, ValueError) as error:
+        return f"unusable: {error}"
 
 
 def main() -> int:

@@ -171,7 +171,8 @@ def describe_versions(stack: str, python: str | None, versions: dict | None, err
     text = ", ".join(f"{key} {versions[key]}" for key in keys if key in versions)
     text += f", python {versions.get('python', '?')} ({python})"
     if stack == "ours":
-        text += f", code from {versions.get('boneage_jax', '?')}, XLA_FLAGS={versions.get('XLA_FLAGS') or '(none)'}"
+        text += (f", code from {versions.get('boneage_jax', '?')}, XLA_FLAGS={versions.get('XLA_FLAGS') or '(none)'}"
+                 f", convolutions: {versions.get('convolutions', '?')}")
     elif stack == "torch":
         text += f", {versions.get('threads')} threads, CPU capability {versions.get('cpu_capability')}"
     else:
