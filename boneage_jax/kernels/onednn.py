@@ -105,7 +105,9 @@ def use_onednn(backend: str | None = None) -> bool:
     """Whether convolutions traced now for ``backend`` (default: JAX's) go to oneDNN (see the
     module docstring)."""
     chosen = mode()
-    if chosen == "xla" or getattr(_XLA_ONLY, "active", False) or (backend or jax.default_backend()) != "cpu" or jax.device_count() != 1:
+    if chosen == "xla" or getattr(_XLA_ONLY, "active", False):
+        return False
+    if (backend or jax.default_backend()) != "cpu" or jax.device_count() != 1:
         return False
     reason = load()
     if reason is None:
@@ -165,21 +167,21 @@ def _attributes(geometry) -> dict[str, np.ndarray]:
     return {**attributes, "groups": np.int64(groups)}
 
 
-def output_shape(x_shape, w_shape, geometry) -> tuple[int, int, int, int]:
-    strides, low, high, dilation, _ = geometry
-    spatial = tuple((x_shape[1 + i] + low[i] + high[i] - ((w_shape[i] - 1) * dilation[i] + 1)) // strides[i] + 1
-                    for i in range(2))
-    return (x_shape[0], *spatial, w_shape[3])
+def _output(x, w, geometry) -> jax.ShapeDtypeStruct:
+    """The forward's output shape and dtype, by XLA's own shape rule for the same convolution."""
+    strides, low, high, dilation, groups = geometry
+    return jax.eval_shape(functools.partial(
+        lax.conv_general_dilated, window_strides=strides, padding=tuple(zip(low, high)), rhs_dilation=dilation,
+        dimension_numbers=NHWC, feature_group_count=groups), x, w)
 
 
-def _call(kind: str, shape, dtype, a, b, geometry):
-    return jax.ffi.ffi_call(TARGETS[kind], jax.ShapeDtypeStruct(shape, dtype), vmap_method="sequential")(
-        a, b, **_attributes(geometry))
+def _call(kind: str, result: jax.ShapeDtypeStruct, a, b, geometry):
+    return jax.ffi.ffi_call(TARGETS[kind], result, vmap_method="sequential")(a, b, **_attributes(geometry))
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
 def _conv(x, w, geometry):
-    return _call("forward", output_shape(x.shape, w.shape, geometry), x.dtype, x, w, geometry)
+    return _call("forward", _output(x, w, geometry), x, w, geometry)
 
 
 def _conv_forward(x, w, geometry):
@@ -189,8 +191,8 @@ def _conv_forward(x, w, geometry):
 def _conv_backward(geometry, residuals, dy):
     x, w = residuals
     dy = dy.astype(x.dtype)
-    dx = _call("backward_data", x.shape, x.dtype, dy, w, geometry)
-    dw = _call("backward_weights", w.shape, w.dtype, x, dy, geometry)
+    dx = _call("backward_data", jax.ShapeDtypeStruct(x.shape, x.dtype), dy, w, geometry)
+    dw = _call("backward_weights", jax.ShapeDtypeStruct(w.shape, w.dtype), x, dy, geometry)
     return dx, dw
 
 
