@@ -125,3 +125,40 @@ def test_max_pool_gradient_goes_to_the_first_maximum_as_xla_sends_it(shape, size
     ours = jax.grad(lambda x: (layers.max_pool(x, size, stride, padding) * weights).sum())(x)
     expected = jax.grad(lambda x: (reference(x) * weights).sum())(x)
     np.testing.assert_allclose(ours, expected, rtol=1e-6, atol=1e-6)  # a pixel shared by windows: sum order
+
+
+@pytest.mark.parametrize("kwargs", [dict(), dict(use_scale=False, momentum=0.99, epsilon=1e-3),
+                                    dict(dtype=jnp.bfloat16)])
+def test_batch_norm_equals_flax_in_both_modes(kwargs):
+    """Same outputs, gradients and running statistics as ``nnx.BatchNorm``, training and inference."""
+    x = jnp.asarray(np.random.default_rng(0).normal(2.0, 3.0, size=(4, 5, 5, 6)), jnp.float32)
+    ours, theirs = layers.BatchNorm(6, rngs=nnx.Rngs(0), **kwargs), nnx.BatchNorm(6, rngs=nnx.Rngs(0), **kwargs)
+
+    def loss_and_stats(bn, train):
+        bn.train() if train else bn.eval()
+        loss = lambda m: (m(x).astype(jnp.float32) ** 3).mean()  # noqa: E731
+        value, grads = nnx.jit(nnx.value_and_grad(loss))(bn)
+        return value, grads, nnx.state(bn, nnx.BatchStat)
+
+    for train in (True, True, False):  # twice in training: the statistics move from where they were
+        got, want = loss_and_stats(ours, train), loss_and_stats(theirs, train)
+        for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+            np.testing.assert_array_equal(np.asarray(a, np.float32), np.asarray(b, np.float32))
+    assert not np.allclose(np.asarray(ours.mean[...]), 0.0)
+
+
+def test_batch_norm_update_does_not_walk_the_trace(monkeypatch):
+    """Tracing a training-mode update never builds JAX's origin message of a tracer (a walk over
+    everything traced so far: what made flax's update quadratic in depth)."""
+    from jax._src.interpreters import partial_eval
+
+    calls = []
+    original = partial_eval.DynamicJaxprTracer._origin_msg
+    monkeypatch.setattr(partial_eval.DynamicJaxprTracer, "_origin_msg",
+                        lambda self: calls.append(1) or original(self))
+    x = jnp.ones((2, 4, 4, 3))
+    for cls, walks in ((nnx.BatchNorm, True), (layers.BatchNorm, False)):
+        calls.clear()
+        bn = cls(3, rngs=nnx.Rngs(0))
+        nnx.jit(lambda m, x: m(x))(bn, x)
+        assert bool(calls) == walks, cls

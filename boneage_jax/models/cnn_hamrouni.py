@@ -27,7 +27,7 @@ FILTERS = (32, 64, 128, 128)
 class ConvBlock(nnx.Module):
     def __init__(self, cin: int, cout: int, *, dropout: float, dtype, rngs: nnx.Rngs):
         self.conv = nnx.Conv(cin, cout, (3, 3), padding="SAME", use_bias=False, dtype=dtype, rngs=rngs)
-        self.bn = nnx.BatchNorm(cout, momentum=0.99, epsilon=1e-3, dtype=dtype, rngs=rngs)
+        self.bn = layers.BatchNorm(cout, momentum=0.99, epsilon=1e-3, dtype=dtype, rngs=rngs)
         self.dropout = nnx.Dropout(dropout, rngs=rngs)
 
     def __call__(self, x: jnp.ndarray) -> jnp.ndarray:

@@ -12,7 +12,7 @@ from __future__ import annotations
 import jax.numpy as jnp
 from flax import nnx
 
-from boneage_jax.models import BACKBONES
+from boneage_jax.models import BACKBONES, layers
 
 FILTERS = (16, 32, 64, 128)
 
@@ -34,7 +34,7 @@ class CnnMemon(nnx.Module):
         convs, norms, width = [], [], in_channels
         for f in filters:
             convs.append(nnx.Conv(width, f, (3, 3), padding="SAME", use_bias=not batch_norm, dtype=dtype, rngs=rngs))
-            norms.append(nnx.BatchNorm(f, momentum=0.9, dtype=dtype, rngs=rngs) if batch_norm else None)
+            norms.append(layers.BatchNorm(f, momentum=0.9, dtype=dtype, rngs=rngs) if batch_norm else None)
             width = f
         self.convs = nnx.List(convs)
         self.norms = nnx.List(norms)

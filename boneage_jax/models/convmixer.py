@@ -94,8 +94,8 @@ ACTIVATIONS = {
 }
 
 
-def _bn(dim: int, dtype, rngs: nnx.Rngs) -> nnx.BatchNorm:
-    return nnx.BatchNorm(dim, momentum=0.9, epsilon=1e-5, dtype=dtype, rngs=rngs)
+def _bn(dim: int, dtype, rngs: nnx.Rngs) -> layers.BatchNorm:
+    return layers.BatchNorm(dim, momentum=0.9, epsilon=1e-5, dtype=dtype, rngs=rngs)
 
 
 class MixerBlock(nnx.Module):

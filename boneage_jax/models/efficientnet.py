@@ -176,11 +176,12 @@ def _conv(cin, cout, kernel=1, strides=1, *, use_bias=False, padding="SAME", dty
 
 
 def _bn(c, *, dtype, rngs):
-    return nnx.BatchNorm(c, **BN, dtype=dtype, rngs=rngs)
+    return layers.BatchNorm(c, **BN, dtype=dtype, rngs=rngs)
 
 
-def expansion_and_depthwise(cin: int, expand: int, kernel: int, stride: int, padding, *, depthwise_impl: str, dtype,
-                            rngs: nnx.Rngs) -> tuple[int, nnx.Conv | None, nnx.BatchNorm | None, layers.DepthwiseConv]:
+def expansion_and_depthwise(
+    cin: int, expand: int, kernel: int, stride: int, padding, *, depthwise_impl: str, dtype, rngs: nnx.Rngs
+) -> tuple[int, nnx.Conv | None, layers.BatchNorm | None, layers.DepthwiseConv]:
     """The first layers of an inverted-residual block, in creation order: the 1x1 expansion
     convolution and its BatchNorm (``None`` when ``expand`` is 1) and the depthwise convolution;
     with the expanded width. Each family names them as its reference does."""

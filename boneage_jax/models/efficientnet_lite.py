@@ -72,7 +72,7 @@ def _conv(cin, cout, kernel=1, stride=1, *, dtype, rngs):
 
 
 def _bn(c, *, dtype, rngs):
-    return nnx.BatchNorm(c, **BN, dtype=dtype, rngs=rngs)
+    return layers.BatchNorm(c, **BN, dtype=dtype, rngs=rngs)
 
 
 def relu6(x):

@@ -94,7 +94,7 @@ class BasicConv2d(nnx.Module):
             dtype=dtype,
             rngs=rngs,
         )
-        self.bn = nnx.BatchNorm(cout, epsilon=1e-3, momentum=0.9, dtype=dtype, rngs=rngs)
+        self.bn = layers.BatchNorm(cout, epsilon=1e-3, momentum=0.9, dtype=dtype, rngs=rngs)
 
     def __call__(self, x: jnp.ndarray) -> jnp.ndarray:
         return nnx.relu(self.bn(self.conv(x)))

@@ -34,7 +34,7 @@ class ConvBN(nnx.Module):
     def __init__(self, cin, cout, kernel, strides=1, padding="SAME", *, dtype, rngs):
         self.conv = nnx.Conv(cin, cout, kernel, (strides, strides), padding=padding, use_bias=False,
                              kernel_init=layers.glorot_uniform, dtype=dtype, rngs=rngs)
-        self.bn = nnx.BatchNorm(cout, use_scale=False, epsilon=1e-3, momentum=0.99, dtype=dtype, rngs=rngs)
+        self.bn = layers.BatchNorm(cout, use_scale=False, epsilon=1e-3, momentum=0.99, dtype=dtype, rngs=rngs)
 
     def __call__(self, x):
         return nnx.relu(self.bn(self.conv(x)))

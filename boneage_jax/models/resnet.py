@@ -80,7 +80,7 @@ class KerasResNet(nnx.Module):
             names.append(name)
 
         def bn(name, c):
-            setattr(self, name, nnx.BatchNorm(c, **KERAS_BN, dtype=dtype, rngs=rngs))
+            setattr(self, name, layers.BatchNorm(c, **KERAS_BN, dtype=dtype, rngs=rngs))
             names.append(name)
 
         conv("conv1_conv", in_channels, 64, 7, 2)
@@ -138,7 +138,7 @@ def _conv(cin, cout, k, stride, padding, dtype, rngs):
 
 
 def _bn(c, dtype, rngs):
-    return nnx.BatchNorm(c, **TORCH_BN, dtype=dtype, rngs=rngs)
+    return layers.BatchNorm(c, **TORCH_BN, dtype=dtype, rngs=rngs)
 
 
 class BasicBlock(nnx.Module):

@@ -52,8 +52,8 @@ class DoubleConv(nnx.Module):
         self.conv1 = nnx.Conv(cin, cout, (3, 3), padding="SAME", kernel_init=_HE, dtype=dtype, rngs=rngs)
         self.conv2 = nnx.Conv(cout, cout, (3, 3), padding="SAME", kernel_init=_HE, dtype=dtype, rngs=rngs)
         if batch_norm:
-            self.bn1 = nnx.BatchNorm(cout, dtype=dtype, rngs=rngs)
-            self.bn2 = nnx.BatchNorm(cout, dtype=dtype, rngs=rngs)
+            self.bn1 = layers.BatchNorm(cout, dtype=dtype, rngs=rngs)
+            self.bn2 = layers.BatchNorm(cout, dtype=dtype, rngs=rngs)
         else:
             self.bn1 = self.bn2 = None
 

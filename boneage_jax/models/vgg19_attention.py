@@ -37,7 +37,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from boneage_jax.models import BACKBONES, vgg
+from boneage_jax.models import BACKBONES, layers, vgg
 
 FEATURE_CHANNELS = 512
 
@@ -99,7 +99,7 @@ class VGG19Attention(nnx.Module):
         self.vgg = vgg.VGG(19, in_channels=in_channels, dtype=dtype, rngs=rngs)
         side = feature_map_side(image_size)
         self.map_side = side
-        self.bn = nnx.BatchNorm(c, momentum=0.99, epsilon=1e-3, dtype=dtype, rngs=rngs)
+        self.bn = layers.BatchNorm(c, momentum=0.99, epsilon=1e-3, dtype=dtype, rngs=rngs)
         self.attn_conv1 = nnx.Conv(c, 64, (1, 1), dtype=dtype, rngs=rngs)
         self.attn_conv2 = nnx.Conv(64, 16, (1, 1), dtype=dtype, rngs=rngs)
         self.attn_map = LocallyConnected1x1(side, side, 16, 1, dtype=dtype, rngs=rngs)

@@ -41,7 +41,7 @@ class Xception(nnx.Module):
         names, shortcuts = [], []
 
         def bn(name, c):
-            setattr(self, name, nnx.BatchNorm(c, **BN, dtype=dtype, rngs=rngs))
+            setattr(self, name, layers.BatchNorm(c, **BN, dtype=dtype, rngs=rngs))
             names.append(name)
 
         def sep(name, cin, cout):
@@ -56,7 +56,7 @@ class Xception(nnx.Module):
                 cin, cout, (1, 1), (2, 2), padding="SAME", use_bias=False, kernel_init=layers.glorot_uniform,
                 dtype=dtype, rngs=rngs,
             ))
-            shortcuts.append(nnx.BatchNorm(cout, **BN, dtype=dtype, rngs=rngs))
+            shortcuts.append(layers.BatchNorm(cout, **BN, dtype=dtype, rngs=rngs))
 
         self.block1_conv1 = nnx.Conv(
             in_channels, 32, (3, 3), (2, 2), padding="VALID", use_bias=False, kernel_init=layers.glorot_uniform,
