@@ -238,14 +238,14 @@ def _dicom_image(source, path: str) -> np.ndarray:
         raise ImageReadError(f"{path}: not a readable DICOM file ({e})") from e
     if "PixelData" not in ds:
         raise ImageReadError(f"{path}: DICOM file has no pixel data")
+    if _dicom_number(ds, path, "NumberOfFrames", 1) > 1:  # before decoding every frame
+        raise ImageReadError(f"{path}: multi-frame DICOM ({ds.NumberOfFrames} frames) is not supported")
     try:
         pixels = ds.pixel_array
     except Exception as e:
         raise ImageReadError(f"{path}: cannot decode the DICOM pixel data "
                              f"(transfer syntax {ds.file_meta.get('TransferSyntaxUID', '?')}): {e}") from e
     photometric = str(ds.get("PhotometricInterpretation", "MONOCHROME2"))
-    if _dicom_number(ds, path, "NumberOfFrames", 1) > 1:
-        raise ImageReadError(f"{path}: multi-frame DICOM ({ds.NumberOfFrames} frames) is not supported")
     if _dicom_number(ds, path, "SamplesPerPixel", 1) > 1:
         import cv2  # pylint: disable=import-outside-toplevel
 
