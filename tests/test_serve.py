@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import importlib.util
 import os
 import shutil
 import socket
@@ -23,6 +24,9 @@ with warnings.catch_warnings():  # Starlette's TestClient asks for httpx2, httpx
 
 from boneage_jax import evaluation, inference, serve, service  # noqa: E402
 from helpers import write_dicom  # noqa: E402
+
+# One worker under pytest-xdist (make test): the run is loaded once for every test here.
+pytestmark = pytest.mark.xdist_group("test_serve")
 
 UPLOAD_LIMIT = 1024 * 1024  # the test service's --max_upload_mb
 MAX_SIDE = 4000
@@ -327,9 +331,7 @@ def test_command_wires_flags_into_the_app(tiny_run, hand, monkeypatch, capsys):
 
 def _browser_missing() -> str | None:
     """Why the browser test cannot run here (None: it can)."""
-    try:
-        import selenium  # noqa: F401
-    except ImportError:
+    if importlib.util.find_spec("selenium") is None:
         return "selenium is not installed (pip install -e '.[browser]')"
     for program in ("chromium", "chromedriver"):
         if shutil.which(program) is None:
