@@ -1,8 +1,8 @@
 """How the commands run: absl flags held in each command's own ``FlagValues``, run by ``absl.app``.
 
-A command module (``main``, ``evaluate``, ``report``, ``predict``, ``export``, ``segment``,
-``tools.show``, ``weights``, and ``launch.local``, ``launch.multihost``, ``launch.sweep``)
-defines its flags on its own ``flags.FlagValues``, so commands can be imported side by side (as
+A command module (``main``, ``evaluate``, ``report``, ``predict``, ``serve``, ``export``,
+``segment``, ``tools.show``, ``weights``, and ``launch.local``, ``launch.multihost``,
+``launch.sweep``) defines its flags on its own ``flags.FlagValues``, so commands can be imported side by side (as
 libraries and tests do), and a ``main(argv) -> exit status`` that starts with :func:`parse` (or
 :func:`parse_known` in a launcher, which passes the arguments it does not know on to the
 command it starts). Each parse starts from the flags' defaults, so ``main`` can be called again
@@ -13,10 +13,13 @@ docstring and the command's flags; ``absl.app`` takes its own flags (``--verbosi
 ``--config.key=value`` overrides are parsed by ``ml_collections.config_flags``: of a config
 file (``--config=path.py[:variant]`` of ``main`` and ``tools.show``) by :func:`load_config_file`,
 of a run's saved config (``evaluate``, ``report``) once it is read (``inference.load_config``).
+:func:`enable_compilation_cache` turns on JAX's persistent compilation cache for ``predict`` and
+``serve``.
 """
 
 from __future__ import annotations
 
+import os
 import re
 import sys
 from collections.abc import Callable, Sequence
@@ -30,6 +33,7 @@ if TYPE_CHECKING:
     import ml_collections
 
 _CONFIG_ARG = re.compile(r"^--?(no)?config\.")
+DEFAULT_CACHE = os.path.join("~", ".cache", "boneage_jax", "jax")
 
 
 def _reset(flag_values: flags.FlagValues) -> None:
@@ -96,6 +100,25 @@ def load_config_file(spec: str, overrides: Sequence[str] = (), flag: str = "conf
         raise app.UsageError(f"unexpected arguments: {' '.join(left)} (after --{flag}={spec} only "
                              f"--{flag}.key=value overrides)")
     return config
+
+
+def enable_compilation_cache(cache_dir: str | None) -> str | None:
+    """Turns on JAX's persistent compilation cache in ``cache_dir`` (None: the default location,
+    ``$BONEAGE_JAX_CACHE`` or ``DEFAULT_CACHE``; empty: off) for every compilation, however
+    short, so that a repeated ``predict`` or a restarted ``serve`` does not compile again;
+    returns the folder used."""
+    import jax  # pylint: disable=import-outside-toplevel
+
+    if cache_dir is None:
+        cache_dir = os.environ.get("BONEAGE_JAX_CACHE", DEFAULT_CACHE)
+    if not cache_dir:
+        return None
+    cache_dir = os.path.abspath(os.path.expanduser(cache_dir))
+    os.makedirs(cache_dir, exist_ok=True)
+    jax.config.update("jax_compilation_cache_dir", cache_dir)
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+    jax.config.update("jax_persistent_cache_min_entry_size_bytes", -1)
+    return cache_dir
 
 
 HELP_ARGS = ("--help", "-help", "-h", "-?", "--helpshort")

@@ -1,5 +1,5 @@
 """Where a model looks: Grad-CAM for any convolutional bone-age model, attention maps of
-``vgg19_attention``.
+``vgg19_attention``, and :func:`overlay`, which draws a map over the image it explains.
 
 Grad-CAM (Selvaraju et al. 2017) weights the channels of a late convolutional feature map
 ``A`` (B, h, w, C) by the spatial mean of the gradient of the predicted bone age (months)
@@ -135,3 +135,19 @@ def attention_maps(run, images: np.ndarray) -> np.ndarray | None:
 def _normalise(m: np.ndarray) -> np.ndarray:
     hi = float(m.max())
     return (m / hi).astype(np.float32) if hi > 0 else np.zeros_like(m, np.float32)
+
+
+def overlay(image: np.ndarray, heat: np.ndarray, min_side: int = 256) -> np.ndarray:
+    """uint8 grey (S, S) and a map in [0, 1] -> a BGR uint8 overlay (JET colours), upscaled to
+    at least ``min_side`` px: the heatmaps of ``predict --heatmaps`` and of ``serve``."""
+    grey = image if image.dtype == np.uint8 else np.clip(image, 0, 255).astype(np.uint8)
+    base = cv2.cvtColor(grey, cv2.COLOR_GRAY2BGR)
+    colour = cv2.applyColorMap(np.round(heat * 255).astype(np.uint8), cv2.COLORMAP_JET)
+    alpha = (0.6 * heat)[..., None]
+    out = np.round(base * (1 - alpha) + colour * alpha).astype(np.uint8)
+    side = max(out.shape[:2])
+    if side < min_side:
+        scale = min_side / side
+        out = cv2.resize(out, (round(out.shape[1] * scale), round(out.shape[0] * scale)),
+                         interpolation=cv2.INTER_NEAREST)
+    return out

@@ -13,6 +13,12 @@ Grad-CAM and export compile it). ``load_config(workdir, overrides)`` reads a run
 statistics are restored (``boneage_jax.state.restore_weights``): no optimiser is built, and runs
 saved in the older one-item checkpoint layout load too. ``input_pipeline.prepare_image`` runs a
 run's preprocessing on images from outside its dataset.
+
+:class:`Predictor` is a loaded bone-age run for single images from outside the dataset, what
+``boneage_jax.predict`` and ``boneage_jax.serve`` share: a file or bytes in memory -> the stored
+resolution -> the quality check (``boneage_jax.quality``) -> the run's preprocessing made fit for
+single images (:func:`single_image_spec`) -> batched readout (padded to a power of two) and
+saliency maps. :func:`enable_compilation_cache` turns on JAX's persistent compilation cache.
 """
 
 from __future__ import annotations
@@ -26,11 +32,12 @@ from collections.abc import Callable, Sequence
 
 import jax
 import ml_collections
+import numpy as np
 from absl import flags
 from flax import nnx
 from ml_collections import config_flags
 
-from boneage_jax import input_pipeline, objectives, state
+from boneage_jax import input_pipeline, io, objectives, quality, state
 from configs.common import base_config
 
 
@@ -193,3 +200,163 @@ def stored_max_side(data_config) -> int | None:
             return builder_config.max_side
     raise ValueError(f"data.builder_config {name!r}: unknown; expected one of "
                      f"{[c.name for c in rsna_bone_age.RsnaBoneAge.BUILDER_CONFIGS]}")
+
+
+# ----------------------------------------------------------------------------- single images (predict, serve)
+
+_SEXES = {"m": True, "male": True, "f": False, "female": False}
+
+
+def parse_sex(value: str) -> bool:
+    """'M'/'male' -> True, 'F'/'female' -> False (any case); ValueError otherwise."""
+    key = str(value).strip().lower()
+    if key not in _SEXES:
+        raise ValueError(f"sex {value!r}: expected M, F, male or female")
+    return _SEXES[key]
+
+
+def single_image_spec(spec: str, data_config=None) -> tuple[str, list[str]]:
+    """The preprocessing spec for images outside the dataset, and notes on what changed.
+
+    Ops that read a stored hand mask make their own (``hand_mask`` with ``source='dataset'``, the
+    default, or ``'cache'`` becomes ``source='classical'``); ops that need keypoints raise
+    ValueError (``roi_crop`` of region roi1/roi2/roi3, given in the spec or by ``data.roi`` in
+    ``data_config``, and ``align(source='keypoints')``): ``ops.Chain.for_single_images``."""
+    from boneage_jax import ops  # pylint: disable=import-outside-toplevel
+
+    chain, notes = ops.Chain(spec, config=data_config, name="data.preprocess").for_single_images()
+    return chain.spec, notes
+
+
+def padded_size(n: int, batch_size: int) -> int:
+    """The batch size that ``n`` images are padded to: the next power of two, at most ``batch_size``."""
+    return min(batch_size, 1 << max(0, (n - 1).bit_length()))
+
+
+class Predictor:
+    """A loaded bone-age run with the single-image preprocessing and jitted readout / saliency:
+    what ``boneage_jax.predict`` and ``boneage_jax.serve`` share.
+
+    An image goes through what validation images went through in training: the dataset's stored
+    resolution (:meth:`stored`), then the run's ``data.preprocess`` made fit for single images
+    (:func:`single_image_spec`; ``notes`` says what changed) and ``data.normalize``
+    (:meth:`prepare`). Batches are padded to a power of two, at most ``batch_size``."""
+
+    def __init__(self, workdir: str, which: str = "best", batch_size: int = 16):
+        self.run = load_run(workdir, which=which)
+        objectives.require_bone_age(self.run.objective, workdir, "predict")
+        self.data_config = self.run.config.data.copy_and_resolve_references()
+        self.data_config.preprocess, self.notes = single_image_spec(self.run.config.data.preprocess, self.data_config)
+        self.max_side = stored_max_side(self.data_config)
+        self.batch_size = max(1, batch_size)
+        self.image_size = int(self.data_config.image_size)
+
+    # -- images
+
+    def stored(self, image: np.ndarray) -> np.ndarray:
+        """A uint8 grey image as the TFDS builder would have stored it (longest side capped)."""
+        from tfds_rsna import rsna_bone_age  # pylint: disable=import-outside-toplevel
+
+        return rsna_bone_age.resize_longest_side(image, self.max_side)
+
+    def load(self, path: str) -> np.ndarray:
+        """A PNG, JPEG or DICOM file -> the stored image (:meth:`stored`)."""
+        return self.stored(io.read_image(path))
+
+    def decode(self, data: bytes, name: str) -> np.ndarray:
+        """PNG, JPEG or DICOM bytes (``name`` for messages) -> the stored image, decoded in memory."""
+        return self.stored(io.decode_image(data, name))
+
+    def unusable_reason(self, image: np.ndarray) -> str | None:
+        """Why a stored image cannot be read by this network (``quality.unusable_reason``); None if it can."""
+        return quality.unusable_reason(image, self.image_size)
+
+    def prepare(self, image: np.ndarray, path: str = "image", check_quality: bool = True) -> np.ndarray:
+        """The network input of a stored image; ImageReadError for an image that is not usable
+        (:meth:`unusable_reason`, unless ``check_quality`` is False) or that the preprocessing
+        cannot handle."""
+        reason = self.unusable_reason(image) if check_quality else None
+        if reason:
+            raise io.ImageReadError(f"{path}: rejected: {reason}")
+        try:
+            return input_pipeline.prepare_image(self.data_config, image)
+        except Exception as e:  # an op failing on this image (e.g. an empty hand mask)
+            raise io.ImageReadError(f"{path}: preprocessing failed: {e}") from e
+
+    def preprocessed_uint8(self, image: np.ndarray) -> np.ndarray:
+        """The image after ``data.preprocess`` only (what the heatmap is drawn on)."""
+        from boneage_jax import ops  # pylint: disable=import-outside-toplevel
+
+        preprocess = ops.Pipeline.from_config(self.data_config).preprocess
+        return np.asarray(ops.as_2d(preprocess({"image": image, "id": 0})["image"]))
+
+    # -- the network
+
+    def _padded(self, images: np.ndarray, male: np.ndarray) -> tuple[dict, int]:
+        n = len(images)
+        size = padded_size(n, self.batch_size)
+        pad = size - n
+        images = np.concatenate([images, np.repeat(images[:1], pad, axis=0)]) if pad else images
+        male = np.concatenate([male, np.repeat(male[:1], pad)]) if pad else male
+        return {"image": images.astype(np.float32), "male": male.astype(np.float32)}, n
+
+    def predict_arrays(self, images: np.ndarray, male: np.ndarray) -> dict[str, np.ndarray]:
+        """(N, S, S, C) network inputs and (N,) male flags -> readout numpy arrays, in batches."""
+        outputs: dict[str, list] = {}
+        for start in range(0, len(images), self.batch_size):
+            batch, n = self._padded(images[start:start + self.batch_size], male[start:start + self.batch_size])
+            readout = jax.device_get(self.run.predict(batch))
+            for key, value in readout.items():
+                outputs.setdefault(key, []).append(np.asarray(value)[:n])
+        return {k: np.concatenate(v) for k, v in outputs.items()}
+
+    @functools.cached_property
+    def _saliency_fn(self) -> tuple[str, Callable]:
+        import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
+
+        run = self.run
+        if hasattr(run.model().backbone, "attention_map"):
+
+            def attention(params, rest, rng_state, images, male):
+                del male
+                model = state.merge(run.graphdef, params, rng_state, rest)
+                return model.backbone.attention_map(images)
+
+            return "attention", jax.jit(attention)
+
+        def gradient(params, rest, rng_state, images, male):
+            def total_age(x):
+                model = state.merge(run.graphdef, params, rng_state, rest)
+                return jnp.sum(run.objective.predict(model(x, male))["boneage"])
+
+            return jnp.max(jnp.abs(jax.grad(total_age)(images)), axis=-1)
+
+        return "gradient", jax.jit(gradient)
+
+    @property
+    def saliency_kind(self) -> str:
+        """``attention`` (the backbone's attention map) or ``gradient`` (gradient saliency)."""
+        return self._saliency_fn[0]
+
+    def saliency(self, images: np.ndarray, male: np.ndarray) -> tuple[str, np.ndarray]:
+        """Per-image maps (N, S, S) in [0, 1]: smoothed |d boneage / d input| or the attention map."""
+        import cv2  # pylint: disable=import-outside-toplevel
+
+        kind, fn = self._saliency_fn
+        maps = []
+        for start in range(0, len(images), self.batch_size):
+            batch, n = self._padded(images[start:start + self.batch_size], male[start:start + self.batch_size])
+            out = np.asarray(jax.device_get(fn(self.run.params, self.run.rest, self.run.rng_state, batch["image"],
+                                               batch["male"])), np.float32)[:n]
+            maps.extend(out)
+        result = []
+        size = self.image_size
+        for m in maps:
+            if m.shape != (size, size):
+                m = cv2.resize(m, (size, size), interpolation=cv2.INTER_CUBIC)
+            if kind == "gradient":
+                m = cv2.GaussianBlur(m, (0, 0), sigmaX=max(1.0, size / 64))
+                top = float(np.percentile(m, 99.5))
+                m = m / top if top > 0 else np.zeros_like(m)
+            result.append(np.clip(m, 0.0, 1.0))
+        return kind, np.stack(result) if result else np.zeros((0, size, size), np.float32)

@@ -8,7 +8,10 @@ interrupted run leaves the previous file (or none), never a partial one: :func:`
 :func:`read_image` reads a PNG, JPEG or DICOM radiograph as uint8 grey (DICOM through
 :func:`read_dicom`: modality rescale, the first VOI window or else min-max, MONOCHROME1
 inverted); :func:`expand_inputs` turns folders into their image files. A file that cannot be
-read raises :class:`ImageReadError` naming it.
+read raises :class:`ImageReadError` naming it. :func:`decode_image` does the same for the
+bytes of an upload, in memory, after :func:`image_format` (PNG, JPEG or DICOM by their first
+bytes) and :func:`image_dimensions` (the size a header declares, read before any pixel is
+decoded) have let a server refuse other files and huge images.
 
 :class:`FileLock` keeps a directory (a workdir, a dataset being prepared) to one process at a
 time and names the holder to anyone else.
@@ -214,26 +217,35 @@ def dicom_to_uint8(pixels: np.ndarray, *, photometric: str = "MONOCHROME2", slop
     return out
 
 
-def read_dicom(path: str) -> np.ndarray:
-    """A DICOM radiograph -> uint8 grey (H, W) (see :func:`dicom_to_uint8`)."""
+def _pydicom():
     try:
         import pydicom  # pylint: disable=import-outside-toplevel
     except ImportError as e:
         raise ImportError("reading DICOM needs pydicom: pip install pydicom") from e
+    return pydicom
+
+
+def read_dicom(path: str) -> np.ndarray:
+    """A DICOM radiograph -> uint8 grey (H, W) (see :func:`dicom_to_uint8`)."""
+    return _dicom_image(path, path)
+
+
+def _dicom_image(source, path: str) -> np.ndarray:
+    """The uint8 grey image of a DICOM file or file object ``source`` (``path`` names it in messages)."""
     try:
-        ds = pydicom.dcmread(path)
+        ds = _pydicom().dcmread(source)
     except Exception as e:  # pydicom raises several types for damaged files
         raise ImageReadError(f"{path}: not a readable DICOM file ({e})") from e
     if "PixelData" not in ds:
         raise ImageReadError(f"{path}: DICOM file has no pixel data")
+    if _dicom_number(ds, path, "NumberOfFrames", 1) > 1:  # before decoding every frame
+        raise ImageReadError(f"{path}: multi-frame DICOM ({ds.NumberOfFrames} frames) is not supported")
     try:
         pixels = ds.pixel_array
     except Exception as e:
         raise ImageReadError(f"{path}: cannot decode the DICOM pixel data "
                              f"(transfer syntax {ds.file_meta.get('TransferSyntaxUID', '?')}): {e}") from e
     photometric = str(ds.get("PhotometricInterpretation", "MONOCHROME2"))
-    if _dicom_number(ds, path, "NumberOfFrames", 1) > 1:
-        raise ImageReadError(f"{path}: multi-frame DICOM ({ds.NumberOfFrames} frames) is not supported")
     if _dicom_number(ds, path, "SamplesPerPixel", 1) > 1:
         import cv2  # pylint: disable=import-outside-toplevel
 
@@ -285,5 +297,91 @@ def read_image(path: str) -> np.ndarray:
         raise ImageReadError(f"{path}: {e.strerror}") from e
     try:
         return rsna_bone_age.decode_grey(data, path)
+    except rsna_bone_age.RsnaFormatError as e:
+        raise ImageReadError(str(e)) from e
+
+
+# ----------------------------------------------------------------------------- images in memory (serve)
+
+IMAGE_FORMATS = "a PNG, JPEG or DICOM file"
+JPEG_SIGNATURE = b"\xff\xd8\xff"
+# JPEG start-of-frame markers (they hold the image size): C0-CF but DHT (C4), JPG (C8) and DAC (CC)
+_JPEG_SOF = frozenset(range(0xC0, 0xD0)) - {0xC4, 0xC8, 0xCC}
+
+
+class UnknownFormatError(ImageReadError):
+    """The bytes are not those of a PNG, JPEG or DICOM file."""
+
+
+def image_format(data: bytes, name: str = "") -> str | None:
+    """``png``, ``jpeg`` or ``dicom`` by the first bytes (DICOM also by a ``.dcm`` ``name``: files
+    without the 128-byte preamble); None for anything else."""
+    from tfds_rsna.rsna_bone_age import PNG_SIGNATURE  # pylint: disable=import-outside-toplevel
+
+    if data[:8] == PNG_SIGNATURE:
+        return "png"
+    if data[:3] == JPEG_SIGNATURE:
+        return "jpeg"
+    if data[128:132] == DICOM_MAGIC or name.lower().endswith(".dcm"):
+        return "dicom"
+    return None
+
+
+def _jpeg_dimensions(data: bytes) -> tuple[int, int] | None:
+    """(width, height) from the first start-of-frame segment of a JPEG; None where not found."""
+    i = 2
+    while i + 4 <= len(data):
+        if data[i] != 0xFF:
+            return None
+        marker = data[i + 1]
+        if marker == 0xFF:  # fill byte
+            i += 1
+            continue
+        if marker in (0xD8, 0x01) or 0xD0 <= marker <= 0xD7:  # markers without a length
+            i += 2
+            continue
+        if marker in (0xD9, 0xDA):  # end of image, start of scan: no frame header before them
+            return None
+        if marker in _JPEG_SOF:
+            if i + 9 > len(data):
+                return None
+            height, width = int.from_bytes(data[i + 5:i + 7], "big"), int.from_bytes(data[i + 7:i + 9], "big")
+            return (width, height) if width and height else None
+        i += 2 + int.from_bytes(data[i + 2:i + 4], "big")
+    return None
+
+
+def image_dimensions(data: bytes, name: str = "") -> tuple[int, int] | None:
+    """(width, height) that a PNG, JPEG or DICOM file declares in its header, read without
+    decoding its pixels (so that a huge image can be refused before it takes the memory); None
+    where the header does not say (the decoder then names what is wrong)."""
+    kind = image_format(data, name)
+    if kind == "png" and data[12:16] == b"IHDR" and len(data) >= 24:
+        return int.from_bytes(data[16:20], "big"), int.from_bytes(data[20:24], "big")
+    if kind == "jpeg":
+        return _jpeg_dimensions(data)
+    if kind == "dicom":
+        try:
+            ds = _pydicom().dcmread(_io.BytesIO(data), stop_before_pixels=True)
+            return int(ds.Columns), int(ds.Rows)
+        except Exception:  # pylint: disable=broad-except  # damaged or without a size: the decoder says why
+            return None
+    return None
+
+
+def decode_image(data: bytes, name: str) -> np.ndarray:
+    """The bytes of a PNG, JPEG or DICOM file -> uint8 grey (H, W), decoded in memory (as
+    :func:`read_image` reads files). :class:`UnknownFormatError` for bytes of any other kind,
+    :class:`ImageReadError` for a damaged or unsupported image; both name ``name``."""
+    from tfds_rsna import rsna_bone_age  # pylint: disable=import-outside-toplevel
+
+    kind = image_format(data, name)
+    if kind is None:
+        what = "an empty file" if not data else f"its first bytes are {data[:8]!r}"
+        raise UnknownFormatError(f"{name}: not {IMAGE_FORMATS} ({what})")
+    if kind == "dicom":
+        return _dicom_image(_io.BytesIO(data), name)
+    try:
+        return rsna_bone_age.decode_grey(data, name)
     except rsna_bone_age.RsnaFormatError as e:
         raise ImageReadError(str(e)) from e

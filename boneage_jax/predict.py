@@ -32,6 +32,9 @@ preprocessing) overlaid with a saliency map, the smoothed magnitude of the gradi
 predicted bone age with respect to the input pixels; for models whose backbone has an
 ``attention_map`` (``vgg19_attention``) the attention map instead.
 
+The reading, quality check, preprocessing, readout and saliency are ``inference.Predictor``'s,
+which ``boneage_jax.serve`` shares.
+
 Compiled code is kept in JAX's persistent compilation cache (``--cache_dir``, default
 ``$BONEAGE_JAX_CACHE`` or ``~/.cache/boneage_jax/jax``; ``--cache_dir=''`` turns it off), so
 a repeated call does not compile again. Batches are padded to a power of two (at most
@@ -41,18 +44,18 @@ a repeated call does not compile again. Batches are padded to a power of two (at
 from __future__ import annotations
 
 import dataclasses
-import functools
 import os
 import sys
 from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING
 
 import numpy as np
 from absl import app, flags
 
 from boneage_jax import cli, io
 
-DEFAULT_CACHE = os.path.join("~", ".cache", "boneage_jax", "jax")
-_SEXES = {"m": True, "male": True, "f": False, "female": False}
+if TYPE_CHECKING:
+    from boneage_jax.inference import Predictor
 
 FLAGS = flags.FlagValues()  # this command's flags (cli.parse); the image files and folders follow them
 _WORKDIR = flags.DEFINE_string("workdir", None, "A run's workdir (written by boneage_jax.main).", flag_values=FLAGS)
@@ -62,61 +65,12 @@ _OUT = flags.DEFINE_string("out", None, "CSV file for the predictions.", flag_va
 _HEATMAPS = flags.DEFINE_string("heatmaps", None, "Folder for saliency / attention overlays.", flag_values=FLAGS)
 _BATCH_SIZE = flags.DEFINE_integer("batch_size", 16, "Largest batch of images per call.", flag_values=FLAGS)
 _CACHE_DIR = flags.DEFINE_string(
-    "cache_dir", None, f"Persistent compilation cache (default $BONEAGE_JAX_CACHE or {DEFAULT_CACHE}; '' off).",
+    "cache_dir", None, f"Persistent compilation cache (default $BONEAGE_JAX_CACHE or {cli.DEFAULT_CACHE}; '' off).",
     flag_values=FLAGS)
 flags.mark_flags_as_required(["workdir", "sex"], flag_values=FLAGS)
 
 
-# ----------------------------------------------------------------------------- compilation cache
-
-
-def enable_compilation_cache(cache_dir: str | None) -> str | None:
-    """Turns on JAX's persistent compilation cache in ``cache_dir`` (None: the default
-    location; empty: off) for every compilation, however short; returns the folder used."""
-    import jax  # pylint: disable=import-outside-toplevel
-
-    if cache_dir is None:
-        cache_dir = os.environ.get("BONEAGE_JAX_CACHE", DEFAULT_CACHE)
-    if not cache_dir:
-        return None
-    cache_dir = os.path.abspath(os.path.expanduser(cache_dir))
-    os.makedirs(cache_dir, exist_ok=True)
-    jax.config.update("jax_compilation_cache_dir", cache_dir)
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
-    jax.config.update("jax_persistent_cache_min_entry_size_bytes", -1)
-    return cache_dir
-
-
-# ----------------------------------------------------------------------------- preprocessing specs
-
-
-def single_image_spec(spec: str, data_config=None) -> tuple[str, list[str]]:
-    """The preprocessing spec for images outside the dataset, and notes on what changed.
-
-    Ops that read a stored hand mask make their own (``hand_mask`` with ``source='dataset'``, the
-    default, or ``'cache'`` becomes ``source='classical'``); ops that need keypoints raise
-    ValueError (``roi_crop`` of region roi1/roi2/roi3, given in the spec or by ``data.roi`` in
-    ``data_config``, and ``align(source='keypoints')``): ``ops.Chain.for_single_images``."""
-    from boneage_jax import ops  # pylint: disable=import-outside-toplevel
-
-    chain, notes = ops.Chain(spec, config=data_config, name="data.preprocess").for_single_images()
-    return chain.spec, notes
-
-
-# ----------------------------------------------------------------------------- the predictor
-
-
-def parse_sex(value: str) -> bool:
-    """'M'/'male' -> True, 'F'/'female' -> False (any case)."""
-    key = str(value).strip().lower()
-    if key not in _SEXES:
-        raise ValueError(f"sex {value!r}: expected M, F, male or female")
-    return _SEXES[key]
-
-
-def padded_size(n: int, batch_size: int) -> int:
-    """The batch size that ``n`` images are padded to: the next power of two, at most ``batch_size``."""
-    return min(batch_size, 1 << max(0, (n - 1).bit_length()))
+# ----------------------------------------------------------------------------- output
 
 
 @dataclasses.dataclass
@@ -130,139 +84,6 @@ class Prediction:
     @property
     def sex(self) -> str:
         return "M" if self.male else "F"
-
-
-class Predictor:
-    """A loaded run with the single-image preprocessing and jitted readout / saliency."""
-
-    def __init__(self, workdir: str, which: str = "best", batch_size: int = 16):
-        from boneage_jax import inference, objectives  # pylint: disable=import-outside-toplevel
-
-        self.run = inference.load_run(workdir, which=which)
-        objectives.require_bone_age(self.run.objective, workdir, "predict")
-        self.data_config = self.run.config.data.copy_and_resolve_references()
-        self.data_config.preprocess, self.notes = single_image_spec(self.run.config.data.preprocess, self.data_config)
-        self.max_side = inference.stored_max_side(self.data_config)
-        self.batch_size = max(1, batch_size)
-        self.image_size = int(self.data_config.image_size)
-
-    # -- images
-
-    def load(self, path: str) -> np.ndarray:
-        """A file -> the image the TFDS builder would have stored (uint8, longest side capped)."""
-        from tfds_rsna import rsna_bone_age  # pylint: disable=import-outside-toplevel
-
-        return rsna_bone_age.resize_longest_side(io.read_image(path), self.max_side)
-
-    def prepare(self, image: np.ndarray, path: str = "image") -> np.ndarray:
-        """The network input of a loaded image; ImageReadError for an image that is not usable
-        (``quality.unusable_reason``) or that the preprocessing cannot handle."""
-        from boneage_jax import input_pipeline, quality  # pylint: disable=import-outside-toplevel
-
-        reason = quality.unusable_reason(image, self.image_size)
-        if reason:
-            raise io.ImageReadError(f"{path}: rejected: {reason}")
-        try:
-            return input_pipeline.prepare_image(self.data_config, image)
-        except Exception as e:  # an op failing on this image (e.g. an empty hand mask)
-            raise io.ImageReadError(f"{path}: preprocessing failed: {e}") from e
-
-    def preprocessed_uint8(self, image: np.ndarray) -> np.ndarray:
-        """The image after ``data.preprocess`` only (what the heatmap is drawn on)."""
-        from boneage_jax import ops  # pylint: disable=import-outside-toplevel
-
-        preprocess = ops.Pipeline.from_config(self.data_config).preprocess
-        return np.asarray(ops.as_2d(preprocess({"image": image, "id": 0})["image"]))
-
-    # -- the network
-
-    def _padded(self, images: np.ndarray, male: np.ndarray) -> tuple[dict, int]:
-        n = len(images)
-        size = padded_size(n, self.batch_size)
-        pad = size - n
-        images = np.concatenate([images, np.repeat(images[:1], pad, axis=0)]) if pad else images
-        male = np.concatenate([male, np.repeat(male[:1], pad)]) if pad else male
-        return {"image": images.astype(np.float32), "male": male.astype(np.float32)}, n
-
-    def predict_arrays(self, images: np.ndarray, male: np.ndarray) -> dict[str, np.ndarray]:
-        """(N, S, S, C) network inputs and (N,) male flags -> readout numpy arrays, in batches."""
-        import jax  # pylint: disable=import-outside-toplevel
-
-        outputs: dict[str, list] = {}
-        for start in range(0, len(images), self.batch_size):
-            batch, n = self._padded(images[start:start + self.batch_size], male[start:start + self.batch_size])
-            readout = jax.device_get(self.run.predict(batch))
-            for key, value in readout.items():
-                outputs.setdefault(key, []).append(np.asarray(value)[:n])
-        return {k: np.concatenate(v) for k, v in outputs.items()}
-
-    @functools.cached_property
-    def _saliency_fn(self) -> tuple[str, Callable]:
-        import jax  # pylint: disable=import-outside-toplevel
-        import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
-
-        from boneage_jax import state  # pylint: disable=import-outside-toplevel
-
-        run = self.run
-        if hasattr(run.model().backbone, "attention_map"):
-
-            def attention(params, rest, rng_state, images, male):
-                del male
-                model = state.merge(run.graphdef, params, rng_state, rest)
-                return model.backbone.attention_map(images)
-
-            return "attention", jax.jit(attention)
-
-        def gradient(params, rest, rng_state, images, male):
-            def total_age(x):
-                model = state.merge(run.graphdef, params, rng_state, rest)
-                return jnp.sum(run.objective.predict(model(x, male))["boneage"])
-
-            return jnp.max(jnp.abs(jax.grad(total_age)(images)), axis=-1)
-
-        return "gradient", jax.jit(gradient)
-
-    def saliency(self, images: np.ndarray, male: np.ndarray) -> tuple[str, np.ndarray]:
-        """Per-image maps (N, S, S) in [0, 1]: smoothed |d boneage / d input| or the attention map."""
-        import cv2  # pylint: disable=import-outside-toplevel
-        import jax  # pylint: disable=import-outside-toplevel
-
-        kind, fn = self._saliency_fn
-        maps = []
-        for start in range(0, len(images), self.batch_size):
-            batch, n = self._padded(images[start:start + self.batch_size], male[start:start + self.batch_size])
-            out = np.asarray(jax.device_get(fn(self.run.params, self.run.rest, self.run.rng_state, batch["image"],
-                                               batch["male"])), np.float32)[:n]
-            maps.extend(out)
-        result = []
-        size = self.image_size
-        for m in maps:
-            if m.shape != (size, size):
-                m = cv2.resize(m, (size, size), interpolation=cv2.INTER_CUBIC)
-            if kind == "gradient":
-                m = cv2.GaussianBlur(m, (0, 0), sigmaX=max(1.0, size / 64))
-                top = float(np.percentile(m, 99.5))
-                m = m / top if top > 0 else np.zeros_like(m)
-            result.append(np.clip(m, 0.0, 1.0))
-        return kind, np.stack(result) if result else np.zeros((0, size, size), np.float32)
-
-
-def overlay(image: np.ndarray, heat: np.ndarray, min_side: int = 256) -> np.ndarray:
-    """uint8 grey (S, S) and a map in [0, 1] -> a BGR uint8 overlay (JET colours), upscaled to
-    at least ``min_side`` px."""
-    import cv2  # pylint: disable=import-outside-toplevel
-
-    grey = image if image.dtype == np.uint8 else np.clip(image, 0, 255).astype(np.uint8)
-    base = cv2.cvtColor(grey, cv2.COLOR_GRAY2BGR)
-    colour = cv2.applyColorMap(np.round(heat * 255).astype(np.uint8), cv2.COLORMAP_JET)
-    alpha = (0.6 * heat)[..., None]
-    out = np.round(base * (1 - alpha) + colour * alpha).astype(np.uint8)
-    side = max(out.shape[:2])
-    if side < min_side:
-        scale = min_side / side
-        out = cv2.resize(out, (round(out.shape[1] * scale), round(out.shape[0] * scale)),
-                         interpolation=cv2.INTER_NEAREST)
-    return out
 
 
 def heatmap_names(files: Sequence[str]) -> list[str]:
@@ -314,10 +135,12 @@ def predict_files(predictor: Predictor, files: Sequence[str], male: bool, *, hea
             age_class=int(readout["class"][i]) if "class" in readout else None))
         log(describe(predictions[-1]))
     if heatmaps:
+        from boneage_jax import explain  # pylint: disable=import-outside-toplevel
+
         kind, maps = predictor.saliency(images, males)
         os.makedirs(heatmaps, exist_ok=True)
         for name, image, heat in zip(heatmap_names(kept), originals, maps):
-            io.write_png(os.path.join(heatmaps, name), overlay(predictor.preprocessed_uint8(image), heat))
+            io.write_png(os.path.join(heatmaps, name), explain.overlay(predictor.preprocessed_uint8(image), heat))
         log(f"{len(kept)} heatmap(s) ({'attention map' if kind == 'attention' else 'gradient saliency'}) "
             f"written to {heatmaps}")
     return predictions, failed
@@ -354,14 +177,16 @@ def main(argv: Sequence[str]) -> int:
     files_or_folders = cli.parse(FLAGS, argv)
     if not files_or_folders:
         raise app.UsageError("give image files (PNG, JPEG, DICOM) or folders of them")
-    try:
-        male = parse_sex(_SEX.value)
-    except ValueError as e:
-        raise app.UsageError(str(e)) from e
-    enable_compilation_cache(_CACHE_DIR.value)
+    from boneage_jax import inference  # pylint: disable=import-outside-toplevel
 
     try:
-        predictor = Predictor(_WORKDIR.value, which=_WHICH.value, batch_size=_BATCH_SIZE.value)
+        male = inference.parse_sex(_SEX.value)
+    except ValueError as e:
+        raise app.UsageError(str(e)) from e
+    cli.enable_compilation_cache(_CACHE_DIR.value)
+
+    try:
+        predictor = inference.Predictor(_WORKDIR.value, which=_WHICH.value, batch_size=_BATCH_SIZE.value)
     except (ValueError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

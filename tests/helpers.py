@@ -1,4 +1,5 @@
-"""Helpers shared by the model tests: fast deterministic initialisation and a gradient step."""
+"""Helpers shared by the tests: fast deterministic initialisation and a gradient step for the model
+tests, DICOM files for the image readers."""
 
 from __future__ import annotations
 
@@ -44,3 +45,29 @@ def grad_step(model, x):
         return y.astype(jnp.float32).mean(), y
 
     return nnx.value_and_grad(loss, has_aux=True)(model)
+
+
+def write_dicom(path: str, pixels: np.ndarray, photometric: str = "MONOCHROME2", center=None, width=None,
+                slope=None, intercept=None) -> None:
+    """A 16-bit single-frame DICOM file (uncompressed, explicit VR little endian)."""
+    from pydicom.dataset import Dataset, FileMetaDataset
+    from pydicom.uid import ExplicitVRLittleEndian, SecondaryCaptureImageStorage, generate_uid
+
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID = SecondaryCaptureImageStorage
+    meta.MediaStorageSOPInstanceUID = generate_uid()
+    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds = Dataset()
+    ds.file_meta = meta
+    ds.SOPClassUID, ds.SOPInstanceUID = meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID
+    ds.Modality = "CR"
+    ds.Rows, ds.Columns = pixels.shape
+    ds.SamplesPerPixel = 1
+    ds.PhotometricInterpretation = photometric
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 16, 15, 0
+    if center is not None:
+        ds.WindowCenter, ds.WindowWidth = center, width
+    if slope is not None:
+        ds.RescaleSlope, ds.RescaleIntercept = slope, intercept
+    ds.PixelData = pixels.astype(np.uint16).tobytes()
+    ds.save_as(path, enforce_file_format=True)

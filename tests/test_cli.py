@@ -18,7 +18,7 @@ from boneage_jax import cli
 REPO = os.path.abspath(os.path.join(os.path.dirname(__file__), ".."))
 
 COMMANDS = ("boneage_jax.main", "boneage_jax.evaluate", "boneage_jax.report", "boneage_jax.predict",
-            "boneage_jax.export", "boneage_jax.segment", "boneage_jax.tools.show", "boneage_jax.weights",
+            "boneage_jax.serve", "boneage_jax.export", "boneage_jax.segment", "boneage_jax.tools.show", "boneage_jax.weights",
             "boneage_jax.models.__main__", "launch.local", "launch.multihost", "launch.sweep")
 
 # A typical command line of each command with its own FlagValues -> (arguments left, flag values after parsing).
@@ -31,6 +31,9 @@ TYPICAL = {
                              ["--config.eval_batch_size=4"], {"workdir": "runs/demo", "split": "test", "tta": True}),
     "boneage_jax.predict": (["--workdir=runs/demo", "--sex=F", "--out=p.csv", "hand.png", "scans/"],
                             ["hand.png", "scans/"], {"workdir": "runs/demo", "sex": "F", "out": "p.csv"}),
+    "boneage_jax.serve": (["--workdir=runs/demo", "--port=9000", "--max_upload_mb=8", "--tta"], [],
+                          {"workdir": "runs/demo", "host": "127.0.0.1", "port": 9000, "max_upload_mb": 8.0,
+                           "tta": True}),
     "boneage_jax.export": (["--workdir=runs/demo", "--out=demo.jaxexport", "--batch_size=4"], [],
                            {"workdir": "runs/demo", "out": "demo.jaxexport", "batch_size": 4}),
     "boneage_jax.segment": (["--workdir=runs/unet", "--out=data/unet_masks", "--manual_dir=rsna"], [],

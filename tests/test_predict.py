@@ -12,7 +12,8 @@ import cv2
 import numpy as np
 import pytest
 
-from boneage_jax import io, predict
+from boneage_jax import inference, io, predict
+from helpers import write_dicom
 
 REPO = os.path.abspath(os.path.join(os.path.dirname(__file__), ".."))
 
@@ -21,32 +22,6 @@ REPO = os.path.abspath(os.path.join(os.path.dirname(__file__), ".."))
 def run_dir(tiny_run) -> str:
     """The session's tiny trained run (conftest ``tiny_run``); predict only reads it."""
     return tiny_run
-
-
-def write_dicom(path: str, pixels: np.ndarray, photometric: str = "MONOCHROME2", center=None, width=None,
-                slope=None, intercept=None) -> None:
-    """A 16-bit single-frame DICOM file (uncompressed, explicit VR little endian)."""
-    from pydicom.dataset import Dataset, FileMetaDataset
-    from pydicom.uid import ExplicitVRLittleEndian, SecondaryCaptureImageStorage, generate_uid
-
-    meta = FileMetaDataset()
-    meta.MediaStorageSOPClassUID = SecondaryCaptureImageStorage
-    meta.MediaStorageSOPInstanceUID = generate_uid()
-    meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    ds = Dataset()
-    ds.file_meta = meta
-    ds.SOPClassUID, ds.SOPInstanceUID = meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID
-    ds.Modality = "CR"
-    ds.Rows, ds.Columns = pixels.shape
-    ds.SamplesPerPixel = 1
-    ds.PhotometricInterpretation = photometric
-    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 16, 15, 0
-    if center is not None:
-        ds.WindowCenter, ds.WindowWidth = center, width
-    if slope is not None:
-        ds.RescaleSlope, ds.RescaleIntercept = slope, intercept
-    ds.PixelData = pixels.astype(np.uint16).tobytes()
-    ds.save_as(path, enforce_file_format=True)
 
 
 def test_dicom_monochrome_window_and_rescale(tmp_path):
@@ -71,18 +46,19 @@ def test_dicom_monochrome_window_and_rescale(tmp_path):
 
 
 def test_single_image_spec():
-    spec, notes = predict.single_image_spec("hand_mask|align|roi_crop(region='hand')|resize_pad|clahe(clip_limit=2.0)")
+    spec, notes = inference.single_image_spec(
+        "hand_mask|align|roi_crop(region='hand')|resize_pad|clahe(clip_limit=2.0)")
     assert spec == "hand_mask(source='classical')|align|roi_crop(region='hand')|resize_pad|clahe(clip_limit=2.0)"
     assert len(notes) == 1 and "classical" in notes[0]
-    assert predict.single_image_spec("hand_mask(source='cache', cache_dir='/x', apply=False)")[0] == \
+    assert inference.single_image_spec("hand_mask(source='cache', cache_dir='/x', apply=False)")[0] == \
         "hand_mask(source='classical', apply=False)"
-    assert predict.single_image_spec("resize_pad") == ("resize_pad", [])
+    assert inference.single_image_spec("resize_pad") == ("resize_pad", [])
     for spec in ("hand_mask|roi_crop(region='roi2')|resize_pad", "align(source='keypoints')|resize_pad"):
         with pytest.raises(ValueError, match="keypoints"):
-            predict.single_image_spec(spec)
+            inference.single_image_spec(spec)
     with pytest.raises(ValueError, match="roi3"):  # the region from data.roi
-        predict.single_image_spec("roi_crop|resize_pad", {"image_size": 32, "roi": "roi3"})
-    assert predict.single_image_spec("roi_crop|resize_pad", {"roi": "hand"})[0] == "roi_crop|resize_pad"
+        inference.single_image_spec("roi_crop|resize_pad", {"image_size": 32, "roi": "roi3"})
+    assert inference.single_image_spec("roi_crop|resize_pad", {"roi": "hand"})[0] == "roi_crop|resize_pad"
 
 
 def test_csv_columns_by_head():
@@ -91,8 +67,8 @@ def test_csv_columns_by_head():
     classes = [predict.Prediction("a.png", True, 100.0, age_class=2)]
     header, body = predict.csv_rows(classes)
     assert header == ["file", "sex", "boneage_months", "age_class"] and body == [["a.png", "M", "100.0000", 2]]
-    assert predict.parse_sex("female") is False and predict.parse_sex("M") is True
-    assert [predict.padded_size(n, 16) for n in (1, 2, 3, 5, 16, 40)] == [1, 2, 4, 8, 16, 16]
+    assert inference.parse_sex("female") is False and inference.parse_sex("M") is True
+    assert [inference.padded_size(n, 16) for n in (1, 2, 3, 5, 16, 40)] == [1, 2, 4, 8, 16, 16]
 
 
 def test_cli_png_jpeg_dicom_csv_heatmaps_and_failure(run_dir, phantom_dir, tmp_path, capsys):
@@ -188,7 +164,7 @@ def test_prediction_matches_tfds_pipeline(run_dir, phantom_dir):
     """A phantom test image read from its file equals the same record through TFDS + grain."""
     from boneage_jax import data, input_pipeline
 
-    predictor = predict.Predictor(run_dir)
+    predictor = inference.Predictor(run_dir)
     config = predictor.run.config
     selection = data.select_splits(config.data, data.prepare(config.data), config.seed)["test"]
     batch = next(input_pipeline.eval_batches(config.data, selection, 8))
