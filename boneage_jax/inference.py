@@ -34,10 +34,18 @@ from boneage_jax import input_pipeline, objectives, state
 from configs.common import base_config
 
 
+def outputs(model, batch: dict):
+    """``model(image, male)``; a batch of cached backbone features (``features`` in place of
+    ``image``, ``boneage_jax.feature_cache``) goes through the head alone."""
+    if "features" in batch:
+        return model.head(batch["features"], batch["male"])
+    return model(batch["image"], batch["male"])
+
+
 def predict_step(params, rest, rng_state, batch: dict, *, graphdef, objective: objectives.Task):
     """The objective's readout for a batch in inference mode: ``boneage`` in months and more."""
     model = state.merge(graphdef, params, rng_state, rest)
-    return objective.predict(model(batch["image"], batch["male"]))
+    return objective.predict(outputs(model, batch))
 
 
 @dataclasses.dataclass
