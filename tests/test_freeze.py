@@ -6,11 +6,14 @@ from __future__ import annotations
 
 import json
 import os
+from contextlib import redirect_stdout
+from io import StringIO
 
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
 import pytest
+from conftest import tiny_demo_config
 from flax import nnx
 
 from boneage_jax import freeze, input_pipeline, state, train
@@ -130,48 +133,65 @@ def test_frozen_parameters_and_their_batch_statistics_stay_bit_identical(tiny_co
         assert (saved[split]["trainable_params"], saved[split]["frozen_params"]) == (num_total - num_frozen, num_frozen)
 
 
-def test_unfreeze_at_switches_phase_and_a_run_resumes_on_either_side(tiny_config, tmp_path, capsys):
-    """Head first (2 steps), then everything (2 steps). Runs stopped just before and just after
-    the switch resume to the parameters of the unbroken run."""
-    tiny_config.freeze = ("backbone",)
-    tiny_config.unfreeze_at = 2
-    tiny_config.num_train_steps = 4
-    tiny_config.checkpoint_every = 1
-    tiny_config.eval_every = 1
-    tiny_config.min_delta = -1e9  # every evaluation is "best": results.json reports step 4's phase
-    tiny_config.model.dropout = 0.2
-    unbroken = str(tmp_path / "unbroken")
-    results = train.train_and_evaluate(tiny_config, unbroken)
-    out = capsys.readouterr().out
-    assert "all of them train from step 2" in out
-    assert "step      2  unfrozen:" in out
-    params0 = _flat(_initial(tiny_config)[0])
-    params = _flat(_latest(unbroken)[0])
+def _staged(config):
+    """Head first (2 steps), then everything (2 steps), a checkpoint every step, dropout on."""
+    config.freeze = ("backbone",)
+    config.unfreeze_at = 2
+    config.num_train_steps = 4
+    config.checkpoint_every = 1
+    config.eval_every = 4
+    config.model.dropout = 0.2
+    return config
+
+
+@pytest.fixture(scope="module")
+def staged_run(phantom_dir, data_root, tmp_path_factory) -> tuple[str, dict, str]:
+    """(workdir, results, printed output) of the unbroken two-phase run."""
+    workdir = str(tmp_path_factory.mktemp("staged") / "unbroken")
+    printed = StringIO()
+    with redirect_stdout(printed):
+        results = train.train_and_evaluate(_staged(tiny_demo_config(phantom_dir, data_root)), workdir)
+    return workdir, results, printed.getvalue()
+
+
+def test_unfreeze_at_switches_phase(staged_run, tiny_config):
+    workdir, results, printed = staged_run
+    assert "all of them train from step 2" in printed
+    assert "step      2  unfrozen:" in printed
+    params0 = _flat(_initial(_staged(tiny_config))[0])
+    params = _flat(_latest(workdir)[0])
     assert all(not _same(params[k], params0[k]) for k in params)  # the backbone trained in phase 2
-    info = [e for e in _read_events(unbroken) if e["split"] == "info"]
+    info = [e for e in _read_events(workdir) if e["split"] == "info"]
     num_total = sum(v.size for v in params0.values())
     num_backbone = sum(v.size for k, v in params0.items() if k.startswith("backbone."))
     assert [(e["step"], e["trainable_params"], e["frozen_params"]) for e in info] == [
         (0, num_total - num_backbone, num_backbone), (2, num_total, 0)]
     assert (results["test"]["trainable_params"], results["test"]["frozen_params"]) == (num_total, 0)
 
+
+@pytest.mark.parametrize("stop_at, resumes_at", [(2, 1), (3, 2)])
+def test_a_run_stopped_on_either_side_of_the_switch_resumes_in_its_phase(staged_run, tiny_config, tmp_path, capsys,
+                                                                        stop_at, resumes_at):
+    """Stopped at step 2 before its checkpoint, the run resumes from step 1 (phase 1) and crosses
+    the switch; stopped at 3, it resumes from step 2 (phase 2). Both end with the unbroken run's
+    parameters."""
     class Killed(Exception):
         pass
 
-    for stop_at, resumes_at in ((2, 1), (3, 2)):  # stopped at 2 before its checkpoint: resumes in phase 1
-        def stop(step: int) -> None:
-            if step == stop_at:
-                raise Killed
+    def stop(step: int) -> None:
+        if step == stop_at:
+            raise Killed
 
-        workdir = str(tmp_path / f"stopped{stop_at}")
-        with pytest.raises(Killed):
-            train.train_and_evaluate(tiny_config, workdir, step_callback=stop)
-        capsys.readouterr()
-        train.train_and_evaluate(tiny_config, workdir)
-        assert f"at step {resumes_at}" in capsys.readouterr().out
-        resumed = _flat(_latest(workdir)[0])
-        for key in params:
-            assert _same(resumed[key], params[key]), (stop_at, key)
+    config, workdir = _staged(tiny_config), str(tmp_path / "run")
+    with pytest.raises(Killed):
+        train.train_and_evaluate(config, workdir, step_callback=stop)
+    capsys.readouterr()
+    train.train_and_evaluate(config, workdir)
+    assert f"at step {resumes_at}" in capsys.readouterr().out
+    resumed, unbroken = _flat(_latest(workdir)[0]), _flat(_latest(staged_run[0])[0])
+    assert set(resumed) == set(unbroken)
+    for key in unbroken:
+        assert _same(resumed[key], unbroken[key]), key
 
 
 def test_a_switch_after_the_last_step_is_refused(tiny_config, tmp_path):
