@@ -142,11 +142,6 @@ def unfreeze_step(config: ml_collections.ConfigDict, num_train_examples: int) ->
     return config.unfreeze_at
 
 
-def phase_freeze(config: ml_collections.ConfigDict, switch: int, step: int) -> Freeze:
-    """What is frozen at ``step`` (the state after ``step`` steps) when everything trains from ``switch``."""
-    return NOTHING if switch and step >= switch else freeze_of(config)
-
-
 def model_paths(model: nnx.Module) -> tuple[list[Path], list[Path]]:
     """(parameter paths, module paths) of a model (abstract or concrete)."""
     params = [path for path, _ in nnx.to_flat_state(nnx.state(model, nnx.Param))]

@@ -1,7 +1,8 @@
 """A trained run, loaded for inference: its config, objective, weights and compiled readout.
 
 ``predict_step`` is the readout of one batch in inference mode (the training loop, evaluation,
-Grad-CAM and export compile it). ``load_config(workdir, overrides)`` reads a run's
+Grad-CAM and export compile it); ``outputs`` runs a batch of images through the model, or a
+batch of cached backbone features through its head. ``load_config(workdir, overrides)`` reads a run's
 ``config.json`` with ``--config.key=value`` overrides (``ml_collections.config_flags``; the
 ``FROZEN`` model settings cannot change).
 

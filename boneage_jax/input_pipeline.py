@@ -245,7 +245,8 @@ def padded_batches(num: int, example_at: Callable[[int], dict], batch_size: int,
         real = position < num
         return {**example_at(position if real else 0), "weight": np.float32(real)}
 
-    ds = ProcessRows(grain.MapDataset.source(np.arange(padded)), batch_size).map(lambda item: padded_example(int(item[1])))
+    ds = ProcessRows(grain.MapDataset.source(np.arange(padded)), batch_size)
+    ds = ds.map(lambda item: padded_example(int(item[1])))
     ds = ds.batch(local_batch_size(batch_size), batch_fn=stack)
     yield from ds.to_iter_dataset(options)
 

@@ -245,6 +245,7 @@ def train_and_evaluate(
 
     def counts(step: int) -> freeze_lib.Counts:
         return freeze_lib.count(state["params"], state["rest"], phase_at(step).freeze)
+
     if config.init_from:
         from boneage_jax import weights  # pylint: disable=import-outside-toplevel
 
@@ -263,19 +264,7 @@ def train_and_evaluate(
     def predict(batch: dict) -> dict[str, jax.Array]:
         return predict_jit(state["params"], state["rest"], rng_state, batch)
 
-    # The frozen backbone's features, once (it is frozen for the whole run, so the initial state's
-    # backbone is the one any checkpoint of this run holds).
-    caches: dict[str, feature_cache.FeatureCache] = {}
-    if config.cache_features:
-        started = time.perf_counter()
-        features_jit = jax.jit(functools.partial(feature_cache.backbone_features, graphdef=graphs.eval))
-        for name in ("train", "validation"):
-            caches[name] = feature_cache.compute(
-                lambda batch: features_jit(state["params"], state["rest"], rng_state, batch), config, splits[name],
-                batch_sharding)
-        _log(f"Feature cache: {len(caches['train'])} train and {len(caches['validation'])} validation images through "
-             f"the frozen backbone in {time.perf_counter() - started:.1f} s; the head trains on their "
-             f"{caches['train'].features.shape[1]} features")
+    caches: dict[str, feature_cache.FeatureCache] = {}  # config.cache_features: train and validation
 
     def predict_validation() -> dict[str, np.ndarray]:
         if caches:
@@ -301,6 +290,18 @@ def train_and_evaluate(
                 _log(f"note: {saved} differs from this run's config; it now holds this run's")
         io.write_json(saved, as_json)
         io.write_json(os.path.join(workdir, "label_stats.json"), dataclasses.asdict(stats))
+        # The frozen backbone's features, once (it is frozen for the whole run, so the initial
+        # state's backbone is the one any checkpoint of this run holds).
+        if config.cache_features:
+            started = time.perf_counter()
+            features_jit = jax.jit(functools.partial(feature_cache.backbone_features, graphdef=graphs.eval))
+            for name in ("train", "validation"):
+                caches[name] = feature_cache.compute(
+                    lambda batch: features_jit(state["params"], state["rest"], rng_state, batch), config,
+                    splits[name], batch_sharding)
+            _log(f"Feature cache: {len(caches['train'])} train and {len(caches['validation'])} validation images "
+                 f"through the frozen backbone in {time.perf_counter() - started:.1f} s; the head trains on their "
+                 f"{caches['train'].features.shape[1]} features")
         # Resume.
         if caches:
             train_iter = iter(feature_cache.train_dataset(caches["train"], config.data, splits["train"],

@@ -69,7 +69,7 @@ def base_config() -> ml_collections.ConfigDict:
     config.freeze = ()
     config.unfreeze_at = 0  # from this step on the frozen parameters train too (head first, then all); 0: never
     config.unfreeze_at_epoch = 0.0  # the same in epochs; if > 0, overrides unfreeze_at
-    config.cache_features = False  # whole backbone frozen, no augmentation: its features computed once, head trained on them
+    config.cache_features = False  # whole backbone frozen, no augmentation: features computed once, the head trains on them
 
     config.batch_size = 32
     config.eval_batch_size = 64

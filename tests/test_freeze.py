@@ -75,8 +75,8 @@ def test_unfreeze_step_in_steps_or_epochs(tiny_config):
     assert freeze.unfreeze_step(tiny_config, num_train_examples=48) == 5
     tiny_config.unfreeze_at_epoch = 0.5  # overrides: half of 48 images at batch 8 is 3 steps
     assert freeze.unfreeze_step(tiny_config, num_train_examples=48) == 3
-    assert freeze.phase_freeze(tiny_config, 3, 2).patterns == ("backbone",)
-    assert freeze.phase_freeze(tiny_config, 3, 3) == freeze.NOTHING
+    tiny_config.unfreeze_at, tiny_config.unfreeze_at_epoch = 0, 0.0
+    assert freeze.unfreeze_step(tiny_config, num_train_examples=48) == 0  # never
 
 
 # ----------------------------------------------------------------------------- Nguyen et al.
@@ -123,7 +123,8 @@ def test_frozen_parameters_and_their_batch_statistics_stay_bit_identical(tiny_co
     # Counts: in the log, metrics.jsonl and results.json.
     num_frozen = sum(params0[k].size for k in frozen)
     num_total = sum(v.size for v in params0.values())
-    assert f"{num_total:,} parameters: {num_total - num_frozen:,} trainable, {num_frozen:,} frozen" in capsys.readouterr().out
+    counts = f"{num_total:,} parameters: {num_total - num_frozen:,} trainable, {num_frozen:,} frozen"
+    assert counts in capsys.readouterr().out
     info = next(e for e in _read_events(workdir) if e["split"] == "info")
     assert (info["trainable_params"], info["frozen_params"]) == (num_total - num_frozen, num_frozen)
     with open(os.path.join(workdir, "results.json")) as f:
