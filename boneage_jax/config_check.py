@@ -4,6 +4,8 @@
 impossible size or fraction, an op spec that does not parse or a model name that is not
 registered stops the command with ``config.KEY is VALUE; expected ...`` instead of a traceback
 minutes later. The choices come from the modules that own them (objectives, data, models, ops).
+``config.freeze`` is checked against the configured model, built abstractly: a pattern that
+matches no parameter names what exists where it stops matching (``freeze.pattern_errors``).
 """
 
 from __future__ import annotations
@@ -12,8 +14,9 @@ import numbers
 from collections.abc import Callable
 
 import ml_collections
+from flax import nnx
 
-from boneage_jax import data, models, objectives, ops, weights
+from boneage_jax import data, feature_cache, freeze, models, objectives, ops, weights
 
 SCHEDULES = ("constant", "cosine")
 LOSSES = ("mse", "mae", "huber")
@@ -91,6 +94,12 @@ RULES: dict[str, tuple[Callable, str]] = {
     "eval_every": _integer(1),
     "checkpoint_every": _integer(1),
     "on_damaged_checkpoint": _one_of(DAMAGED_POLICIES),
+    "freeze": ((lambda v: isinstance(v, (tuple, list)) and all(isinstance(p, str) and p.removeprefix("!")
+                                                                for p in v)),
+               "a tuple of parameter path patterns such as ('backbone',)"),
+    "unfreeze_at": _integer(0),
+    "unfreeze_at_epoch": _number(0.0),
+    "cache_features": ((lambda v: isinstance(v, bool)), "True or False"),
 }
 
 
@@ -129,3 +138,31 @@ def check(config: ml_collections.ConfigDict) -> None:
         except (ValueError, FileNotFoundError) as e:
             raise ValueError(f"config.init_from is 'imagenet': {e}") from None
     ops.Pipeline.from_config(d)  # each spec parses, names known ops and arguments ("data.preprocess: ...")
+    check_freeze(config)
+
+
+def check_freeze(config: ml_collections.ConfigDict) -> None:
+    """``freeze``, ``unfreeze_at`` and ``cache_features`` against the configured model, built
+    abstractly (nothing allocated): every pattern matches a parameter path; something is frozen
+    before anything unfreezes; the feature cache's conditions (``feature_cache.refusal``)."""
+    if (config.unfreeze_at or config.unfreeze_at_epoch) and not config.freeze:
+        key = "unfreeze_at_epoch" if config.unfreeze_at_epoch else "unfreeze_at"
+        raise ValueError(f"config.{key} is {config[key]!r} but config.freeze is empty: nothing to unfreeze")
+    if config.cache_features and not config.freeze:
+        raise ValueError("config.cache_features needs the whole backbone frozen, but config.freeze is empty; "
+                         "set config.freeze=('backbone',)")
+    if not config.freeze:
+        return
+    try:
+        model = nnx.eval_shape(lambda: models.create_model(
+            config.model, in_channels=ops.Pipeline.from_config(config.data).num_channels,
+            image_size=config.data.image_size, seed=config.seed, task=config.task))
+    except TypeError as e:  # a model.kwargs key the family does not take
+        raise ValueError(f"config.model.kwargs do not fit model {config.model.name!r}: {e}") from None
+    errors = freeze.pattern_errors(tuple(config.freeze), model)
+    if errors:
+        raise ValueError(errors[0])
+    if config.cache_features:
+        reason = feature_cache.refusal(config, model)
+        if reason:
+            raise ValueError(reason)

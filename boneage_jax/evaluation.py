@@ -2,7 +2,8 @@
 
 - :func:`global_batch` and :func:`to_host` move batches onto the ``data`` mesh and back
   (gathering across processes); the readout of one batch is ``inference.predict_step``.
-- :func:`predict_split`: predictions for every example of a split, padding removed.
+- :func:`predict_split`: predictions for every example of a split, padding removed
+  (:func:`predict_batches`: of any evaluation batches, e.g. cached backbone features).
 - :func:`score_predictions`: the objective's metrics plus, for bone age, bootstrap confidence
   intervals of MAE, RMSE and CCC, the calibration of per-image intervals, the breakdown per sex
   and age band and the confusion matrix of class heads.
@@ -66,9 +67,17 @@ def predict_split(
     objective: objectives.Task,
 ) -> dict[str, np.ndarray]:
     """Predictions for every example of a split (padding removed), with labels and ids."""
+    return predict_batches(predict, input_pipeline.eval_batches(config.data, selection, config.eval_batch_size),
+                           sharding, objective)
+
+
+def predict_batches(predict: Callable, batches, sharding: NamedSharding, objective: objectives.Task
+                    ) -> dict[str, np.ndarray]:
+    """Predictions for evaluation ``batches`` (this process's rows, padding of weight 0 removed),
+    with labels and ids: of a split's images, or of cached backbone features."""
     keep = ("boneage", "male", "id", "weight")
     outputs = []
-    for batch in input_pipeline.eval_batches(config.data, selection, config.eval_batch_size):
+    for batch in batches:
         device_batch = global_batch(batch, sharding)
         readout = to_host({f"pred_{k}": v for k, v in predict(device_batch).items()})
         host_batch = to_host(device_batch)

@@ -1,7 +1,8 @@
 """A trained run, loaded for inference: its config, objective, weights and compiled readout.
 
 ``predict_step`` is the readout of one batch in inference mode (the training loop, evaluation,
-Grad-CAM and export compile it). ``load_config(workdir, overrides)`` reads a run's
+Grad-CAM and export compile it); ``outputs`` runs a batch of images through the model, or a
+batch of cached backbone features through its head. ``load_config(workdir, overrides)`` reads a run's
 ``config.json`` with ``--config.key=value`` overrides (``ml_collections.config_flags``; the
 ``FROZEN`` model settings cannot change).
 
@@ -41,10 +42,18 @@ from boneage_jax import input_pipeline, io, objectives, quality, state
 from configs.common import base_config
 
 
+def outputs(model, batch: dict):
+    """``model(image, male)``; a batch of cached backbone features (``features`` in place of
+    ``image``, ``boneage_jax.feature_cache``) goes through the head alone."""
+    if "features" in batch:
+        return model.head(batch["features"], batch["male"])
+    return model(batch["image"], batch["male"])
+
+
 def predict_step(params, rest, rng_state, batch: dict, *, graphdef, objective: objectives.Task):
     """The objective's readout for a batch in inference mode: ``boneage`` in months and more."""
     model = state.merge(graphdef, params, rng_state, rest)
-    return objective.predict(model(batch["image"], batch["male"]))
+    return objective.predict(outputs(model, batch))
 
 
 @dataclasses.dataclass

@@ -31,20 +31,6 @@ import numpy as np
 from boneage_jax import data, ops
 
 
-class SelectedRecords:
-    """Random access to the chosen records of a TFDS data source."""
-
-    def __init__(self, source, indices: np.ndarray):
-        self._source = source
-        self._indices = np.asarray(indices, np.int64)
-
-    def __len__(self) -> int:
-        return len(self._indices)
-
-    def __getitem__(self, index: int) -> dict:
-        return self._source[int(self._indices[index])]
-
-
 def needs_annotations(data_config: ml_collections.ConfigDict) -> tuple[bool, bool]:
     """(mask, keypoints): whether the config's ops or batches use them."""
     pipeline = ops.Pipeline.from_config(data_config)
@@ -206,21 +192,27 @@ class ProcessRows(grain.MapDataset):
         return position, self._parents[0][position]
 
 
+def train_order(data_config: ml_collections.ConfigDict, selection: data.SplitSelection, seed: int) -> grain.MapDataset:
+    """The endless stream of record indices (into the split's data source) in training order:
+    shuffled epochs, or ``data.sampling='balanced'`` draws. ``train_dataset`` and the feature
+    cache's batches (``boneage_jax.feature_cache``) both follow it."""
+    sampling = data_config.sampling
+    if sampling == "shuffle":
+        return grain.MapDataset.source(np.asarray(selection.indices, np.int64)).seed(seed).shuffle().repeat(None)
+    if sampling == "balanced":
+        return grain.MapDataset.source(BalancedEpochs(selection, data_config.balance_bins, data_config.balance_per_bin,
+                                                      seed))
+    raise ValueError(f"config.data.sampling is {sampling!r}; expected 'shuffle' or 'balanced'")
+
+
 def train_dataset(
     data_config: ml_collections.ConfigDict, selection: data.SplitSelection, batch_size: int, seed: int
 ) -> grain.IterDataset:
     """Infinite, shuffled, augmented batches: this process's rows of each global batch."""
     source = data.data_source(data_config, selection.tfds_split, decode_masks=needs_annotations(data_config)[0])
-    sampling = data_config.sampling
-    if sampling == "shuffle":
-        ds = grain.MapDataset.source(SelectedRecords(source, selection.indices)).seed(seed).shuffle().repeat(None)
-    elif sampling == "balanced":
-        ds = grain.MapDataset.source(BalancedEpochs(selection, data_config.balance_bins, data_config.balance_per_bin,
-                                                    seed)).map(lambda i: source[int(i)])
-    else:
-        raise ValueError(f"config.data.sampling is {sampling!r}; expected 'shuffle' or 'balanced'")
     make_example, augment, normalize = example_fn(data_config), augment_fn(data_config, seed), normalize_fn(data_config)
-    ds = ProcessRows(ds, batch_size).map(lambda item: normalize(augment(make_example(item[1]), item[0])))
+    ds = ProcessRows(train_order(data_config, selection, seed), batch_size)
+    ds = ds.map(lambda item: normalize(augment(make_example(source[int(item[1])]), item[0])))
     ds = ds.batch(local_batch_size(batch_size), drop_remainder=True, batch_fn=stack)
     iter_ds = ds.to_iter_dataset(_read_options(data_config))
     if data_config.num_workers > 0:
@@ -237,17 +229,24 @@ def eval_batches(
     process yields the same number of batches and multi-host evaluation stays in step.
     """
     source = data.data_source(data_config, selection.tfds_split, decode_masks=needs_annotations(data_config)[0])
-    num = len(selection.indices)
-    padded = -(-num // batch_size) * batch_size
-    positions = grain.MapDataset.source(np.arange(padded))
     make_example, normalize = example_fn(data_config), normalize_fn(data_config)
+    yield from padded_batches(len(selection.indices),
+                              lambda i: normalize(make_example(source[int(selection.indices[i])])),
+                              batch_size, _read_options(data_config))
 
-    def example_at(position: int) -> dict:
+
+def padded_batches(num: int, example_at: Callable[[int], dict], batch_size: int,
+                   options: grain.ReadOptions) -> Iterator[dict]:
+    """Examples ``example_at(0 .. num-1)`` in order, this process's rows of each global batch;
+    the last global batch is completed with copies of example 0 of weight 0."""
+    padded = -(-num // batch_size) * batch_size
+
+    def padded_example(position: int) -> dict:
         real = position < num
-        example = make_example(source[int(selection.indices[position if real else 0])])
-        return normalize({**example, "weight": np.float32(real)})
+        return {**example_at(position if real else 0), "weight": np.float32(real)}
 
-    ds = ProcessRows(positions, batch_size).map(lambda item: example_at(int(item[1])))
+    ds = ProcessRows(grain.MapDataset.source(np.arange(padded)), batch_size)
+    ds = ds.map(lambda item: padded_example(int(item[1])))
     ds = ds.batch(local_batch_size(batch_size), batch_fn=stack)
-    yield from ds.to_iter_dataset(_read_options(data_config))
+    yield from ds.to_iter_dataset(options)
 

@@ -3,10 +3,12 @@
 A model splits (:func:`split`) into a graph definition and three pytrees: ``params``
 (``nnx.Param``), ``rng_state`` (the dropout RNG streams, ``nnx.RngState``) and ``rest`` (batch
 statistics and any other variable); :func:`merge` joins them back. The graph definition comes
-in two modes, training (dropout on, batch statistics updated) and evaluation (:class:`Graphs`).
+in two modes, training (dropout on, batch statistics updated; the frozen modules of
+``config.freeze`` in inference mode, ``boneage_jax.freeze``) and evaluation (:class:`Graphs`).
 
 The training state is a dict ``{"step", "params", "rest", "opt_state"}``, replicated over a
-``data`` mesh of all devices (:func:`make_mesh`, :func:`create`). A checkpoint (Orbax, one
+``data`` mesh of all devices (:func:`make_mesh`, :func:`create`); ``opt_state`` is the optimiser's state of
+the trainable parameters only (:func:`init_opt_state`). A checkpoint (Orbax, one
 folder per step) keeps each part as its own item: ``params``, ``rest``, ``opt_state``,
 ``step``, ``data_iter`` (the grain iterator) and ``meta`` (JSON: best validation value,
 early-stopping and plateau counters, label statistics). Inference restores ``params`` and
@@ -18,6 +20,7 @@ both functions restore them too.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import os
 import re
@@ -33,6 +36,7 @@ import orbax.checkpoint as ocp
 from flax import nnx
 from jax.sharding import NamedSharding
 
+from boneage_jax import freeze as freeze_lib
 from boneage_jax import models
 
 ARRAY_ITEMS = ("params", "rest", "opt_state", "step")
@@ -81,10 +85,12 @@ def model_factory(config: ml_collections.ConfigDict, *, in_channels: int, num_ou
     return create
 
 
-def abstract(create: Callable[[], nnx.Module]) -> tuple[Graphs, nnx.State, nnx.State]:
-    """The graphs and the shapes of ``params`` and ``rest``, without allocating any weight."""
+def abstract(create: Callable[[], nnx.Module],
+             freeze: freeze_lib.Freeze = freeze_lib.NOTHING) -> tuple[Graphs, nnx.State, nnx.State]:
+    """The graphs and the shapes of ``params`` and ``rest``, without allocating any weight; the
+    training graph runs ``freeze``'s frozen modules in inference mode."""
     model = nnx.eval_shape(create)
-    model.train()
+    freeze_lib.train_mode(model, freeze)
     train_graphdef, params, _, rest = split(model)
     model.eval()
     eval_graphdef = split(model)[0]
@@ -104,15 +110,30 @@ def make_mesh() -> jax.sharding.Mesh:
     return jax.make_mesh((jax.device_count(),), ("data",), axis_types=(jax.sharding.AxisType.Auto,))
 
 
+def init_opt_state(tx: optax.GradientTransformation, params: nnx.State, freeze: freeze_lib.Freeze):
+    """The optimiser's initial state: over the trainable parameters alone."""
+    return tx.init(freeze.split(params)[0])
+
+
+def opt_state_target(tx: optax.GradientTransformation, params: nnx.State, freeze: freeze_lib.Freeze,
+                     sharding: NamedSharding):
+    """Shapes, dtypes and sharding of :func:`init_opt_state`'s result (a restore target), without
+    allocating it."""
+    shapes = jax.eval_shape(functools.partial(init_opt_state, tx, freeze=freeze), params)
+    return jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sharding), shapes)
+
+
 def create(config: ml_collections.ConfigDict, create_model: Callable[[], nnx.Module],
-           tx: optax.GradientTransformation, sharding: NamedSharding) -> tuple[Graphs, dict, nnx.State]:
+           tx: optax.GradientTransformation, sharding: NamedSharding,
+           freeze: freeze_lib.Freeze = freeze_lib.NOTHING) -> tuple[Graphs, dict, nnx.State]:
     """Builds the model inside ``jax.jit`` so its state lands replicated on every device of every
     process. With ``config.init_from``, the pretrained part (backbone or segmentation network)
     starts from weights written by ``python -m boneage_jax.weights``, or for ``imagenet`` from
     the installed ImageNet weight package of the model (``weights.init_pretrained``); the head
     is fresh.
 
-    Returns (graphs, training state, dropout RNG state)."""
+    ``tx`` is built over the parameters that ``freeze`` leaves trainable. Returns (graphs,
+    training state, dropout RNG state)."""
     pretrained = None
     if config.init_from:
         from boneage_jax import weights  # pylint: disable=import-outside-toplevel
@@ -128,10 +149,11 @@ def create(config: ml_collections.ConfigDict, create_model: Callable[[], nnx.Mod
         if pretrained is not None:
             nnx.update(model.pretrained_part(), pretrained)
         _, params, rngs, rest = split(model)
-        state = {"step": jnp.zeros((), jnp.int32), "params": params, "rest": rest, "opt_state": tx.init(params)}
+        state = {"step": jnp.zeros((), jnp.int32), "params": params, "rest": rest,
+                 "opt_state": init_opt_state(tx, params, freeze)}
         return state, rngs
 
-    graphs = abstract(create_model)[0]
+    graphs = abstract(create_model, freeze)[0]
     state, rngs = jax.jit(init, out_shardings=sharding)(pretrained)
     return graphs, state, rngs
 

@@ -6,6 +6,13 @@ restores the latest checkpoint if there is one, runs the jit-compiled train step
 best checkpoint by the objective's validation metric), and finally scores the best checkpoint
 on validation and test into ``results.json``.
 
+With ``config.freeze`` the step trains the parameters the patterns leave trainable (the
+optimiser sees only those; frozen modules run in inference mode), and with
+``config.unfreeze_at`` training has two phases, each with its own optimiser state and compiled
+step (:class:`Phase`); the state of step ``s`` belongs to the phase of ``s``, so resuming finds
+the right one (``freeze.py`` says what freezing means). With ``config.cache_features`` the head
+trains on backbone features computed once (``feature_cache.py``).
+
 This module keeps the loop, its schedule and optimiser only. The model's split, creation and
 checkpoint items: ``state.py``; predicting and scoring a split: ``evaluation.py``; what the
 outputs mean and how they are trained, logged and tabulated: ``objectives.py``.
@@ -30,8 +37,10 @@ from flax import nnx
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from boneage_jax import config_check, data, evaluation, inference, input_pipeline, io, objectives, writers
+from boneage_jax import config_check, data, evaluation, feature_cache, inference, input_pipeline, io, objectives
+from boneage_jax import freeze as freeze_lib
 from boneage_jax import state as state_lib
+from boneage_jax import writers
 
 
 LOCK_FILE = ".lock"  # in the workdir, held while a run trains there
@@ -92,26 +101,53 @@ def set_lr_scale(opt_state, value: float):
 # ----------------------------------------------------------------------------- steps
 
 
-def train_step(state: dict, batch: dict, rng_state, base_key, *, graphdef, tx, objective: objectives.Task):
-    """One AdamW step; pure, compiled once. Returns the new state and the step's metrics.
+def train_step(state: dict, batch: dict, rng_state, base_key, *, graphdef, tx, objective: objectives.Task,
+               freeze: freeze_lib.Freeze = freeze_lib.NOTHING):
+    """One AdamW step; pure, compiled once per phase. Returns the new state and the step's metrics.
 
-    Dropout draws from a key folded from ``base_key`` and the step number, so a resumed run
-    repeats the same masks.
+    Only the parameters ``freeze`` leaves trainable get gradients and updates (``tx`` and the
+    optimiser state are over those alone); the frozen ones pass through untouched. A batch of
+    cached backbone features trains the head alone (``inference.outputs``). Dropout draws from a
+    key folded from ``base_key`` and the step number, so a resumed run repeats the same masks.
     """
     model = state_lib.merge(graphdef, state["params"], rng_state, state["rest"])
     nnx.reseed(model, dropout=jax.random.fold_in(base_key, state["step"]))
 
     def loss_fn(model):
-        outputs = model(batch["image"], batch["male"])
+        outputs = inference.outputs(model, batch)
         return objective.batch_loss(outputs, batch), outputs
 
-    (value, outputs), grads = nnx.value_and_grad(loss_fn, has_aux=True)(model)
-    rest = state_lib.split(model)[3]  # updated batch statistics
-    updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
-    params = optax.apply_updates(state["params"], updates)
+    grad_fn = nnx.value_and_grad(loss_fn, argnums=nnx.DiffState(0, freeze.trainable()), has_aux=True)
+    (value, outputs), grads = grad_fn(model)
+    rest = state_lib.split(model)[3]  # updated batch statistics (the frozen modules' stay as they were)
+    trainable, frozen = freeze.split(state["params"])
+    updates, opt_state = tx.update(grads, state["opt_state"], trainable)
+    params = freeze.merge(optax.apply_updates(trainable, updates), frozen)
     step_metrics = {"loss": value, **objective.step_metrics(outputs, batch), "grad_norm": optax.tree.norm(grads)}
     new_state = {"step": state["step"] + 1, "params": params, "rest": rest, "opt_state": opt_state}
     return new_state, step_metrics
+
+
+@dataclasses.dataclass(frozen=True)
+class Phase:
+    """A span of training with one set of frozen parameters: its optimiser and compiled step."""
+
+    first_step: int
+    freeze: freeze_lib.Freeze
+    tx: optax.GradientTransformation
+    step_fn: Callable
+
+
+def make_phase(config: ml_collections.ConfigDict, schedule: optax.Schedule, first_step: int,
+               freeze: freeze_lib.Freeze, create: Callable[[], nnx.Module], objective: objectives.Task) -> Phase:
+    """The phase from ``first_step`` on. Its optimiser state starts afresh there, so its schedule
+    is shifted to go on from the global step."""
+    shifted = schedule if not first_step else (lambda count: schedule(count + first_step))
+    tx = make_optimizer(config, shifted)
+    graphdef = state_lib.abstract(create, freeze)[0].train
+    step_fn = jax.jit(functools.partial(train_step, graphdef=graphdef, tx=tx, objective=objective, freeze=freeze),
+                      donate_argnums=(0,))
+    return Phase(first_step, freeze, tx, step_fn)
 
 
 # ----------------------------------------------------------------------------- the loop
@@ -123,14 +159,16 @@ def _log(message: str) -> None:
         print(message, flush=True)
 
 
-def _resume(config: ml_collections.ConfigDict, latest, target: dict, train_iter) -> tuple[dict, dict]:
-    """The latest checkpoint's (state, meta). If it cannot be read, the step before it (the manager
-    keeps two) is offered, and taken with ``config.on_damaged_checkpoint='previous'``: the damaged
-    step then moves to ``checkpoints/damaged/``. Never a silent restart from scratch."""
+def _resume(config: ml_collections.ConfigDict, latest, target: Callable[[int], dict], train_iter
+            ) -> tuple[dict, dict]:
+    """The latest checkpoint's (state, meta), restored onto ``target(step)``. If it cannot be
+    read, the step before it (the manager keeps two) is offered, and taken with
+    ``config.on_damaged_checkpoint='previous'``: the damaged step then moves to
+    ``checkpoints/damaged/``. Never a silent restart from scratch."""
+    newest = latest.latest_step()
     try:
-        return state_lib.restore(latest, target, train_iter)
+        return state_lib.restore(latest, target(newest), train_iter, step=newest)
     except state_lib.DamagedCheckpointError as e:
-        newest = latest.latest_step()
         earlier = [s for s in latest.all_steps() if s < newest]
         if not earlier:
             raise state_lib.DamagedCheckpointError(
@@ -145,7 +183,7 @@ def _resume(config: ml_collections.ConfigDict, latest, target: dict, train_iter)
             os.replace(os.path.join(str(latest.directory), str(newest)), aside)
         latest.reload()
         _log(f"warning: {e}; moved to {aside}, resuming from step {earlier[-1]}")
-        return state_lib.restore(latest, target, train_iter, step=earlier[-1])
+        return state_lib.restore(latest, target(earlier[-1]), train_iter, step=earlier[-1])
 
 
 def train_and_evaluate(
@@ -181,12 +219,33 @@ def train_and_evaluate(
         + f" images at {(config.data.image_size, config.data.image_size, in_channels)}; label mean {stats.mean:.1f} sd {stats.std:.1f} months"
     )
 
-    # Model and optimiser.
+    # Model and optimiser: one phase, or two when the frozen part trains from ``switch`` on.
     schedule = make_schedule(config, total_steps)
-    tx = make_optimizer(config, schedule)
     create = state_lib.model_factory(config, in_channels=in_channels, num_outputs=objective.num_outputs,
                                      task=objective.task)
-    graphs, state, rng_state = state_lib.create(config, create, tx, replicated)
+    switch = freeze_lib.unfreeze_step(config, len(splits["train"].indices))
+    if switch >= total_steps:
+        raise ValueError(f"config.unfreeze_at{'_epoch' if config.unfreeze_at_epoch else ''} gives step {switch}, "
+                         f"but the run ends at step {total_steps}: the frozen parameters would never train")
+    phases = [make_phase(config, schedule, 0, freeze_lib.freeze_of(config), create, objective)]
+    if switch:
+        phases.append(make_phase(config, schedule, switch, freeze_lib.NOTHING, create, objective))
+
+    def phase_at(step: int) -> Phase:
+        """The phase that the state after ``step`` steps belongs to."""
+        return phases[-1] if step >= phases[-1].first_step else phases[0]
+
+    graphs, state, rng_state = state_lib.create(config, create, phases[0].tx, replicated, phases[0].freeze)
+
+    def target(step: int) -> dict:
+        """Shapes and shardings of the state after ``step`` steps (its phase's optimiser state)."""
+        phase = phase_at(step)
+        return {**state_lib.abstract_state({k: v for k, v in state.items() if k != "opt_state"}),
+                "opt_state": state_lib.opt_state_target(phase.tx, state["params"], phase.freeze, replicated)}
+
+    def counts(step: int) -> freeze_lib.Counts:
+        return freeze_lib.count(state["params"], state["rest"], phase_at(step).freeze)
+
     if config.init_from:
         from boneage_jax import weights  # pylint: disable=import-outside-toplevel
 
@@ -194,18 +253,25 @@ def train_and_evaluate(
                   else config.init_from)
         _log(f"Backbone initialised from {source}")
     base_key = jax.jit(lambda: jax.random.key(config.seed), out_shardings=replicated)()
-    num_params = sum(x.size for x in jax.tree.leaves(state["params"]))
-    _log(f"Model: {config.model.name} ({num_params:,} parameters), {total_steps} steps, "
-         f"batch {config.batch_size} on {jax.device_count()} device(s) in {jax.process_count()} process(es)")
+    first = counts(0)
+    _log(f"Model: {config.model.name} ({first.describe()}"
+         + (f"; all of them train from step {switch}" if switch else "")
+         + f"), {total_steps} steps, batch {config.batch_size} on {jax.device_count()} device(s) in "
+         f"{jax.process_count()} process(es)")
 
-    step_fn = jax.jit(
-        functools.partial(train_step, graphdef=graphs.train, tx=tx, objective=objective),
-        donate_argnums=(0,),
-    )
     predict_jit = jax.jit(functools.partial(inference.predict_step, graphdef=graphs.eval, objective=objective))
 
     def predict(batch: dict) -> dict[str, jax.Array]:
         return predict_jit(state["params"], state["rest"], rng_state, batch)
+
+    caches: dict[str, feature_cache.FeatureCache] = {}  # config.cache_features: train and validation
+
+    def predict_validation() -> dict[str, np.ndarray]:
+        if caches:
+            return evaluation.predict_batches(
+                predict, feature_cache.eval_batches(caches["validation"], config.eval_batch_size), batch_sharding,
+                objective)
+        return evaluation.predict_split(predict, config, splits["validation"], batch_sharding, objective)
 
     # One run per workdir: a second run in it stops here, naming the holder (the lock of a
     # killed run goes with its process).
@@ -224,14 +290,30 @@ def train_and_evaluate(
                 _log(f"note: {saved} differs from this run's config; it now holds this run's")
         io.write_json(saved, as_json)
         io.write_json(os.path.join(workdir, "label_stats.json"), dataclasses.asdict(stats))
+        # The frozen backbone's features, once (it is frozen for the whole run, so the initial
+        # state's backbone is the one any checkpoint of this run holds).
+        if config.cache_features:
+            started = time.perf_counter()
+            features_jit = jax.jit(functools.partial(feature_cache.backbone_features, graphdef=graphs.eval))
+            for name in ("train", "validation"):
+                caches[name] = feature_cache.compute(
+                    lambda batch: features_jit(state["params"], state["rest"], rng_state, batch), config,
+                    splits[name], batch_sharding)
+            _log(f"Feature cache: {len(caches['train'])} train and {len(caches['validation'])} validation images "
+                 f"through the frozen backbone in {time.perf_counter() - started:.1f} s; the head trains on their "
+                 f"{caches['train'].features.shape[1]} features")
         # Resume.
-        train_iter = iter(input_pipeline.train_dataset(config.data, splits["train"], config.batch_size,
-                                                       config.seed))
+        if caches:
+            train_iter = iter(feature_cache.train_dataset(caches["train"], config.data, splits["train"],
+                                                          config.batch_size, config.seed))
+        else:
+            train_iter = iter(input_pipeline.train_dataset(config.data, splits["train"], config.batch_size,
+                                                           config.seed))
         latest, best = state_lib.checkpoint_managers(workdir)
         meta = {"best_value": None, "best_step": None, "evals_since_best": 0, "evals_since_lr_drop": 0,
                 "label_mean": stats.mean, "label_std": stats.std, "stopped_early": False}
         if latest.latest_step() is not None:
-            state, meta = _resume(config, latest, state_lib.abstract_state(state), train_iter)
+            state, meta = _resume(config, latest, target, train_iter)
             _log(f"Resumed from {latest.directory} at step {int(state['step'])}")
         start_step = int(jax.device_get(state["step"]))
         # A run killed after saving ``best`` but before ``latest`` left best checkpoints from beyond
@@ -240,7 +322,19 @@ def train_and_evaluate(
             best.delete(ahead)
         writer = writers.MetricWriter(workdir, resume_step=start_step)
         if start_step == 0:
-            writer.write(0, "info", {"num_params": num_params, "total_steps": total_steps})
+            writer.write(0, "info", {"num_params": first.total, "trainable_params": first.trainable,
+                                     "frozen_params": first.frozen, "total_steps": total_steps})
+
+        def unfreeze(state: dict, step: int) -> dict:
+            """The state with the next phase's fresh optimiser state (the plateau scale kept)."""
+            phase = phase_at(step)
+            init = jax.jit(functools.partial(state_lib.init_opt_state, phase.tx, freeze=phase.freeze),
+                           out_shardings=replicated)
+            opt_state = set_lr_scale(init(state["params"]), lr_scale(state["opt_state"]))
+            now = counts(step)
+            writer.write(step, "info", {"trainable_params": now.trainable, "frozen_params": now.frozen})
+            _log(f"step {step:>6}  unfrozen: {now.describe()}")
+            return {**state, "opt_state": opt_state}
 
         pending: list[dict] = []  # step metrics not yet fetched from the device
 
@@ -271,7 +365,7 @@ def train_and_evaluate(
             """Scores validation, keeps the best checkpoint, applies plateau and early stopping.
 
             Returns True when early stopping ends the run."""
-            result = objective.score(evaluation.predict_split(predict, config, splits["validation"], batch_sharding, objective))
+            result = objective.score(predict_validation())
             writer.write(step, "validation", result)
             _log(f"step {step:>6}  validation " + objective.summary(result))
             value = result[objective.monitor]
@@ -300,9 +394,11 @@ def train_and_evaluate(
         try:
             while step < total_steps and not stop:
                 batch = evaluation.global_batch(next(train_iter), batch_sharding)
-                state, step_metrics = step_fn(state, batch, rng_state, base_key)
+                state, step_metrics = phase_at(step).step_fn(state, batch, rng_state, base_key)
                 pending.append(step_metrics)
                 step += 1
+                if switch and step == switch:
+                    state = unfreeze(state, step)
                 if step_callback is not None:
                     step_callback(step)
                 last = step == total_steps
@@ -325,7 +421,7 @@ def train_and_evaluate(
 
         # Final evaluation of the best checkpoint.
         if best.latest_step() is not None:
-            state, _ = state_lib.restore(best, state_lib.abstract_state(state))
+            state, _ = state_lib.restore(best, target(best.latest_step()))
         results = {}
         for name in ("validation", "test"):
             if name in splits:
@@ -333,7 +429,10 @@ def train_and_evaluate(
                 results[name] = objective.score(predictions)
                 if jax.process_index() == 0:
                     objective.write_artefacts(workdir, name, predictions)
-                results[name]["checkpoint_step"] = int(jax.device_get(state["step"]))
+                checkpoint_step = int(jax.device_get(state["step"]))
+                results[name]["checkpoint_step"] = checkpoint_step
+                results[name]["trainable_params"] = counts(checkpoint_step).trainable
+                results[name]["frozen_params"] = counts(checkpoint_step).frozen
                 writer.write(step, f"final_{name}", results[name])
         io.write_json(os.path.join(workdir, "results.json"), results)
         writer.close()

@@ -6,7 +6,8 @@ colon in the flag shrinks it (``--config=configs/demo.py:tiny``):
 
 - ``tiny``: seconds on a CPU (32 px, batch 8, 6 steps, a few filters); a config whose network
   is ImageNet-sized runs a tiny CNN in its place, so its data pipeline, head and objective
-  still run end to end (what ``tests/test_configs.py`` runs for every config);
+  still run end to end (what ``tests/test_configs.py`` runs for every config); where the
+  config freezes part of its network, the tiny CNN is frozen whole (``freeze=("backbone",)``);
 - ``tiny_own_network``: the same, but with the config's own network at the smallest input it
   takes (minutes to compile for the ImageNet-sized ones: ``make test-slow``).
 """
@@ -63,6 +64,12 @@ def base_config() -> ml_collections.ConfigDict:
     model.dropout = 0.0
     model.dtype = "float32"  # compute dtype: float32 or bfloat16 (parameters stay float32)
     config.init_from = ""  # pretrained backbone: python -m boneage_jax.weights --out DIR, or "imagenet"; head fresh
+    # Frozen parameters (boneage_jax/freeze.py): glob patterns of dotted parameter paths, e.g. ("backbone",)
+    # or ("backbone", "!backbone.block5_*"); no update, no weight decay, their BatchNorm on stored statistics.
+    config.freeze = ()
+    config.unfreeze_at = 0  # from this step on the frozen parameters train too (head first, then all); 0: never
+    config.unfreeze_at_epoch = 0.0  # the same in epochs; if > 0, overrides unfreeze_at
+    config.cache_features = False  # whole backbone frozen, no augmentation: features computed once, the head trains on them
 
     config.batch_size = 32
     config.eval_batch_size = 64
@@ -116,6 +123,8 @@ def with_variant(config: ml_collections.ConfigDict, variant: str, *, narrow: dic
     elif variant == "tiny":
         model.name = TINY_NETWORK["name"]
         model.kwargs = ml_collections.ConfigDict(TINY_NETWORK["kwargs"])
+        if config.freeze:  # the tiny network stands for the frozen part of the config's own
+            config.freeze = ("backbone",)
     else:
         data.image_size = max(TINY_IMAGE_SIZE, own_network_image_size)
     if model.head_hidden:

@@ -11,8 +11,16 @@ Dropout, Dense 1), class-balanced sampling (10 age bins x 500 images per epoch, 
 their augmentation preset (flip, shifts 15%, rotation 5 degrees, shear 0.01, zoom 25%, fill
 nearest), batch 32, MAE loss. Their test set is 1,024 random validation images
 (``data.test_from_validation``); sex is not an input (``sex_fusion='none'``).
+
+Only the head trains: the VGG19 is frozen (``freeze=("backbone.vgg",)``), as in their table of
+563,681 trainable of 20,589,601 parameters. Ours: 563,681 trainable, 20,024,384 frozen, plus
+1,536 values Keras also counts as (non-trainable) parameters, the attention BatchNorm's 1,024
+statistics and the 512 fixed ones of the 1x1 convolution that copies the map to 512 channels:
+20,589,601 in all (``tests/test_freeze.py``). Fine-tuning the VGG19 too from step N:
+``--config.unfreeze_at=N``; none at all: ``--config.freeze="()"``.
+
 ``--config=configs/vgg19_attention.py:tiny`` runs its data pipeline, head and objective in seconds
-with a tiny CNN in place of VGG19; ``:tiny_own_network`` keeps VGG19 at 64 px (see
+with a tiny CNN in place of VGG19 (frozen whole); ``:tiny_own_network`` keeps VGG19 at 64 px (see
 ``configs/common.py``).
 """
 
@@ -33,6 +41,7 @@ def get_config(variant: str = "") -> ml_collections.ConfigDict:
     config.data.test_from_validation = 1024
     config.model.name = "vgg19_attention"
     config.model.sex_fusion = "none"
+    config.freeze = ("backbone.vgg",)  # only the attention head trains
     config.loss = "mae"
     config.batch_size = 32
     config.eval_batch_size = 32

@@ -46,15 +46,68 @@ UNKNOWN_OR_MISSING = [
 ]
 
 
-@pytest.mark.parametrize("key, value, message", NUMBERS_OUT_OF_RANGE + NOT_ONE_OF_THE_CHOICES + UNKNOWN_OR_MISSING)
-def test_a_bad_value_names_its_key(key, value, message):
+# configs/demo.py's model: backbone.convs.0-4 and backbone.norms.0-4 (cnn_memon), head.hidden.0 and head.out.
+FROZEN_PARTS = [
+    ("freeze", "backbone", r"config.freeze is 'backbone'; expected a tuple of parameter path patterns"),
+    ("freeze", ("backbone", ""), r"config.freeze is \('backbone', ''\); expected a tuple of parameter path patterns"),
+    ("freeze", ("backbone.conv",),
+     r"^config.freeze has 'backbone.conv', which matches no parameter; under backbone: convs, norms$"),
+    ("freeze", ("backbone.convs.7",),
+     r"config.freeze has 'backbone.convs.7', which matches no parameter; under backbone.convs: 0, 1, 2, 3, 4$"),
+    ("freeze", ("backbone.*.9*",),
+     r"config.freeze has 'backbone.\*.9\*', which matches no parameter; under backbone: convs, norms$"),
+    ("freeze", ("vgg",), r"config.freeze has 'vgg', which matches no parameter; the model has: backbone, head$"),
+    ("freeze", ("!backbone",), r"config.freeze is \('!backbone',\), which freezes no parameter"),
+    ("freeze", ("*",), r"config.freeze is \('\*',\), which freezes every parameter: nothing would train"),
+    ("unfreeze_at", -1, r"config.unfreeze_at is -1; expected an integer >= 0"),
+    ("unfreeze_at", 100, r"config.unfreeze_at is 100 but config.freeze is empty: nothing to unfreeze"),
+    ("unfreeze_at_epoch", 2.0, r"config.unfreeze_at_epoch is 2.0 but config.freeze is empty"),
+    ("cache_features", "yes", r"config.cache_features is 'yes'; expected True or False"),
+    ("cache_features", True, r"config.cache_features needs the whole backbone frozen, but config.freeze is empty"),
+]
+
+
+def _bad_config(changes: dict) -> ml_collections.ConfigDict:
+    """configs/demo.py with ``changes`` (dotted keys), any type allowed, as JSON or a typo gives."""
     published = importlib.import_module("configs.demo").get_config()
-    config = ml_collections.ConfigDict(published.to_dict(), type_safe=False)  # any type, as JSON or a typo gives
+    config = ml_collections.ConfigDict(published.to_dict(), type_safe=False)
     config.data.manual_dir = "/some/rsna"
-    node = config
-    *parents, last = key.split(".")
-    for part in parents:
-        node = node[part]
-    node[last] = value
+    for key, value in changes.items():
+        node = config
+        *parents, last = key.split(".")
+        for part in parents:
+            node = node[part]
+        node[last] = value
+    return config
+
+
+@pytest.mark.parametrize("key, value, message",
+                         NUMBERS_OUT_OF_RANGE + NOT_ONE_OF_THE_CHOICES + UNKNOWN_OR_MISSING + FROZEN_PARTS)
+def test_a_bad_value_names_its_key(key, value, message):
     with pytest.raises(ValueError, match=message):
-        config_check.check(config)
+        config_check.check(_bad_config({key: value}))
+
+
+CACHE_REFUSALS = [
+    ({"freeze": ("backbone.convs",)},
+     r"^config.cache_features needs the whole backbone frozen, but config.freeze=\('backbone.convs',\) leaves "
+     r"backbone.norms.0, backbone.norms.0.bias, backbone.norms.0.scale, backbone.norms.1 and 11 more unfrozen "
+     r"\(add 'backbone' to config.freeze\)$"),
+    ({"freeze": ("backbone", "!backbone.norms.4")},
+     r"leaves backbone.norms.4, backbone.norms.4.bias, backbone.norms.4.scale unfrozen \("),
+    ({"data.augment": "flip|affine(rotation=10)"},
+     r"^config.cache_features needs a training pipeline without random ops, but it has flip, affine "
+     r"\(config.data.augment='flip\|affine\(rotation=10\)'\); set config.data.augment=''$"),
+    ({"unfreeze_at": 100}, r"needs the backbone frozen for the whole run, but config.unfreeze_at is 100; set it to 0"),
+    ({"task": "segmentation", "model.name": "unet", "model.kwargs": {}, "freeze": ("network.down",)},
+     r"config.cache_features needs a backbone and a head \(config.task='boneage'\), not task 'segmentation'"),
+]
+
+
+@pytest.mark.parametrize("changes, message", CACHE_REFUSALS)
+def test_feature_cache_refuses_in_one_line(changes, message):
+    """The cache needs the whole backbone frozen for the whole run and no random ops."""
+    ok = {"freeze": ("backbone",), "data.augment": "", "cache_features": True}
+    config_check.check(_bad_config(ok))
+    with pytest.raises(ValueError, match=message):
+        config_check.check(_bad_config({**ok, **changes}))
