@@ -41,7 +41,8 @@ lock:
 	tmp=$$(mktemp -d) && trap 'rm -rf "$$tmp"' EXIT && \
 	$(PYTHON) -m venv "$$tmp" && "$$tmp/bin/pip" install --quiet uv==$(UV_VERSION) && \
 	"$$tmp/bin/uv" pip compile setup.cfg --extra test --extra pretrained --extra browser --universal \
-		--python-version 3.11 --generate-hashes --custom-compile-command "make lock" -o $(LOCK) $(LOCK_ARGS)
+		--python-version 3.11 --generate-hashes --custom-compile-command "make lock" --quiet -o $(LOCK) $(LOCK_ARGS)
+	@echo "$(LOCK): $$(grep -c '^[a-zA-Z]' $(LOCK)) packages pinned"
 
 # Phantom radiographs -> TFDS build -> train configs/demo.py -> test MAE beside the baseline.
 demo: venv
