@@ -3,6 +3,9 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
+# Exact versions (with hashes) of everything the package, its tests and extras install: `make lock`.
+LOCK := requirements.lock
+UV_VERSION := 0.13.8
 
 PHANTOM_DIR := data/phantom
 DEMO_WORKDIR := runs/demo
@@ -10,19 +13,36 @@ DEMO_TRAIN ?= 2000
 DEMO_VALIDATION ?= 200
 DEMO_TEST ?= 200
 
-.PHONY: venv demo test test-slow test-reliability bench-peers clean-demo
+.PHONY: venv lock demo test test-slow test-reliability bench-peers clean-demo
 
 # The oneDNN convolution library (boneage_jax/kernels) is compiled here when its source or
 # jaxlib changed; without it convolutions fall back to XLA's CPU path (a warning says so).
 venv: $(STAMP)
 	$(PY) -m boneage_jax.kernels.build || echo "warning: the oneDNN convolutions were not built; XLA's slower CPU convolutions will be used"
 
-$(STAMP): setup.cfg pyproject.toml
+# The versions of requirements.lock, each file checked against its hash, then the package itself
+# (editable, its dependencies already there); pip check fails if setup.cfg asks for something the
+# lock lacks (run make lock). --no-compile: Python compiles what the tests import on first use
+# (most of the installed modules never are), which halves the install time.
+$(STAMP): setup.cfg pyproject.toml $(LOCK)
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	# --no-compile: Python compiles what the tests import on first use (most of the installed
-	# modules never are), which halves the install time.
-	$(PY) -m pip install --quiet --no-compile -e '.[test]'
+	$(PY) -m pip install --quiet --no-compile --require-hashes -r $(LOCK)
+	$(PY) -m pip install --quiet --no-compile --no-deps -e .
+	$(PY) -m pip check
 	touch $(STAMP)
+
+# Refreshes requirements.lock from setup.cfg (install_requires and the test, pretrained and browser
+# extras) with uv, installed for the purpose into a throwaway venv: one resolution for every
+# platform (environment markers; oneDNN on Linux x86-64 only) and Python 3.11 or newer, with hashes.
+# Versions already in the lock are kept where setup.cfg still allows them; to move on:
+#   make lock LOCK_ARGS=--upgrade                   # the newest of everything
+#   make lock LOCK_ARGS="--upgrade-package jax"     # one package (and what it needs)
+lock:
+	tmp=$$(mktemp -d) && trap 'rm -rf "$$tmp"' EXIT && \
+	$(PYTHON) -m venv "$$tmp" && "$$tmp/bin/pip" install --quiet uv==$(UV_VERSION) && \
+	"$$tmp/bin/uv" pip compile setup.cfg --extra test --extra pretrained --extra browser --universal \
+		--python-version 3.11 --generate-hashes --custom-compile-command "make lock" --quiet -o $(LOCK) $(LOCK_ARGS)
+	@echo "$(LOCK): $$(grep -c '^[a-zA-Z]' $(LOCK)) packages pinned"
 
 # Phantom radiographs -> TFDS build -> train configs/demo.py -> test MAE beside the baseline.
 demo: venv

@@ -79,7 +79,13 @@ def _prepare_once(builder, data_config: ml_collections.ConfigDict, manual_dir: s
             shutil.rmtree(stale, ignore_errors=True)
         logging.info("Preparing %s from %s into %s", dataset_name(data_config), manual_dir, data_dir)
         print(f"Preparing dataset {dataset_name(data_config)} from {manual_dir} into {data_dir} ...", flush=True)
-        builder.download_and_prepare(download_config=tfds.download.DownloadConfig(manual_dir=manual_dir))
+        # The builder shows its own bar per split (with the split's size, on a terminal only);
+        # TFDS's bars, which know no total and print to logs too, are off meanwhile.
+        tfds.display_progress_bar(False)
+        try:
+            builder.download_and_prepare(download_config=tfds.download.DownloadConfig(manual_dir=manual_dir))
+        finally:
+            tfds.display_progress_bar(True)
 
 
 def data_source(data_config: ml_collections.ConfigDict, split: str, decode_images: bool = True,

@@ -64,11 +64,14 @@ def global_batch(batch: dict, sharding: NamedSharding) -> dict:
 
 def predict_split(
     predict: Callable, config: ml_collections.ConfigDict, selection: data.SplitSelection, sharding: NamedSharding,
-    objective: objectives.Task,
+    objective: objectives.Task, progress: str | None = None,
 ) -> dict[str, np.ndarray]:
-    """Predictions for every example of a split (padding removed), with labels and ids."""
-    return predict_batches(predict, input_pipeline.eval_batches(config.data, selection, config.eval_batch_size),
-                           sharding, objective)
+    """Predictions for every example of a split (padding removed), with labels and ids; with
+    ``progress`` (its description), a progress bar over the batches on a terminal."""
+    batches = input_pipeline.eval_batches(config.data, selection, config.eval_batch_size)
+    if progress is not None:
+        batches = io.progress(batches, -(-len(selection.indices) // config.eval_batch_size), progress, "batch")
+    return predict_batches(predict, batches, sharding, objective)
 
 
 def predict_batches(predict: Callable, batches, sharding: NamedSharding, objective: objectives.Task
@@ -229,7 +232,8 @@ def member_predictions(run: inference.LoadedRun, chosen: Sequence[data.SplitSele
     parts = []
     start = time.perf_counter()
     for selection in chosen:
-        parts.append(predict_split(timed, config, selection, sharding, objective))
+        parts.append(predict_split(timed, config, selection, sharding, objective,
+                                   progress=f"evaluate {os.path.basename(run.workdir)} {selection.tfds_split}"))
     if timing is not None:
         timing.total_s += time.perf_counter() - start
         timing.images += sum(len(p["id"]) for p in parts)

@@ -15,6 +15,10 @@ decoded) have let a server refuse other files and huge images.
 
 :class:`FileLock` keeps a directory (a workdir, a dataset being prepared) to one process at a
 time and names the holder to anyone else.
+
+:func:`progress` shows a progress bar (tqdm) over long work a person waits for, on a terminal
+only: every command's loops use it, and :func:`print_above_progress` prints a message without
+breaking a bar.
 """
 
 from __future__ import annotations
@@ -24,8 +28,11 @@ import io as _io
 import json
 import math
 import os
+import sys
 import tempfile
-from collections.abc import Callable, Iterable, Sequence
+import time
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from typing import TextIO, TypeVar
 
 import numpy as np
 
@@ -95,6 +102,67 @@ def write_png(path: str, image: np.ndarray) -> None:
     if not ok:
         raise OSError(f"could not encode {path} as PNG")
     write_bytes(path, buffer.tobytes())
+
+
+# ----------------------------------------------------------------------------- progress
+
+T = TypeVar("T")
+
+
+def is_terminal(stream) -> bool:
+    """Whether ``stream`` is an open terminal (not a file, a pipe or a captured stream)."""
+    try:
+        return bool(stream.isatty())
+    except (AttributeError, ValueError):  # no isatty, or closed
+        return False
+
+
+def plural(unit: str) -> str:
+    return unit + ("es" if unit.endswith(("s", "x", "ch", "sh")) else "s")
+
+
+def progress(items: Iterable[T], total: int | None = None, desc: str = "", unit: str = "image", *,
+             file: TextIO | None = None, show: bool | None = None,
+             log: Callable[[str], None] | None = None) -> Iterator[T]:
+    """Yields ``items`` with a tqdm progress bar on ``file`` (default: stderr at the time of the
+    call) when that is a terminal, or when ``show`` is True; ``total`` defaults to
+    ``len(items)``. Without a bar it prints nothing, or, given ``log``, a line about every 10% of
+    ``total`` and one at the end: ``"DESC: DONE/TOTAL UNITs, RATE UNITs/s"``."""
+    if total is None and hasattr(items, "__len__"):
+        total = len(items)
+    stream = sys.stderr if file is None else file
+    if show is None:
+        show = is_terminal(stream)
+    if show:
+        from tqdm import tqdm  # pylint: disable=import-outside-toplevel
+
+        with tqdm(items, total=total, desc=desc, unit=unit, file=stream, dynamic_ncols=True) as bar:
+            yield from bar
+        return
+    if log is None:
+        yield from items
+        return
+    step = max(1, total // 10) if total else 0  # no total: the end only
+    start, done = time.perf_counter(), 0
+    for done, item in enumerate(items, start=1):
+        yield item
+        if step and done % step == 0 and done != total:
+            log(_progress_line(desc, done, total, unit, start))
+    log(_progress_line(desc, done, total, unit, start))
+
+
+def _progress_line(desc: str, done: int, total: int | None, unit: str, start: float) -> str:
+    rate = done / max(time.perf_counter() - start, 1e-9)
+    count = f"{done}/{total}" if total is not None else f"{done}"
+    return f"{desc}: {count} {plural(unit)}, {rate:.1f} {plural(unit)}/s"
+
+
+def print_above_progress(message: str, file: TextIO | None = None) -> None:
+    """Prints ``message`` (to stderr by default) above any progress bar on the screen, which is
+    drawn again below it (``tqdm.write``); without a bar, a plain print."""
+    from tqdm import tqdm  # pylint: disable=import-outside-toplevel
+
+    tqdm.write(message, file=sys.stderr if file is None else file)
 
 
 # ----------------------------------------------------------------------------- locks

@@ -33,7 +33,8 @@ predicted bone age with respect to the input pixels; for models whose backbone h
 ``attention_map`` (``vgg19_attention``) the attention map instead.
 
 The reading, quality check, preprocessing, readout and saliency are ``inference.Predictor``'s,
-which ``boneage_jax.serve`` shares.
+which ``boneage_jax.serve`` shares. When stderr is a terminal, progress bars show the reading,
+the predicting and the heatmaps (``io.progress``).
 
 Compiled code is kept in JAX's persistent compilation cache (``--cache_dir``, default
 ``$BONEAGE_JAX_CACHE`` or ``~/.cache/boneage_jax/jax``; ``--cache_dir=''`` turns it off), so
@@ -47,7 +48,7 @@ import dataclasses
 import os
 import sys
 from collections.abc import Callable, Sequence
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, TypeVar
 
 import numpy as np
 from absl import app, flags
@@ -68,6 +69,7 @@ _CACHE_DIR = flags.DEFINE_string(
     "cache_dir", None, f"Persistent compilation cache (default $BONEAGE_JAX_CACHE or {cli.DEFAULT_CACHE}; '' off).",
     flag_values=FLAGS)
 flags.mark_flags_as_required(["workdir", "sex"], flag_values=FLAGS)
+T = TypeVar("T")
 
 
 # ----------------------------------------------------------------------------- output
@@ -98,7 +100,15 @@ def heatmap_names(files: Sequence[str]) -> list[str]:
 
 
 def _print_error(message: str) -> None:
-    print(message, file=sys.stderr)
+    io.print_above_progress(message, file=sys.stderr)
+
+
+def in_batches(fn: Callable[[np.ndarray, np.ndarray], T], images: np.ndarray, males: np.ndarray, batch_size: int,
+               desc: str) -> list[T]:
+    """``fn`` over ``batch_size`` chunks of the images, with a progress bar on a terminal."""
+    starts = range(0, len(images), batch_size)
+    return [fn(images[s:s + batch_size], males[s:s + batch_size])
+            for s in io.progress(starts, desc=desc, unit="batch")]
 
 
 def predict_files(predictor: Predictor, files: Sequence[str], male: bool, *, heatmaps: str | None = None,
@@ -107,7 +117,7 @@ def predict_files(predictor: Predictor, files: Sequence[str], male: bool, *, hea
     """Predicts every readable file (``log`` gets a line per prediction, ``error`` one per
     failure); returns the predictions and the files that failed."""
     inputs, kept, originals, failed = [], [], [], []
-    for path in files:
+    for path in io.progress(files, desc="reading"):
         try:
             image = predictor.load(path)
             inputs.append(predictor.prepare(image, path))
@@ -126,7 +136,8 @@ def predict_files(predictor: Predictor, files: Sequence[str], male: bool, *, hea
         return [], failed
     images = np.stack(inputs)
     males = np.full(len(kept), male, np.float32)
-    readout = predictor.predict_arrays(images, males)
+    parts = in_batches(predictor.predict_arrays, images, males, predictor.batch_size, "predicting")
+    readout = {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
     predictions = []
     for i, path in enumerate(kept):
         predictions.append(Prediction(
@@ -137,7 +148,8 @@ def predict_files(predictor: Predictor, files: Sequence[str], male: bool, *, hea
     if heatmaps:
         from boneage_jax import explain  # pylint: disable=import-outside-toplevel
 
-        kind, maps = predictor.saliency(images, males)
+        parts = in_batches(predictor.saliency, images, males, predictor.batch_size, "heatmaps")
+        kind, maps = parts[0][0], np.concatenate([m for _, m in parts])
         os.makedirs(heatmaps, exist_ok=True)
         for name, image, heat in zip(heatmap_names(kept), originals, maps):
             io.write_png(os.path.join(heatmaps, name), explain.overlay(predictor.preprocessed_uint8(image), heat))

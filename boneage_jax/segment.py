@@ -11,8 +11,10 @@ are what ``hand_mask(source='cache', cache_dir=OUT)`` reads in a bone-age config
 also be copied to ``hand-masks/`` beside the images. Where the dataset has masks of its own
 (the phantoms), the Jaccard index of the written masks against them is printed. Each file is
 written atomically (``io.write_png``), so an interrupted run leaves no partial PNG; re-running
-rewrites every mask. A run that is not a segmentation run, or a missing workdir, stops with one
-``error:`` line and exit status 2. :func:`segment_dataset` does the work for library callers.
+rewrites every mask. Progress shows as a bar per split when stderr is a terminal, else as a
+line about every 10 % of the split's batches. A run that is not a segmentation run, or a
+missing workdir, stops with one ``error:`` line and exit status 2. :func:`segment_dataset` does
+the work for library callers.
 """
 
 from __future__ import annotations
@@ -77,7 +79,8 @@ def segment_dataset(workdir: str, out: str, manual_dir: str | None = None, data_
     written, scores, start = 0, [], time.perf_counter()
     for split in sorted(builder.info.splits.keys()):
         source = data.data_source(config.data, split)
-        for begin in range(0, len(source), batch_size):
+        starts = range(0, len(source), batch_size)
+        for begin in io.progress(starts, desc=f"segment {split}", unit="batch", log=print):
             records = [source[i] for i in range(begin, min(begin + batch_size, len(source)))]
             images = np.stack([input_pipeline.prepare_image(config.data, r["image"], sample_id=int(r["id"]),
                                                             mask=r["mask"][:, :, 0] if r["has_mask"] else None)
@@ -92,8 +95,6 @@ def segment_dataset(workdir: str, out: str, manual_dir: str | None = None, data_
                 if record["has_mask"]:
                     truth = record["mask"][:, :, 0] > 127
                     scores.append(float(objectives.jaccard((mask > 0)[None], truth[None])[0]))
-            print(f"\r{split}: {min(begin + batch_size, len(source))}/{len(source)} masks", end="", flush=True)
-        print()
     result = {"masks": written, "seconds": round(time.perf_counter() - start, 1)}
     if scores:
         result.update(jaccard_mean=float(np.mean(scores)), jaccard_min=float(np.min(scores)))

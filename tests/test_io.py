@@ -1,6 +1,10 @@
-"""io: images from bytes in memory (format by the first bytes, the size a header declares)."""
+"""io: images from bytes in memory (format by the first bytes, the size a header declares);
+progress bars on terminals only."""
 
 from __future__ import annotations
+
+import io as std_io
+import re
 
 import cv2
 import numpy as np
@@ -38,3 +42,42 @@ def test_decode_image_names_what_it_cannot_read():
         io.decode_image(png[:len(png) // 2 + 8], "half.png")
     with pytest.raises(io.ImageReadError, match="bad.dcm: DICOM file has no pixel data"):
         io.decode_image(b"\0" * 128 + b"DICM" + b"\x01" * 20, "bad.dcm")
+
+
+class _Terminal(std_io.StringIO):
+    def isatty(self) -> bool:
+        return True
+
+
+def test_progress_is_quiet_off_a_terminal_and_a_bar_on_one():
+    quiet = std_io.StringIO()
+    assert list(io.progress(range(5), desc="quiet", file=quiet)) == [0, 1, 2, 3, 4]
+    assert quiet.getvalue() == ""
+    for stream, show in ((_Terminal(), None), (std_io.StringIO(), True)):
+        assert list(io.progress(iter(range(7)), total=7, desc="reading", file=stream, show=show)) == list(range(7))
+        assert re.search(r"reading: 100%.*7/7", stream.getvalue()), stream.getvalue()
+    closed = std_io.StringIO()
+    closed.close()
+    assert not io.is_terminal(closed) and not io.is_terminal(object())
+
+
+def test_progress_logs_about_every_tenth_without_a_terminal():
+    lines, quiet = [], std_io.StringIO()
+    assert list(io.progress(range(25), desc="phantom", file=quiet, log=lines.append)) == list(range(25))
+    assert quiet.getvalue() == ""
+    assert [line.split(" ")[1] for line in lines] == [f"{n}/25" for n in (2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22,
+                                                                        24, 25)]
+    assert re.fullmatch(r"phantom: 25/25 images, [0-9.]+ images/s", lines[-1])
+    batches = []
+    list(io.progress(iter(range(3)), desc="segment test", unit="batch", file=quiet, log=batches.append))
+    assert re.fullmatch(r"segment test: 3 batches, [0-9.]+ batches/s", batches[-1])  # no total: only the end
+    assert len(batches) == 1
+    shown = []  # a bar replaces the lines
+    list(io.progress(range(25), file=_Terminal(), log=shown.append))
+    assert shown == []
+
+
+def test_print_above_progress_writes_the_line():
+    stream = std_io.StringIO()
+    io.print_above_progress("error: a.png: unreadable", file=stream)
+    assert stream.getvalue() == "error: a.png: unreadable\n"

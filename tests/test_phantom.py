@@ -1,6 +1,7 @@
 """Tests for the synthetic phantom radiographs (tfds_rsna.phantom)."""
 
 import csv
+import re
 import time
 
 import cv2
@@ -141,8 +142,11 @@ def _read_csv(path):
 
 def test_write_dataset_layout(tmp_path):
     out = tmp_path / "rsna"
-    summary = phantom.write_dataset(out, 6, 4, 4, seed=5, height=128, width=96, log=lambda _: None)
+    lines = []  # not a terminal: progress lines instead of a bar
+    summary = phantom.write_dataset(out, 6, 4, 4, seed=5, height=128, width=96, log=lines.append)
     assert summary["num_train"] == 6
+    assert [line.split(" ")[1] for line in lines] == [f"{n}/14" for n in range(1, 15)]
+    assert re.fullmatch(r"phantom: 14/14 images, [0-9.]+ images/s", lines[-1])
 
     train = _read_csv(out / "boneage-training-dataset.csv")
     assert train[0] == ["id", "boneage", "male"]

@@ -106,7 +106,6 @@ import shutil
 import string
 import sys
 import tempfile
-import time
 import zipfile
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
@@ -115,6 +114,8 @@ from typing import NamedTuple
 import cv2
 import numpy as np
 import openpyxl
+
+from boneage_jax.io import progress
 
 TRAIN_CSV = "boneage-training-dataset.csv"
 TRAIN_DIR = "boneage-training-dataset"
@@ -897,7 +898,8 @@ def write_dataset(out_dir: str | Path, num_train: int, num_validation: int, num_
     Arguments are validated first.  Images are rendered into a staging folder next to
     ``out_dir`` and moved into place at the end.  A non-empty ``out_dir`` is refused
     (FileExistsError) unless ``overwrite``; then only the entries this writer produces are
-    replaced and other files are left alone.  ``log`` receives the progress lines.
+    replaced and other files are left alone.  Progress shows as a bar when stderr is a terminal;
+    otherwise ``log`` receives a line about every 10 %.
     """
     _validate(num_train, num_validation, num_test, height, width, num_workers)
     out = Path(out_dir)
@@ -942,16 +944,10 @@ def write_dataset(out_dir: str | Path, num_train: int, num_validation: int, num_
 
 
 def _render_all(tasks: list[_Task], num_workers: int, log: Callable[[str], None]) -> list[_Record]:
-    """Render every task in id order, logging progress about every 10 %."""
-    total, step = len(tasks), max(1, len(tasks) // 10)
-    start = time.perf_counter()
-    records = []
+    """Render every task in id order: a progress bar on a terminal, else ``log`` gets a line
+    about every 10 %."""
     with _ordered_map(num_workers) as imap:
-        for done, record in enumerate(imap(_render_task, tasks), start=1):
-            records.append(record)
-            if done % step == 0 or done == total:
-                log(f"phantom: {done}/{total} images, {done / (time.perf_counter() - start):.1f} images/s")
-    return records
+        return list(progress(imap(_render_task, tasks), total=len(tasks), desc="phantom", log=log))
 
 
 @contextlib.contextmanager

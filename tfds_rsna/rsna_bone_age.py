@@ -64,6 +64,8 @@ import cv2
 import numpy as np
 import tensorflow_datasets as tfds
 
+from boneage_jax.io import progress
+
 MIN_AGE_MONTHS = 0.0
 MAX_AGE_MONTHS = 240.0
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
@@ -528,9 +530,9 @@ class RsnaBoneAge(tfds.core.GeneratorBasedBuilder):
         self.info.metadata["manual_dir"] = os.path.abspath(manual_dir)
         self.info.metadata["labelled_splits"] = sorted(n for n, s in splits.items() if s.labelled)
         self.info.metadata["split_sizes"] = {n: len(s.rows) for n, s in splits.items()}
-        return {name: self._generate_examples(split) for name, split in splits.items()}
+        return {name: self._generate_examples(split, name) for name, split in splits.items()}
 
-    def _generate_examples(self, split: SplitSource) -> Iterator[tuple[int, dict]]:
+    def _generate_examples(self, split: SplitSource, name: str = "") -> Iterator[tuple[int, dict]]:
         max_side = self.builder_config.max_side
 
         def encode(row: LabelRow) -> tuple[int, dict]:
@@ -558,6 +560,7 @@ class RsnaBoneAge(tfds.core.GeneratorBasedBuilder):
                 "id": row.image_id,
             }
 
-        # OpenCV releases the GIL, so threads decode and encode in parallel.
+        # OpenCV releases the GIL, so threads decode and encode in parallel. A progress bar with
+        # the split's size on a terminal (TFDS's own bar knows no total).
         with concurrent.futures.ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:
-            yield from pool.map(encode, split.rows)
+            yield from progress(pool.map(encode, split.rows), total=len(split.rows), desc=f"preparing {name}".strip())
