@@ -325,12 +325,6 @@ def to_grey_uint8(image: np.ndarray, source: str) -> np.ndarray:
 
 def decode_grey(data: bytes, source: str) -> np.ndarray:
     """Decodes PNG/JPEG bytes to 8-bit grey, failing clearly on unreadable or truncated files."""
-    return to_grey_uint8(decode_pixels(data, source), source)
-
-
-def decode_pixels(data: bytes, source: str) -> np.ndarray:
-    """Decodes PNG/JPEG bytes as they are stored (any of OpenCV's layouts and depths; colour
-    as BGR), failing clearly on unreadable or truncated files."""
     if len(data) == 0:
         raise RsnaFormatError(f"{source}: image file is empty")
     try:
@@ -342,7 +336,7 @@ def decode_pixels(data: bytes, source: str) -> np.ndarray:
         raise RsnaFormatError(f"{source}: unreadable or truncated image")
     if data[:8] == PNG_SIGNATURE and not png_is_complete(data):
         raise RsnaFormatError(f"{source}: truncated PNG (its chunks end before the IEND chunk)")
-    return image
+    return to_grey_uint8(image, source)
 
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
