@@ -2,8 +2,24 @@ r"""What this codebase learns from the 599 shared RSNA radiographs on a 2-core C
 
     python -m launch.sweep --config=configs/rsna_small.py --workdir=runs/rsna_small --folds 5 \
         --set data.manual_dir=../shared/rsna_sample
+    python -m boneage_jax.evaluate --workdir=runs/rsna_small/num_folds=5,fold=0 --split=validation --tta
 
-(draft: numbers follow once measured)
+The recipe: EfficientNet-Lite0 with its real ImageNet weights (``init_from="imagenet"``, the
+``pretrained`` extra), the classical Otsu hand mask, a crop to the hand (margin 1.1), 160 px,
+CLAHE, ImageNet normalisation (3 channels), flip + small affine augmentation, sex concatenated
+before a 64-unit hidden layer, MSE on z-scored age, AdamW 1e-3 with cosine decay, 1000 steps of
+batch 16 (about 33 epochs of 479 images; 11-13 minutes per fold on the 2 cores, at a median 24
+images/s with other jobs on the machine).
+
+Measured (5-fold cross-validation of the 599 images, ``data.num_folds=5``; the command above):
+validation MAE 13.13 +- 0.90 months (folds 13.79, 12.64, 13.27, 11.86, 14.10), RMSE 16.74 +-
+1.08, R2 0.835 +- 0.022, against a predict-the-training-mean baseline of 33.56 months (mean over
+the folds). Test-time augmentation (``evaluate --tta``) took fold 0 from 13.79 to 13.09. The
+issue's target (at most 12 months) is not reached; the errors still regress to the mean (fold 0
+with TTA: +9.9 months for 2-6 years, -7.9 for 14-19), so longer training or more images would
+help. A 224 px run of 500 steps reached 14.60 on fold 0 in about 9 minutes.
+``--config=configs/rsna_small.py:tiny`` runs its pipeline and head in seconds with a tiny CNN
+(no ImageNet weights) in place of Lite0; ``:tiny_own_network`` keeps Lite0 at 32 px.
 """
 
 import ml_collections
@@ -33,4 +49,7 @@ def get_config(variant: str = "") -> ml_collections.ConfigDict:
     config.log_every = 20
     config.eval_every = 200
     config.checkpoint_every = 200
-    return with_variant(config, variant)
+    config = with_variant(config, variant)
+    if variant == "tiny":
+        config.init_from = ""  # the tiny CNN that stands in for Lite0 has no ImageNet weights
+    return config

@@ -13,12 +13,13 @@ from boneage_jax import train
 from configs import common
 
 CONFIGS = ["demo", "xception", "convmixer", "vgg19_attention", "age_classes", "googlenet_sex_specific",
-           "unet_cnn", "inception_v3", "efficientnet_b0", "unet_segmentation"]
+           "unet_cnn", "inception_v3", "efficientnet_b0", "unet_segmentation", "rsna_small"]
 # Configs whose ImageNet-size networks take minutes to compile on 2 CPU cores: their ``tiny``
 # variant runs their data pipeline, head and objective with a tiny CNN in place of the network
 # (every family's own training step is compiled in tests/test_models_zoo.py); ``make test-slow``
 # runs their ``tiny_own_network`` variant.
-HEAVY = {"xception", "convmixer", "vgg19_attention", "googlenet_sex_specific", "inception_v3", "efficientnet_b0"}
+HEAVY = {"xception", "convmixer", "vgg19_attention", "googlenet_sex_specific", "inception_v3", "efficientnet_b0",
+         "rsna_small"}
 
 
 def test_every_config_file_is_listed():
