@@ -32,6 +32,11 @@ from boneage_jax import data, evaluation, freeze, input_pipeline, ops, state
 LABELS = ("male", "boneage", "id")
 
 
+def _read_options(batch_size: int) -> grain.ReadOptions:
+    """Cached rows are in memory: one thread, two batches ahead."""
+    return grain.ReadOptions(num_threads=1, prefetch_buffer_size=2 * batch_size)
+
+
 @dataclasses.dataclass(frozen=True)
 class FeatureCache:
     """The backbone features of a split's examples, row ``r`` for record ``index[r]`` of its source."""
@@ -79,13 +84,12 @@ def train_dataset(cache: FeatureCache, data_config: ml_collections.ConfigDict, s
     ds = input_pipeline.ProcessRows(input_pipeline.train_order(data_config, selection, seed), batch_size)
     ds = ds.map(lambda item: cache.example(row_of[int(item[1])]))
     ds = ds.batch(input_pipeline.local_batch_size(batch_size), drop_remainder=True, batch_fn=input_pipeline.stack)
-    return ds.to_iter_dataset(grain.ReadOptions(num_threads=1, prefetch_buffer_size=2 * batch_size))
+    return ds.to_iter_dataset(_read_options(batch_size))
 
 
 def eval_batches(cache: FeatureCache, batch_size: int) -> Iterator[dict]:
     """One pass over the cached examples in order (``input_pipeline.eval_batches``' padding)."""
-    yield from input_pipeline.padded_batches(len(cache), cache.example, batch_size,
-                                             grain.ReadOptions(num_threads=1, prefetch_buffer_size=2 * batch_size))
+    yield from input_pipeline.padded_batches(len(cache), cache.example, batch_size, _read_options(batch_size))
 
 
 def random_ops(data_config: ml_collections.ConfigDict) -> list[str]:

@@ -194,7 +194,7 @@ def not_frozen_under(model: nnx.Module, freeze: Freeze, prefix: Path) -> list[st
     """Dotted paths, sorted, of what under ``prefix`` would change or act differently in training:
     the parameters ``freeze`` leaves trainable and the modules with a training mode (BatchNorm,
     Dropout) it leaves in it."""
-    params = [path for path, _ in nnx.to_flat_state(nnx.state(model, nnx.Param))]
+    params = model_paths(model)[0]
     modes = [path for path, module in nnx.iter_modules(model)
              if any(hasattr(module, name) for name in MODE_ATTRIBUTES)]
     return sorted(dotted(path) for path in [*params, *modes]
