@@ -25,7 +25,7 @@ import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 from flax import nnx  # noqa: E402
 
-from helpers import fast_init, grad_step  # noqa: E402
+from helpers import fast_init, forward, grad_step  # noqa: E402
 
 from boneage_jax import models, weights  # noqa: E402
 from boneage_jax.models import layers  # noqa: E402
@@ -96,7 +96,7 @@ def host_random(monkeypatch):
 
 
 def run_ours(model, x: np.ndarray) -> np.ndarray:
-    return np.asarray(nnx.jit(lambda m, x: m(x))(model, jnp.asarray(x)))
+    return np.asarray(forward(model, jnp.asarray(x)))
 
 
 def run_keras(model, x: np.ndarray) -> np.ndarray:
@@ -253,7 +253,7 @@ def train_step_check(
     x = jnp.asarray(np.random.default_rng(0).normal(size=(2, size, size, in_channels)), jnp.float32)
     if eval_forward:
         model.eval()
-        y = nnx.jit(lambda m, x: m(x))(model, x)
+        y = forward(model, x)
         assert y.shape == (2, model.num_features) and y.dtype == jnp.dtype(dtype)
         assert bool(jnp.all(jnp.isfinite(y.astype(jnp.float32))))
     model.train()

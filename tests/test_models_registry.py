@@ -43,14 +43,17 @@ def test_every_family_takes_the_same_constructor_keywords():
             assert {"in_channels", "image_size", "dtype", "rngs"} <= set(parameters), name
 
 
-@pytest.mark.parametrize("alias, name", [("resnet50", "resnet50_keras"), ("resnet18", "resnet18_torch"),
-                                         ("resnet34", "resnet34_torch"), ("resnet101", "resnet101_torch"),
-                                         ("resnet152", "resnet152_torch"), ("inception_v1", "googlenet")])
-def test_old_names_are_aliases_of_the_layout_names(alias, name):
-    """A run's config.json written with an old name builds the same network, parameter paths included."""
+@pytest.mark.parametrize("alias, name, build", [
+    ("resnet50", "resnet50_keras", True), ("resnet18", "resnet18_torch", True), ("resnet34", "resnet34_torch", False),
+    ("resnet101", "resnet101_torch", False), ("resnet152", "resnet152_torch", False), ("inception_v1", "googlenet", True)])
+def test_old_names_are_aliases_of_the_layout_names(alias, name, build):
+    """A run's config.json written with an old name builds the same network, parameter paths
+    included (built for one alias of each family; the deeper torch ResNets resolve alike)."""
     models.available()  # the families (and their aliases) register on import
     assert models.BACKBONES.aliases[alias] == name and models.BACKBONES.resolve(alias) == name
     assert alias not in models.available() and name in models.available()
+    if not build:
+        return
     old, new = (nnx.eval_shape(lambda n=n: models.create_backbone(n, in_channels=1, image_size=32, rngs=nnx.Rngs(0)))
                 for n in (alias, name))
     assert type(old) is type(new)

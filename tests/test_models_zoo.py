@@ -26,7 +26,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from helpers import fast_init
+from helpers import FAST_COMPILE, fast_init, forward
 
 from boneage_jax import models, weights
 from boneage_jax.kernels import onednn
@@ -77,10 +77,6 @@ def output_shape(name: str, fn, input_shape, *, in_channels: int = 3, image_size
         return fn(model, jnp.zeros(input_shape, jnp.float32))
 
     return jax.eval_shape(run)
-
-
-# XLA:CPU at optimisation level 0 compiles these one-off steps about twice as fast; they run once.
-FAST_COMPILE = {"xla_backend_optimization_level": 0}
 
 
 def train_step(model, x: jnp.ndarray):
@@ -357,7 +353,7 @@ def test_training_step(name, kwargs, in_channels, size, num_features):
 def test_bfloat16_compute_keeps_float32_params():
     model = build("cnn_hamrouni", in_channels=1, dtype="bfloat16", filters=(4, 8))
     model.eval()
-    y = nnx.jit(lambda m, x: m(x))(model, jnp.ones((1, 16, 16, 1)))
+    y = forward(model, jnp.ones((1, 16, 16, 1)))
     assert y.dtype == jnp.bfloat16 and y.shape == (1, 8)
     assert all(p.dtype == jnp.float32 for p in jax.tree_util.tree_leaves(nnx.state(model, nnx.Param)))
 
@@ -418,7 +414,7 @@ def test_convmixer_load_torch_matches_reference(tmp_path, impl):
     np.testing.assert_array_equal(model.blocks[1].pointwise_bn.var.get_value(), t["4.3.running_var"].astype(np.float32))
     x = np.random.default_rng(1).normal(size=(2, 3, 30, 30))  # 30 px: a 4x4 grid of 7x7 patches, 2 px dropped
     model.eval()
-    ours = nnx.jit(lambda m, x: m(x))(model, jnp.asarray(nhwc(x), jnp.float32))
+    ours = forward(model, jnp.asarray(nhwc(x), jnp.float32))
     ref = convmixer_reference(x, t, depth, kernel, exact_gelu)
     np.testing.assert_allclose(np.asarray(ours), ref, rtol=2e-4, atol=2e-4)
 
@@ -759,7 +755,7 @@ def test_papers_resolutions(request, name, kwargs, in_channels, size):
     x = jnp.asarray(np.random.default_rng(0).normal(size=(1, size, size, in_channels)), jnp.float32)
     check_step(model, x, model.num_features)
     model.eval()
-    features = nnx.jit(lambda m, x: m(x))(model, x)
+    features = forward(model, x)
     assert features.shape == (1, model.num_features) and np.all(np.isfinite(np.asarray(features)))
     if name == "unet":
         logits = nnx.jit(lambda m, x: m.segment(x))(model, x)

@@ -16,7 +16,7 @@ import pytest
 from flax import nnx
 from safetensors.numpy import save_file
 
-from helpers import fast_init, grad_step
+from helpers import fast_init, forward, grad_step
 
 from boneage_jax import models, weights
 from boneage_jax.models import layers
@@ -182,7 +182,7 @@ def test_import_and_forward_match_reference(depth, tmp_path):
     np.testing.assert_array_equal(np.asarray(model.conv1.kernel[...]), sd["conv1.weight"].transpose(2, 3, 1, 0))
     np.testing.assert_array_equal(np.asarray(model.layer2[0].downsample[1].var[...]), sd["layer2.0.downsample.1.running_var"])
     x = np.random.default_rng(1).normal(size=(2, 32, 32, 3)).astype(np.float32)
-    got = np.asarray(nnx.jit(lambda m, x: m(x))(model, jnp.asarray(x)))
+    got = np.asarray(forward(model, jnp.asarray(x)))
     expected = reference_features(sd, depth, x)
     assert got.shape == expected.shape == (2, model.num_features)
     assert np.abs(got - expected).max() <= 1e-4 * np.abs(expected).max()

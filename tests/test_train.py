@@ -102,13 +102,15 @@ def _overrides(config, **changes) -> list[str]:
 
 
 def test_data_parallel_and_multi_process_give_the_same_losses(tiny_config, tmp_path):
-    """1 device, 4 devices, and 2 processes x 2 devices: the same global batch, the same losses."""
+    """1 device, 4 devices, and 2 processes x 2 devices: the same global batch, the same losses
+    (one evaluation and one checkpoint, at the end: each costs every process a compile or a save)."""
     losses = {}
+    overrides = _overrides(tiny_config, eval_every=4, checkpoint_every=4)
     for devices in (1, 4):
         workdir = str(tmp_path / f"d{devices}")
         result = subprocess.run(
             [sys.executable, "-m", "launch.local", "--config=configs/demo.py:tiny", f"--workdir={workdir}",
-             f"--cpu_devices={devices}", "--", *_overrides(tiny_config)],
+             f"--cpu_devices={devices}", "--", *overrides],
             cwd=REPO, capture_output=True, text=True, timeout=300)
         assert result.returncode == 0, result.stdout[-3000:]
         assert f"on {devices} device(s) in 1 process(es)" in result.stdout
@@ -116,7 +118,7 @@ def test_data_parallel_and_multi_process_give_the_same_losses(tiny_config, tmp_p
     workdir = str(tmp_path / "multihost")
     result = subprocess.run(
         [sys.executable, "-m", "launch.multihost", "--num_processes=2", "--cpu_devices=2",
-         "--config=configs/demo.py:tiny", f"--workdir={workdir}", "--", *_overrides(tiny_config)],
+         "--config=configs/demo.py:tiny", f"--workdir={workdir}", "--", *overrides],
         cwd=REPO, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     assert "on 4 device(s) in 2 process(es)" in result.stdout
