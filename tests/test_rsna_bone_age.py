@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import shutil
 import struct
 import zipfile
 import zlib
@@ -14,7 +13,6 @@ import pytest
 import tensorflow_datasets as tfds
 
 from tfds_rsna import rsna_bone_age
-from tfds_rsna.rsna_bone_age import RsnaFormatError
 
 SHARED = os.path.join(os.path.dirname(__file__), "..", "..", "shared")
 SHARED_SAMPLE = os.path.join(SHARED, "rsna_sample")
