@@ -186,16 +186,33 @@ def _resume(config: ml_collections.ConfigDict, latest, target: Callable[[int], d
         return state_lib.restore(latest, target(earlier[-1]), train_iter, step=earlier[-1])
 
 
-def train_and_evaluate(
-    config: ml_collections.ConfigDict, workdir: str, *, step_callback: Callable[[int], None] | None = None
-) -> dict[str, dict[str, float]]:
-    """Trains, evaluates and checkpoints into ``workdir``; returns ``results.json``'s content.
+@dataclasses.dataclass(frozen=True)
+class Setup:
+    """What a run trains with, before any state exists: the mesh's shardings (the state replicated,
+    batches split over ``data``), the splits, objective and model factory, the schedule and the
+    phases (:class:`Phase`; a second one from step ``switch`` with ``config.unfreeze_at``)."""
 
-    Re-running with the same workdir resumes from the latest checkpoint. ``step_callback`` is
-    called with the step number after every step (for progress hooks and tests).
-    """
-    # Everything is checked before anything is written: a command that fails here leaves the
-    # workdir (and a finished run in it) as it was.
+    replicated: NamedSharding
+    batch_sharding: NamedSharding
+    splits: dict[str, data.SplitSelection]
+    stats: objectives.LabelStats
+    objective: objectives.Task
+    in_channels: int
+    total_steps: int
+    schedule: optax.Schedule
+    create: Callable[[], nnx.Module]
+    switch: int
+    phases: list[Phase]
+
+    def phase_at(self, step: int) -> Phase:
+        """The phase that the state after ``step`` steps belongs to."""
+        return self.phases[-1] if step >= self.phases[-1].first_step else self.phases[0]
+
+
+def setup(config: ml_collections.ConfigDict) -> Setup:
+    """Checks ``config``, prepares the data and builds the objective, model factory, schedule and
+    compiled-step phases that :func:`train_and_evaluate` trains with (the throughput benchmark,
+    ``benchmarks/train_throughput.py``, times the same). Writes nothing but the prepared data."""
     config_check.check(config)
     mesh = state_lib.make_mesh()
     if config.batch_size % jax.device_count() or config.eval_batch_size % jax.device_count():
@@ -231,9 +248,24 @@ def train_and_evaluate(
     if switch:
         phases.append(make_phase(config, schedule, switch, freeze_lib.NOTHING, create, objective))
 
-    def phase_at(step: int) -> Phase:
-        """The phase that the state after ``step`` steps belongs to."""
-        return phases[-1] if step >= phases[-1].first_step else phases[0]
+    return Setup(replicated, batch_sharding, splits, stats, objective, in_channels, total_steps, schedule, create,
+                 switch, phases)
+
+
+def train_and_evaluate(
+    config: ml_collections.ConfigDict, workdir: str, *, step_callback: Callable[[int], None] | None = None
+) -> dict[str, dict[str, float]]:
+    """Trains, evaluates and checkpoints into ``workdir``; returns ``results.json``'s content.
+
+    Re-running with the same workdir resumes from the latest checkpoint. ``step_callback`` is
+    called with the step number after every step (for progress hooks and tests).
+    """
+    # Everything is checked before anything is written: a command that fails here leaves the
+    # workdir (and a finished run in it) as it was.
+    run = setup(config)
+    replicated, batch_sharding, splits, stats = run.replicated, run.batch_sharding, run.splits, run.stats
+    objective, total_steps, schedule, create = run.objective, run.total_steps, run.schedule, run.create
+    switch, phases, phase_at = run.switch, run.phases, run.phase_at
 
     graphs, state, rng_state = state_lib.create(config, create, phases[0].tx, replicated, phases[0].freeze)
 
