@@ -14,7 +14,8 @@ bytes) and :func:`image_dimensions` (the size a header declares, read before any
 decoded) have let a server refuse other files and huge images.
 
 :class:`FileLock` keeps a directory (a workdir, a dataset being prepared) to one process at a
-time and names the holder to anyone else.
+time and names the holder to anyone else; :func:`unwritable` finds the folder or file of a set
+that cannot be written (:class:`NotWritableError` says so).
 
 :func:`progress` shows a progress bar (tqdm) over long work a person waits for, on a terminal
 only: every command's loops use it, and :func:`print_above_progress` prints a message without
@@ -166,6 +167,25 @@ def print_above_progress(message: str, file: TextIO | None = None) -> None:
 
 
 # ----------------------------------------------------------------------------- locks
+
+
+class NotWritableError(PermissionError):
+    """A folder or file that a command must write cannot be written (read-only, or not the user's)."""
+
+
+def unwritable(paths: Iterable[str]) -> str | None:
+    """The first of ``paths`` that this process cannot write (a folder: create files in; a file:
+    append to), or, for a path that does not exist, its nearest existing folder that it cannot
+    create it in; None when every one can be written. Writes nothing (``os.access``, which also
+    sees read-only mounts)."""
+    for path in paths:
+        path = os.path.abspath(path)
+        while not os.path.lexists(path) and os.path.dirname(path) != path:
+            path = os.path.dirname(path)
+        mode = os.W_OK | os.X_OK if os.path.isdir(path) else os.W_OK
+        if not os.access(path, mode):
+            return path
+    return None
 
 
 class LockedError(RuntimeError):

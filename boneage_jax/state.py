@@ -19,12 +19,15 @@ both functions restore them too.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import json
+import logging
 import os
 import re
-from collections.abc import Callable
+import sys
+from collections.abc import Callable, Iterator
 
 import grain
 import jax
@@ -191,6 +194,48 @@ def save(manager: ocp.CheckpointManager, state: dict, iterator, meta: dict) -> N
              if jax.tree.leaves(state[name])}
     manager.save(step, args=ocp.args.Composite(**items, data_iter=grain.checkpoint.CheckpointSave(iterator),
                                                meta=ocp.args.JsonSave(meta)), force=True)
+
+
+_DENIED = ("PERMISSION_DENIED", "Permission denied", "Read-only file system")
+
+
+class _DeniedWriteFilter(logging.Filter):
+    """Drops Orbax's background-thread error records about a write that was refused."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.levelno < logging.ERROR or f"{os.sep}orbax{os.sep}" not in record.pathname:
+            return True
+        text = record.getMessage() + (str(record.exc_info[1]) if record.exc_info and record.exc_info[1] else "")
+        return not any(word in text for word in _DENIED)
+
+
+@contextlib.contextmanager
+def quiet_refused_saves() -> Iterator[None]:
+    """While inside: Orbax's background save threads log nothing about a write that the file
+    system refused (a workdir made read-only mid-save logs one traceback per array and thread),
+    and the ``Event loop is closed`` tracebacks of their callbacks after such a failure go
+    unprinted. The failure itself still reaches the caller: the next ``save`` or
+    ``wait_until_finished`` raises it."""
+    handler_filter = _DeniedWriteFilter()
+    absl_logger = logging.getLogger("absl")
+    absl_logger.addFilter(handler_filter)
+    handlers = [h for h in absl_logger.handlers + logging.getLogger().handlers]
+    for handler in handlers:  # absl's handler sits on the root logger: records reach it there
+        handler.addFilter(handler_filter)
+    previous = sys.unraisablehook
+
+    def unraisablehook(unraisable) -> None:
+        if not (unraisable.exc_type is RuntimeError and str(unraisable.exc_value) == "Event loop is closed"):
+            previous(unraisable)
+
+    sys.unraisablehook = unraisablehook
+    try:
+        yield
+    finally:
+        sys.unraisablehook = previous
+        absl_logger.removeFilter(handler_filter)
+        for handler in handlers:
+            handler.removeFilter(handler_filter)
 
 
 def is_legacy(manager: ocp.CheckpointManager, step: int) -> bool:

@@ -20,6 +20,7 @@ outputs mean and how they are trained, logged and tabulated: ``objectives.py``.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import json
@@ -48,6 +49,35 @@ LOCK_FILE = ".lock"  # in the workdir, held while a run trains there
 
 class NonFiniteLossError(RuntimeError):
     """Training produced a NaN or infinite loss."""
+
+
+def written_paths(workdir: str) -> list[str]:
+    """What a run writes in ``workdir``: the folder, its checkpoint folders, TensorBoard's folder
+    and the metrics file it appends to (those that do not exist yet stand for their parent)."""
+    checkpoints = os.path.join(workdir, "checkpoints")
+    return [workdir, checkpoints, os.path.join(checkpoints, "latest"), os.path.join(checkpoints, "best"),
+            os.path.join(workdir, "tensorboard"), os.path.join(workdir, "metrics.jsonl")]
+
+
+def _kept_step(workdir: str) -> int | None:
+    """The newest finished step in ``checkpoints/latest`` (Orbax renames a step's folder to its
+    number once written), or None."""
+    folder = os.path.join(workdir, "checkpoints", "latest")
+    steps = [int(n) for n in os.listdir(folder) if n.isdigit()] if os.path.isdir(folder) else []
+    return max(steps, default=None)
+
+
+def check_writable(workdir: str) -> None:
+    """Raises :class:`io.NotWritableError` naming ``workdir`` and the folder or file in it that
+    cannot be written, with the step a re-run would resume from."""
+    where = io.unwritable(written_paths(workdir))
+    if where is None:
+        return
+    kept = _kept_step(workdir)
+    resume = (f"the checkpoint of step {kept} is kept and a re-run of the same command resumes from it"
+              if kept is not None else "a re-run of the same command starts it")
+    raise io.NotWritableError(f"workdir {workdir} is not writable ({where} cannot be written): make it writable "
+                              f"(e.g. chmod -R u+w {workdir}) or choose another; {resume}")
 
 
 # ----------------------------------------------------------------------------- set-up
@@ -214,6 +244,7 @@ def setup(config: ml_collections.ConfigDict) -> Setup:
     compiled-step phases that :func:`train_and_evaluate` trains with (the throughput benchmark,
     ``benchmarks/train_throughput.py``, times the same). Writes nothing but the prepared data."""
     config_check.check(config)
+    check_writable(workdir)
     mesh = state_lib.make_mesh()
     if config.batch_size % jax.device_count() or config.eval_batch_size % jax.device_count():
         raise ValueError(
@@ -310,6 +341,9 @@ def train_and_evaluate(
     lock = io.FileLock(os.path.join(workdir, LOCK_FILE), f"workdir {workdir}")
     if jax.process_index() == 0:
         lock.acquire()
+    quiet = contextlib.ExitStack()
+    quiet.enter_context(state_lib.quiet_refused_saves())  # a read-only workdir: one error, below
+    refused = False
     try:
         saved, as_json = os.path.join(workdir, "config.json"), json.loads(config.to_json_best_effort())
         if os.path.isfile(saved) and jax.process_index() == 0:
@@ -433,6 +467,7 @@ def train_and_evaluate(
                     state = unfreeze(state, step)
                 if step_callback is not None:
                     step_callback(step)
+                check_writable(workdir)  # before any of this step's writes (a few os.access calls)
                 last = step == total_steps
                 if step % config.log_every == 0 or last:
                     jax.block_until_ready(state)
@@ -472,6 +507,18 @@ def train_and_evaluate(
         best.close()
         _log(objective.results_table(results))
         return results
+    except (OSError, ValueError) as e:
+        # A workdir made read-only mid-run fails in whichever writer comes first (Orbax's
+        # background saves raise ValueError): the one error says what to do about it.
+        if not isinstance(e, io.NotWritableError) and io.unwritable(written_paths(workdir)) is None:
+            raise
+        refused = True
+        if isinstance(e, io.NotWritableError):
+            raise
+        check_writable(workdir)
+        raise
     finally:
         lock.release()
+        if not refused:  # else Orbax's save threads may still be failing: they stay quiet to the end
+            quiet.close()
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 import textwrap
@@ -315,3 +316,91 @@ def test_damaged_latest_checkpoint_is_named_and_the_previous_step_offered(tiny_c
         assert os.path.isdir(os.path.join(workdir, "checkpoints", "damaged", "latest-4"))
         for x, y in zip(jax.tree.leaves(_final_params(workdir)), jax.tree.leaves(_final_params(unbroken)), strict=True):
             np.testing.assert_array_equal(x, y)
+
+
+# The training command with a step callback that makes the workdir read-only at a step given on
+# the command line, once the step-2 checkpoints are written (no save is then in flight).
+_READ_ONLY_AT = """
+import functools, os, sys, time
+from boneage_jax import cli, main, train
+workdir, at = sys.argv[1], int(sys.argv[2])
+
+def make_read_only(step):
+    if step != at:
+        return
+    done = [os.path.join(workdir, "checkpoints", name, "2") for name in ("latest", "best")]
+    deadline = time.time() + 120
+    while not all(map(os.path.isdir, done)) and time.time() < deadline:
+        time.sleep(0.05)
+    for folder, dirs, files in os.walk(workdir):
+        for path in [folder, *(os.path.join(folder, n) for n in files)]:
+            os.chmod(path, os.stat(path).st_mode & ~0o222)
+
+train.train_and_evaluate = functools.partial(train.train_and_evaluate, step_callback=make_read_only)
+sys.argv = ["boneage_jax.main", *sys.argv[3:]]
+cli.run(main.main)
+"""
+
+
+def _without_write_privilege() -> list[str]:
+    """A command prefix under which ``chmod a-w`` stops this process's writes: none for a normal
+    user; for root (who writes anyway) a user namespace in which root's files are the own files of
+    an unprivileged user (``unshare --map-user``). Skips the test where that is not possible."""
+    if os.geteuid() != 0:
+        return []
+    import shutil
+
+    prefix = ["unshare", "--user", "--map-user=1000", "--map-group=1000"]
+    if shutil.which("unshare") is None or subprocess.run(
+            [*prefix, "sh", "-c", f'test "$(id -u)" = 1000 && test -w "{REPO}"'], capture_output=True).returncode:
+        pytest.skip("running as root without user namespaces: chmod cannot make a folder read-only for this process")
+    return prefix
+
+
+def test_a_workdir_made_read_only_ends_with_one_error_and_resumes(tiny_config, tmp_path):
+    """chmod -R a-w on the workdir after step 3 of 6: one ``error:`` line naming the workdir and
+    the folder that cannot be written, exit status 2; the step-2 checkpoint stays, and once the
+    workdir is writable again the same command resumes from it and finishes. A workdir that is
+    read-only from the start gets the same line before anything is written."""
+    prefix = _without_write_privilege()
+    workdir = str(tmp_path / "run")
+    command = ["--config=configs/demo.py:tiny", f"--workdir={workdir}", *_overrides(tiny_config, num_train_steps=6)]
+    env = {**os.environ, "PYTHONPATH": REPO}
+
+    def run(at: int) -> subprocess.CompletedProcess:
+        return subprocess.run([*prefix, sys.executable, "-c", _READ_ONLY_AT, workdir, str(at), *command], cwd=REPO,
+                              env=env, capture_output=True, text=True, timeout=300)
+
+    def writable(yes: bool) -> None:
+        for folder, _, files in os.walk(workdir):
+            for path in [folder, *(os.path.join(folder, n) for n in files)]:
+                mode = os.stat(path).st_mode
+                os.chmod(path, mode | 0o200 if yes else mode & ~0o222)
+
+    def one_error(result: subprocess.CompletedProcess) -> str:
+        assert result.returncode == 2, result.stderr[-3000:]
+        # (TFDS's own warnings about the prepared data aside)
+        lines = [line for line in result.stderr.splitlines() if line.strip() and not re.match(r"W\d{4} ", line)]
+        assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr[-3000:]
+        return lines[0]
+
+    line = one_error(run(3))
+    assert f"workdir {workdir} is not writable" in line and "the checkpoint of step 2 is kept" in line
+    assert sorted(os.listdir(os.path.join(workdir, "checkpoints", "latest"))) == ["2"]
+    writable(True)
+    resumed = run(0)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "Resumed from" in resumed.stdout and "at step 2" in resumed.stdout
+
+    # Read-only from the start: the same line, and nothing in the workdir changes.
+    writable(False)
+    def files() -> dict[str, int]:
+        return {os.path.join(folder, n): os.stat(os.path.join(folder, n)).st_mtime_ns
+                for folder, _, names in os.walk(workdir) for n in names}
+
+    before = files()
+    line = one_error(run(0))
+    assert f"workdir {workdir} is not writable ({workdir} cannot be written)" in line
+    assert "the checkpoint of step 6 is kept" in line
+    assert files() == before
+    writable(True)

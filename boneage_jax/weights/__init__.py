@@ -108,13 +108,20 @@ def read_keras_h5(path: str) -> dict[str, list[np.ndarray]]:
 
     if not h5py.is_hdf5(path):
         raise ValueError(f"{path}: not an HDF5 file (no HDF5 signature); Keras weights come as .h5 files")
-    with h5py.File(path, "r") as f:
+    try:
+        f = h5py.File(path, "r")
+    except OSError as e:  # a truncated or damaged file (h5py's message does not name it)
+        raise ValueError(f"{path}: damaged HDF5 file ({str(e).strip().splitlines()[0]})") from e
+    with f:
         root = f["model_weights"] if "model_weights" in f else f
         if "layer_names" in root.attrs:
             out = {}
-            for name in (_text(n) for n in root.attrs["layer_names"]):
-                group = root[name]
-                out[name] = [np.asarray(group[_text(w)]) for w in group.attrs.get("weight_names", [])]
+            try:
+                for name in (_text(n) for n in root.attrs["layer_names"]):
+                    group = root[name]
+                    out[name] = [np.asarray(group[_text(w)]) for w in group.attrs.get("weight_names", [])]
+            except (OSError, KeyError) as e:  # damaged data, or a layer the names list lacks
+                raise ValueError(f"{path}: damaged Keras weight file ({str(e).strip().splitlines()[0]})") from e
             return out
         if "layers" in root and "vars" in root:
             raise ValueError(
@@ -200,12 +207,17 @@ def read_weights(path: str, framework: str):
 
 def import_weights(backbone: nnx.Module, path: str, framework: str) -> None:
     """Reads ``path`` and copies it into ``backbone`` with its ``load_keras``/``load_torch``."""
+    load_arrays(backbone, read_weights(path, framework), framework)
+
+
+def load_arrays(backbone: nnx.Module, arrays, framework: str) -> None:
+    """Copies what :func:`read_weights` read into ``backbone`` with its ``load_keras``/``load_torch``."""
     method = {"keras": "load_keras", "torch": "load_torch"}.get(framework)
     if method is None:
         raise ValueError(f"framework {framework!r}; expected one of {FRAMEWORKS}")
     if not hasattr(backbone, method):
         raise ValueError(f"{type(backbone).__name__} cannot import {framework} weights (no {method} method)")
-    getattr(backbone, method)(read_weights(path, framework))
+    getattr(backbone, method)(arrays)
 
 
 # ----------------------------------------------------------------------------- ImageNet weights from pip
@@ -373,9 +385,10 @@ def convert(
         if framework != "torch":
             raise ValueError(f"--in {IMAGENET} reads the installed torch weight packages: pass --from torch")
         source = imagenet_file(model)
+    arrays = read_weights(source, framework)  # a bad file is named before the model is built
     backbone = nnx.jit(lambda: models.create_backbone(model, in_channels=in_channels, image_size=image_size,
                                                       rngs=nnx.Rngs(0)))()
-    import_weights(backbone, source, framework)
+    load_arrays(backbone, arrays, framework)
     metadata = {"model": model, "in_channels": in_channels, "image_size": image_size,
                 "source": os.path.abspath(source), "framework": framework}
     save_pretrained(backbone, out, metadata, overwrite=overwrite)
