@@ -244,7 +244,6 @@ def setup(config: ml_collections.ConfigDict) -> Setup:
     compiled-step phases that :func:`train_and_evaluate` trains with (the throughput benchmark,
     ``benchmarks/train_throughput.py``, times the same). Writes nothing but the prepared data."""
     config_check.check(config)
-    check_writable(workdir)
     mesh = state_lib.make_mesh()
     if config.batch_size % jax.device_count() or config.eval_batch_size % jax.device_count():
         raise ValueError(
@@ -293,6 +292,8 @@ def train_and_evaluate(
     """
     # Everything is checked before anything is written: a command that fails here leaves the
     # workdir (and a finished run in it) as it was.
+    config_check.check(config)
+    check_writable(workdir)  # before the data are prepared: a read-only workdir is said at once
     run = setup(config)
     replicated, batch_sharding, splits, stats = run.replicated, run.batch_sharding, run.splits, run.stats
     objective, total_steps, schedule, create = run.objective, run.total_steps, run.schedule, run.create
