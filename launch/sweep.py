@@ -62,7 +62,8 @@ _CONFIG = flags.DEFINE_string("config", None, "Training configuration file (bone
 _WORKDIR = flags.DEFINE_string("workdir", None, "Parent folder of the runs and the summary.", flag_values=FLAGS)
 _SWEEP = flags.DEFINE_multi_string("sweep", [], "KEY=V1,V2,...: config values to sweep (repeat for a grid).",
                                    flag_values=FLAGS)
-_SET = flags.DEFINE_multi_string("set", [], "KEY=VALUE: a config override for every run (repeatable).",
+_SET = flags.DEFINE_multi_string("set", [], "KEY=VALUE: a config override for every run (repeatable; KEY= sets "
+                                 "an empty string).",
                                  flag_values=FLAGS)
 _FOLDS = flags.DEFINE_integer("folds", 0, "K-fold cross-validation of every combination (K >= 2; 0: none).",
                               flag_values=FLAGS)
@@ -113,11 +114,13 @@ def parse_value(text: str):
         return text
 
 
-def parse_assignment(text: str, option: str) -> tuple[str, str]:
+def parse_assignment(text: str, option: str, empty_value: bool = False) -> tuple[str, str]:
+    """``key=value`` -> (key, value); ``empty_value``: ``key=`` is allowed (an empty string, e.g.
+    ``--set init_from=`` or ``--set data.augment=``)."""
     key, sep, value = text.partition("=")
     key = key.strip()
-    if not sep or not key or not value.strip():
-        raise ValueError(f"{option} {text!r}: expected key=value")
+    if not sep or not key or not (value.strip() or empty_value):
+        raise ValueError(f"{option} {text!r}: expected key=value" + ("" if empty_value else " (a non-empty value)"))
     if key.startswith("config."):
         key = key[len("config."):]
     return key, value.strip()
@@ -332,7 +335,7 @@ def plan(sweep_texts: Sequence[str], set_texts: Sequence[str], folds: int) -> tu
     for text in sweep_texts:
         key, values = parse_assignment(text, "--sweep")
         sweeps.append((key, split_values(values)))
-    sets = [parse_assignment(text, "--set") for text in set_texts]
+    sets = [parse_assignment(text, "--set", empty_value=True) for text in set_texts]
     if folds == 1 or folds < 0:
         raise ValueError(f"--folds {folds}: use K >= 2 (or 0 for no cross-validation)")
     swept = {k for k, _ in sweeps} | ({"data.num_folds", "data.fold"} if folds else set())

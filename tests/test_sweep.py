@@ -24,6 +24,13 @@ def test_values_names_and_grid():
                                       "filters=8_16,model.dropout=0.1,data.dropout=0.2,num_folds=2,fold=1"]
     with pytest.raises(ValueError, match="same folder"):
         sweep.grid([("model.kwargs.filters", ["(8,16)", "[8, 16]"])])
+    # --set KEY= clears a string (init_from, data.augment); a swept value may not be empty.
+    _, sets = sweep.plan(["model.dropout=0.1"], ["init_from=", "data.augment="], 0)
+    assert sets == [("init_from", ""), ("data.augment", "")]
+    with pytest.raises(ValueError, match="--sweep 'model.dropout=': expected key=value"):
+        sweep.plan(["model.dropout="], [], 0)
+    with pytest.raises(ValueError, match="--set '=1': expected key=value"):
+        sweep.plan([], ["=1"], 0)
     cmd = sweep.command("configs/demo.py", "out", runs[0], [("seed", "1")], [])
     assert cmd[-6:] == ["--config.seed=1", "--config.model.kwargs.filters=(8, 16)", "--config.model.dropout=0.1",
                         "--config.data.dropout=0.2", "--config.data.num_folds=2", "--config.data.fold=0"]
