@@ -239,11 +239,14 @@ class Setup:
         return self.phases[-1] if step >= self.phases[-1].first_step else self.phases[0]
 
 
-def setup(config: ml_collections.ConfigDict) -> Setup:
-    """Checks ``config``, prepares the data and builds the objective, model factory, schedule and
-    compiled-step phases that :func:`train_and_evaluate` trains with (the throughput benchmark,
+def setup(config: ml_collections.ConfigDict, workdir: str | None = None) -> Setup:
+    """Checks ``config`` (and that ``workdir``, if given, can be written), prepares the data and
+    builds the objective, model factory, schedule and compiled-step phases that
+    :func:`train_and_evaluate` trains with (the throughput benchmark,
     ``benchmarks/train_throughput.py``, times the same). Writes nothing but the prepared data."""
     config_check.check(config)
+    if workdir is not None:
+        check_writable(workdir)  # before the data are prepared: a read-only workdir is said at once
     mesh = state_lib.make_mesh()
     if config.batch_size % jax.device_count() or config.eval_batch_size % jax.device_count():
         raise ValueError(
@@ -292,9 +295,7 @@ def train_and_evaluate(
     """
     # Everything is checked before anything is written: a command that fails here leaves the
     # workdir (and a finished run in it) as it was.
-    config_check.check(config)
-    check_writable(workdir)  # before the data are prepared: a read-only workdir is said at once
-    run = setup(config)
+    run = setup(config, workdir)
     replicated, batch_sharding, splits, stats = run.replicated, run.batch_sharding, run.splits, run.stats
     objective, total_steps, schedule, create = run.objective, run.total_steps, run.schedule, run.create
     switch, phases, phase_at = run.switch, run.phases, run.phase_at
