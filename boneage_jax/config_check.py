@@ -57,6 +57,7 @@ RULES: dict[str, tuple[Callable, str]] = {
     "data.num_threads": _integer(0),
     "data.prefetch": _integer(1),
     "data.num_workers": _integer(0),
+    "data.cache_preprocessed": ((lambda v: isinstance(v, bool)), "True or False"),
     "data.sex": _one_of(data.SEXES),
     "data.min_age": _number(0.0, 240.0),
     "data.max_age": _number(0.0, 240.0),

@@ -11,6 +11,8 @@ the padding that completes an evaluation's last batch.
 The ops come from the data config's :class:`boneage_jax.ops.Pipeline` (its specs parsed once):
 a record's hand mask and keypoints are decoded and handed to the ops exactly when a
 preprocessing op declares that it reads them (or, for the mask, segmentation batches carry it).
+With ``data.cache_preprocessed`` the deterministic part (read, decode, preprocess) runs once
+per image of a split and is kept in memory (:class:`PreprocessedExamples`).
 ``input_channels`` is the network input's channel count (what the model is built for) and
 ``prepare_image`` runs one radiograph from outside the dataset through the deterministic part
 of the pipeline, as validation images go.
@@ -19,8 +21,10 @@ of the pipeline, as validation images go.
 from __future__ import annotations
 
 import functools
+import hashlib
 import os
 import sys
+import time
 from collections.abc import Callable, Iterator
 
 import grain
@@ -28,7 +32,7 @@ import jax
 import ml_collections
 import numpy as np
 
-from boneage_jax import data, ops
+from boneage_jax import data, io, ops
 
 
 def needs_annotations(data_config: ml_collections.ConfigDict) -> tuple[bool, bool]:
@@ -205,14 +209,70 @@ def train_order(data_config: ml_collections.ConfigDict, selection: data.SplitSel
     raise ValueError(f"config.data.sampling is {sampling!r}; expected 'shuffle' or 'balanced'")
 
 
+class PreprocessedExamples:
+    """A split's examples after the deterministic part of the pipeline (record read, decode,
+    ``data.preprocess``), computed once in this process and kept in memory
+    (``data.cache_preprocessed``). Each epoch then runs only augmentation and normalisation:
+    the same batches, bit for bit, as computing the examples every time."""
+
+    def __init__(self, data_config: ml_collections.ConfigDict, selection: data.SplitSelection):
+        source = data.data_source(data_config, selection.tfds_split, decode_masks=needs_annotations(data_config)[0])
+        make_example = example_fn(data_config)
+        indices = np.unique(np.asarray(selection.indices, np.int64))
+        ds = grain.MapDataset.source(indices).map(lambda index: (int(index), make_example(source[int(index)])))
+        started = time.perf_counter()
+        items = io.progress(ds.to_iter_dataset(_read_options(data_config)), len(indices),
+                            f"preprocessing {selection.tfds_split} once", log=_log)
+        self._examples = dict(items)
+        self.nbytes = sum(e["image"].nbytes + (e["mask"].nbytes if e["mask"] is not None else 0)
+                          for e in self._examples.values())
+        _log(f"Preprocessed {len(indices)} {selection.tfds_split} images once ({self.nbytes / 2**20:.0f} MiB in "
+             f"memory, {time.perf_counter() - started:.1f} s); each epoch runs only augmentation and normalisation")
+
+    def __len__(self) -> int:
+        return len(self._examples)
+
+    def __getitem__(self, index: int) -> dict:
+        return self._examples[int(index)]
+
+
+_PREPROCESSED: dict[tuple, PreprocessedExamples] = {}
+
+
+def _log(message: str) -> None:
+    if jax.process_index() == 0:
+        print(message, flush=True)
+
+
+def preprocessed_examples(data_config: ml_collections.ConfigDict,
+                          selection: data.SplitSelection) -> PreprocessedExamples:
+    """The split's :class:`PreprocessedExamples`, computed on first use and kept for the process
+    (validation is evaluated many times in a run)."""
+    fields = ("manual_dir", "data_dir", "builder_config", "preprocess", "mask_in_batch")
+    key = (tuple(str(data_config[f]) for f in fields), ops.Pipeline.from_config(data_config).preprocess.spec,
+           tuple(str(op) for op in ops.Pipeline.from_config(data_config).preprocess.ops), selection.tfds_split,
+           hashlib.sha1(np.asarray(selection.indices, np.int64).tobytes()).hexdigest())
+    if key not in _PREPROCESSED:
+        _PREPROCESSED[key] = PreprocessedExamples(data_config, selection)
+    return _PREPROCESSED[key]
+
+
+def _examples(data_config: ml_collections.ConfigDict, selection: data.SplitSelection) -> Callable[[int], dict]:
+    """Record index -> preprocessed example, from the cache or computed now."""
+    if data_config.cache_preprocessed:
+        return preprocessed_examples(data_config, selection).__getitem__
+    source = data.data_source(data_config, selection.tfds_split, decode_masks=needs_annotations(data_config)[0])
+    make_example = example_fn(data_config)
+    return lambda index: make_example(source[int(index)])
+
+
 def train_dataset(
     data_config: ml_collections.ConfigDict, selection: data.SplitSelection, batch_size: int, seed: int
 ) -> grain.IterDataset:
     """Infinite, shuffled, augmented batches: this process's rows of each global batch."""
-    source = data.data_source(data_config, selection.tfds_split, decode_masks=needs_annotations(data_config)[0])
-    make_example, augment, normalize = example_fn(data_config), augment_fn(data_config, seed), normalize_fn(data_config)
+    example_at, augment, normalize = _examples(data_config, selection), augment_fn(data_config, seed), normalize_fn(data_config)
     ds = ProcessRows(train_order(data_config, selection, seed), batch_size)
-    ds = ds.map(lambda item: normalize(augment(make_example(source[int(item[1])]), item[0])))
+    ds = ds.map(lambda item: normalize(augment(example_at(item[1]), item[0])))
     ds = ds.batch(local_batch_size(batch_size), drop_remainder=True, batch_fn=stack)
     iter_ds = ds.to_iter_dataset(_read_options(data_config))
     if data_config.num_workers > 0:
@@ -228,10 +288,8 @@ def eval_batches(
     The last global batch is completed with copies of the first example of weight 0, so every
     process yields the same number of batches and multi-host evaluation stays in step.
     """
-    source = data.data_source(data_config, selection.tfds_split, decode_masks=needs_annotations(data_config)[0])
-    make_example, normalize = example_fn(data_config), normalize_fn(data_config)
-    yield from padded_batches(len(selection.indices),
-                              lambda i: normalize(make_example(source[int(selection.indices[i])])),
+    example_at, normalize = _examples(data_config, selection), normalize_fn(data_config)
+    yield from padded_batches(len(selection.indices), lambda i: normalize(example_at(selection.indices[i])),
                               batch_size, _read_options(data_config))
 
 

@@ -25,7 +25,7 @@ def get_config(variant: str = "") -> ml_collections.ConfigDict:
     config.data.preprocess = ("resize_pad|bilateral(diameter=9, sigma_color=75.0, sigma_space=75.0)"
                               "|enhance(brightness=1.2, contrast=1.2)|clahe(clip_limit=2.0, tile_grid=8)")
     config.data.augment = "flip|affine(rotation=10, shift=0.05, zoom=0.1)"
-    config.data.normalize = "grey_to_rgb|value_range"
+    config.data.normalize = "value_range|grey_to_rgb"
     config.model.name = "cnn_hamrouni"
     config.model.head = "classification"
     config.model.num_classes = 3

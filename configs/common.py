@@ -39,6 +39,7 @@ def base_config() -> ml_collections.ConfigDict:
     data.num_threads = 0  # grain read threads per process; 0: the CPUs this process may use / local processes
     data.prefetch = 64  # grain prefetch buffer (examples)
     data.num_workers = 0  # grain worker processes (0: threads in the main process)
+    data.cache_preprocessed = False  # decode + data.preprocess once per image, kept in memory (S*S bytes each)
     data.sex = "both"  # both, male or female (sex-specific models, Lee et al.)
     data.min_age = 0.0  # months, inclusive: keep only labelled images in [min_age, max_age]
     data.max_age = 240.0

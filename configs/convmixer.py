@@ -23,7 +23,7 @@ def get_config(variant: str = "") -> ml_collections.ConfigDict:
     config.data.image_size = 256
     config.data.preprocess = "resize_pad|clahe(clip_limit=2.0, tile_grid=8)"
     config.data.augment = "flip|affine(rotation=15, shift=0.05, zoom=0.1)"
-    config.data.normalize = "grey_to_rgb|preprocess_input(mode='torch')"
+    config.data.normalize = "preprocess_input(mode='torch')"
     config.model.name = "convmixer_768_32"
     config.model.sex_fusion = "winner16bit"
     config.loss = "mse"

@@ -30,7 +30,7 @@ def get_config(variant: str = "") -> ml_collections.ConfigDict:
     config.data.image_size = 224
     config.data.preprocess = "roi_crop|resize_pad|hist_eq"
     config.data.augment = "flip|affine(rotation=10, shift=0.05, zoom=0.1)"
-    config.data.normalize = "grey_to_rgb|preprocess_input(mode='caffe')"
+    config.data.normalize = "preprocess_input(mode='caffe')"
     config.model.name = "googlenet"
     config.model.sex_fusion = "none"
     config.loss = "mae"

@@ -25,7 +25,7 @@ def get_config(variant: str = "") -> ml_collections.ConfigDict:
     config.data.image_size = 500
     config.data.preprocess = "resize_pad"
     config.data.augment = "flip|affine(rotation=20, shift=0.2, zoom=0.2)"
-    config.data.normalize = "grey_to_rgb|preprocess_input(mode='tf')"
+    config.data.normalize = "preprocess_input(mode='tf')|grey_to_rgb"
     config.model.name = "inception_v3"
     config.model.sex_fusion = "winner16bit"
     config.loss = "mae"

@@ -34,7 +34,7 @@ def get_config(variant: str = "") -> ml_collections.ConfigDict:
     config.data.image_size = 384
     config.data.preprocess = "resize_pad"
     config.data.augment = "nguyen"
-    config.data.normalize = "grey_to_rgb|preprocess_input(mode='caffe')"
+    config.data.normalize = "preprocess_input(mode='caffe')"
     config.data.sampling = "balanced"
     config.data.balance_bins = 10
     config.data.balance_per_bin = 500

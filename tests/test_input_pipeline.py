@@ -165,3 +165,41 @@ def test_read_threads_default_to_the_cpus_this_process_may_use(monkeypatch):
         assert input_pipeline.read_threads(data_config) == 1
     data_config.num_threads = 3
     assert input_pipeline.read_threads(data_config) == 3
+
+
+def test_preprocessed_examples_give_the_same_batches_and_are_computed_once(tiny_config, monkeypatch, capsys):
+    """data.cache_preprocessed: the same training and evaluation batches bit for bit, over
+    more than one epoch (augmentation must not write into the cached images), and resumable;
+    the deterministic ops run once per image, however many epochs and evaluations follow."""
+    tiny_config.data.augment = "flip|affine(rotation=15, shift=0.1)|brightness_jitter"
+    splits = _splits(tiny_config)
+    plain = _take(iter(input_pipeline.train_dataset(tiny_config.data, splits["train"], 8, 3)), 13)  # > 2 epochs
+    plain_eval = list(input_pipeline.eval_batches(tiny_config.data, splits["validation"], 6))
+
+    tiny_config.data.cache_preprocessed = True
+    monkeypatch.setattr(input_pipeline, "_PREPROCESSED", {})
+    calls = []
+    real_example_fn = input_pipeline.example_fn
+
+    def counting_example_fn(data_config):
+        make = real_example_fn(data_config)
+        return lambda record: (calls.append(int(record["id"])), make(record))[1]
+
+    monkeypatch.setattr(input_pipeline, "example_fn", counting_example_fn)
+    iterator = iter(input_pipeline.train_dataset(tiny_config.data, splits["train"], 8, 3))
+    cached = _take(iterator, 13)
+    for _ in range(2):
+        cached_eval = list(input_pipeline.eval_batches(tiny_config.data, splits["validation"], 6))
+    for x, y in zip(plain + plain_eval, cached + cached_eval):
+        assert set(x) == set(y)
+        for key in x:
+            np.testing.assert_array_equal(x[key], y[key])
+    assert sorted(calls) == sorted(list(splits["train"].ids) + list(splits["validation"].ids))
+    assert "Preprocessed 48 train images once" in capsys.readouterr().out
+
+    state = iterator.get_state()
+    expected = next(iterator)
+    resumed = iter(input_pipeline.train_dataset(tiny_config.data, splits["train"], 8, 3))
+    resumed.set_state(state)
+    np.testing.assert_array_equal(next(resumed)["image"], expected["image"])
+    assert len(calls) == len(splits["train"].ids) + len(splits["validation"].ids)  # still cached

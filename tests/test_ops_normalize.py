@@ -76,3 +76,48 @@ def test_preprocess_input_errors():
         ops.build_preprocess("preprocess_input(style='tf')")
     fn = ops.build_preprocess("preprocess_input(mode='caffe')")
     assert fn(np.zeros((4, 4), np.uint8)).shape == (4, 4, 3)
+
+
+@pytest.mark.parametrize("shape", [(48, 40), (37, 51, 1), (20, 30, 3), (1, 1)])
+def test_uint8_images_go_through_tables_with_the_float_paths_values(shape):
+    """A uint8 image takes the lookup-table path; the same image as float32 takes numpy's
+    elementwise path. Fixed maps agree exactly, per-image statistics to float32 rounding."""
+    image = np.clip(np.random.default_rng(1).normal(90, 40, shape), 0, 255).astype(np.uint8)
+    exact = [ops.scale, lambda x: ops.value_range(x, low=-1, high=1), ops.preprocess_input]
+    if image.ndim == 2 or image.shape[2] != 1:  # torch and caffe take grey (H, W) or RGB
+        exact += [lambda x: ops.preprocess_input(x, mode="torch"), lambda x: ops.preprocess_input(x, mode="caffe")]
+    for fn in exact:
+        table, elementwise = fn(image), fn(image.astype(np.float32))
+        assert table.dtype == elementwise.dtype == np.float32 and table.shape == elementwise.shape
+        np.testing.assert_array_equal(table, elementwise)
+    statistics = [ops.zscore, lambda x: ops.percentile_zscore(x, percentile=5.3, ddof=0)]
+    if image.size > 1:
+        statistics.append(ops.percentile_zscore)
+    for fn in statistics:
+        table, elementwise = fn(image), fn(image.astype(np.float32))
+        assert table.dtype == elementwise.dtype == np.float32 and table.shape == elementwise.shape
+        np.testing.assert_allclose(table, elementwise, atol=2e-6)
+
+
+def test_the_percentile_from_a_histogram_is_numpys():
+    from boneage_jax.ops.normalize import _histogram, _percentile
+
+    for seed, size in ((0, 1), (1, 2), (2, 101), (3, 4000)):
+        image = np.random.default_rng(seed).integers(0, 256, size, dtype=np.uint8)
+        for q in (0, 1, 5.3, 50, 99, 100):
+            assert _percentile(_histogram(image), q) == np.percentile(image, q)
+
+
+@pytest.mark.parametrize("grey_first, fast", [
+    ("grey_to_rgb|preprocess_input(mode='tf')", "preprocess_input(mode='tf')|grey_to_rgb"),
+    ("grey_to_rgb|value_range", "value_range|grey_to_rgb"),
+    ("grey_to_rgb|preprocess_input(mode='caffe')", "preprocess_input(mode='caffe')"),
+    ("grey_to_rgb|preprocess_input(mode='torch')", "preprocess_input(mode='torch')"),
+])
+def test_normalising_grey_before_making_rgb_gives_the_same_input(grey_first, fast):
+    """The paper configs normalise the grey image and then make 3 channels (a third of the
+    arithmetic); the values are those of repeating the grey image first."""
+    image = np.clip(np.random.default_rng(2).normal(120, 50, (33, 29)), 0, 255).astype(np.uint8)
+    expected, out = ops.build_preprocess(grey_first)(image), ops.build_preprocess(fast)(image)
+    assert out.shape == expected.shape == (33, 29, 3) and out.dtype == np.float32
+    np.testing.assert_array_equal(out, expected)

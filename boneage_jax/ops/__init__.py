@@ -402,8 +402,13 @@ class Pipeline:
 
     def network_input(self, image: np.ndarray) -> np.ndarray:
         """A preprocessed (and augmented) uint8 image -> float32 (S, S, C) through the normalize ops."""
-        out = np.asarray(self.normalize(image)).astype(np.float32)
-        return out[:, :, None] if out.ndim == 2 else out
+        return as_network_array(self.normalize(image))
+
+
+def as_network_array(image: np.ndarray) -> np.ndarray:
+    """The normalize chain's output as the network's float32 (S, S, C), copied only if needed."""
+    out = np.asarray(image).astype(np.float32, copy=False)
+    return out[:, :, None] if out.ndim == 2 else out
 
 
 @functools.lru_cache(maxsize=32)

@@ -121,4 +121,6 @@ def center_crop(sample: Sample, *, fraction: float = 0.9) -> Sample:
 def grey_to_rgb(image: np.ndarray) -> np.ndarray:
     """Repeats a grey image to 3 channels (for ImageNet models with RGB stems)."""
     image = as_2d(image)
+    if image.ndim == 2 and image.dtype in (np.uint8, np.float32):
+        return cv2.cvtColor(image, cv2.COLOR_GRAY2RGB)  # about 10x faster than np.repeat
     return np.repeat(image[:, :, None], 3, axis=2)

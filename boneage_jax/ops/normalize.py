@@ -1,17 +1,52 @@
-"""Normalisation: uint8 images to the float32 inputs a network expects."""
+"""Normalisation: uint8 images to the float32 inputs a network expects.
+
+Every op here maps each grey level through the same arithmetic, so a uint8 image goes through
+a 256-entry float32 table (``cv2.LUT``) computed with exactly the float32 operations that the
+op applies to a float image: the same values, without a float temporary per operation (at
+500 px, 3 channels, about 5x less time). The per-image statistics of ``zscore`` and
+``percentile_zscore`` come from the image's grey-level histogram, in float64. A float image
+(an op after another normalisation) takes the plain numpy path.
+"""
 
 from __future__ import annotations
 
+import cv2
 import numpy as np
 
 from boneage_jax.ops import as_2d, register_preprocess
 
 __all__ = ["zscore", "value_range", "percentile_zscore", "scale", "preprocess_input"]
 
+_LEVELS = np.arange(256, dtype=np.float32)
+
+
+def _through_table(image: np.ndarray, table: np.ndarray) -> np.ndarray:
+    """uint8 image -> float32 of the same shape, each value v replaced by ``table[v]``; a table
+    of shape (256, C) maps channel c of a C-channel image through ``table[:, c]``."""
+    lut = np.ascontiguousarray(table, np.float32).reshape(256, 1, -1)
+    return cv2.LUT(np.ascontiguousarray(image), lut).reshape(image.shape)
+
+
+def _histogram(image: np.ndarray) -> np.ndarray:
+    """Counts of the 256 grey levels over all pixels and channels, float64."""
+    flat = np.ascontiguousarray(image).reshape(-1, 1)
+    return cv2.calcHist([flat], [0], None, [256], [0, 256]).reshape(256).astype(np.float64)
+
+
+def _mean_std(values: np.ndarray, counts: np.ndarray, ddof: int = 0) -> tuple[float, float]:
+    """Mean and standard deviation of ``values`` weighted by ``counts`` (a histogram), float64."""
+    n = counts.sum()
+    mean = float((counts * values).sum() / n)
+    variance = float((counts * (values - mean) ** 2).sum() / max(n - ddof, 1))
+    return mean, variance ** 0.5
+
 
 @register_preprocess("zscore")
 def zscore(image: np.ndarray, *, eps: float = 1e-6) -> np.ndarray:
     """Per-image zero mean and unit variance, float32."""
+    if image.dtype == np.uint8:
+        mean, std = _mean_std(_LEVELS.astype(np.float64), _histogram(image))
+        return _through_table(image, (_LEVELS - np.float32(mean)) / (np.float32(std) + eps))
     image = image.astype(np.float32)
     return (image - image.mean()) / (image.std() + eps)
 
@@ -19,6 +54,8 @@ def zscore(image: np.ndarray, *, eps: float = 1e-6) -> np.ndarray:
 @register_preprocess("value_range")
 def value_range(image: np.ndarray, *, low: float = 0.0, high: float = 1.0) -> np.ndarray:
     """Scales uint8 [0, 255] linearly to [low, high], float32."""
+    if image.dtype == np.uint8:
+        return _through_table(image, _LEVELS * ((high - low) / 255.0) + low)
     return image.astype(np.float32) * ((high - low) / 255.0) + low
 
 
@@ -33,9 +70,25 @@ def percentile_zscore(image: np.ndarray, *, percentile: float = 1.0, eps: float 
     makes the subtraction matter: pixels darker than ``P`` become equal, and the z-score of the
     rest is unchanged, so the result is invariant to a constant offset of the image. Here the
     percentile is taken over the whole image and the subtraction is in float (not rounded)."""
+    if image.dtype == np.uint8:
+        counts = _histogram(image)
+        x = np.maximum(_LEVELS - np.float32(_percentile(counts, percentile)), np.float32(0))
+        mean, std = _mean_std(x.astype(np.float64), counts, ddof)
+        return _through_table(image, ((x - np.float32(mean)) / (np.float32(std) + eps)).astype(np.float32))
     p = float(np.percentile(image, percentile))
     x = np.maximum(image.astype(np.float32) - np.float32(p), np.float32(0))
     return ((x - x.mean()) / (x.std(ddof=ddof) + eps)).astype(np.float32)
+
+
+def _percentile(counts: np.ndarray, q: float) -> float:
+    """``np.percentile`` (linear interpolation) of the image whose grey-level histogram is ``counts``."""
+    cumulative = np.cumsum(counts)
+    position = (q / 100.0) * (cumulative[-1] - 1)
+    below = int(np.floor(position))
+    above = min(below + 1, int(cumulative[-1]) - 1)
+    a, b = (float(np.searchsorted(cumulative, k, side="right")) for k in (below, above))
+    t = position - below
+    return b - (b - a) * (1 - t) if t >= 0.5 else a + (b - a) * t  # numpy's _lerp
 
 
 @register_preprocess("scale")
@@ -44,6 +97,8 @@ def scale(image: np.ndarray, *, divisor: float = 255.0, offset: float = 0.0) -> 
     ``divisor=127.5, offset=-1`` to -1..1)."""
     if divisor == 0:
         raise ValueError("scale: divisor must not be 0")
+    if image.dtype == np.uint8:
+        return _through_table(image, _LEVELS / np.float32(divisor) + np.float32(offset))
     return (image.astype(np.float32) / np.float32(divisor) + np.float32(offset)).astype(np.float32)
 
 
@@ -72,6 +127,8 @@ def preprocess_input(image: np.ndarray, *, mode: str = "tf") -> np.ndarray:
     (H, W, 3) RGB, so the output has 3 channels; a 3-channel image is taken as RGB, as Keras does."""
     if mode not in _PREPROCESS_MODES:
         raise ValueError(f"preprocess_input: mode {mode!r}; expected one of {', '.join(_PREPROCESS_MODES)}")
+    if image.dtype == np.uint8:
+        return _preprocess_input_levels(image, mode)
     x = image.astype(np.float32)
     if mode == "tf":
         return x / np.float32(127.5) - np.float32(1.0)
@@ -83,3 +140,19 @@ def preprocess_input(image: np.ndarray, *, mode: str = "tf") -> np.ndarray:
     if mode == "torch":
         return (x / np.float32(255.0) - _TORCH_MEAN) / _TORCH_STD
     return x[..., ::-1] - _CAFFE_MEAN
+
+
+def _preprocess_input_levels(image: np.ndarray, mode: str) -> np.ndarray:
+    """``preprocess_input`` of a uint8 image through per-channel tables of the same arithmetic."""
+    if mode == "tf":
+        return _through_table(image, _LEVELS / np.float32(127.5) - np.float32(1.0))
+    grey = as_2d(image)
+    if grey.ndim == 2:
+        rgb = cv2.cvtColor(grey, cv2.COLOR_GRAY2RGB)  # caffe's RGB -> BGR leaves equal channels as they are
+    elif grey.ndim == 3 and grey.shape[2] == 3:
+        rgb = grey if mode == "torch" else cv2.cvtColor(np.ascontiguousarray(grey), cv2.COLOR_RGB2BGR)
+    else:
+        raise ValueError(f"preprocess_input(mode={mode!r}) needs a grey or 3-channel image, got shape {image.shape}")
+    if mode == "torch":
+        return _through_table(rgb, (_LEVELS[:, None] / np.float32(255.0) - _TORCH_MEAN) / _TORCH_STD)
+    return _through_table(rgb, _LEVELS[:, None] - _CAFFE_MEAN)

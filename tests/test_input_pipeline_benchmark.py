@@ -1,0 +1,37 @@
+"""benchmarks/input_pipeline.py: the per-op profile and the thread scaling on the tiny demo config."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+from conftest import REPO
+
+
+def _run(phantom_dir: str, data_root: str, *flags: str) -> dict:
+    command = [sys.executable, os.path.join(REPO, "benchmarks", "input_pipeline.py"), "--config=configs/demo.py:tiny",
+               f"--config.data.manual_dir={phantom_dir}", f"--config.data.data_dir={data_root}", *flags]
+    done = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def test_profile_names_every_stage_of_the_pipeline(phantom_dir, data_root):
+    report = _run(phantom_dir, data_root, "--profile", "--profile_images=16",
+                  "--config.data.augment=flip|affine(rotation=10)")
+    stages = list(report["profile"])
+    assert stages == ["read record", "decode image", "preprocess resize_pad(size=32)",
+                      "preprocess clahe(clip_limit=2.0, tile_grid=8)", "augment flip", "augment affine(rotation=10)",
+                      "normalize zscore", "to float32 (S, S, C)", "stack batch"]
+    assert all(ms > 0 for ms in report["profile"].values())
+    assert abs(report["total_ms"] - sum(report["profile"].values())) < 1e-2
+
+
+def test_scaling_covers_one_thread_to_every_cpu_with_the_cache(phantom_dir, data_root):
+    report = _run(phantom_dir, data_root, "--scaling", "--batches=2", "--warmup=1",
+                  "--config.data.cache_preprocessed=true")
+    cpus = len(os.sched_getaffinity(0))
+    assert [row["threads"] for row in report["scaling"]] == list(range(1, cpus + 1))
+    assert all(row["images_per_s"] > 0 and row["images_per_s_per_core"] > 0 for row in report["scaling"])
