@@ -216,18 +216,16 @@ class PreprocessedExamples:
     the same batches, bit for bit, as computing the examples every time."""
 
     def __init__(self, data_config: ml_collections.ConfigDict, selection: data.SplitSelection):
-        source = data.data_source(data_config, selection.tfds_split, decode_masks=needs_annotations(data_config)[0])
-        make_example = example_fn(data_config)
+        example_at = _computed_examples(data_config, selection)
         indices = np.unique(np.asarray(selection.indices, np.int64))
-        ds = grain.MapDataset.source(indices).map(lambda index: (int(index), make_example(source[int(index)])))
+        ds = grain.MapDataset.source(indices).map(lambda index: (int(index), example_at(index)))
         started = time.perf_counter()
-        items = io.progress(ds.to_iter_dataset(_read_options(data_config)), len(indices),
-                            f"preprocessing {selection.tfds_split} once", log=_log)
-        self._examples = dict(items)
+        self._examples = dict(io.progress(ds.to_iter_dataset(_read_options(data_config)), len(indices),
+                                          f"preprocessing {selection.tfds_split} once", log=io.log))
         self.nbytes = sum(e["image"].nbytes + (e["mask"].nbytes if e["mask"] is not None else 0)
                           for e in self._examples.values())
-        _log(f"Preprocessed {len(indices)} {selection.tfds_split} images once ({self.nbytes / 2**20:.0f} MiB in "
-             f"memory, {time.perf_counter() - started:.1f} s); each epoch runs only augmentation and normalisation")
+        io.log(f"Preprocessed {len(indices)} {selection.tfds_split} images once ({self.nbytes / 2**20:.0f} MiB in "
+               f"memory, {time.perf_counter() - started:.1f} s); each epoch runs only augmentation and normalisation")
 
     def __len__(self) -> int:
         return len(self._examples)
@@ -239,17 +237,12 @@ class PreprocessedExamples:
 _PREPROCESSED: dict[tuple, PreprocessedExamples] = {}
 
 
-def _log(message: str) -> None:
-    if jax.process_index() == 0:
-        print(message, flush=True)
-
-
 def preprocessed_examples(data_config: ml_collections.ConfigDict,
                           selection: data.SplitSelection) -> PreprocessedExamples:
     """The split's :class:`PreprocessedExamples`, computed on first use and kept for the process
-    (validation is evaluated many times in a run)."""
-    fields = ("manual_dir", "data_dir", "builder_config", "preprocess", "mask_in_batch")
-    key = (tuple(str(data_config[f]) for f in fields), ops.Pipeline.from_config(data_config).preprocess.spec,
+    (validation is evaluated many times in a run). The key is the store, the bound preprocess
+    ops (their spec with the defaults the data config gives them) and the split's records."""
+    key = (data.data_dir_for(data_config), data.dataset_name(data_config), data_config.mask_in_batch,
            tuple(str(op) for op in ops.Pipeline.from_config(data_config).preprocess.ops), selection.tfds_split,
            hashlib.sha1(np.asarray(selection.indices, np.int64).tobytes()).hexdigest())
     if key not in _PREPROCESSED:
@@ -257,20 +250,27 @@ def preprocessed_examples(data_config: ml_collections.ConfigDict,
     return _PREPROCESSED[key]
 
 
-def _examples(data_config: ml_collections.ConfigDict, selection: data.SplitSelection) -> Callable[[int], dict]:
-    """Record index -> preprocessed example, from the cache or computed now."""
-    if data_config.cache_preprocessed:
-        return preprocessed_examples(data_config, selection).__getitem__
+def _computed_examples(data_config: ml_collections.ConfigDict,
+                       selection: data.SplitSelection) -> Callable[[int], dict]:
+    """Record index -> preprocessed example, read, decoded and preprocessed now."""
     source = data.data_source(data_config, selection.tfds_split, decode_masks=needs_annotations(data_config)[0])
     make_example = example_fn(data_config)
     return lambda index: make_example(source[int(index)])
+
+
+def _examples(data_config: ml_collections.ConfigDict, selection: data.SplitSelection) -> Callable[[int], dict]:
+    """Record index -> preprocessed example: from the cache with ``data.cache_preprocessed``."""
+    if data_config.cache_preprocessed:
+        return preprocessed_examples(data_config, selection).__getitem__
+    return _computed_examples(data_config, selection)
 
 
 def train_dataset(
     data_config: ml_collections.ConfigDict, selection: data.SplitSelection, batch_size: int, seed: int
 ) -> grain.IterDataset:
     """Infinite, shuffled, augmented batches: this process's rows of each global batch."""
-    example_at, augment, normalize = _examples(data_config, selection), augment_fn(data_config, seed), normalize_fn(data_config)
+    example_at = _examples(data_config, selection)
+    augment, normalize = augment_fn(data_config, seed), normalize_fn(data_config)
     ds = ProcessRows(train_order(data_config, selection, seed), batch_size)
     ds = ds.map(lambda item: normalize(augment(example_at(item[1]), item[0])))
     ds = ds.batch(local_batch_size(batch_size), drop_remainder=True, batch_fn=stack)

@@ -86,6 +86,16 @@ def write_json(path: str, obj) -> None:
     write_text(path, json.dumps(obj, indent=2, sort_keys=True, default=jsonable) + "\n")
 
 
+def log(message: str) -> None:
+    """A progress or summary line of a run: to absl's log, and printed by process 0 only."""
+    import jax  # pylint: disable=import-outside-toplevel
+    from absl import logging  # pylint: disable=import-outside-toplevel
+
+    logging.info(message)
+    if jax.process_index() == 0:
+        print(message, flush=True)
+
+
 def write_csv(path: str, header: Sequence, rows: Iterable[Sequence]) -> None:
     """Writes a CSV with a header row atomically."""
     buffer = _io.StringIO(newline="")

@@ -33,7 +33,6 @@ import jax
 import ml_collections
 import numpy as np
 import optax
-from absl import logging
 from flax import nnx
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
@@ -183,12 +182,6 @@ def make_phase(config: ml_collections.ConfigDict, schedule: optax.Schedule, firs
 # ----------------------------------------------------------------------------- the loop
 
 
-def _log(message: str) -> None:
-    logging.info(message)
-    if jax.process_index() == 0:
-        print(message, flush=True)
-
-
 def _resume(config: ml_collections.ConfigDict, latest, target: Callable[[int], dict], train_iter
             ) -> tuple[dict, dict]:
     """The latest checkpoint's (state, meta), restored onto ``target(step)``. If it cannot be
@@ -212,7 +205,7 @@ def _resume(config: ml_collections.ConfigDict, latest, target: Callable[[int], d
             os.makedirs(os.path.dirname(aside), exist_ok=True)
             os.replace(os.path.join(str(latest.directory), str(newest)), aside)
         latest.reload()
-        _log(f"warning: {e}; moved to {aside}, resuming from step {earlier[-1]}")
+        io.log(f"warning: {e}; moved to {aside}, resuming from step {earlier[-1]}")
         return state_lib.restore(latest, target(earlier[-1]), train_iter, step=earlier[-1])
 
 
@@ -263,7 +256,7 @@ def setup(config: ml_collections.ConfigDict, workdir: str | None = None) -> Setu
     objective = objectives.make_objective(config, stats)
     in_channels = input_pipeline.input_channels(config.data)
     total_steps = num_train_steps(config, len(splits["train"].indices))
-    _log(
+    io.log(
         f"Data: {len(splits['train'].indices)} train, {len(splits['validation'].indices)} validation"
         + (f", {len(splits['test'].indices)} test" if "test" in splits else "")
         + f" images at {(config.data.image_size, config.data.image_size, in_channels)}; label mean {stats.mean:.1f} sd {stats.std:.1f} months"
@@ -316,10 +309,10 @@ def train_and_evaluate(
 
         source = (f"ImageNet ({weights.imagenet_file(config.model.name)})" if config.init_from == weights.IMAGENET
                   else config.init_from)
-        _log(f"Backbone initialised from {source}")
+        io.log(f"Backbone initialised from {source}")
     base_key = jax.jit(lambda: jax.random.key(config.seed), out_shardings=replicated)()
     first = counts(0)
-    _log(f"Model: {config.model.name} ({first.describe()}"
+    io.log(f"Model: {config.model.name} ({first.describe()}"
          + (f"; all of them train from step {switch}" if switch else "")
          + f"), {total_steps} steps, batch {config.batch_size} on {jax.device_count()} device(s) in "
          f"{jax.process_count()} process(es)")
@@ -355,7 +348,7 @@ def train_and_evaluate(
                 except ValueError:
                     differs = True
             if differs:
-                _log(f"note: {saved} differs from this run's config; it now holds this run's")
+                io.log(f"note: {saved} differs from this run's config; it now holds this run's")
         io.write_json(saved, as_json)
         io.write_json(os.path.join(workdir, "label_stats.json"), dataclasses.asdict(stats))
         # The frozen backbone's features, once (it is frozen for the whole run, so the initial
@@ -367,7 +360,7 @@ def train_and_evaluate(
                 caches[name] = feature_cache.compute(
                     lambda batch: features_jit(state["params"], state["rest"], rng_state, batch), config,
                     splits[name], batch_sharding)
-            _log(f"Feature cache: {len(caches['train'])} train and {len(caches['validation'])} validation images "
+            io.log(f"Feature cache: {len(caches['train'])} train and {len(caches['validation'])} validation images "
                  f"through the frozen backbone in {time.perf_counter() - started:.1f} s; the head trains on their "
                  f"{caches['train'].features.shape[1]} features")
         # Resume.
@@ -382,7 +375,7 @@ def train_and_evaluate(
                 "label_mean": stats.mean, "label_std": stats.std, "stopped_early": False}
         if latest.latest_step() is not None:
             state, meta = _resume(config, latest, target, train_iter)
-            _log(f"Resumed from {latest.directory} at step {int(state['step'])}")
+            io.log(f"Resumed from {latest.directory} at step {int(state['step'])}")
         start_step = int(jax.device_get(state["step"]))
         # A run killed after saving ``best`` but before ``latest`` left best checkpoints from beyond
         # the step it resumes at; the resumed run will reach (and save) those steps again.
@@ -401,7 +394,7 @@ def train_and_evaluate(
             opt_state = set_lr_scale(init(state["params"]), lr_scale(state["opt_state"]))
             now = counts(step)
             writer.write(step, "info", {"trainable_params": now.trainable, "frozen_params": now.frozen})
-            _log(f"step {step:>6}  unfrozen: {now.describe()}")
+            io.log(f"step {step:>6}  unfrozen: {now.describe()}")
             return {**state, "opt_state": opt_state}
 
         pending: list[dict] = []  # step metrics not yet fetched from the device
@@ -426,7 +419,7 @@ def train_and_evaluate(
             writer.write(step, "train", averaged)
             shown = "".join(f"  {k.removesuffix('_months')} {v:.3f}" for k, v in averaged.items()
                             if k not in ("loss", "grad_norm", "lr", "images_per_s"))  # the objective's metrics
-            _log(f"step {step:>6}/{total_steps}  loss {averaged['loss']:.4f}{shown}  "
+            io.log(f"step {step:>6}/{total_steps}  loss {averaged['loss']:.4f}{shown}  "
                  f"lr {averaged['lr']:.2e}" + (f"  {images_per_s:.1f} img/s" if images_per_s else ""))
 
         def evaluate_validation(step: int) -> bool:
@@ -435,7 +428,7 @@ def train_and_evaluate(
             Returns True when early stopping ends the run."""
             result = objective.score(predict_validation())
             writer.write(step, "validation", result)
-            _log(f"step {step:>6}  validation " + objective.summary(result))
+            io.log(f"step {step:>6}  validation " + objective.summary(result))
             value = result[objective.monitor]
             sign = -1.0 if objective.higher_is_better else 1.0
             if meta["best_value"] is None or sign * value < sign * meta["best_value"] - config.min_delta:
@@ -448,9 +441,9 @@ def train_and_evaluate(
                 scale = max(lr_scale(state["opt_state"]) * config.plateau_factor, config.plateau_min_scale)
                 state["opt_state"] = set_lr_scale(state["opt_state"], scale)
                 meta["evals_since_lr_drop"] = 0
-                _log(f"step {step:>6}  validation {objective.monitor} plateaued: learning rate scaled to {scale:.3g}")
+                io.log(f"step {step:>6}  validation {objective.monitor} plateaued: learning rate scaled to {scale:.3g}")
             if config.early_stopping_patience and meta["evals_since_best"] >= config.early_stopping_patience:
-                _log(f"step {step:>6}  early stopping: no improvement in {meta['evals_since_best']} evaluations")
+                io.log(f"step {step:>6}  early stopping: no improvement in {meta['evals_since_best']} evaluations")
                 meta["stopped_early"] = True
                 return True
             return False
@@ -507,7 +500,7 @@ def train_and_evaluate(
         writer.close()
         latest.close()
         best.close()
-        _log(objective.results_table(results))
+        io.log(objective.results_table(results))
         return results
     except (OSError, ValueError) as e:
         # A workdir made read-only mid-run fails in whichever writer comes first (Orbax's
