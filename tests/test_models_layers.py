@@ -104,6 +104,27 @@ def test_depthwise_auto_is_one_rule(monkeypatch):
         assert convmixer.depthwise_impl_for("auto", backend) == layers.resolve_depthwise_impl("auto", backend)
 
 
+def test_a_cpu_without_avx512_keeps_xlas_convolutions_unless_onednn_is_forced(monkeypatch):
+    """On an AVX2-only CPU the oneDNN kernels gave wrong values and crashed a training step, so
+    ``auto`` does not use them there (a warning names the reason); ``onednn`` mode still does."""
+    if jax.default_backend() != "cpu" or jax.device_count() != 1:
+        pytest.skip("oneDNN convolutions are chosen only on a one-device CPU backend")
+    monkeypatch.setattr(onednn, "cpu_flags", lambda: frozenset({"sse2", "avx2", "fma"}))
+    monkeypatch.setattr(onednn, "load", lambda: None)  # as if the library were built and loaded
+    monkeypatch.setenv(onednn.ENV, "auto")
+    assert "no AVX-512" in onednn.cpu_unsupported()
+    assert not onednn.use_onednn("cpu")
+    x, w = jnp.ones((1, 8, 8, 4)), jnp.ones((3, 3, 4, 4))
+    lowered = jax.jit(lambda x, w: onednn.conv_general_dilated(
+        x, w, (1, 1), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC"))).lower(x, w).as_text()
+    assert "boneage_onednn_conv" not in lowered
+    monkeypatch.setenv(onednn.ENV, "onednn")
+    assert onednn.use_onednn("cpu")
+    monkeypatch.setattr(onednn, "cpu_flags", lambda: frozenset({"avx2", "avx512f"}))
+    monkeypatch.setenv(onednn.ENV, "auto")
+    assert onednn.cpu_unsupported() is None and onednn.use_onednn("cpu")
+
+
 @pytest.mark.parametrize("shape, size, stride, padding", [
     ((2, 16, 16, 3), 3, 2, 1),  # ResNet's stem pool (torch-style padding)
     ((2, 15, 15, 4), 3, 2, "SAME"),  # Xception

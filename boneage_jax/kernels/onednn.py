@@ -17,6 +17,7 @@ hold, and to ``lax.conv_general_dilated`` otherwise (same results within float32
 - 2D, NHWC input and HWIO kernel, no input dilation, no batch groups (feature groups are fine:
   a depthwise convolution is ``feature_group_count`` = channels), float32 or bfloat16 operands
   of one dtype;
+- the CPU has AVX-512 (``cpu_unsupported``; ``onednn`` mode does not check it);
 - the library is built: ``python -m boneage_jax.kernels.build`` (``make venv`` runs it). In
   ``auto`` mode a missing library logs one warning and XLA's path is used; ``onednn`` mode
   raises instead.
@@ -57,6 +58,28 @@ def mode() -> str:
     if value not in MODES:
         raise ValueError(f"{ENV}={value!r}; expected one of {MODES}")
     return value
+
+
+@functools.cache
+def cpu_flags() -> frozenset[str]:
+    """The instruction-set flags of this machine's CPU (``/proc/cpuinfo``; empty elsewhere)."""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            line = next((line for line in f if line.startswith("flags")), "")
+    except OSError:
+        return frozenset()
+    return frozenset(line.partition(":")[2].split())
+
+
+def cpu_unsupported() -> str | None:
+    """Why this CPU does not get the oneDNN convolutions (``None``: it does).
+
+    They are validated on AVX-512 CPUs only: on an AVX2-only CPU (an AMD EPYC here) the
+    float32 results differed from XLA's by up to 2% of a value and a model's training step
+    crashed the process, so ``auto`` keeps XLA's path there (``onednn`` still forces them)."""
+    if "avx512f" not in cpu_flags():
+        return "this CPU has no AVX-512 (the oneDNN convolutions are validated on AVX-512 CPUs only)"
+    return None
 
 
 @functools.cache
@@ -109,7 +132,7 @@ def use_onednn(backend: str | None = None) -> bool:
         return False
     if (backend or jax.default_backend()) != "cpu" or jax.device_count() != 1:
         return False
-    reason = load()
+    reason = load() if chosen == "onednn" else (cpu_unsupported() or load())
     if reason is None:
         return True
     if chosen == "onednn":
