@@ -21,6 +21,8 @@ def library():
     on a CPU it is used on."""
     if onednn.cpu_unsupported() is not None:
         pytest.skip(f"oneDNN convolutions are not used here: {onednn.cpu_unsupported()}")
+    if onednn.mode() == "xla":
+        pytest.skip(f"oneDNN convolutions are turned off here ({onednn.ENV}=xla)")
     if onednn.load() is not None:
         try:
             build.compile_library(quiet=True)
@@ -43,6 +45,19 @@ def _conv(impl, x, w, strides, padding, dilation):
     return impl(x, w, strides, padding, **kwargs)
 
 
+def _supported(x, w, strides, padding, dilation) -> bool:
+    """What the library says of this convolution (a direct kernel for its forward and gradients)."""
+    groups = x.shape[3] // w.shape[2]
+    if isinstance(padding, str):
+        window = tuple((k - 1) * d + 1 for k, d in zip(w.shape[:2], dilation))
+        padding = lax.padtype_to_pads(x.shape[1:3], window, strides, padding)
+    y = jax.eval_shape(lambda x, w: _conv(lax.conv_general_dilated, x, w, strides, padding, dilation), x, w)
+    geometry = (tuple(strides), tuple(p[0] for p in padding), tuple(p[1] for p in padding), tuple(dilation), groups)
+    return onednn.supported(jnp.dtype(x.dtype).name, x.shape, w.shape, y.shape, geometry)
+
+
+# Dilated kernels: oneDNN 2023.2 has only its GEMM fallback for them on AVX2 (XLA's path there).
+MAY_FALL_BACK = {"dilated"}
 GEOMETRIES = [
     # (x shape, kernel shape, strides, padding, dilation)
     ((2, 9, 11, 5), (3, 3, 5, 7), (1, 1), "SAME", (1, 1)),
@@ -53,7 +68,7 @@ GEOMETRIES = [
     ((2, 8, 8, 16), (1, 1, 16, 8), (2, 2), "VALID", (1, 1)),  # strided 1x1 shortcut
     ((2, 12, 9, 4), (1, 7, 4, 4), (1, 1), ((0, 0), (3, 3)), (1, 1)),  # Inception's 1x7
     ((2, 12, 12, 4), (3, 3, 4, 4), (1, 1), ((0, 1), (1, 0)), (1, 1)),  # asymmetric
-    ((2, 12, 12, 4), (3, 3, 4, 5), (1, 1), "SAME", (2, 2)),  # dilated
+    pytest.param((2, 12, 12, 4), (3, 3, 4, 5), (1, 1), "SAME", (2, 2), id="dilated"),
     ((2, 9, 9, 6), (3, 3, 1, 6), (1, 1), "SAME", (1, 1)),  # depthwise
     ((2, 9, 9, 6), (5, 5, 1, 6), (2, 2), ((1, 2), (1, 2)), (1, 1)),  # depthwise, strided, TF padding
     ((2, 8, 8, 6), (3, 3, 2, 9), (1, 1), "SAME", (1, 1)),  # 3 groups of 2 -> 3
@@ -61,7 +76,9 @@ GEOMETRIES = [
 
 
 @pytest.mark.parametrize("x_shape, w_shape, strides, padding, dilation", GEOMETRIES)
-def test_values_and_gradients_equal_xla(x_shape, w_shape, strides, padding, dilation):
+def test_values_and_gradients_equal_xla(request, x_shape, w_shape, strides, padding, dilation):
+    """Through oneDNN where it has a direct kernel (every geometry but those in MAY_FALL_BACK, on
+    every CPU the kernels run on), else XLA's path: the same value and gradients either way."""
     rng = np.random.default_rng(0)
     x = jnp.asarray(rng.standard_normal(x_shape, np.float32))
     w = jnp.asarray(rng.standard_normal(w_shape, np.float32) * 0.3)
@@ -73,7 +90,9 @@ def test_values_and_gradients_equal_xla(x_shape, w_shape, strides, padding, dila
 
     ours = jax.jit(jax.value_and_grad(loss(onednn.conv_general_dilated), argnums=(0, 1)))
     reference = jax.jit(jax.value_and_grad(loss(lax.conv_general_dilated), argnums=(0, 1)))
-    assert _uses_onednn(lambda x, w: _conv(onednn.conv_general_dilated, x, w, strides, padding, dilation), x, w)
+    direct = _supported(x, w, strides, padding, dilation)
+    assert direct or request.node.callspec.id in MAY_FALL_BACK
+    assert _uses_onednn(lambda x, w: _conv(onednn.conv_general_dilated, x, w, strides, padding, dilation), x, w) == direct
     (value, (dx, dw)), (value_ref, (dx_ref, dw_ref)) = ours(x, w), reference(x, w)
     np.testing.assert_allclose(value, value_ref, rtol=1e-4, atol=1e-3)
     np.testing.assert_allclose(dx, dx_ref, rtol=1e-4, atol=1e-4)
@@ -81,6 +100,8 @@ def test_values_and_gradients_equal_xla(x_shape, w_shape, strides, padding, dila
 
 
 def test_bfloat16():
+    """oneDNN's bfloat16 convolutions on AVX-512 CPUs; without AVX-512 (oneDNN 2023.2 has none
+    there) XLA's path. The values and the weight gradient in bfloat16 either way."""
     rng = np.random.default_rng(1)
     x = jnp.asarray(rng.standard_normal((2, 8, 8, 16), np.float32), jnp.bfloat16)
     w = jnp.asarray(rng.standard_normal((3, 3, 16, 8), np.float32) * 0.2, jnp.bfloat16)
@@ -88,8 +109,13 @@ def test_bfloat16():
     def forward(impl):
         return jax.jit(lambda x, w: _conv(impl, x, w, (1, 1), "SAME", (1, 1)))
 
+    direct = _supported(x, w, (1, 1), "SAME", (1, 1))
+    if "avx512bw" in onednn.cpu_flags():
+        assert direct
+    if not onednn.cpu_flags() & {"avx512f", "avx_ne_convert"}:
+        assert not direct
     y = forward(onednn.conv_general_dilated)(x, w)
-    assert y.dtype == jnp.bfloat16 and _uses_onednn(forward(onednn.conv_general_dilated), x, w)
+    assert y.dtype == jnp.bfloat16 and _uses_onednn(forward(onednn.conv_general_dilated), x, w) == direct
     expected = forward(lax.conv_general_dilated)(x.astype(jnp.float32), w.astype(jnp.float32))
     np.testing.assert_allclose(np.asarray(y, np.float32), expected, rtol=3e-2, atol=3e-2)
     dw = jax.grad(lambda w: _conv(onednn.conv_general_dilated, x, w, (1, 1), "SAME", (1, 1)).astype(
@@ -119,6 +145,24 @@ def test_what_oneDNN_does_not_take_goes_to_xla():
     assert not _uses_onednn(mixed, x.astype(jnp.float16), jnp.ones((3, 3, 4, 4), jnp.float16))
 
 
+def test_a_convolution_without_a_direct_kernel_goes_to_xla(monkeypatch):
+    x, w = jnp.ones((1, 8, 8, 4)), jnp.ones((3, 3, 4, 4))
+    conv = lambda x, w: onednn.conv_general_dilated(  # noqa: E731
+        x, w, (1, 1), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC"))
+    assert _uses_onednn(conv, x, w)
+    monkeypatch.setattr(onednn, "supported", lambda *args: False)
+    for mode in ("auto", "onednn"):
+        monkeypatch.setenv(onednn.ENV, mode)
+        assert not _uses_onednn(conv, x, w)
+
+
+def test_supported_asks_the_library():
+    same = ((1, 1), (1, 1), (1, 1), (1, 1), 1)
+    assert onednn.supported("float32", (4, 8, 8, 64), (3, 3, 64, 64), (4, 8, 8, 64), same)
+    assert not onednn.supported("float32", (4, 8, 8, 63), (3, 3, 64, 64), (4, 8, 8, 64), same)  # channels
+    assert not onednn.supported("float16", (4, 8, 8, 64), (3, 3, 64, 64), (4, 8, 8, 64), same)
+
+
 def test_mode_from_the_environment(monkeypatch):
     x, w = jnp.ones((1, 8, 8, 4)), jnp.ones((3, 3, 4, 4))
     conv = lambda x, w: onednn.conv_general_dilated(  # noqa: E731
@@ -144,9 +188,13 @@ def test_missing_library_falls_back_in_auto_mode_and_fails_in_onednn_mode(monkey
 
 
 def test_models_built_by_the_registry_use_it_and_train_to_the_same_loss(monkeypatch):
-    """Three training steps of the torchvision ResNet-18 layout (7x7/2 stem, 3x3 and strided 1x1
-    convolutions, BatchNorm): the same losses and updated parameters through oneDNN as through
-    XLA's convolutions, within float32 tolerance."""
+    """The torchvision ResNet-18 layout (7x7/2 stem, 3x3 and strided 1x1 convolutions, BatchNorm)
+    at 64 px, down to 2 x 2 feature maps (where oneDNN on AVX2 has only the GEMM fallback that
+    crashed training steps: XLA's path there): the same loss and gradients through oneDNN as
+    through XLA's convolutions at the same parameters, and three training steps with the same
+    losses. (Parameters after several steps are not compared: BatchNorm over 16 values per
+    channel makes them chaotic; a relative change of 1e-6 in the initial parameters moves them
+    by 5e-3 after three steps of XLA's own path.)"""
     model = models.create_backbone("resnet18_torch", in_channels=3, image_size=64, rngs=nnx.Rngs(0))
     convs = [m for _, m in nnx.iter_graph(model) if isinstance(m, nnx.Conv)]
     assert convs and all(c.conv_general_dilated is onednn.conv_general_dilated for c in convs)
@@ -155,6 +203,10 @@ def test_models_built_by_the_registry_use_it_and_train_to_the_same_loss(monkeypa
 
     def loss_fn(m):
         return ((m(x).mean(axis=1) - target) ** 2).mean()
+
+    def loss_and_grads():  # traced anew for each call: reads BONEAGE_CPU_CONV
+        loss, grads = nnx.jit(lambda m: nnx.value_and_grad(loss_fn)(m))(nnx.clone(model))
+        return loss, jax.tree.leaves(nnx.state(grads, nnx.Param))
 
     def steps(model):
         model = nnx.clone(model)
@@ -169,9 +221,12 @@ def test_models_built_by_the_registry_use_it_and_train_to_the_same_loss(monkeypa
         losses = [float(step(model, optimizer)) for _ in range(3)]
         return losses, nnx.state(model, nnx.Param)
 
-    losses, params_onednn = steps(model)
+    loss, grads = loss_and_grads()
+    losses, _ = steps(model)
     monkeypatch.setenv(onednn.ENV, "xla")
-    losses_xla, params_xla = steps(model)
-    np.testing.assert_allclose(losses, losses_xla, rtol=1e-4)
-    for a, b in zip(jax.tree.leaves(params_onednn), jax.tree.leaves(params_xla)):
-        np.testing.assert_allclose(a, b, rtol=1e-3, atol=1e-4)
+    loss_xla, grads_xla = loss_and_grads()
+    losses_xla, _ = steps(model)
+    np.testing.assert_allclose(loss, loss_xla, rtol=1e-5)
+    for a, b in zip(grads, grads_xla):
+        np.testing.assert_allclose(a, b, rtol=0, atol=1e-4 * float(np.abs(b).max()))
+    np.testing.assert_allclose(losses, losses_xla, rtol=1e-3)

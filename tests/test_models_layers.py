@@ -104,15 +104,15 @@ def test_depthwise_auto_is_one_rule(monkeypatch):
         assert convmixer.depthwise_impl_for("auto", backend) == layers.resolve_depthwise_impl("auto", backend)
 
 
-def test_a_cpu_without_avx512_keeps_xlas_convolutions_unless_onednn_is_forced(monkeypatch):
-    """On an AVX2-only CPU the oneDNN kernels gave wrong values and crashed a training step, so
-    ``auto`` does not use them there (a warning names the reason); ``onednn`` mode still does."""
+def test_a_cpu_without_avx2_keeps_xlas_convolutions_unless_onednn_is_forced(monkeypatch):
+    """The oneDNN kernels are validated on AVX2 and AVX-512 CPUs; on an older CPU ``auto`` does
+    not use them (a warning names the reason); ``onednn`` mode still does."""
     if jax.default_backend() != "cpu" or jax.device_count() != 1:
         pytest.skip("oneDNN convolutions are chosen only on a one-device CPU backend")
-    monkeypatch.setattr(onednn, "cpu_flags", lambda: frozenset({"sse2", "avx2", "fma"}))
+    monkeypatch.setattr(onednn, "cpu_flags", lambda: frozenset({"sse2", "sse4_1", "avx"}))
     monkeypatch.setattr(onednn, "load", lambda: None)  # as if the library were built and loaded
     monkeypatch.setenv(onednn.ENV, "auto")
-    assert "no AVX-512" in onednn.cpu_unsupported()
+    assert "no AVX2" in onednn.cpu_unsupported()
     assert not onednn.use_onednn("cpu")
     x, w = jnp.ones((1, 8, 8, 4)), jnp.ones((3, 3, 4, 4))
     lowered = jax.jit(lambda x, w: onednn.conv_general_dilated(
@@ -120,9 +120,10 @@ def test_a_cpu_without_avx512_keeps_xlas_convolutions_unless_onednn_is_forced(mo
     assert "boneage_onednn_conv" not in lowered
     monkeypatch.setenv(onednn.ENV, "onednn")
     assert onednn.use_onednn("cpu")
-    monkeypatch.setattr(onednn, "cpu_flags", lambda: frozenset({"avx2", "avx512f"}))
-    monkeypatch.setenv(onednn.ENV, "auto")
-    assert onednn.cpu_unsupported() is None and onednn.use_onednn("cpu")
+    for flags in ({"avx", "avx2", "fma"}, {"avx2", "avx512f"}):
+        monkeypatch.setattr(onednn, "cpu_flags", lambda flags=flags: frozenset(flags))
+        monkeypatch.setenv(onednn.ENV, "auto")
+        assert onednn.cpu_unsupported() is None and onednn.use_onednn("cpu")
 
 
 @pytest.mark.parametrize("shape, size, stride, padding", [

@@ -1,8 +1,9 @@
 """2D convolutions on the CPU through oneDNN (``onednn_conv.cc``, XLA FFI custom calls).
 
-XLA:CPU runs convolutions through Eigen, which on this project's reference machine (2 cores,
-AVX-512) is 2.5x slower than oneDNN, the library PyTorch and TensorFlow use: 97 ms against 38 ms
-for the forward and both gradients of a 3x3, 64-channel convolution on 8 x 64 x 64 inputs. jaxlib's
+XLA:CPU runs convolutions through Eigen, which is 2.5-5x slower than oneDNN, the library PyTorch
+and TensorFlow use: for the forward and both gradients of a 3x3, 64-channel convolution on
+8 x 64 x 64 inputs, 97 ms against 38 ms on this project's first machine (2 cores, AVX-512) and
+441 ms against 93 ms on its second (2 cores of an AVX2-only AMD EPYC). jaxlib's
 own oneDNN options (``--xla_cpu_experimental_onednn_custom_call``, ``--xla_cpu_use_onednn``)
 change nothing there (oneDNN never runs: ``ONEDNN_VERBOSE=1`` prints nothing).
 
@@ -17,10 +18,15 @@ hold, and to ``lax.conv_general_dilated`` otherwise (same results within float32
 - 2D, NHWC input and HWIO kernel, no input dilation, no batch groups (feature groups are fine:
   a depthwise convolution is ``feature_group_count`` = channels), float32 or bfloat16 operands
   of one dtype;
-- the CPU has AVX-512 (``cpu_unsupported``; ``onednn`` mode does not check it);
+- the CPU has AVX2 (``cpu_unsupported``; ``onednn`` mode does not check it);
 - the library is built: ``python -m boneage_jax.kernels.build`` (``make venv`` runs it). In
   ``auto`` mode a missing library logs one warning and XLA's path is used; ``onednn`` mode
-  raises instead.
+  raises instead;
+- oneDNN has a direct kernel for this convolution's forward and both gradients (``supported``,
+  asked of the library while tracing). Its im2col + GEMM fallbacks, which it picks for some
+  small feature maps, are not used (one crashed inside training steps on an AVX2 CPU), nor is
+  bfloat16 on a CPU without AVX-512, where oneDNN 2023.2 has no bfloat16 convolution. Such a
+  convolution takes XLA's path in every mode; the rest of the model keeps oneDNN.
 
 ``BONEAGE_CPU_CONV=xla`` turns it off; ``with xla_convolutions():`` turns it off for what is
 traced inside (``boneage_jax.export`` does: an exported program must not need this library).
@@ -72,14 +78,14 @@ def cpu_flags() -> frozenset[str]:
 
 
 def cpu_unsupported() -> str | None:
-    """Why this CPU does not get the oneDNN convolutions (``None``: it does).
-
-    They are validated on AVX-512 CPUs only: on an AVX2-only CPU (an AMD EPYC here) the
-    float32 results differed from XLA's by up to 2% of a value and a model's training step
-    crashed the process, so ``auto`` keeps XLA's path there (``onednn`` still forces them)."""
-    if "avx512f" not in cpu_flags():
-        return "this CPU has no AVX-512 (the oneDNN convolutions are validated on AVX-512 CPUs only)"
+    """Why this CPU does not get the oneDNN convolutions (``None``: it does): they are validated
+    on AVX2 and AVX-512 CPUs, and oneDNN's direct kernels start at AVX2 for most shapes."""
+    if "avx2" not in cpu_flags():
+        return "this CPU has no AVX2 (the oneDNN convolutions are validated on AVX2 and AVX-512 CPUs)"
     return None
+
+
+_LIBRARY: list[ctypes.CDLL] = []  # the loaded library (load() puts it here)
 
 
 @functools.cache
@@ -99,9 +105,35 @@ def load() -> str | None:
         handlers = {target: getattr(library, target) for target in TARGETS.values()}
     except AttributeError as error:
         return f"{path} lacks a handler ({error}); rebuild it with python -m boneage_jax.kernels.build --force"
+    try:
+        query = library.boneage_onednn_conv_supported
+    except AttributeError as error:
+        return f"{path} lacks a handler ({error}); rebuild it with python -m boneage_jax.kernels.build --force"
+    query.restype = ctypes.c_int
+    query.argtypes = [ctypes.c_int] + [ctypes.POINTER(ctypes.c_int64)] * 7 + [ctypes.c_int64]
     for target, handler in handlers.items():
         jax.ffi.register_ffi_target(target, jax.ffi.pycapsule(handler), platform="cpu")
+    _LIBRARY.append(library)
     return None
+
+
+@functools.cache
+def supported(dtype: str, x_shape: tuple[int, ...], w_shape: tuple[int, ...], y_shape: tuple[int, ...],
+              geometry: tuple) -> bool:
+    """Whether oneDNN has a direct kernel for this convolution's forward, backward-data and
+    backward-weights (``dtype``: ``"float32"`` or ``"bfloat16"``; NHWC / HWIO shapes; ``geometry``
+    as ``_conv`` takes it). Asked of the loaded library, which builds the three primitives now."""
+    if not _LIBRARY or dtype not in ("float32", "bfloat16"):
+        return False
+    strides, low, high, dilation, groups = geometry
+
+    def array(values):
+        return (ctypes.c_int64 * len(values))(*values)
+
+    answer = _LIBRARY[0].boneage_onednn_conv_supported(
+        0 if dtype == "float32" else 1, array(x_shape), array(w_shape), array(y_shape), array(strides), array(low),
+        array(high), array(dilation), groups)
+    return answer == 1
 
 
 @functools.cache
@@ -178,9 +210,12 @@ def conv_general_dilated(
         padding = lax.padtype_to_pads(lhs.shape[1:3], window, strides, padding)
     low = tuple(int(p[0]) for p in padding)
     high = tuple(int(p[1]) for p in padding)
-    if min(low + high) < 0:
+    geometry = (strides, low, high, dilation, int(feature_group_count))
+    if min(low + high) < 0 or not supported(
+            jnp.dtype(lhs.dtype).name, tuple(lhs.shape), tuple(rhs.shape), tuple(_output(lhs, rhs, geometry).shape),
+            geometry):
         return fallback()
-    return _conv(lhs, rhs, (strides, low, high, dilation, int(feature_group_count)))
+    return _conv(lhs, rhs, geometry)
 
 
 def _attributes(geometry) -> dict[str, np.ndarray]:

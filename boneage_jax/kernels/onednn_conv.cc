@@ -11,8 +11,16 @@
 //
 // oneDNN picks its own weight layout for each convolution (format_tag::any); the HWIO kernel is
 // reordered into it (and a weight gradient out of it) on every call. Activations stay NHWC, the
-// layout of oneDNN's fastest direct kernels on AVX-512. Primitives are built once per shape and
-// kept; calls run one at a time (oneDNN parallelises each call over all cores with OpenMP).
+// layout of oneDNN's fastest direct kernels on AVX2 and AVX-512. Primitives are built once per
+// shape and kept; calls run one at a time (oneDNN parallelises each call over all cores with OpenMP).
+//
+// Only oneDNN's direct kernels are used (jit, brgconv, jit_dw, ...), never its im2col + GEMM
+// fallbacks ("gemm:jit", "x64:gemm:jit") or reference loops ("ref:any"): oneDNN 2023.2's GEMM
+// backward-weights convolution crashed (a read out of bounds in im2col_dt) inside training steps
+// on an AVX2 CPU, where oneDNN picks it for small feature maps (2 x 2 and below). A convolution
+// with no direct kernel for its shape and dtype (also every bfloat16 one on a CPU without
+// AVX-512) is reported by boneage_onednn_conv_supported, which the Python side asks while
+// tracing, and stays on XLA's path.
 // Built by `python -m boneage_jax.kernels.build`; loaded by boneage_jax/kernels/onednn.py.
 
 #include <cstdint>
@@ -73,12 +81,31 @@ std::shared_ptr<void> Allocate(size_t bytes) {
   return std::shared_ptr<void>(pointer, free);
 }
 
-// x: (N, H, W, C); w: (KH, KW, C, O); y: (N, OH, OW, O).
-Entry* Lookup(Kind kind, memory::data_type dtype, ffi::Span<const int64_t> x, ffi::Span<const int64_t> w,
-              ffi::Span<const int64_t> y, ffi::Span<const int64_t> strides, ffi::Span<const int64_t> low,
-              ffi::Span<const int64_t> high, ffi::Span<const int64_t> dilation, int64_t groups) {
+// Whether a primitive descriptor's implementation is a direct kernel (see the top of this file).
+bool Direct(const dnnl::primitive_desc_base& pd) {
+  const std::string name = pd.impl_info_str();
+  return name.rfind("gemm", 0) != 0 && name.rfind("x64:gemm", 0) != 0 && name.rfind("ref", 0) != 0;
+}
+
+// Moves `pd` to its first direct implementation; false when it has none.
+template <typename PrimitiveDesc>
+bool FirstDirect(PrimitiveDesc& pd) {
+  do {
+    if (Direct(pd)) return true;
+  } while (pd.next_impl());
+  return false;
+}
+
+// The primitive for one convolution, built on first use and kept; nullptr (also kept) when oneDNN
+// has no direct kernel for it. Called with Lock() held.
+// x: (N, H, W, C); w: (KH, KW, C, O); y: (N, OH, OW, O); strides, low, high, dilation: 2 values.
+Entry* Lookup(Kind kind, memory::data_type dtype, const int64_t* x, const int64_t* w, const int64_t* y,
+              const int64_t* strides, const int64_t* low, const int64_t* high, const int64_t* dilation,
+              int64_t groups) {
   Key key{kind, static_cast<int>(dtype), {}};
-  for (auto span : {x, w, y, strides, low, high, dilation}) key.values.insert(key.values.end(), span.begin(), span.end());
+  for (auto [values, size] : {std::pair{x, 4}, {w, 4}, {y, 4}, {strides, 2}, {low, 2}, {high, 2}, {dilation, 2}}) {
+    key.values.insert(key.values.end(), values, values + size);
+  }
   key.values.push_back(groups);
   auto& cache = Cache();
   auto found = cache.find(key);
@@ -98,24 +125,37 @@ Entry* Lookup(Kind kind, memory::data_type dtype, ffi::Span<const int64_t> x, ff
 
   auto entry = std::make_unique<Entry>();
   entry->user_weights = memory::desc(weight_dims, dtype, user_tag);
+  // allow_empty: a shape or dtype oneDNN cannot run (bfloat16 without AVX-512) is "no kernel", not an error.
   auto forward = dnnl::convolution_forward::primitive_desc(
       Engine(), dnnl::prop_kind::forward_training, dnnl::algorithm::convolution_direct, src_md, any_weights, dst_md,
-      stride_dims, dilate_dims, low_dims, high_dims);
-  if (kind == kForward) {
-    entry->convolution = dnnl::convolution_forward(forward);
-    entry->weights = forward.weights_desc();
+      stride_dims, dilate_dims, low_dims, high_dims, dnnl::primitive_attr(), /*allow_empty=*/true);
+  bool direct = false;
+  if (!forward) {
+  } else if (kind == kForward) {
+    if ((direct = FirstDirect(forward))) {
+      entry->convolution = dnnl::convolution_forward(forward);
+      entry->weights = forward.weights_desc();
+    }
   } else if (kind == kBackwardData) {
     auto backward = dnnl::convolution_backward_data::primitive_desc(
         Engine(), dnnl::algorithm::convolution_direct, src_md, any_weights, dst_md, stride_dims, dilate_dims,
-        low_dims, high_dims, forward);
-    entry->convolution = dnnl::convolution_backward_data(backward);
-    entry->weights = backward.weights_desc();
+        low_dims, high_dims, forward, dnnl::primitive_attr(), /*allow_empty=*/true);
+    if (backward && (direct = FirstDirect(backward))) {
+      entry->convolution = dnnl::convolution_backward_data(backward);
+      entry->weights = backward.weights_desc();
+    }
   } else {
     auto backward = dnnl::convolution_backward_weights::primitive_desc(
         Engine(), dnnl::algorithm::convolution_direct, src_md, any_weights, dst_md, stride_dims, dilate_dims,
-        low_dims, high_dims, forward);
-    entry->convolution = dnnl::convolution_backward_weights(backward);
-    entry->weights = backward.diff_weights_desc();
+        low_dims, high_dims, forward, dnnl::primitive_attr(), /*allow_empty=*/true);
+    if (backward && (direct = FirstDirect(backward))) {
+      entry->convolution = dnnl::convolution_backward_weights(backward);
+      entry->weights = backward.diff_weights_desc();
+    }
+  }
+  if (!direct) {
+    cache.emplace(std::move(key), nullptr);
+    return nullptr;
   }
   entry->src = src_md;
   entry->dst = dst_md;
@@ -163,7 +203,11 @@ ffi::Error Run(Kind kind, ffi::AnyBuffer a, ffi::AnyBuffer b, ffi::Result<ffi::A
     if (x[3] != w[2] * groups || w[3] % groups != 0) {
       return ffi::Error(ffi::ErrorCode::kInvalidArgument, "oneDNN convolution: channels do not match the groups");
     }
-    Entry* entry = Lookup(kind, dtype, x, w, y, strides, low, high, dilation, groups);
+    Entry* entry = Lookup(kind, dtype, &x[0], &w[0], &y[0], &strides[0], &low[0], &high[0], &dilation[0], groups);
+    if (entry == nullptr) {
+      return ffi::Error(ffi::ErrorCode::kUnimplemented,
+                        "oneDNN convolution: no direct kernel for this shape (boneage_onednn_conv_supported says so)");
+    }
     dnnl::stream stream(Engine());
     memory src(entry->src, Engine(), x_data), dst(entry->dst, Engine(), y_data);
     memory user_weights(entry->user_weights, Engine(), w_data);
@@ -207,6 +251,26 @@ ffi::Error BackwardWeights(ffi::AnyBuffer x, ffi::AnyBuffer dy, ffi::Result<ffi:
 }
 
 }  // namespace
+
+// Whether forward, backward-data and backward-weights of this convolution all have a direct oneDNN
+// kernel: 1 yes, 0 no, -1 on an error (the message is not kept; the Python side then uses XLA's
+// path). dtype: 0 float32, 1 bfloat16; shapes and attributes as the handlers take them. Builds and
+// keeps the three primitives, so the first call of a traced program finds them ready.
+extern "C" int boneage_onednn_conv_supported(int dtype, const int64_t* x, const int64_t* w, const int64_t* y,
+                                             const int64_t* strides, const int64_t* low, const int64_t* high,
+                                             const int64_t* dilation, int64_t groups) {
+  if ((dtype != 0 && dtype != 1) || groups < 1 || x[3] != w[2] * groups || w[3] % groups != 0) return 0;
+  const auto type = dtype == 0 ? memory::data_type::f32 : memory::data_type::bf16;
+  try {
+    std::lock_guard<std::mutex> guard(Lock());
+    for (Kind kind : {kForward, kBackwardData, kBackwardWeights}) {
+      if (Lookup(kind, type, x, w, y, strides, low, high, dilation, groups) == nullptr) return 0;
+    }
+  } catch (...) {
+    return -1;
+  }
+  return 1;
+}
 
 #define BONEAGE_CONV_BINDING                               \
   ffi::Ffi::Bind()                                         \
