@@ -47,12 +47,8 @@ def _conv(impl, x, w, strides, padding, dilation):
 
 def _supported(x, w, strides, padding, dilation) -> bool:
     """What the library says of this convolution (a direct kernel for its forward and gradients)."""
-    groups = x.shape[3] // w.shape[2]
-    if isinstance(padding, str):
-        window = tuple((k - 1) * d + 1 for k, d in zip(w.shape[:2], dilation))
-        padding = lax.padtype_to_pads(x.shape[1:3], window, strides, padding)
+    geometry = onednn.geometry_of(x.shape, w.shape, strides, padding, dilation, x.shape[3] // w.shape[2])
     y = jax.eval_shape(lambda x, w: _conv(lax.conv_general_dilated, x, w, strides, padding, dilation), x, w)
-    geometry = (tuple(strides), tuple(p[0] for p in padding), tuple(p[1] for p in padding), tuple(dilation), groups)
     return onednn.supported(jnp.dtype(x.dtype).name, x.shape, w.shape, y.shape, geometry)
 
 

@@ -200,19 +200,28 @@ def conv_general_dilated(
         or not use_onednn()
     ):
         return fallback()
-    dilation = tuple(int(d) for d in (rhs_dilation or (1, 1)))
-    strides = tuple(int(s) for s in window_strides)
-    if isinstance(padding, str):
-        window = tuple((k - 1) * d + 1 for k, d in zip(rhs.shape[:2], dilation))
-        padding = lax.padtype_to_pads(lhs.shape[1:3], window, strides, padding)
-    low = tuple(int(p[0]) for p in padding)
-    high = tuple(int(p[1]) for p in padding)
-    geometry = (strides, low, high, dilation, int(feature_group_count))
-    if min(low + high) < 0 or not supported(
+    geometry = geometry_of(lhs.shape, rhs.shape, window_strides, padding, rhs_dilation, feature_group_count)
+    if min(geometry[1] + geometry[2]) < 0 or not supported(
             jnp.dtype(lhs.dtype).name, tuple(lhs.shape), tuple(rhs.shape), tuple(_output(lhs, rhs, geometry).shape),
             geometry):
         return fallback()
     return _conv(lhs, rhs, geometry)
+
+
+def geometry_of(lhs_shape: Sequence[int], rhs_shape: Sequence[int], window_strides: Sequence[int],
+                padding: str | Sequence[tuple[int, int]], rhs_dilation: Sequence[int] | None,
+                feature_group_count: int) -> tuple:
+    """``(strides, padding_low, padding_high, dilation, groups)`` of an NHWC / HWIO convolution,
+    with string padding resolved as ``lax.conv_general_dilated`` resolves it: what ``_conv`` and
+    ``supported`` take."""
+    dilation = tuple(int(d) for d in (rhs_dilation or (1, 1)))
+    strides = tuple(int(s) for s in window_strides)
+    if isinstance(padding, str):
+        window = tuple((k - 1) * d + 1 for k, d in zip(rhs_shape[:2], dilation))
+        padding = lax.padtype_to_pads(lhs_shape[1:3], window, strides, padding)
+    low = tuple(int(p[0]) for p in padding)
+    high = tuple(int(p[1]) for p in padding)
+    return strides, low, high, dilation, int(feature_group_count)
 
 
 def _attributes(geometry) -> dict[str, np.ndarray]:

@@ -131,6 +131,7 @@ Entry* Lookup(Kind kind, memory::data_type dtype, const int64_t* x, const int64_
       stride_dims, dilate_dims, low_dims, high_dims, dnnl::primitive_attr(), /*allow_empty=*/true);
   bool direct = false;
   if (!forward) {
+    // no kernel at all: direct stays false
   } else if (kind == kForward) {
     if ((direct = FirstDirect(forward))) {
       entry->convolution = dnnl::convolution_forward(forward);
