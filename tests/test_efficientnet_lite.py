@@ -67,14 +67,14 @@ def _reference(fixture: dict) -> dict:
 
 def build(variant: int, *, include_top: bool = True, in_channels: int = 3):
     return fast_init(lambda: models.create_backbone(
-        f"efficientnet_lite{variant}", in_channels=in_channels, image_size=224, rngs=nnx.Rngs(params=0, dropout=1),
+        f"efficientnet_lite{variant}", in_channels=in_channels, image_size=224, rngs=models.Rngs(params=0, dropout=1),
         include_top=include_top))
 
 
 def abstract(variant: int, include_top: bool, in_channels: int = 3):
     """The model's shapes without computing any weight (``load_torch`` into it checks every shape)."""
     return nnx.eval_shape(lambda: models.create_backbone(
-        f"efficientnet_lite{variant}", in_channels=in_channels, image_size=224, rngs=nnx.Rngs(0),
+        f"efficientnet_lite{variant}", in_channels=in_channels, image_size=224, rngs=models.Rngs(0),
         include_top=include_top))
 
 

@@ -191,7 +191,7 @@ def test_models_built_by_the_registry_use_it_and_train_to_the_same_loss(monkeypa
     losses. (Parameters after several steps are not compared: BatchNorm over 16 values per
     channel makes them chaotic; a relative change of 1e-6 in the initial parameters moves them
     by 5e-3 after three steps of XLA's own path.)"""
-    model = models.create_backbone("resnet18_torch", in_channels=3, image_size=64, rngs=nnx.Rngs(0))
+    model = models.create_backbone("resnet18_torch", in_channels=3, image_size=64, rngs=models.Rngs(0))
     convs = [m for _, m in nnx.iter_graph(model) if isinstance(m, nnx.Conv)]
     assert convs and all(c.conv_general_dilated is onednn.conv_general_dilated for c in convs)
     x = jnp.asarray(np.random.default_rng(0).standard_normal((4, 64, 64, 3), np.float32))

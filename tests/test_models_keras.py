@@ -134,7 +134,7 @@ def keras_and_ours(name: str, tmp_path, in_channels: int = 3, seed: int = 0):
     arrays, names = randomise(keras_model, seed)
     path = str(tmp_path / f"{name}_weights_tf_dim_ordering_tf_kernels_notop.h5")
     weights.write_keras_h5(path, arrays, names)
-    ours = fast_init(lambda: models.create_backbone(name, in_channels=in_channels, image_size=size, rngs=nnx.Rngs(1)))
+    ours = fast_init(lambda: models.create_backbone(name, in_channels=in_channels, image_size=size, rngs=models.Rngs(1)))
     weights.import_weights(ours, path, "keras")
     ours.eval()
     return keras_model, ours
@@ -183,7 +183,7 @@ def test_grey_stem_equals_rgb_on_repeated_grey(name, tmp_path, host_random):
     _, size, _ = CASES[name]
     keras_model, _ = keras_and_ours(name, tmp_path)
     path = str(tmp_path / f"{name}_weights_tf_dim_ordering_tf_kernels_notop.h5")
-    grey_model = fast_init(lambda: models.create_backbone(name, in_channels=1, image_size=size, rngs=nnx.Rngs(2)))
+    grey_model = fast_init(lambda: models.create_backbone(name, in_channels=1, image_size=size, rngs=models.Rngs(2)))
     weights.import_weights(grey_model, path, "keras")
     grey_model.eval()
     g = np.random.default_rng(3).uniform(-1.0, 1.0, (1, size, size, 1)).astype(np.float32)
@@ -215,7 +215,7 @@ def test_inception_auto_names_with_offset(tmp_path, host_random):
     arrays, names = randomise(keras_model)
     path = str(tmp_path / "inception.h5")
     weights.write_keras_h5(path, arrays, names)
-    ours = fast_init(lambda: models.create_backbone("inception_v3", in_channels=3, image_size=75, rngs=nnx.Rngs(0)))
+    ours = fast_init(lambda: models.create_backbone("inception_v3", in_channels=3, image_size=75, rngs=models.Rngs(0)))
     weights.import_weights(ours, path, "keras")
     ours.eval()
     x = np.random.default_rng(0).uniform(-1, 1, (1, 75, 75, 3)).astype(np.float32)
@@ -249,7 +249,7 @@ def train_step_check(
     gradients reaching the stem, BatchNorm running statistics that moved. ``eval_forward`` also
     compiles the eval-mode forward (the parity tests above already do for each family)."""
     model = fast_init(lambda: models.create_backbone(name, in_channels=in_channels, image_size=size, dtype=dtype,
-                                                     rngs=nnx.Rngs(params=0, dropout=1)))
+                                                     rngs=models.Rngs(params=0, dropout=1)))
     x = jnp.asarray(np.random.default_rng(0).normal(size=(2, size, size, in_channels)), jnp.float32)
     if eval_forward:
         model.eval()

@@ -184,3 +184,29 @@ def test_batch_norm_update_does_not_walk_the_trace(monkeypatch):
         bn = cls(3, rngs=nnx.Rngs(0))
         nnx.jit(lambda m, x: m(x))(bn, x)
         assert bool(calls) == walks, cls
+
+
+def test_rngs_draw_flax_keys_without_walking_the_trace(monkeypatch):
+    """``layers.Rngs`` draws the keys ``nnx.Rngs`` draws, eagerly and under ``jit``, and building a
+    network under ``eval_shape`` never builds a tracer's origin message (flax's counter update did,
+    once per parameter)."""
+    from jax._src.interpreters import partial_eval
+
+    def draws(rngs):
+        return [jax.random.key_data(rngs.params()) for _ in range(3)] + [jax.random.key_data(rngs.dropout())]
+
+    for traced in (False, True):
+        run = jax.jit(lambda: draws(layers.Rngs(params=3, dropout=4))) if traced else (
+            lambda: draws(layers.Rngs(params=3, dropout=4)))
+        reference = jax.jit(lambda: draws(nnx.Rngs(params=3, dropout=4)))()
+        for got, want in zip(run(), reference):
+            np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
+
+    calls = []
+    original = partial_eval.DynamicJaxprTracer._origin_msg
+    monkeypatch.setattr(partial_eval.DynamicJaxprTracer, "_origin_msg",
+                        lambda self: calls.append(1) or original(self))
+    for rngs_class, walks in ((nnx.Rngs, True), (layers.Rngs, False)):
+        calls.clear()
+        nnx.eval_shape(lambda: convmixer.ConvMixer(in_channels=1, image_size=32, dim=8, depth=2, rngs=rngs_class(0)))
+        assert bool(calls) == walks, rngs_class

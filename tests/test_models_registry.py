@@ -28,7 +28,7 @@ def _model_config(**changes):
 
 def test_unknown_model_lists_the_registered_ones():
     with pytest.raises(ValueError, match="unknown model 'resnet9000'; registered: .*cnn_memon"):
-        models.create_backbone("resnet9000", in_channels=3, image_size=32, rngs=nnx.Rngs(0))
+        models.create_backbone("resnet9000", in_channels=3, image_size=32, rngs=models.Rngs(0))
 
 
 def test_every_family_takes_the_same_constructor_keywords():
@@ -53,7 +53,7 @@ def test_old_names_are_aliases_of_the_layout_names(alias, name, build):
     assert alias not in models.available() and name in models.available()
     if not build:
         return
-    old, new = (nnx.eval_shape(lambda n=n: models.create_backbone(n, in_channels=1, image_size=32, rngs=nnx.Rngs(0)))
+    old, new = (nnx.eval_shape(lambda n=n: models.create_backbone(n, in_channels=1, image_size=32, rngs=models.Rngs(0)))
                 for n in (alias, name))
     assert type(old) is type(new)
     assert jax.tree.map(lambda x: x.shape, nnx.state(old)) == jax.tree.map(lambda x: x.shape, nnx.state(new))
@@ -71,7 +71,7 @@ def test_segmentation_networks_have_their_own_registry():
     assert models.SEGMENTATION_NETWORKS.names() == ["unet"]
     assert "unet" not in models.BACKBONES.names() and "unet" in models.available()
     with pytest.raises(ValueError, match="unknown model 'unet'; registered: .*cnn_memon"):
-        models.create_backbone("unet", in_channels=1, image_size=32, rngs=nnx.Rngs(0))
+        models.create_backbone("unet", in_channels=1, image_size=32, rngs=models.Rngs(0))
 
 
 def test_create_model_dispatches_by_task_and_names_the_registry():
@@ -108,7 +108,7 @@ def test_parameter_paths_are_unchanged():
 
 @pytest.mark.parametrize("fusion, extra", [("none", 0), ("concat", 1), ("winner16bit", 32)])
 def test_fusion_modes(fusion, extra):
-    head = heads.FusionHead(10, fusion=fusion, rngs=nnx.Rngs(0))
+    head = heads.FusionHead(10, fusion=fusion, rngs=models.Rngs(0))
     if fusion == "winner16bit":
         assert head.hidden[0].in_features == 10 + extra and head.hidden[0].out_features == 1000
         assert [layer.out_features for layer in head.hidden] == [1000, 1000]
@@ -133,7 +133,7 @@ def test_model_forward_and_bfloat16():
 
 
 def test_cnn_memon_is_the_papers_network():
-    backbone = models.create_backbone("cnn_memon", in_channels=1, image_size=256, rngs=nnx.Rngs(0))
+    backbone = models.create_backbone("cnn_memon", in_channels=1, image_size=256, rngs=models.Rngs(0))
     assert [c.out_features for c in backbone.convs] == [16, 32, 64, 128]
     assert all(c.kernel_size == (3, 3) for c in backbone.convs)
     assert backbone.num_features == 16 * 16 * 128  # flattened after four 2x2 poolings of 256 px

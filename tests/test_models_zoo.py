@@ -53,7 +53,7 @@ ZOO = (
 def build(name: str, *, in_channels: int = 3, image_size: int = 32, **kwargs):
     return fast_init(
         lambda: models.registry_of(name).create(
-            name, in_channels=in_channels, image_size=image_size, rngs=nnx.Rngs(params=0, dropout=1), **kwargs
+            name, in_channels=in_channels, image_size=image_size, rngs=models.Rngs(params=0, dropout=1), **kwargs
         )
     )
 
@@ -61,7 +61,7 @@ def build(name: str, *, in_channels: int = 3, image_size: int = 32, **kwargs):
 def abstract(name: str, *, in_channels: int = 3, image_size: int = 224, **kwargs):
     return nnx.eval_shape(
         lambda: models.registry_of(name).create(
-            name, in_channels=in_channels, image_size=image_size, rngs=nnx.Rngs(params=0, dropout=1), **kwargs
+            name, in_channels=in_channels, image_size=image_size, rngs=models.Rngs(params=0, dropout=1), **kwargs
         )
     )
 
@@ -71,7 +71,7 @@ def output_shape(name: str, fn, input_shape, *, in_channels: int = 3, image_size
 
     def run():
         model = models.registry_of(name).create(
-            name, in_channels=in_channels, image_size=image_size, rngs=nnx.Rngs(params=0, dropout=1), **kwargs
+            name, in_channels=in_channels, image_size=image_size, rngs=models.Rngs(params=0, dropout=1), **kwargs
         )
         model.eval()
         return fn(model, jnp.zeros(input_shape, jnp.float32))

@@ -104,7 +104,7 @@ def random_state_dict(depth: int, seed: int = 0) -> dict[str, np.ndarray]:
 
 def build(depth: int, in_channels: int = 3, dtype: str = "float32"):
     return fast_init(lambda: models.create_backbone(NAMES[depth], in_channels=in_channels, image_size=32,
-                                                    dtype=dtype, rngs=nnx.Rngs(params=0, dropout=1)))
+                                                    dtype=dtype, rngs=models.Rngs(params=0, dropout=1)))
 
 
 def imported(depth: int, tmp_path, in_channels: int = 3, seed: int = 0):
@@ -257,7 +257,7 @@ def train_step_check(name, in_channels, dtype="float32", size=32):
     """One jitted forward + gradient of the mean feature in train mode: finite
     float32 gradients, a non-zero stem gradient, and moved BatchNorm statistics."""
     model = fast_init(lambda: models.create_backbone(name, in_channels=in_channels, image_size=size, dtype=dtype,
-                                                     rngs=nnx.Rngs(params=0, dropout=1)))
+                                                     rngs=models.Rngs(params=0, dropout=1)))
     x = jnp.asarray(np.random.default_rng(0).normal(size=(2, size, size, in_channels)), jnp.float32)
     model.train()
     before = np.asarray(model.bn1.mean[...]).copy()

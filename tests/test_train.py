@@ -180,7 +180,7 @@ def test_init_from_pretrained_backbone(tiny_config, tmp_path):
     from boneage_jax.weights import WeightMismatchError
 
     tiny_config.model.kwargs.batch_norm = False
-    backbone = models.create_backbone("cnn_memon", in_channels=1, image_size=32, rngs=nnx.Rngs(123),
+    backbone = models.create_backbone("cnn_memon", in_channels=1, image_size=32, rngs=models.Rngs(123),
                                       **dict(tiny_config.model.kwargs))
     weights.save_pretrained(backbone, str(tmp_path / "pretrained"), {"model": "cnn_memon", "in_channels": 1})
     tiny_config.init_from = str(tmp_path / "pretrained")

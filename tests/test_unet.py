@@ -52,7 +52,7 @@ def test_unet_fits_synthetic_ellipses():
     size, batch, steps = 64, 4, 200
     model = fast_init(
         lambda: models.SEGMENTATION_NETWORKS.create(
-            "unet", in_channels=1, image_size=size, rngs=nnx.Rngs(0), base_filters=8
+            "unet", in_channels=1, image_size=size, rngs=models.Rngs(0), base_filters=8
         )
     )
     assert model.depth == 4 and model.num_features == 8
@@ -91,7 +91,7 @@ def test_unet_fits_synthetic_ellipses():
 
 
 def test_unet_segment_shapes_classes_and_dropout():
-    model = fast_init(lambda: unet.UNet(in_channels=3, rngs=nnx.Rngs(0), depth=2, base_filters=4, num_classes=3))
+    model = fast_init(lambda: unet.UNet(in_channels=3, rngs=models.Rngs(0), depth=2, base_filters=4, num_classes=3))
     x = jnp.asarray(np.random.default_rng(3).normal(size=(2, 13, 18, 3)), jnp.float32)  # not multiples of 4
 
     @nnx.jit
@@ -112,4 +112,4 @@ def test_unet_segment_shapes_classes_and_dropout():
 
 def test_unet_rejects_bad_config():
     with pytest.raises(ValueError, match="depth"):
-        unet.UNet(in_channels=1, rngs=nnx.Rngs(0), depth=0)
+        unet.UNet(in_channels=1, rngs=models.Rngs(0), depth=0)

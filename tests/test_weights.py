@@ -72,7 +72,7 @@ def test_full_model_h5_with_model_weights_group(tmp_path):
 
 
 def test_keras_import_errors_name_the_layer():
-    model = fast_init(lambda: models.create_backbone("vgg16", in_channels=3, image_size=32, rngs=nnx.Rngs(0)))
+    model = fast_init(lambda: models.create_backbone("vgg16", in_channels=3, image_size=32, rngs=models.Rngs(0)))
     arrays = keras_vgg16_layers()
     bad = dict(arrays, block3_conv2=[np.zeros((3, 3, 256, 128), np.float32), np.zeros(128, np.float32)])
     with pytest.raises(loaders.WeightMismatchError, match=r"block3_conv2 \(kernel\).*\(3, 3, 256, 256\).*\(3, 3, 256, 128\)"):
@@ -81,7 +81,7 @@ def test_keras_import_errors_name_the_layer():
     with pytest.raises(loaders.WeightMismatchError, match="block4_conv1: missing"):
         model.load_keras(missing)
     with pytest.raises(loaders.WeightMismatchError, match="block3_conv4: missing"):
-        vgg19 = fast_init(lambda: models.create_backbone("vgg19", in_channels=3, image_size=32, rngs=nnx.Rngs(0)))
+        vgg19 = fast_init(lambda: models.create_backbone("vgg19", in_channels=3, image_size=32, rngs=models.Rngs(0)))
         vgg19.load_keras(arrays)
     extra = dict(arrays, block6_conv1=[np.zeros(1)])
     with pytest.raises(loaders.WeightMismatchError, match="block6_conv1: in the weight file but not in the model"):
@@ -92,7 +92,7 @@ def test_keras_import_errors_name_the_layer():
 
 def test_vgg_load_torch_names():
     """torchvision vgg16 ``features.{i}`` indices: ReLU and MaxPool take slots too."""
-    model = fast_init(lambda: models.create_backbone("vgg16", in_channels=1, image_size=32, rngs=nnx.Rngs(0)))
+    model = fast_init(lambda: models.create_backbone("vgg16", in_channels=1, image_size=32, rngs=models.Rngs(0)))
     assert model.torch_names()[:4] == ["features.0", "features.2", "features.5", "features.7"]
     assert model.torch_names()[-1] == "features.28"
     rng = np.random.default_rng(0)
@@ -112,24 +112,24 @@ def test_vgg_load_torch_names():
 
 
 def test_save_and_load_pretrained_roundtrip(tmp_path):
-    source = fast_init(lambda: models.create_backbone("resnet18", in_channels=1, image_size=32, rngs=nnx.Rngs(0)))
+    source = fast_init(lambda: models.create_backbone("resnet18", in_channels=1, image_size=32, rngs=models.Rngs(0)))
     source.train()
     source(jnp.ones((2, 32, 32, 1)))  # moves the batch statistics away from their init
     out = str(tmp_path / "pre")
     weights.save_pretrained(source, out, {"model": "resnet18", "in_channels": 1})
     assert sorted(os.listdir(out)) == ["boneage_jax_weights.json", "state"]
     assert [p for p in os.listdir(tmp_path) if p != "pre"] == []  # no temporary directory left
-    target = fast_init(lambda: models.create_backbone("resnet18", in_channels=1, image_size=32, rngs=nnx.Rngs(5)), 5)
+    target = fast_init(lambda: models.create_backbone("resnet18", in_channels=1, image_size=32, rngs=models.Rngs(5)), 5)
     weights.load_pretrained(target, out)
     for a, b in zip(jax.tree_util.tree_leaves(nnx.state(source, (nnx.Param, nnx.BatchStat))),
                     jax.tree_util.tree_leaves(nnx.state(target, (nnx.Param, nnx.BatchStat)))):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
     with pytest.raises(FileExistsError):
         weights.save_pretrained(source, out, {})
-    rgb = fast_init(lambda: models.create_backbone("resnet18", in_channels=3, image_size=32, rngs=nnx.Rngs(0)))
+    rgb = fast_init(lambda: models.create_backbone("resnet18", in_channels=3, image_size=32, rngs=models.Rngs(0)))
     with pytest.raises(loaders.WeightMismatchError, match=r"conv1/kernel.*\(7, 7, 3, 64\).*\(7, 7, 1, 64\)"):
         weights.load_pretrained(rgb, out)
-    deeper = fast_init(lambda: models.create_backbone("resnet34", in_channels=1, image_size=32, rngs=nnx.Rngs(0)))
+    deeper = fast_init(lambda: models.create_backbone("resnet34", in_channels=1, image_size=32, rngs=models.Rngs(0)))
     with pytest.raises(loaders.WeightMismatchError, match=r"layer1/2/.*missing"):
         weights.load_pretrained(deeper, out)
 
@@ -175,7 +175,7 @@ def test_cli_end_to_end_on_tiny_keras_vgg16(tmp_path, capsys):
     assert done.returncode == 0, done.stderr
     meta = json.load(open(os.path.join(out, "boneage_jax_weights.json")))
     assert meta == {"model": "vgg16", "in_channels": 1, "image_size": 224, "source": source, "framework": "keras"}
-    grey = fast_init(lambda: models.create_backbone("vgg16", in_channels=1, image_size=32, rngs=nnx.Rngs(3)), 3)
+    grey = fast_init(lambda: models.create_backbone("vgg16", in_channels=1, image_size=32, rngs=models.Rngs(3)), 3)
     weights.load_pretrained(grey, out)
     g = rng.uniform(0, 1, (1, 32, 32, 1)).astype(np.float32)
     expected = np.asarray(keras_model.predict(np.repeat(g, 3, -1), verbose=0))

@@ -20,7 +20,8 @@ the same constructor, so a run's saved ``config.json`` still builds the same mod
 modules are imported on first use (``_import_families``).
 
 ``create_model`` builds the configured model for a task; both wrappers expose
-``pretrained_part()``, the part that ``config.init_from`` initialises.
+``pretrained_part()``, the part that ``config.init_from`` initialises. Build models with ``Rngs``
+(``nnx.Rngs`` with the same keys, cheaper to trace: ``layers.Rngs``).
 """
 
 from __future__ import annotations
@@ -35,6 +36,8 @@ import jax.numpy as jnp
 import ml_collections
 from flax import nnx
 from jax import lax
+
+from boneage_jax.models.layers import Rngs
 
 _NOT_FAMILIES = {"heads", "layers"}
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
@@ -212,7 +215,7 @@ def create_model(
         what = f"is a {elsewhere[0]}, not a {registry.kind}" if elsewhere else f"is not a registered {registry.kind}"
         raise ValueError(f"config.model.name {name!r} {what} (config.task={task!r}); "
                          f"{registry.kind}s: {registry.describe()}")
-    rngs = nnx.Rngs(params=seed, dropout=seed + 1)
+    rngs = Rngs(params=seed, dropout=seed + 1)
     network = registry.create(name, in_channels=in_channels, image_size=image_size, dtype=model_config.dtype,
                               rngs=rngs, **dict(model_config.kwargs))
     return wrap(network, model_config, num_outputs, rngs)

@@ -32,7 +32,7 @@ def count_parameters(name: str, image_size: int = 224, in_channels: int = 3) -> 
     """Parameters of the registered network ``name`` (or an alias), built abstractly."""
     registry = models.registry_of(name)
     network = nnx.eval_shape(
-        lambda: registry.create(name, in_channels=in_channels, image_size=image_size, rngs=nnx.Rngs(0))
+        lambda: registry.create(name, in_channels=in_channels, image_size=image_size, rngs=models.Rngs(0))
     )
     return sum(x.size for x in jax.tree.leaves(nnx.state(network, nnx.Param)))
 

@@ -387,7 +387,7 @@ def convert(
         source = imagenet_file(model)
     arrays = read_weights(source, framework)  # a bad file is named before the model is built
     backbone = nnx.jit(lambda: models.create_backbone(model, in_channels=in_channels, image_size=image_size,
-                                                      rngs=nnx.Rngs(0)))()
+                                                      rngs=models.Rngs(0)))()
     load_arrays(backbone, arrays, framework)
     metadata = {"model": model, "in_channels": in_channels, "image_size": image_size,
                 "source": os.path.abspath(source), "framework": framework}
