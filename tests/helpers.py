@@ -38,7 +38,8 @@ def fast_init(build, seed: int = 0):
     for variable in jax.tree_util.tree_leaves(kernels, is_leaf=lambda v: isinstance(v, nnx.Variable)):
         shape, dtype = variable.get_value().shape, variable.get_value().dtype
         values = rng.standard_normal(shape) * np.sqrt(2.0 / max(1, math.prod(shape[:-1])))
-        variable.set_value(jnp.asarray(values.astype(dtype)))  # cast on the host: no per-shape compile
+        # Cast on the host and device_put: jnp.asarray would compile an identity per shape (jax 0.10).
+        variable.set_value(jax.device_put(values.astype(dtype)))
     return nnx.merge(graphdef, kernels, rest)
 
 

@@ -34,10 +34,11 @@ def _latest(workdir: str) -> tuple[dict, dict]:
 
 
 def _initial(config) -> tuple[dict, dict]:
-    """(params, rest) of the configured model before training (the factory gives the same weights)."""
+    """(params, rest) of the configured model before training (the factory gives the same weights,
+    computed as training computes them: one program compiled with ``state.one_off_options``)."""
     create = state.model_factory(config, in_channels=input_pipeline.input_channels(config.data), num_outputs=1,
                                  task=config.task)
-    _, params, _, rest = state.split(create())
+    _, params, _, rest = state.split(state.build(create))
     return nnx.to_pure_dict(params), nnx.to_pure_dict(rest)
 
 

@@ -191,7 +191,9 @@ def test_models_built_by_the_registry_use_it_and_train_to_the_same_loss(monkeypa
     losses. (Parameters after several steps are not compared: BatchNorm over 16 values per
     channel makes them chaotic; a relative change of 1e-6 in the initial parameters moves them
     by 5e-3 after three steps of XLA's own path.)"""
-    model = models.create_backbone("resnet18_torch", in_channels=3, image_size=64, rngs=models.Rngs(0))
+    # Built in one compiled call: eagerly, each initialiser compiles on its own.
+    model = nnx.jit(lambda: models.create_backbone("resnet18_torch", in_channels=3, image_size=64,
+                                                   rngs=models.Rngs(0)))()
     convs = [m for _, m in nnx.iter_graph(model) if isinstance(m, nnx.Conv)]
     assert convs and all(c.conv_general_dilated is onednn.conv_general_dilated for c in convs)
     x = jnp.asarray(np.random.default_rng(0).standard_normal((4, 64, 64, 3), np.float32))
@@ -200,11 +202,8 @@ def test_models_built_by_the_registry_use_it_and_train_to_the_same_loss(monkeypa
     def loss_fn(m):
         return ((m(x).mean(axis=1) - target) ** 2).mean()
 
-    def loss_and_grads():  # traced anew for each call: reads BONEAGE_CPU_CONV
-        loss, grads = nnx.jit(lambda m: nnx.value_and_grad(loss_fn)(m))(nnx.clone(model))
-        return loss, jax.tree.leaves(nnx.state(grads, nnx.Param))
-
     def steps(model):
+        """Loss and gradients at ``model``'s parameters, and the losses of three SGD steps from there."""
         model = nnx.clone(model)
         optimizer = nnx.Optimizer(model, optax.sgd(0.05), wrt=nnx.Param)  # Adam would magnify rounding
 
@@ -212,16 +211,15 @@ def test_models_built_by_the_registry_use_it_and_train_to_the_same_loss(monkeypa
         def step(model, optimizer):
             loss, grads = nnx.value_and_grad(loss_fn)(model)
             optimizer.update(model, grads)
-            return loss
+            return loss, grads
 
-        losses = [float(step(model, optimizer)) for _ in range(3)]
-        return losses, nnx.state(model, nnx.Param)
+        loss, grads = step(model, optimizer)
+        losses = [float(loss)] + [float(step(model, optimizer)[0]) for _ in range(2)]
+        return loss, jax.tree.leaves(nnx.state(grads, nnx.Param)), losses
 
-    loss, grads = loss_and_grads()
-    losses, _ = steps(model)
+    loss, grads, losses = steps(model)
     monkeypatch.setenv(onednn.ENV, "xla")
-    loss_xla, grads_xla = loss_and_grads()
-    losses_xla, _ = steps(model)
+    loss_xla, grads_xla, losses_xla = steps(model)
     np.testing.assert_allclose(loss, loss_xla, rtol=1e-5)
     for a, b in zip(grads, grads_xla):
         np.testing.assert_allclose(a, b, rtol=0, atol=1e-4 * float(np.abs(b).max()))

@@ -138,3 +138,25 @@ def test_legacy_run_resumes_like_a_current_one(runs, phantom_dir, data_root, tmp
     for x, y in zip(jax.tree.leaves(finals[0]["params"]), jax.tree.leaves(finals[1]["params"]), strict=True):
         np.testing.assert_array_equal(x, y)
     assert finals[0]["meta"] == finals[1]["meta"]
+
+
+def test_build_gives_the_eager_model_compiled_as_a_one_off_program(monkeypatch):
+    """``state.build(create)``: the model ``create()`` makes (the eager values, up to rounding),
+    computed by one program compiled with ``one_off_options`` (LLVM level 0 on the CPU)."""
+    from boneage_jax import models
+
+    def create():
+        return models.create_backbone("cnn_memon", in_channels=1, image_size=32, rngs=models.Rngs(0))
+
+    assert state.one_off_options() == {"xla_backend_optimization_level": 0}
+    options = []
+    jit = jax.jit
+    monkeypatch.setattr(jax, "jit", lambda *a, **k: options.append(k.get("compiler_options")) or jit(*a, **k))
+    built = state.build(create)
+    assert options == [state.one_off_options()]
+    eager = create()
+    got, want = nnx.state(built, nnx.Param), nnx.state(eager, nnx.Param)
+    assert jax.tree.structure(got) == jax.tree.structure(want)
+    for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-6, atol=1e-7)
+    assert type(built) is type(eager)

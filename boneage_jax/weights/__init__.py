@@ -378,16 +378,15 @@ def convert(
     """Builds backbone ``model`` (a registered name or alias), imports ``source`` and writes the
     pretrained directory ``out``; the metadata records the name as given and ``image_size``, which
     only matters for backbones whose layers depend on it (none of the ImageNet families)."""
-    from boneage_jax import models  # pylint: disable=import-outside-toplevel
+    from boneage_jax import models, state  # pylint: disable=import-outside-toplevel
 
-    # Built in one compiled function: eagerly, every initialiser would compile on its own.
     if source == IMAGENET:
         if framework != "torch":
             raise ValueError(f"--in {IMAGENET} reads the installed torch weight packages: pass --from torch")
         source = imagenet_file(model)
     arrays = read_weights(source, framework)  # a bad file is named before the model is built
-    backbone = nnx.jit(lambda: models.create_backbone(model, in_channels=in_channels, image_size=image_size,
-                                                      rngs=models.Rngs(0)))()
+    backbone = state.build(lambda: models.create_backbone(model, in_channels=in_channels, image_size=image_size,
+                                                          rngs=models.Rngs(0)))
     load_arrays(backbone, arrays, framework)
     metadata = {"model": model, "in_channels": in_channels, "image_size": image_size,
                 "source": os.path.abspath(source), "framework": framework}
