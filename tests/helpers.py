@@ -11,10 +11,13 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from boneage_jax import state
 
-# XLA:CPU at optimisation level 0 compiles about twice as fast as the suite's level 1; for the
-# one-off programs of the model tests (an initialiser, one forward, one gradient), which run once.
-FAST_COMPILE = {"xla_backend_optimization_level": 0}
+
+# The model tests' programs (an initialiser, one forward, one gradient) run once: compiled with the
+# options the library uses for its own one-off programs (LLVM level 0 on the CPU, about twice as
+# fast to compile as the suite's level 1).
+FAST_COMPILE = state.one_off_options()
 
 
 def _is_kernel(path, variable) -> bool:
