@@ -110,3 +110,41 @@ def tiny_gaussian_run(phantom_dir, data_root, tmp_path_factory) -> str:
     workdir = str(tmp_path_factory.mktemp("tiny_gaussian_run") / "run")
     train.train_and_evaluate(config, workdir)
     return workdir
+
+
+@pytest.fixture
+def host_random(monkeypatch):
+    """Keras (on its JAX backend) drawing its initial weights on the host: its jax.random
+    initialisers compile one XLA kernel per weight shape (most of a minute per EfficientNet on 2
+    cores). The values are random either way; the tests overwrite or randomise them again."""
+    os.environ.setdefault("KERAS_BACKEND", "jax")
+    keras = pytest.importorskip("keras")
+    if keras.backend.backend() != "jax":
+        pytest.skip("needs keras on its JAX backend (KERAS_BACKEND=jax)")
+    import jax.numpy as jnp
+    import numpy as np
+
+    rng = np.random.default_rng(1234)
+    backend_random = keras.src.backend.random
+
+    def as_array(values, dtype):
+        return jnp.asarray(np.asarray(values, dtype=keras.backend.standardize_dtype(dtype or "float32")))
+
+    def normal(shape, mean=0.0, stddev=1.0, dtype=None, seed=None):
+        return as_array(rng.normal(mean, stddev, shape), dtype)
+
+    def uniform(shape, minval=0.0, maxval=1.0, dtype=None, seed=None):
+        return as_array(rng.uniform(minval, maxval, shape), dtype)
+
+    def truncated_normal(shape, mean=0.0, stddev=1.0, dtype=None, seed=None):
+        values = rng.normal(0.0, 1.0, shape)
+        bad = np.abs(values) > 2.0
+        while bad.any():
+            values[bad] = rng.normal(0.0, 1.0, int(bad.sum()))
+            bad = np.abs(values) > 2.0
+        return as_array(mean + stddev * values, dtype)
+
+    monkeypatch.setattr(backend_random, "normal", normal)
+    monkeypatch.setattr(backend_random, "uniform", uniform)
+    monkeypatch.setattr(backend_random, "truncated_normal", truncated_normal)
+    return keras

@@ -3,6 +3,8 @@ convolution for every geometry the models use, the fallbacks, and a model's trai
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -10,6 +12,8 @@ import optax
 import pytest
 from flax import nnx
 from jax import lax
+
+from helpers import FAST_COMPILE, fast_init
 
 from boneage_jax import models
 from boneage_jax.kernels import build, onednn
@@ -191,35 +195,36 @@ def test_models_built_by_the_registry_use_it_and_train_to_the_same_loss(monkeypa
     losses. (Parameters after several steps are not compared: BatchNorm over 16 values per
     channel makes them chaotic; a relative change of 1e-6 in the initial parameters moves them
     by 5e-3 after three steps of XLA's own path.)"""
-    # Built in one compiled call: eagerly, each initialiser compiles on its own.
-    model = nnx.jit(lambda: models.create_backbone("resnet18_torch", in_channels=3, image_size=64,
-                                                   rngs=models.Rngs(0)))()
+    model = fast_init(lambda: models.create_backbone("resnet18_torch", in_channels=3, image_size=64,
+                                                     rngs=models.Rngs(0)))
     convs = [m for _, m in nnx.iter_graph(model) if isinstance(m, nnx.Conv)]
     assert convs and all(c.conv_general_dilated is onednn.conv_general_dilated for c in convs)
     x = jnp.asarray(np.random.default_rng(0).standard_normal((4, 64, 64, 3), np.float32))
     target = jnp.arange(4, dtype=jnp.float32)
+    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+    tx = optax.sgd(0.05)  # Adam would magnify rounding
 
-    def loss_fn(m):
-        return ((m(x).mean(axis=1) - target) ** 2).mean()
+    def steps():
+        """Loss and gradients at the model's parameters, and the losses of three SGD steps from there."""
 
-    def steps(model):
-        """Loss and gradients at ``model``'s parameters, and the losses of three SGD steps from there."""
-        model = nnx.clone(model)
-        optimizer = nnx.Optimizer(model, optax.sgd(0.05), wrt=nnx.Param)  # Adam would magnify rounding
+        @functools.partial(jax.jit, compiler_options=FAST_COMPILE)  # traced anew for each call: reads BONEAGE_CPU_CONV
+        def step(params, rest, opt_state):
+            model = nnx.merge(graphdef, params, rest)
+            loss, grads = nnx.value_and_grad(lambda m: ((m(x).mean(axis=1) - target) ** 2).mean())(model)
+            updates, opt_state = tx.update(grads, opt_state, params)
+            return optax.apply_updates(params, updates), nnx.split(model, nnx.Param, ...)[2], opt_state, loss, grads
 
-        @nnx.jit  # traced anew for each call of steps: reads BONEAGE_CPU_CONV
-        def step(model, optimizer):
-            loss, grads = nnx.value_and_grad(loss_fn)(model)
-            optimizer.update(model, grads)
-            return loss, grads
+        state = (params, rest, tx.init(params))
+        *state, loss, grads = step(*state)
+        losses = [float(loss)]
+        for _ in range(2):
+            *state, next_loss, _ = step(*state)
+            losses.append(float(next_loss))
+        return loss, jax.tree.leaves(grads), losses
 
-        loss, grads = step(model, optimizer)
-        losses = [float(loss)] + [float(step(model, optimizer)[0]) for _ in range(2)]
-        return loss, jax.tree.leaves(nnx.state(grads, nnx.Param)), losses
-
-    loss, grads, losses = steps(model)
+    loss, grads, losses = steps()
     monkeypatch.setenv(onednn.ENV, "xla")
-    loss_xla, grads_xla, losses_xla = steps(model)
+    loss_xla, grads_xla, losses_xla = steps()
     np.testing.assert_allclose(loss, loss_xla, rtol=1e-5)
     for a, b in zip(grads, grads_xla):
         np.testing.assert_allclose(a, b, rtol=0, atol=1e-4 * float(np.abs(b).max()))

@@ -17,7 +17,7 @@ import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 from flax import nnx  # noqa: E402
 
-from helpers import fast_init  # noqa: E402
+from helpers import fast_init, forward, keras_forward  # noqa: E402
 
 from boneage_jax import models, weights  # noqa: E402
 from boneage_jax.weights import loaders  # noqa: E402
@@ -151,11 +151,9 @@ def test_load_pretrained_into_model_backbone_keeps_head_fresh(tmp_path):
         np.testing.assert_array_equal(a, np.asarray(b))
 
 
-def test_cli_end_to_end_on_tiny_keras_vgg16(tmp_path, capsys):
+def test_cli_end_to_end_on_tiny_keras_vgg16(tmp_path, capsys, host_random):
     """python -m boneage_jax.weights on a Keras VGG16 file; the result equals Keras's output."""
-    keras = pytest.importorskip("keras")
-    if keras.backend.backend() != "jax":
-        pytest.skip("needs keras on its JAX backend")
+    keras = host_random
     keras.backend.clear_session()
     keras_model = keras.applications.VGG16(weights=None, include_top=False, pooling="avg", input_shape=(32, 32, 3))
     rng = np.random.default_rng(0)
@@ -178,8 +176,8 @@ def test_cli_end_to_end_on_tiny_keras_vgg16(tmp_path, capsys):
     grey = fast_init(lambda: models.create_backbone("vgg16", in_channels=1, image_size=32, rngs=models.Rngs(3)), 3)
     weights.load_pretrained(grey, out)
     g = rng.uniform(0, 1, (1, 32, 32, 1)).astype(np.float32)
-    expected = np.asarray(keras_model.predict(np.repeat(g, 3, -1), verbose=0))
-    got = np.asarray(grey(jnp.asarray(g)))
+    expected = keras_forward(keras_model, np.repeat(g, 3, -1))
+    got = np.asarray(forward(grey, jnp.asarray(g)))
     assert np.abs(got - expected).max() <= 1e-4 * np.abs(expected).max()
     # A file that does not fit the model fails with the layer name and leaves nothing behind.
     assert weights.main(["--from", "keras", "--model", "vgg19", "--in", source, "--out", str(tmp_path / "vgg19")]) == 2
