@@ -31,18 +31,29 @@ def fast_init(build, seed: int = 0):
     Every ``nnx.Param`` of rank >= 2 (a kernel) is filled by its shape alone with numpy,
     N(0, 2 / fan_in) with fan_in the product of all but the last axis; everything else (biases,
     BatchNorm scales and statistics, non-trainable variables, RNG state) keeps the value of the
-    network's own initialisers, computed in one compiled call from which XLA drops the kernels.
+    network's own initialisers, computed in one compiled call from which XLA drops the kernels
+    (the network is traced once: its structure and kernel shapes are read during that trace).
     Eagerly, ``jax.random`` compiles one kernel per parameter shape (~0.3-0.7 s each on XLA:CPU),
     and compiling them all in one call takes longer still.
     """
-    graphdef, kernels, _ = nnx.split(nnx.eval_shape(build), _is_kernel, ...)
-    rest = jax.jit(lambda: nnx.split(build(), _is_kernel, ...)[2], compiler_options=FAST_COMPILE)()
+    traced = {}
+
+    def init():
+        graphdef, kernels, rest = nnx.split(build(), _is_kernel, ...)
+        # The structure, read during this one trace: kernels become Variables again outside it.
+        leaves, treedef = jax.tree.flatten(kernels)
+        traced.update(graphdef=graphdef, treedef=treedef, shapes=[(x.shape, x.dtype) for x in leaves])
+        return rest
+
+    rest = jax.jit(init, compiler_options=FAST_COMPILE)()
     rng = np.random.default_rng(seed)
-    for variable in jax.tree_util.tree_leaves(kernels, is_leaf=lambda v: isinstance(v, nnx.Variable)):
-        shape, dtype = variable.get_value().shape, variable.get_value().dtype
-        values = rng.standard_normal(shape) * np.sqrt(2.0 / max(1, math.prod(shape[:-1])))
+    values = []
+    for shape, dtype in traced["shapes"]:
+        drawn = rng.standard_normal(shape) * np.sqrt(2.0 / max(1, math.prod(shape[:-1])))
         # Cast on the host and device_put: jnp.asarray would compile an identity per shape (jax 0.10).
-        variable.set_value(jax.device_put(values.astype(dtype)))
+        values.append(jax.device_put(drawn.astype(dtype)))
+    kernels = jax.tree.unflatten(traced["treedef"], values)
+    graphdef = traced["graphdef"]
     return nnx.merge(graphdef, kernels, rest)
 
 
