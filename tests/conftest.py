@@ -1,5 +1,5 @@
-"""Shared fixtures (a small phantom dataset, the tiny demo config and one run trained on it) and the
-session's compile settings.
+"""Shared fixtures (a small phantom dataset, the tiny demo config, runs trained on it, Keras drawing its
+initial weights on the host) and the session's compile settings.
 
 Compile time dominates the suite on a CPU, so every test process (and, through the environment,
 every subprocess a CLI test starts):
