@@ -80,7 +80,7 @@ def test_killed_run_resumes_to_identical_parameters(tiny_config, tmp_path):
         train.train_and_evaluate(config, os.environ["WORKDIR"], step_callback=callback)
     """
     whole, interrupted = str(tmp_path / "whole"), str(tmp_path / "interrupted")
-    assert _run_python(script, {"WORKDIR": whole}).returncode == 0
+    train.train_and_evaluate(tiny_config, whole)  # the unbroken run, in this process
     killed = subprocess.run([sys.executable, "-c", textwrap.dedent(script), "5"], cwd=REPO, capture_output=True,
                             text=True, env={**os.environ, "PYTHONPATH": REPO, "WORKDIR": interrupted}, timeout=300)
     assert killed.returncode == -9, killed.stderr[-2000:]
@@ -102,20 +102,24 @@ def _overrides(config, **changes) -> list[str]:
     return [f"--config.{k}={v}" for k, v in values.items()]
 
 
-def test_data_parallel_and_multi_process_give_the_same_losses(tiny_config, tmp_path):
+def test_data_parallel_and_multi_process_give_the_same_losses(tiny_config, tmp_path, capsys):
     """1 device, 4 devices, and 2 processes x 2 devices: the same global batch, the same losses
     (one evaluation and one checkpoint, at the end: each costs every process a compile or a save)."""
-    losses = {}
     overrides = _overrides(tiny_config, eval_every=4, checkpoint_every=4)
-    for devices in (1, 4):
-        workdir = str(tmp_path / f"d{devices}")
-        result = subprocess.run(
-            [sys.executable, "-m", "launch.local", "--config=configs/demo.py:tiny", f"--workdir={workdir}",
-             f"--cpu_devices={devices}", "--", *overrides],
-            cwd=REPO, capture_output=True, text=True, timeout=300)
-        assert result.returncode == 0, result.stdout[-3000:]
-        assert f"on {devices} device(s) in 1 process(es)" in result.stdout
-        losses[devices] = [e["loss"] for e in _read_events(workdir) if e["split"] == "train"]
+    # 1 device: the same configuration in this process (one fewer Python start).
+    for key, value in {"num_train_steps": 4, "log_every": 1, "eval_every": 4, "checkpoint_every": 4}.items():
+        tiny_config[key] = value
+    train.train_and_evaluate(tiny_config, str(tmp_path / "d1"))
+    assert "on 1 device(s) in 1 process(es)" in capsys.readouterr().out
+    losses = {1: [e["loss"] for e in _read_events(str(tmp_path / "d1")) if e["split"] == "train"]}
+    workdir = str(tmp_path / "d4")
+    result = subprocess.run(
+        [sys.executable, "-m", "launch.local", "--config=configs/demo.py:tiny", f"--workdir={workdir}",
+         "--cpu_devices=4", "--", *overrides],
+        cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stdout[-3000:]
+    assert "on 4 device(s) in 1 process(es)" in result.stdout
+    losses[4] = [e["loss"] for e in _read_events(workdir) if e["split"] == "train"]
     workdir = str(tmp_path / "multihost")
     result = subprocess.run(
         [sys.executable, "-m", "launch.multihost", "--num_processes=2", "--cpu_devices=2",
