@@ -52,9 +52,7 @@ def fast_init(build, seed: int = 0):
         drawn = rng.standard_normal(shape) * np.sqrt(2.0 / max(1, math.prod(shape[:-1])))
         # Cast on the host and device_put: jnp.asarray would compile an identity per shape (jax 0.10).
         values.append(jax.device_put(drawn.astype(dtype)))
-    kernels = jax.tree.unflatten(traced["treedef"], values)
-    graphdef = traced["graphdef"]
-    return nnx.merge(graphdef, kernels, rest)
+    return nnx.merge(traced["graphdef"], jax.tree.unflatten(traced["treedef"], values), rest)
 
 
 @functools.partial(jax.jit, static_argnums=0, compiler_options=FAST_COMPILE)

@@ -105,10 +105,10 @@ def _overrides(config, **changes) -> list[str]:
 def test_data_parallel_and_multi_process_give_the_same_losses(tiny_config, tmp_path, capsys):
     """1 device, 4 devices, and 2 processes x 2 devices: the same global batch, the same losses
     (one evaluation and one checkpoint, at the end: each costs every process a compile or a save)."""
-    overrides = _overrides(tiny_config, eval_every=4, checkpoint_every=4)
+    settings = {"num_train_steps": 4, "log_every": 1, "eval_every": 4, "checkpoint_every": 4}
+    overrides = _overrides(tiny_config, **settings)
     # 1 device: the same configuration in this process (one fewer Python start).
-    for key, value in {"num_train_steps": 4, "log_every": 1, "eval_every": 4, "checkpoint_every": 4}.items():
-        tiny_config[key] = value
+    tiny_config.update(settings)
     train.train_and_evaluate(tiny_config, str(tmp_path / "d1"))
     assert "on 1 device(s) in 1 process(es)" in capsys.readouterr().out
     losses = {1: [e["loss"] for e in _read_events(str(tmp_path / "d1")) if e["split"] == "train"]}
