@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING
 
 from absl import app, flags, logging
 
-from boneage_jax.io import LockedError
+from boneage_jax.io import LockedError, one_line
 
 if TYPE_CHECKING:
     import ml_collections
@@ -173,7 +173,7 @@ def run(main: Callable[[Sequence[str]], int]) -> None:
         try:
             left = flags.FLAGS(argv, known_only=True)
         except flags.Error as e:
-            print(f"error: {e}", file=sys.stderr)
+            print(f"error: {one_line(e)}", file=sys.stderr)
             sys.exit(USAGE_STATUS)
         if not flags.FLAGS["verbosity"].present:
             logging.set_verbosity(logging.WARNING)  # progress goes to stdout; -v 0 shows library logs
@@ -183,13 +183,13 @@ def run(main: Callable[[Sequence[str]], int]) -> None:
         try:
             status = main(argv[1:])
         except app.UsageError as e:
-            print(f"error: {e}", file=sys.stderr)
+            print(f"error: {one_line(e)}", file=sys.stderr)
             print("Pass --help to see the command's flags.", file=sys.stderr)
             sys.exit(USAGE_STATUS)
         except USER_ERRORS as e:
             if verbose:
                 raise
-            print(f"error: {e}", file=sys.stderr)
+            print(f"error: {one_line(e)}", file=sys.stderr)
             sys.exit(USAGE_STATUS)
         sys.exit(status)
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import glob
 import hashlib
+import logging as std_logging
 import os
 import shutil
 
@@ -29,6 +30,18 @@ PREPARE_LOCK = ".prepare.lock"  # in a source's data dir, held while its dataset
 
 
 DEFAULT_DATA_ROOT = "~/tensorflow_datasets/boneage_jax"
+
+
+class _UnbuiltVariantFilter(std_logging.Filter):
+    """Drops TFDS's warning 'Variant folder ... has no dataset_info.json', which it logs whenever
+    it looks for a dataset that is not built yet: the normal case before the first build."""
+
+    def filter(self, record: std_logging.LogRecord) -> bool:
+        return not str(record.msg).startswith("Variant folder %s has no")
+
+
+if not any(isinstance(f, _UnbuiltVariantFilter) for f in logging.get_absl_logger().filters):
+    logging.get_absl_logger().addFilter(_UnbuiltVariantFilter())
 
 
 def data_dir_for(data_config: ml_collections.ConfigDict) -> str:
@@ -53,8 +66,10 @@ def prepare(data_config: ml_collections.ConfigDict) -> tfds.core.DatasetBuilder:
     if not data_config.manual_dir:
         raise ValueError("config.data.manual_dir is empty: set it to the RSNA download or a phantom folder")
     data_dir = data_dir_for(data_config)
-    builder = tfds.builder(dataset_name(data_config), data_dir=data_dir, file_format="array_record")
     manual_dir = os.path.abspath(os.path.expanduser(data_config.manual_dir))
+    if not os.path.isdir(manual_dir) and not os.path.isdir(data_dir):  # neither the source nor a prepared copy
+        raise FileNotFoundError(f"config.data.manual_dir {manual_dir} does not exist")
+    builder = tfds.builder(dataset_name(data_config), data_dir=data_dir, file_format="array_record")
     if not builder.is_prepared():
         if not os.path.isdir(manual_dir):
             raise FileNotFoundError(f"config.data.manual_dir {manual_dir} does not exist")

@@ -323,6 +323,13 @@ def _pydicom():
     return pydicom
 
 
+def one_line(text: str) -> str:
+    """``text`` (an exception's message, which libraries sometimes spread over lines) as one line."""
+    lines = [line.strip() for line in str(text).splitlines() if line.strip()]
+    return "".join(line if i == 0 else (" " if lines[i - 1].endswith(":") else "; ") + line
+                   for i, line in enumerate(lines))
+
+
 def read_dicom(path: str) -> np.ndarray:
     """A DICOM radiograph -> uint8 grey (H, W) (see :func:`dicom_to_uint8`)."""
     return _dicom_image(path, path)
@@ -333,7 +340,7 @@ def _dicom_image(source, path: str) -> np.ndarray:
     try:
         ds = _pydicom().dcmread(source)
     except Exception as e:  # pydicom raises several types for damaged files
-        raise ImageReadError(f"{path}: not a readable DICOM file ({e})") from e
+        raise ImageReadError(f"{path}: not a readable DICOM file ({one_line(e)})") from e
     if "PixelData" not in ds:
         raise ImageReadError(f"{path}: DICOM file has no pixel data")
     if _dicom_number(ds, path, "NumberOfFrames", 1) > 1:  # before decoding every frame
@@ -342,7 +349,7 @@ def _dicom_image(source, path: str) -> np.ndarray:
         pixels = ds.pixel_array
     except Exception as e:
         raise ImageReadError(f"{path}: cannot decode the DICOM pixel data "
-                             f"(transfer syntax {ds.file_meta.get('TransferSyntaxUID', '?')}): {e}") from e
+                             f"(transfer syntax {ds.file_meta.get('TransferSyntaxUID', '?')}): {one_line(e)}") from e
     photometric = str(ds.get("PhotometricInterpretation", "MONOCHROME2"))
     if _dicom_number(ds, path, "SamplesPerPixel", 1) > 1:
         import cv2  # pylint: disable=import-outside-toplevel

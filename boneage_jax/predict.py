@@ -122,11 +122,11 @@ def predict_files(predictor: Predictor, files: Sequence[str], male: bool, *, hea
             image = predictor.load(path)
             inputs.append(predictor.prepare(image, path))
         except io.ImageReadError as e:  # its message starts with the file
-            error(f"error: {e}")
+            error(f"error: {io.one_line(e)}")
             failed.append(path)
             continue
         except Exception as e:  # pylint: disable=broad-except  # whatever else fails, the other files run
-            error(f"error: {path}: {type(e).__name__}: {e}")
+            error(f"error: {path}: {type(e).__name__}: {io.one_line(e)}")
             failed.append(path)
             continue
         kept.append(path)

@@ -63,6 +63,23 @@ def _bytes(data: bytes) -> Callable[[str], None]:
     return write
 
 
+def _flip(data: bytes, offset: int) -> bytes:
+    """``data`` with the bits of one byte inverted."""
+    return data[:offset] + bytes([data[offset] ^ 0xFF]) + data[offset + 1:]
+
+
+def with_exif_thumbnail(jpeg: bytes, thumbnail: bytes) -> bytes:
+    """``jpeg`` with an EXIF APP1 segment after its SOI that carries ``thumbnail`` (a whole JPEG,
+    so the file holds a second complete image with its own end marker)."""
+    ifd1_offset, entries = 14, 2  # TIFF header (8 bytes), then an empty IFD0 (6 bytes) that links to IFD1
+    data_offset = ifd1_offset + 2 + 12 * entries + 4
+    tiff = (b"II*\x00" + struct.pack("<I", 8) + struct.pack("<HI", 0, ifd1_offset)
+            + struct.pack("<H", entries) + struct.pack("<HHII", 0x0201, 4, 1, data_offset)  # JPEGInterchangeFormat
+            + struct.pack("<HHII", 0x0202, 4, 1, len(thumbnail)) + struct.pack("<I", 0) + thumbnail)
+    payload = b"Exif\x00\x00" + tiff
+    return jpeg[:2] + b"\xff\xe1" + struct.pack(">H", len(payload) + 2) + payload + jpeg[2:]
+
+
 def _encoded(suffix: str, image: np.ndarray, params: tuple = (), keep: Callable[[bytes], bytes] = bytes
              ) -> Callable[[str], None]:
     def write(path: str) -> None:
@@ -141,9 +158,15 @@ def image_entries() -> list[Entry]:
     return [
         Entry("good.png", USABLE, USABLE, _bytes(png)),
         Entry("zero_bytes.png", "image file is empty", "image file is empty", _bytes(b"")),
-        Entry("header_only.png", "unreadable or truncated", "unreadable or truncated", _bytes(png[:33])),
+        Entry("header_only.png", "truncated PNG", "truncated PNG", _bytes(png[:33])),
+        Entry("crc_damaged.png", "fails its CRC check", "fails its CRC check", _bytes(_flip(png, 45))),
         Entry("cut_mid_stream.png", "truncated", "truncated", _bytes(png[: len(png) // 2])),
         Entry("cut_mid_stream.jpg", "truncated", "truncated", _bytes(jpeg[: len(jpeg) // 2])),
+        Entry("cut_with_whole_exif_thumbnail.jpg", "truncated", "truncated",
+              _bytes(with_exif_thumbnail(jpeg[: len(jpeg) // 2], cv2.imencode(".jpg", cv2.resize(good, (40, 50)))[1]
+                                         .tobytes()))),
+        Entry("exif_thumbnail.jpg", USABLE, USABLE,
+              _bytes(with_exif_thumbnail(jpeg, cv2.imencode(".jpg", cv2.resize(good, (40, 50)))[1].tobytes()))),
         Entry("text.png", "unreadable", "unreadable", _bytes(b"this is not a picture\n" * 20)),
         Entry("huge_100000x100000.png", "OpenCV", "OpenCV", _bytes(png_claiming(100000, 100000))),
         Entry("sixteen_bit.png", USABLE, USABLE, _encoded(".png", good.astype(np.uint16) * 257)),

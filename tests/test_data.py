@@ -173,3 +173,19 @@ def test_prepare_removes_what_a_killed_build_left_and_waits_for_a_running_one(tm
     assert builder.is_prepared()
     assert not os.path.exists(stale)
     assert not [p for p in os.listdir(os.path.dirname(stale)) if p.startswith("incomplete.")]
+
+
+def test_a_missing_source_is_named_and_tfds_says_nothing_of_an_unbuilt_dataset(tmp_path, caplog):
+    """A missing manual_dir without a prepared copy is named before TFDS looks; TFDS's warning about
+    a dataset folder without dataset_info.json (every first build) is dropped."""
+    import tensorflow_datasets as tfds
+
+    config = base_config().data
+    config.manual_dir, config.data_dir = str(tmp_path / "absent"), str(tmp_path / "prepared")
+    with pytest.raises(FileNotFoundError, match=f"config.data.manual_dir {tmp_path}/absent does not exist"):
+        data.prepare(config)
+    assert not os.path.exists(tmp_path / "prepared")
+    os.makedirs(tmp_path / "unbuilt" / "rsna_bone_age" / "max512" / "1.1.0")
+    with caplog.at_level("WARNING"):
+        assert not tfds.builder("rsna_bone_age/max512", data_dir=str(tmp_path / "unbuilt")).is_prepared()
+    assert not [r for r in caplog.records if "dataset_info.json" in r.getMessage()]

@@ -10,6 +10,7 @@ import cv2
 import numpy as np
 import pytest
 
+import bad_inputs
 from boneage_jax import io
 from helpers import write_dicom
 
@@ -22,7 +23,8 @@ def test_format_and_declared_size_without_decoding(tmp_path):
     write_dicom(str(tmp_path / "a.dcm"), image.astype(np.uint16) * 100)
     dicom = (tmp_path / "a.dcm").read_bytes()
     assert [io.image_format(d) for d in (png, jpeg, progressive, dicom)] == ["png", "jpeg", "jpeg", "dicom"]
-    for data in (png, jpeg, progressive, dicom):
+    thumbnailed = bad_inputs.with_exif_thumbnail(jpeg, cv2.imencode(".jpg", image[:20, :10])[1].tobytes())
+    for data in (png, jpeg, progressive, dicom, thumbnailed):  # the EXIF thumbnail's frame is not the image's
         assert io.image_dimensions(data) == (50, 70)
     assert io.image_format(b"BM" + b"\0" * 200) is None  # BMP: OpenCV reads it, the service does not
     assert io.image_format(b"\0" * 10, "x.DCM") == "dicom"  # a DICOM without preamble, by its name
@@ -81,3 +83,12 @@ def test_print_above_progress_writes_the_line():
     stream = std_io.StringIO()
     io.print_above_progress("error: a.png: unreadable", file=stream)
     assert stream.getvalue() == "error: a.png: unreadable\n"
+
+
+def test_one_line_joins_a_message_spread_over_lines():
+    message = "Unable to decompress pixel data because all plugins are missing dependencies:\n\tgdcm - needs gdcm\n" \
+              "\tpylibjpeg - needs pylibjpeg\n"
+    assert io.one_line(message) == ("Unable to decompress pixel data because all plugins are missing dependencies: "
+                                    "gdcm - needs gdcm; pylibjpeg - needs pylibjpeg")
+    assert io.one_line("already one line") == "already one line"
+    assert io.one_line("") == ""

@@ -188,6 +188,23 @@ def _expect_error(tmp_path, match: str) -> None:
     assert not built, f"half-built dataset left behind: {built}"
 
 
+def test_label_files_without_rows_leave_their_split_out(tmp_path):
+    """The phantom writer's --num_validation 0 --num_test 0 writes label files with headers alone."""
+    from tfds_rsna import phantom
+
+    phantom.write_dataset(tmp_path / "manual", num_train=2, num_validation=0, num_test=0, seed=0, height=160,
+                          width=128, log=lambda line: None)
+    builder = build(str(tmp_path / "manual"), str(tmp_path / "data"))
+    assert set(builder.info.splits.keys()) == {"train"}
+    assert len(read(str(tmp_path / "data"), "train")) == 2
+
+
+def test_a_training_label_file_without_rows_is_named(tmp_path):
+    write_kaggle(str(tmp_path / "manual"))
+    _write(str(tmp_path / "manual" / "boneage-training-dataset.csv"), "id,boneage,male\n")
+    _expect_error(tmp_path, "boneage-training-dataset.csv has no rows: the training split needs labelled images")
+
+
 def test_missing_train_csv(tmp_path):
     write_kaggle(str(tmp_path / "manual"))
     os.remove(tmp_path / "manual" / "boneage-training-dataset.csv")
@@ -222,7 +239,11 @@ def test_png_with_bytes_after_its_end_is_complete():
     image = (np.arange(40 * 30) % 251).astype(np.uint8).reshape(40, 30)
     png = rsna_bone_age.encode_png(image)
     np.testing.assert_array_equal(rsna_bone_age.decode_grey(png + b"\0" * 64 + b"trailing metadata", "a.png"), image)
-    assert rsna_bone_age.png_is_complete(png + b"x" * 100) and not rsna_bone_age.png_is_complete(png[:-4])
+    assert rsna_bone_age.png_damage(png + b"x" * 100) is None
+    assert rsna_bone_age.png_damage(png[:-4]) == "truncated PNG (its chunks end before the IEND chunk)"
+    flipped = bytearray(png)
+    flipped[45] ^= 0xFF  # in the data of the IDAT chunk that follows the 33 bytes of signature and IHDR
+    assert rsna_bone_age.png_damage(bytes(flipped)) == "damaged PNG (chunk IDAT at byte 33 fails its CRC check)"
     with pytest.raises(rsna_bone_age.RsnaFormatError, match="b.png"):
         rsna_bone_age.decode_grey(png[:-6], "b.png")
 

@@ -197,3 +197,38 @@ def test_a_file_that_is_not_what_its_extension_says_is_named(tmp_path, suffix, f
     path.write_bytes(b"not weights at all" * 10)
     with pytest.raises(ValueError, match=rf"{path}: {match}"):
         weights.read_weights(str(path), framework)
+
+
+def test_from_run_writes_the_backbone_of_a_trained_run(tiny_run, tmp_path, capsys):
+    """python -m boneage_jax.weights --from run: a run's backbone as a pretrained directory."""
+    from boneage_jax import inference, state
+
+    out = str(tmp_path / "from_run")
+    assert weights.main(["--from", "run", "--in", tiny_run, "--out", out, "--which", "latest"]) == 0
+    run = inference.load_run(tiny_run, "latest")
+    meta = json.load(open(os.path.join(out, "boneage_jax_weights.json")))
+    assert meta == {"model": run.config.model.name, "in_channels": run.in_channels,
+                    "image_size": run.config.data.image_size, "source": run.workdir, "framework": "run",
+                    "checkpoint": "latest", "step": run.step}
+    create = state.model_factory(run.config, in_channels=run.in_channels, num_outputs=run.objective.num_outputs,
+                                 task=run.objective.task)
+    fresh = fast_init(create, 9).backbone
+    weights.load_pretrained(fresh, out)
+    trained = nnx.state(run.model().backbone, (nnx.Param, nnx.BatchStat))
+    loaded = nnx.state(fresh, (nnx.Param, nnx.BatchStat))
+    assert len(jax.tree_util.tree_leaves(trained)) > 2
+    for a, b in zip(jax.tree_util.tree_leaves(trained), jax.tree_util.tree_leaves(loaded)):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    # What the run decides is refused on the command line; a workdir that is not a run is named.
+    from absl import app
+
+    with pytest.raises(app.UsageError, match="--model, --in_channels: --from run takes the model"):
+        weights.main(["--from", "run", "--in", tiny_run, "--out", out, "--model", "vgg16", "--in_channels", "1"])
+    with pytest.raises(app.UsageError, match="--model is required with --from keras"):
+        weights.main(["--from", "keras", "--in", "x.h5", "--out", out])
+    with pytest.raises(app.UsageError, match="--which is only for --from run"):
+        weights.main(["--from", "keras", "--model", "vgg16", "--in", "x.h5", "--out", out, "--which", "best"])
+    capsys.readouterr()
+    assert weights.main(["--from", "run", "--in", str(tmp_path), "--out", str(tmp_path / "none")]) == 2
+    assert f"{tmp_path}/config.json is missing" in capsys.readouterr().err
+    assert not os.path.exists(tmp_path / "none")

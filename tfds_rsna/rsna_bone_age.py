@@ -56,6 +56,7 @@ import math
 import os
 import re
 import zipfile
+import zlib
 from collections.abc import Iterator, Sequence
 
 from tfds_rsna.keypoints import KEYPOINT_NAMES
@@ -324,9 +325,21 @@ def to_grey_uint8(image: np.ndarray, source: str) -> np.ndarray:
 
 
 def decode_grey(data: bytes, source: str) -> np.ndarray:
-    """Decodes PNG/JPEG bytes to 8-bit grey, failing clearly on unreadable or truncated files."""
+    """Decodes PNG/JPEG bytes to 8-bit grey, failing clearly on unreadable or truncated files.
+
+    A PNG is checked before OpenCV sees it (its chunks whole up to IEND, their CRCs, its declared
+    size against OpenCV's pixel limit), so a damaged one gets this function's one error and not,
+    besides, libpng's or OpenCV's own lines on stderr."""
     if len(data) == 0:
         raise RsnaFormatError(f"{source}: image file is empty")
+    if data[:8] == PNG_SIGNATURE:
+        damage = png_damage(data)
+        if damage:
+            raise RsnaFormatError(f"{source}: {damage}")
+        width, height = int.from_bytes(data[16:20], "big"), int.from_bytes(data[20:24], "big")
+        if width * height > opencv_max_pixels():
+            raise RsnaFormatError(f"{source}: the PNG declares {width} x {height} pixels, more than OpenCV decodes "
+                                  f"({opencv_max_pixels():,}, its OPENCV_IO_MAX_IMAGE_PIXELS)")
     try:
         image = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_UNCHANGED)
     except cv2.error as e:  # e.g. more pixels than OpenCV's limit (CV_IO_MAX_IMAGE_PIXELS)
@@ -334,28 +347,41 @@ def decode_grey(data: bytes, source: str) -> np.ndarray:
         raise RsnaFormatError(f"{source}: OpenCV cannot decode this image ({reason})") from e
     if image is None or image.size == 0:
         raise RsnaFormatError(f"{source}: unreadable or truncated image")
-    if data[:8] == PNG_SIGNATURE and not png_is_complete(data):
-        raise RsnaFormatError(f"{source}: truncated PNG (its chunks end before the IEND chunk)")
     return to_grey_uint8(image, source)
 
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
 
-def png_is_complete(data: bytes) -> bool:
-    """Whether the PNG's chunks (length, type, data, CRC) run whole up to its IEND chunk.
+def opencv_max_pixels() -> int:
+    """The most pixels OpenCV's decoders accept (its environment variable, else its default 2**30)."""
+    try:
+        return int(os.environ.get("OPENCV_IO_MAX_IMAGE_PIXELS", 1 << 30))
+    except ValueError:
+        return 1 << 30
 
-    Bytes after IEND (some writers append metadata or padding) do not make a PNG truncated."""
+
+def png_damage(data: bytes) -> str | None:
+    """What is wrong with a PNG's chunk structure, or None: every chunk (length, type, data, CRC)
+    whole and its CRC right, from IHDR up to IEND.
+
+    Bytes after IEND (some writers append metadata or padding) do not make a PNG damaged."""
     offset = len(PNG_SIGNATURE)
+    if data[offset + 4:offset + 8] != b"IHDR":
+        return "not a PNG (no IHDR chunk after the signature)"
     while offset + 12 <= len(data):
         length = int.from_bytes(data[offset:offset + 4], "big")
         kind = data[offset + 4:offset + 8]
-        offset += 12 + length
-        if offset > len(data):
-            return False
+        end = offset + 12 + length
+        if end > len(data):
+            break
+        if zlib.crc32(data[offset + 4:end - 4]) != int.from_bytes(data[end - 4:end], "big"):
+            name = kind.decode("latin-1") if kind.isalpha() else repr(kind)
+            return f"damaged PNG (chunk {name} at byte {offset} fails its CRC check)"
         if kind == b"IEND":
-            return True
-    return False
+            return None
+        offset = end
+    return "truncated PNG (its chunks end before the IEND chunk)"
 
 
 def resize_longest_side(image: np.ndarray, max_side: int | None) -> np.ndarray:
@@ -423,7 +449,8 @@ class SplitSource:
 
 
 def find_splits(manual_dir: str) -> dict[str, SplitSource]:
-    """Reads and checks the label files and image index of every split the folder provides."""
+    """Reads and checks the label files and image index of every split the folder provides; a label
+    file without rows (the phantom writer's ``--num_test 0``) leaves its split out."""
     if not os.path.isdir(manual_dir):
         raise RsnaFormatError(f"manual directory {manual_dir} does not exist")
     train_csv = os.path.join(manual_dir, TRAIN_CSV)
@@ -464,7 +491,10 @@ def find_splits(manual_dir: str) -> dict[str, SplitSource]:
                 raise RsnaFormatError(f"{row.source}: no image {row.image_id}.png for this row of the {name} split")
         all_rows.extend(split.rows)
     _check_unique(all_rows)  # an id may not appear in two splits either
-    return splits
+    if not splits["train"].rows:
+        raise RsnaFormatError(f"{train_csv} has no rows: the training split needs labelled images")
+    # A label file without rows (the phantom writer's --num_test 0) leaves its split out.
+    return {name: split for name, split in splits.items() if split.rows}
 
 
 # ----------------------------------------------------------------------------- builder

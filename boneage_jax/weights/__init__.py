@@ -66,6 +66,13 @@ directory, its files written with ``boneage_jax.io``, renamed at the end) with
   strings);
 - ``DIR/boneage_jax_weights.json``: model name, in_channels, image_size, source file, framework.
 
+``python -m boneage_jax.weights --from run --in WORKDIR --out DIR [--which best|latest]``
+(:func:`from_run`) writes the same directory from a run trained by ``boneage_jax.main``: the
+pretrained part of its model (the backbone, or a segmentation run's network) as restored from
+``WORKDIR/checkpoints/<which>``; model name, in_channels and image_size come from the run (the
+metadata adds ``step``). So a backbone trained on one dataset (phantom radiographs, another
+hospital's images) initialises a run on another.
+
 ``load_pretrained(backbone, DIR)`` restores it into a freshly built backbone of the same family
 (the training loop calls it on ``model.pretrained_part()`` for ``--config.init_from=DIR``: the
 backbone, so the head stays freshly initialised, or the whole segmentation network) and names
@@ -93,6 +100,7 @@ from boneage_jax.weights.loaders import WeightMismatchError, assign
 METADATA = "boneage_jax_weights.json"
 STATE = "state"
 FRAMEWORKS = ("keras", "torch")
+RUN = "run"  # ``--from run``: the backbone of a run trained by boneage_jax.main
 
 
 # ----------------------------------------------------------------------------- readers
@@ -394,11 +402,31 @@ def convert(
     return backbone
 
 
+def from_run(workdir: str, out: str, which: str = "best", overwrite: bool = False) -> nnx.Module:
+    """Writes the pretrained part of the run in ``workdir`` (its ``checkpoints/<which>``) as the
+    pretrained directory ``out``; returns that part."""
+    from boneage_jax import inference  # pylint: disable=import-outside-toplevel
+
+    run = inference.load_run(workdir, which)
+    part = run.model().pretrained_part()
+    metadata = {"model": run.config.model.name, "in_channels": run.in_channels,
+                "image_size": run.config.data.image_size, "source": run.workdir, "framework": RUN,
+                "checkpoint": which, "step": run.step}
+    save_pretrained(part, out, metadata, overwrite=overwrite)
+    return part
+
+
 FLAGS = flags.FlagValues()  # the command's flags (cli.parse); --from and --in are Python keywords, hence the names
-_FRAMEWORK = flags.DEFINE_enum("from", None, list(FRAMEWORKS), "The weight file's framework.", flag_values=FLAGS)
-_MODEL = flags.DEFINE_string("model", None, "A registered backbone name, e.g. resnet50_keras.", flag_values=FLAGS)
-_SOURCE = flags.DEFINE_string("in", None, "The weight file, or 'imagenet': the installed ImageNet weight package "
-                              "of --model (efficientnet_lite0/1/2).", flag_values=FLAGS)
+_FRAMEWORK = flags.DEFINE_enum("from", None, [*FRAMEWORKS, RUN],
+                               "The weight file's framework, or run: the backbone of a run's checkpoint.",
+                               flag_values=FLAGS)
+_MODEL = flags.DEFINE_string("model", None, "A registered backbone name, e.g. resnet50_keras (not with --from run: "
+                             "the run's model).", flag_values=FLAGS)
+_SOURCE = flags.DEFINE_string("in", None, "The weight file, 'imagenet': the installed ImageNet weight package "
+                              "of --model (efficientnet_lite0/1/2), or with --from run a run's workdir.",
+                              flag_values=FLAGS)
+_WHICH = flags.DEFINE_enum("which", "best", ["best", "latest"], "With --from run: the checkpoint to read.",
+                           flag_values=FLAGS)
 _OUT = flags.DEFINE_string("out", None, "The directory to write.", flag_values=FLAGS)
 _IN_CHANNELS = flags.DEFINE_enum("in_channels", "3", ["1", "3"],
                                  "1: a grey stem (RGB stem kernels are summed over their input channels).",
@@ -406,7 +434,9 @@ _IN_CHANNELS = flags.DEFINE_enum("in_channels", "3", ["1", "3"],
 _IMAGE_SIZE = flags.DEFINE_integer("image_size", 224, "Only for backbones whose layers depend on it.", lower_bound=1,
                                    flag_values=FLAGS)
 _OVERWRITE = flags.DEFINE_bool("overwrite", False, "Replace --out if it exists.", flag_values=FLAGS)
-flags.mark_flags_as_required(["from", "model", "in", "out"], flag_values=FLAGS)
+flags.mark_flags_as_required(["from", "in", "out"], flag_values=FLAGS)
+# What --from run takes from the run and so refuses on the command line; --which is only for runs.
+_FROM_THE_RUN = ("model", "in_channels", "image_size")
 
 
 def main(argv: Sequence[str]) -> int:
@@ -415,9 +445,22 @@ def main(argv: Sequence[str]) -> int:
     extra = cli.parse(FLAGS, argv)
     if extra:
         raise app.UsageError(f"unexpected arguments: {' '.join(extra)}")
+    if _FRAMEWORK.value == RUN:
+        given = [f"--{name}" for name in _FROM_THE_RUN if FLAGS[name].present]
+        if given:
+            raise app.UsageError(f"{', '.join(given)}: --from run takes the model, in_channels and image_size "
+                                 "from the run's config")
+    else:
+        if _MODEL.value is None:
+            raise app.UsageError(f"--model is required with --from {_FRAMEWORK.value}")
+        if FLAGS["which"].present:
+            raise app.UsageError("--which is only for --from run")
     try:
-        convert(_MODEL.value, _FRAMEWORK.value, _SOURCE.value, _OUT.value, int(_IN_CHANNELS.value),
-                _IMAGE_SIZE.value, _OVERWRITE.value)
+        if _FRAMEWORK.value == RUN:
+            from_run(_SOURCE.value, _OUT.value, _WHICH.value, _OVERWRITE.value)
+        else:
+            convert(_MODEL.value, _FRAMEWORK.value, _SOURCE.value, _OUT.value, int(_IN_CHANNELS.value),
+                    _IMAGE_SIZE.value, _OVERWRITE.value)
     except (WeightMismatchError, ValueError, FileNotFoundError, FileExistsError, ImportError) as e:
         print(f"error: {e}", file=sys.stderr)
         return cli.USAGE_STATUS
