@@ -67,12 +67,14 @@ def prepare(data_config: ml_collections.ConfigDict) -> tfds.core.DatasetBuilder:
         raise ValueError("config.data.manual_dir is empty: set it to the RSNA download or a phantom folder")
     data_dir = data_dir_for(data_config)
     manual_dir = os.path.abspath(os.path.expanduser(data_config.manual_dir))
-    if not os.path.isdir(manual_dir) and not os.path.isdir(data_dir):  # neither the source nor a prepared copy
-        raise FileNotFoundError(f"config.data.manual_dir {manual_dir} does not exist")
+    missing = None if os.path.isdir(manual_dir) else FileNotFoundError(
+        f"config.data.manual_dir {manual_dir} does not exist")
+    if missing and not os.path.isdir(data_dir):  # neither the source nor a prepared copy: before TFDS looks
+        raise missing
     builder = tfds.builder(dataset_name(data_config), data_dir=data_dir, file_format="array_record")
     if not builder.is_prepared():
-        if not os.path.isdir(manual_dir):
-            raise FileNotFoundError(f"config.data.manual_dir {manual_dir} does not exist")
+        if missing:
+            raise missing
         if jax.process_index() == 0:
             _prepare_once(builder, data_config, manual_dir, data_dir)
         if jax.process_count() > 1:
