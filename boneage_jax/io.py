@@ -461,8 +461,10 @@ def image_dimensions(data: bytes, name: str = "") -> tuple[int, int] | None:
     decoding its pixels (so that a huge image can be refused before it takes the memory); None
     where the header does not say (the decoder then names what is wrong)."""
     kind = image_format(data, name)
-    if kind == "png" and data[12:16] == b"IHDR" and len(data) >= 24:
-        return int.from_bytes(data[16:20], "big"), int.from_bytes(data[20:24], "big")
+    if kind == "png":
+        from tfds_rsna.rsna_bone_age import png_size  # pylint: disable=import-outside-toplevel
+
+        return png_size(data)
     if kind == "jpeg":
         return _jpeg_dimensions(data)
     if kind == "dicom":

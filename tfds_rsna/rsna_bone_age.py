@@ -336,10 +336,10 @@ def decode_grey(data: bytes, source: str) -> np.ndarray:
         damage = png_damage(data)
         if damage:
             raise RsnaFormatError(f"{source}: {damage}")
-        width, height = int.from_bytes(data[16:20], "big"), int.from_bytes(data[20:24], "big")
-        if width * height > opencv_max_pixels():
+        (width, height), limit = png_size(data), opencv_max_pixels()
+        if width * height > limit:
             raise RsnaFormatError(f"{source}: the PNG declares {width} x {height} pixels, more than OpenCV decodes "
-                                  f"({opencv_max_pixels():,}, its OPENCV_IO_MAX_IMAGE_PIXELS)")
+                                  f"({limit:,}, its OPENCV_IO_MAX_IMAGE_PIXELS)")
     try:
         image = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_UNCHANGED)
     except cv2.error as e:  # e.g. more pixels than OpenCV's limit (CV_IO_MAX_IMAGE_PIXELS)
@@ -351,6 +351,13 @@ def decode_grey(data: bytes, source: str) -> np.ndarray:
 
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+
+def png_size(data: bytes) -> tuple[int, int] | None:
+    """(width, height) that a PNG's IHDR chunk declares; None where the bytes have no IHDR there."""
+    if data[:8] != PNG_SIGNATURE or data[12:16] != b"IHDR" or len(data) < 24:
+        return None
+    return int.from_bytes(data[16:20], "big"), int.from_bytes(data[20:24], "big")
 
 
 def opencv_max_pixels() -> int:
