@@ -133,19 +133,21 @@ def tiny_gaussian_run(phantom_dir, data_root, tmp_path_factory) -> str:
 def host_random(monkeypatch):
     """Keras (on its JAX backend) drawing its initial weights on the host: its jax.random
     initialisers compile one XLA kernel per weight shape (most of a minute per EfficientNet on 2
-    cores). The values are random either way; the tests overwrite or randomise them again."""
+    cores), as do its zeros and ones (a broadcast each). The values are random either way; the
+    tests overwrite or randomise them again."""
     os.environ.setdefault("KERAS_BACKEND", "jax")
     keras = pytest.importorskip("keras")
     if keras.backend.backend() != "jax":
         pytest.skip("needs keras on its JAX backend (KERAS_BACKEND=jax)")
-    import jax.numpy as jnp
     import numpy as np
 
     rng = np.random.default_rng(1234)
     backend_random = keras.src.backend.random
 
     def as_array(values, dtype):
-        return jnp.asarray(np.asarray(values, dtype=keras.backend.standardize_dtype(dtype or "float32")))
+        # device_put, not jnp.asarray: jax 0.10 stages a numpy array through an identity program
+        # compiled once per shape.
+        return jax.device_put(np.asarray(values, dtype=keras.backend.standardize_dtype(dtype or "float32")))
 
     def normal(shape, mean=0.0, stddev=1.0, dtype=None, seed=None):
         return as_array(rng.normal(mean, stddev, shape), dtype)
@@ -161,7 +163,13 @@ def host_random(monkeypatch):
             bad = np.abs(values) > 2.0
         return as_array(mean + stddev * values, dtype)
 
+    def constant(value):
+        # (the Zeros and Ones initialisers: jnp.zeros compiles a broadcast once per shape)
+        return lambda shape, dtype=None: as_array(np.full(shape, value), dtype or keras.backend.floatx())
+
     monkeypatch.setattr(backend_random, "normal", normal)
     monkeypatch.setattr(backend_random, "uniform", uniform)
     monkeypatch.setattr(backend_random, "truncated_normal", truncated_normal)
+    monkeypatch.setattr(keras.src.backend.numpy, "zeros", constant(0.0))
+    monkeypatch.setattr(keras.src.backend.numpy, "ones", constant(1.0))
     return keras

@@ -76,14 +76,14 @@ def grad_step(model, x):
 
 
 @functools.partial(jax.jit, static_argnums=0, compiler_options=FAST_COMPILE)
-def _forward(graphdef, state, x):
-    return nnx.merge(graphdef, state)(x)
+def _forward(graphdef, state, *inputs):
+    return nnx.merge(graphdef, state)(*inputs)
 
 
-def forward(model, x):
-    """``model(x)`` compiled for a single call (the model's mode as it is; its state unchanged)."""
+def forward(model, *inputs):
+    """``model(*inputs)`` compiled for a single call (the model's mode as it is; its state unchanged)."""
     graphdef, state = nnx.split(model)
-    return _forward(graphdef, state, x)
+    return _forward(graphdef, state, *inputs)
 
 
 def keras_forward(model, x: np.ndarray) -> np.ndarray:

@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
+
+from helpers import FAST_COMPILE
 
 from boneage_jax.kernels import onednn
 from boneage_jax.models import convmixer, layers
@@ -142,10 +146,16 @@ def test_max_pool_gradient_goes_to_the_first_maximum_as_xla_sends_it(shape, size
     def reference(x):
         return nnx.max_pool(x, (size, size), strides=(stride, stride), padding=pads)
 
-    weights = jnp.asarray(rng.standard_normal(reference(x).shape), jnp.float32)
-    np.testing.assert_array_equal(layers.max_pool(x, size, stride, padding), reference(x))
-    ours = jax.grad(lambda x: (layers.max_pool(x, size, stride, padding) * weights).sum())(x)
-    expected = jax.grad(lambda x: (reference(x) * weights).sum())(x)
+    @functools.partial(jax.jit, compiler_options=FAST_COMPILE)  # one program: eagerly, each op compiles
+    def pools_and_gradients(x, weights):
+        ours = lambda x: layers.max_pool(x, size, stride, padding)  # noqa: E731
+        return (ours(x), reference(x), jax.grad(lambda x: (ours(x) * weights).sum())(x),
+                jax.grad(lambda x: (reference(x) * weights).sum())(x))
+
+    out_shape = jax.eval_shape(reference, jax.ShapeDtypeStruct(shape, jnp.float32)).shape
+    weights = rng.standard_normal(out_shape).astype(np.float32)
+    pooled, expected_pooled, ours, expected = pools_and_gradients(x, weights)
+    np.testing.assert_array_equal(pooled, expected_pooled)
     np.testing.assert_allclose(ours, expected, rtol=1e-6, atol=1e-6)  # a pixel shared by windows: sum order
 
 

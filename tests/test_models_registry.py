@@ -12,8 +12,11 @@ import sys
 import jax
 import jax.numpy as jnp
 import ml_collections
+import numpy as np
 import pytest
 from flax import nnx
+
+from helpers import fast_init, forward
 
 from boneage_jax import models
 from boneage_jax.models import heads
@@ -76,10 +79,10 @@ def test_segmentation_networks_have_their_own_registry():
 
 def test_create_model_dispatches_by_task_and_names_the_registry():
     unet = _model_config(name="unet", kwargs={"depth": 1, "base_filters": 2})
-    model = models.create_model(unet, in_channels=1, image_size=16, seed=0, task="segmentation")
+    model = fast_init(lambda: models.create_model(unet, in_channels=1, image_size=16, seed=0, task="segmentation"))
     assert isinstance(model, models.SegmentationModel) and model.pretrained_part() is model.network
-    assert model(jnp.ones((2, 16, 16, 1)), jnp.ones((2,))).shape == (2, 16, 16, 1)
-    boneage = models.create_model(_model_config(), in_channels=1, image_size=32, seed=0)
+    assert forward(model, jnp.ones((2, 16, 16, 1)), jnp.ones((2,))).shape == (2, 16, 16, 1)
+    boneage = nnx.eval_shape(lambda: models.create_model(_model_config(), in_channels=1, image_size=32, seed=0))
     assert isinstance(boneage, models.BoneAgeModel) and boneage.pretrained_part() is boneage.backbone
     with pytest.raises(ValueError, match=r"^config.model.name 'unet' is a segmentation network, not a backbone "
                                          r"\(config.task='boneage'\); backbones: .*cnn_memon"):
@@ -108,13 +111,13 @@ def test_parameter_paths_are_unchanged():
 
 @pytest.mark.parametrize("fusion, extra", [("none", 0), ("concat", 1), ("winner16bit", 32)])
 def test_fusion_modes(fusion, extra):
-    head = heads.FusionHead(10, fusion=fusion, rngs=models.Rngs(0))
+    head = fast_init(lambda: heads.FusionHead(10, fusion=fusion, rngs=models.Rngs(0)))
     if fusion == "winner16bit":
         assert head.hidden[0].in_features == 10 + extra and head.hidden[0].out_features == 1000
         assert [layer.out_features for layer in head.hidden] == [1000, 1000]
     else:
         assert head.out.in_features == 10 + extra
-    out = head(jnp.ones((2, 10)), jnp.array([0.0, 1.0]))
+    out = np.asarray(forward(head, jnp.ones((2, 10)), jnp.array([0.0, 1.0])))
     assert out.shape == (2, 1)
     if fusion == "none":
         assert out[0, 0] == out[1, 0]  # sex-agnostic
@@ -123,29 +126,29 @@ def test_fusion_modes(fusion, extra):
 
 
 def test_model_forward_and_bfloat16():
-    model = models.create_model(_model_config(), in_channels=1, image_size=32, num_outputs=3, seed=0)
-    assert model(jnp.ones((2, 32, 32, 1)), jnp.ones((2,))).shape == (2, 3)
-    bf16 = models.create_model(_model_config(dtype="bfloat16"), in_channels=1, image_size=32, seed=0)
-    assert bf16.backbone(jnp.ones((2, 32, 32, 1))).dtype == jnp.bfloat16
+    model = fast_init(lambda: models.create_model(_model_config(), in_channels=1, image_size=32, num_outputs=3, seed=0))
+    assert forward(model, jnp.ones((2, 32, 32, 1)), jnp.ones((2,))).shape == (2, 3)
+    bf16 = fast_init(lambda: models.create_model(_model_config(dtype="bfloat16"), in_channels=1, image_size=32, seed=0))
+    assert forward(bf16.backbone, jnp.ones((2, 32, 32, 1))).dtype == jnp.bfloat16
     assert all(x.dtype == jnp.float32 for x in jax.tree.leaves(nnx.state(bf16, nnx.Param)))
     with pytest.raises(ValueError, match="config.model.dtype"):
         models.create_model(_model_config(dtype="float8"), in_channels=1, image_size=32, seed=0)
 
 
 def test_cnn_memon_is_the_papers_network():
-    backbone = models.create_backbone("cnn_memon", in_channels=1, image_size=256, rngs=models.Rngs(0))
+    backbone = fast_init(lambda: models.create_backbone("cnn_memon", in_channels=1, image_size=256, rngs=models.Rngs(0)))
     assert [c.out_features for c in backbone.convs] == [16, 32, 64, 128]
     assert all(c.kernel_size == (3, 3) for c in backbone.convs)
     assert backbone.num_features == 16 * 16 * 128  # flattened after four 2x2 poolings of 256 px
-    assert backbone(jnp.ones((1, 256, 256, 1))).shape == (1, 32768)
+    assert forward(backbone, jnp.ones((1, 256, 256, 1))).shape == (1, 32768)
 
 
 def test_image_size_reaches_class_backbones():
     """The flattening CNN is a class; its image_size must not fall back to the default 256."""
-    model = models.create_model(_model_config(kwargs={}, sex_fusion="winner16bit"), in_channels=1, image_size=64,
-                                seed=0)
+    model = fast_init(lambda: models.create_model(_model_config(kwargs={}, sex_fusion="winner16bit"), in_channels=1,
+                                                  image_size=64, seed=0))
     assert model.backbone.num_features == 4 * 4 * 128
-    assert model(jnp.ones((2, 64, 64, 1)), jnp.ones((2,))).shape == (2, 1)
+    assert forward(model, jnp.ones((2, 64, 64, 1)), jnp.ones((2,))).shape == (2, 1)
 
 
 def _listing(*args: str) -> subprocess.CompletedProcess:

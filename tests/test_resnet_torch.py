@@ -9,6 +9,8 @@ padding), and the stem against a plain numpy computation.
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -16,7 +18,7 @@ import pytest
 from flax import nnx
 from safetensors.numpy import save_file
 
-from helpers import fast_init, forward, grad_step
+from helpers import FAST_COMPILE, fast_init, forward, grad_step
 
 from boneage_jax import models, weights
 from boneage_jax.models import layers
@@ -129,7 +131,7 @@ def ref_conv(x, w, stride, pad):
 
 def ref_bn(x, sd, p, eps=1e-5):
     shape = (1, -1, 1, 1)
-    scale = sd[f"{p}.weight"] / np.sqrt(sd[f"{p}.running_var"] + eps)
+    scale = sd[f"{p}.weight"] / jnp.sqrt(sd[f"{p}.running_var"] + eps)
     return (x - sd[f"{p}.running_mean"].reshape(shape)) * scale.reshape(shape) + sd[f"{p}.bias"].reshape(shape)
 
 
@@ -138,7 +140,13 @@ def ref_maxpool(x):
 
 
 def reference_features(sd, depth, x_nhwc):
-    """torchvision's ResNet.forward up to avgpool+flatten, on the torch tensors."""
+    """torchvision's ResNet.forward up to avgpool+flatten, on the torch tensors (one compiled
+    program: eagerly, each operation compiles on its own)."""
+    return np.asarray(_reference_features(sd, x_nhwc, depth))
+
+
+@functools.partial(jax.jit, static_argnums=2, compiler_options=FAST_COMPILE)
+def _reference_features(sd, x_nhwc, depth):
     kind, stages, _ = TORCHVISION[depth]
     relu = jax.nn.relu
     x = jnp.asarray(x_nhwc).transpose(0, 3, 1, 2)
@@ -158,7 +166,7 @@ def reference_features(sd, depth, x_nhwc):
                 y = relu(ref_bn(ref_conv(y, sd[f"{p}.conv2.weight"], stride, 1), sd, f"{p}.bn2"))
                 y = ref_bn(ref_conv(y, sd[f"{p}.conv3.weight"], 1, 0), sd, f"{p}.bn3")
             x = relu(y + identity)
-    return np.asarray(x.mean(axis=(2, 3)))
+    return x.mean(axis=(2, 3))
 
 
 # ----------------------------------------------------------------------------- tests
@@ -219,8 +227,8 @@ def test_grey_stem_sums_rgb_kernel(tmp_path):
     grey, _ = imported(18, tmp_path, in_channels=1)
     np.testing.assert_allclose(np.asarray(grey.conv1.kernel[...])[:, :, 0], sd["conv1.weight"].sum(1).transpose(1, 2, 0), rtol=1e-6)
     g = np.random.default_rng(3).normal(size=(1, 32, 32, 1)).astype(np.float32)
-    a = np.asarray(model(jnp.asarray(np.repeat(g, 3, -1))))
-    b = np.asarray(grey(jnp.asarray(g)))
+    a = np.asarray(forward(model, jnp.asarray(np.repeat(g, 3, -1))))
+    b = np.asarray(forward(grey, jnp.asarray(g)))
     assert np.abs(a - b).max() <= 1e-4 * np.abs(a).max()
 
 

@@ -17,7 +17,7 @@ import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 from flax import nnx  # noqa: E402
 
-from helpers import fast_init, forward, keras_forward  # noqa: E402
+from helpers import fast_init, forward, grad_step, keras_forward  # noqa: E402
 
 from boneage_jax import models, weights  # noqa: E402
 from boneage_jax.weights import loaders  # noqa: E402
@@ -114,7 +114,7 @@ def test_vgg_load_torch_names():
 def test_save_and_load_pretrained_roundtrip(tmp_path):
     source = fast_init(lambda: models.create_backbone("resnet18", in_channels=1, image_size=32, rngs=models.Rngs(0)))
     source.train()
-    source(jnp.ones((2, 32, 32, 1)))  # moves the batch statistics away from their init
+    grad_step(source, jnp.ones((2, 32, 32, 1)))  # moves the batch statistics away from their init
     out = str(tmp_path / "pre")
     weights.save_pretrained(source, out, {"model": "resnet18", "in_channels": 1})
     assert sorted(os.listdir(out)) == ["boneage_jax_weights.json", "state"]

@@ -36,7 +36,13 @@ def _fingerprint() -> str:
     with open(SOURCE, "rb") as f:
         digest.update(f.read())
     digest.update(jaxlib.__version__.encode())
+    digest.update(" ".join(CXXFLAGS).encode())
     return digest.hexdigest()[:12]
+
+
+# -O1: the source only sets up and caches oneDNN's primitives (the convolutions run in libdnnl),
+# and compiles in 4.1 s where -O2 took 7.0 s (g++ 12, this machine).
+CXXFLAGS = ("-O1", "-std=c++17")
 
 
 def library_path() -> str:
@@ -70,7 +76,7 @@ def compile_library(force: bool = False, quiet: bool = False) -> str:
     libdir = next(os.path.join(prefix, lib) for lib in ("lib", "lib/x86_64-linux-gnu")
                   if os.path.exists(os.path.join(prefix, lib, "libdnnl.so")))
     temporary = f"{target}.{os.getpid()}.tmp"
-    command = [compiler, "-O2", "-std=c++17", "-shared", "-fPIC",
+    command = [compiler, *CXXFLAGS, "-shared", "-fPIC",
                f"-I{jax.ffi.include_dir()}", f"-I{os.path.join(prefix, 'include')}", SOURCE, "-o", temporary,
                f"-L{libdir}", "-ldnnl", f"-Wl,-rpath,{libdir}"]
     start = time.time()
