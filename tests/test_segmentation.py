@@ -1,6 +1,6 @@
-"""The U-Net hand segmentation: trained briefly on phantoms it must reach Jaccard 0.9 on their
-test split; ``boneage_jax.segment`` writes its masks for every image, which the ``hand_mask``
-op then reads from the cache."""
+"""The U-Net hand segmentation (``configs/unet_segmentation.py:tiny``, widened): trained briefly
+on phantoms it must reach Jaccard 0.9 on their test split; ``boneage_jax.segment`` writes its
+masks for every image, which the ``hand_mask`` op then reads from the cache."""
 
 from __future__ import annotations
 
@@ -29,7 +29,9 @@ def unet_run(tmp_path_factory):
     root = tmp_path_factory.mktemp("unet")
     manual = str(root / "phantom")
     phantom.write_dataset(manual, num_train=96, num_validation=16, num_test=32, seed=1, height=160, width=128)
-    config = unet_segmentation.get_config()
+    # The config file's tiny variant (its end-to-end run for tests/test_configs.py), made big
+    # enough to learn the phantoms' hands.
+    config = unet_segmentation.get_config("tiny")
     config.data.manual_dir = manual
     config.data.data_dir = str(root / "tfds")
     config.data.image_size = 80
@@ -46,6 +48,17 @@ def unet_run(tmp_path_factory):
     workdir = str(root / "run")
     results = train.train_and_evaluate(config, workdir)
     return workdir, manual, results
+
+
+def test_the_config_runs_end_to_end(unet_run):
+    """configs/unet_segmentation.py:tiny trains, evaluates and writes results.json (the check
+    tests/test_configs.py makes of the other configs)."""
+    workdir, _, results = unet_run
+    assert set(results) >= {"validation", "test"} and all("jaccard" in r for r in results.values())
+    with open(os.path.join(workdir, "results.json")) as f:
+        assert json.load(f) == json.loads(json.dumps(results))
+    with open(os.path.join(workdir, "config.json")) as f:
+        assert json.load(f)["data"]["builder_config"] == "max512"  # (the tiny variant's)
 
 
 def test_unet_reaches_jaccard_09_on_phantom_test_split(unet_run):
