@@ -50,6 +50,14 @@ def unet_run(tmp_path_factory):
     return workdir, manual, results
 
 
+def test_the_file_runs_on_one_worker(request):
+    """Under ``pytest -n N --dist loadgroup`` (make test), xdist renames each test of a group
+    ``<id>@<group>`` and gives the group to one worker; without the rename (pytest 9.2 with
+    pytest-xdist 3.8) the group is spread and the U-Net run is trained on every worker."""
+    if getattr(request.config.option, "loadgroup", False):  # (set in xdist's workers)
+        assert request.node.nodeid.endswith("@test_segmentation"), request.node.nodeid
+
+
 def test_the_config_runs_end_to_end(unet_run):
     """configs/unet_segmentation.py:tiny trains, evaluates and writes results.json (the check
     tests/test_configs.py makes of the other configs)."""
