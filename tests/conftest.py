@@ -55,18 +55,6 @@ jax.config.update("jax_persistent_cache_min_entry_size_bytes",
 gc.set_threshold(50_000, 20, 100)
 
 
-# The longest work first: pytest-xdist hands tests out in collection order, so one of these left
-# for the end (the U-Net file is one unit of 45-55 s, its tests sharing a trained run) keeps one
-# worker busy while the other has nothing left. Whole files, or tests without module fixtures.
-LONGEST_FIRST = ("tests/test_segmentation.py", "tests/test_train.py::test_data_parallel_and_multi_process",
-                 "tests/test_sweep.py::test_sweep_folds_failure_resume_and_print",
-                 "tests/test_peers_benchmark.py::test_our_job_runs_through_the_harness")
-
-
-def pytest_collection_modifyitems(items) -> None:
-    items.sort(key=lambda item: not item.nodeid.startswith(LONGEST_FIRST))  # (a stable sort)
-
-
 def pytest_collection_finish(session) -> None:
     """Everything the test modules imported stays alive to the end: the collector stops scanning it."""
     gc.collect()
