@@ -84,6 +84,18 @@ def on_phantoms(config, phantom_dir: str, data_root: str):
     return config
 
 
+def check_run_results(workdir: str, results: dict, task: str) -> None:
+    """A finished run's results: validation and test scored with the task's metric, and
+    ``results.json`` holding exactly what training returned."""
+    import json
+
+    assert set(results) >= {"validation", "test"}
+    metric = "jaccard" if task == "segmentation" else "mae"
+    assert all(metric in r for r in results.values())
+    with open(os.path.join(workdir, "results.json")) as f:
+        assert json.load(f) == json.loads(json.dumps(results))
+
+
 def tiny_demo_config(phantom_dir: str, data_root: str, num_train_steps: int = 6):
     """``configs/demo.py:tiny`` (32 px, batch 8) on the phantoms, for ``num_train_steps`` steps."""
     from configs import demo

@@ -7,7 +7,7 @@ import json
 import os
 
 import pytest
-from conftest import on_phantoms
+from conftest import check_run_results, on_phantoms
 
 from boneage_jax import train
 from configs import common
@@ -55,19 +55,11 @@ def test_unknown_variant_names_the_choices():
         demo.get_config("huge")
 
 
-def _check_results(results: dict, task: str) -> None:
-    assert set(results) >= {"validation", "test"}
-    metric = "jaccard" if task == "segmentation" else "mae"
-    assert all(metric in r for r in results.values())
-
-
 def _run(name: str, variant: str, phantom_dir: str, data_root: str, tmp_path) -> None:
     module = importlib.import_module(f"configs.{name}")
     config = on_phantoms(module.get_config(variant), phantom_dir, data_root)
     results = train.train_and_evaluate(config, str(tmp_path / name))
-    _check_results(results, config.task)
-    with open(tmp_path / name / "results.json") as f:
-        assert json.load(f) == json.loads(json.dumps(results))
+    check_run_results(str(tmp_path / name), results, config.task)
 
 
 # demo's tiny run is the session's shared run; unet_segmentation's (widened and trained longer) is
@@ -82,7 +74,7 @@ def test_demo_config_runs_end_to_end(tiny_run):
     with open(os.path.join(tiny_run, "config.json")) as f:
         assert json.load(f)["model"]["kwargs"]["filters"] == [4, 8]
     with open(os.path.join(tiny_run, "results.json")) as f:
-        _check_results(json.load(f), "boneage")
+        check_run_results(tiny_run, json.load(f), "boneage")
 
 
 @pytest.mark.slow

@@ -13,6 +13,8 @@ import cv2
 import numpy as np
 import pytest
 
+from conftest import check_run_results
+
 # Its module-scoped trained run is built once: every test of the file on one xdist worker.
 pytestmark = pytest.mark.xdist_group("test_segmentation")
 
@@ -62,9 +64,7 @@ def test_the_config_runs_end_to_end(unet_run):
     """configs/unet_segmentation.py:tiny trains, evaluates and writes results.json (the check
     tests/test_configs.py makes of the other configs)."""
     workdir, _, results = unet_run
-    assert set(results) >= {"validation", "test"} and all("jaccard" in r for r in results.values())
-    with open(os.path.join(workdir, "results.json")) as f:
-        assert json.load(f) == json.loads(json.dumps(results))
+    check_run_results(workdir, results, "segmentation")
     with open(os.path.join(workdir, "config.json")) as f:
         assert json.load(f)["data"]["builder_config"] == "max512"  # (the tiny variant's)
 
