@@ -8,7 +8,9 @@ in two modes, training (dropout on, batch statistics updated; the frozen modules
 
 Models are created inside one compiled program (:func:`build`, :func:`create`), compiled as a
 one-off program (:func:`one_off_options`: LLVM level 0 on the CPU, where XLA's default level
-spent 41 s compiling EfficientNet-Lite0's initialiser).
+spent 41 s compiling EfficientNet-Lite0's initialiser). Weights read from a file go into the
+abstract model first (``nnx.eval_shape``), so the initialiser computes only what the file does
+not set.
 
 The training state is a dict ``{"step", "params", "rest", "opt_state"}``, replicated over a
 ``data`` mesh of all devices (:func:`make_mesh`, :func:`create`); ``opt_state`` is the optimiser's state of
@@ -118,10 +120,32 @@ def one_off_options() -> dict:
     return {"xla_backend_optimization_level": 0} if jax.default_backend() == "cpu" else {}
 
 
-def build(create: Callable[[], nnx.Module]) -> nnx.Module:
-    """``create()`` computed in one compiled program (eagerly, each initialiser compiles on its own)."""
-    graphdef = nnx.split(nnx.eval_shape(create))[0]
-    return nnx.merge(graphdef, jax.jit(lambda: nnx.state(create()), compiler_options=one_off_options())())
+def build(create: Callable[[], nnx.Module], load: Callable[[nnx.Module], object] | None = None) -> nnx.Module:
+    """``create()`` computed in one compiled program (eagerly, each initialiser compiles on its own).
+
+    With ``load`` (a weight loader, e.g. ``lambda m: weights.load_arrays(m, arrays, "torch")``), the
+    model is first built abstractly (``nnx.eval_shape``) and ``load`` fills it; only what it left
+    unset is computed by the initialiser, in a program from which XLA drops the rest: converting
+    EfficientNet-Lite0's ImageNet file (every weight set) compiles no initialiser at all, where a
+    full one took 6 s on this machine."""
+    model = nnx.eval_shape(create)
+    if load is not None:
+        load(model)
+    graphdef, values = nnx.split(model)
+    by_path = dict(nnx.to_flat_state(values))
+    missing = [path for path, variable in by_path.items() if _is_abstract(variable)]
+    if missing:
+        def compute() -> list:
+            fresh = dict(nnx.to_flat_state(nnx.state(create())))
+            return [fresh[path].get_value() for path in missing]
+
+        for path, value in zip(missing, jax.jit(compute, compiler_options=one_off_options())()):
+            by_path[path].set_value(value)
+    return nnx.merge(graphdef, values)
+
+
+def _is_abstract(variable: nnx.Variable) -> bool:
+    return isinstance(variable.get_value(), jax.ShapeDtypeStruct)
 
 
 # ----------------------------------------------------------------------------- creation
@@ -156,20 +180,29 @@ def create(config: ml_collections.ConfigDict, create_model: Callable[[], nnx.Mod
 
     ``tx`` is built over the parameters that ``freeze`` leaves trainable. Returns (graphs,
     training state, dropout RNG state)."""
-    pretrained = None
+    paths, pretrained = [], []
     if config.init_from:
         from boneage_jax import weights  # pylint: disable=import-outside-toplevel
 
-        part = build(create_model).pretrained_part()
+        # Read into the abstract model: the initialiser is compiled once, below, and XLA drops the
+        # draws of whatever the file sets.
+        part = nnx.eval_shape(create_model).pretrained_part()
         weights.init_pretrained(part, config.init_from, config.model.name)
-        # Parameters and batch statistics only: RNG state (dropout keys) is not a weight, and
-        # key arrays do not convert to numpy.
-        pretrained = jax.tree.map(np.asarray, nnx.state(part, (nnx.Param, nnx.BatchStat)))
+        # Parameters and batch statistics only (RNG state, the dropout keys, is not a weight),
+        # those the file set.
+        loaded = [(path, variable) for path, variable in
+                  nnx.to_flat_state(nnx.state(part, (nnx.Param, nnx.BatchStat))) if not _is_abstract(variable)]
+        paths = [path for path, _ in loaded]
+        pretrained = [np.asarray(variable.get_value()) for _, variable in loaded]
 
     def init(pretrained):
         model = create_model()
-        if pretrained is not None:
-            nnx.update(model.pretrained_part(), pretrained)
+        if pretrained:
+            part_state = nnx.state(model.pretrained_part(), (nnx.Param, nnx.BatchStat))
+            by_path = dict(nnx.to_flat_state(part_state))
+            for path, value in zip(paths, pretrained, strict=True):
+                by_path[path].set_value(value)
+            nnx.update(model.pretrained_part(), part_state)
         _, params, rngs, rest = split(model)
         state = {"step": jnp.zeros((), jnp.int32), "params": params, "rest": rest,
                  "opt_state": init_opt_state(tx, params, freeze)}

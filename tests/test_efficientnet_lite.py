@@ -22,9 +22,8 @@ import ml_collections
 import numpy as np
 import pytest
 from flax import nnx
-from helpers import fast_init
 
-from boneage_jax import models, weights
+from boneage_jax import models, state, weights
 from boneage_jax.models import efficientnet, efficientnet_lite, layers
 from boneage_jax.weights import loaders
 
@@ -65,10 +64,14 @@ def _reference(fixture: dict) -> dict:
     return json.loads(str(fixture["reference_json"]))
 
 
-def build(variant: int, *, include_top: bool = True, in_channels: int = 3):
-    return fast_init(lambda: models.create_backbone(
-        f"efficientnet_lite{variant}", in_channels=in_channels, image_size=224, rngs=models.Rngs(params=0, dropout=1),
-        include_top=include_top))
+def imported(variant: int):
+    """lite``variant`` with its classifier, built as the weights CLI builds it: the installed
+    ImageNet file read into the abstract model (``state.build`` with a loader: nothing but the
+    dropout RNG state is initialised)."""
+    return state.build(lambda: models.create_backbone(
+        f"efficientnet_lite{variant}", in_channels=3, image_size=224, rngs=models.Rngs(params=0, dropout=1),
+        include_top=True), load=lambda m: weights.import_weights(
+            m, weights.imagenet_file(f"efficientnet_lite{variant}"), "torch"))
 
 
 def abstract(variant: int, include_top: bool, in_channels: int = 3):
@@ -88,8 +91,7 @@ def lite0():
     """lite0 with its 1000-class classifier and the installed ImageNet weights, in eval mode."""
     if not _installed(0):
         pytest.skip(f"{weights.IMAGENET_PACKAGES['efficientnet_lite0']} is not installed ({weights.PRETRAINED_EXTRA})")
-    model = build(0)
-    weights.import_weights(model, weights.imagenet_file("efficientnet_lite0"), "torch")
+    model = imported(0)
     model.eval()
     return model
 
@@ -204,8 +206,7 @@ def test_logits_equal_the_reference_lite1_lite2(variant):
     if not _installed(variant):
         pytest.skip(f"{weights.IMAGENET_PACKAGES[f'efficientnet_lite{variant}']} is not installed")
     fixture = _fixture()
-    model = build(variant)
-    weights.import_weights(model, weights.imagenet_file(f"efficientnet_lite{variant}"), "torch")
+    model = imported(variant)
     model.eval()
     x = ((fixture["inputs"].astype(np.float32) / np.float32(255)) - MEAN) / STD
     got = np.asarray(logits(model, jnp.asarray(x)))
@@ -233,8 +234,10 @@ def test_logits_equal_the_live_reference(variant):
     x = np.random.default_rng(variant).standard_normal((2, 224, 224, 3)).astype(np.float32)
     with torch.no_grad():
         expected = net(torch.from_numpy(x.transpose(0, 3, 1, 2).copy())).numpy()
-    model = build(variant)
-    model.load_torch({name: t.detach().numpy() for name, t in net.state_dict().items()})
+    tensors = {name: t.detach().numpy() for name, t in net.state_dict().items()}
+    model = state.build(lambda: models.create_backbone(
+        f"efficientnet_lite{variant}", in_channels=3, image_size=224, rngs=models.Rngs(0), include_top=True),
+        load=lambda m: m.load_torch(tensors))
     model.eval()
     got = np.asarray(logits(model, jnp.asarray(x)))
     # measured: 1e-7 of logits up to 0.3
@@ -298,8 +301,9 @@ def test_the_convert_command_reads_the_installed_weights(tmp_path, capsys):
     assert weights.main(["--from", "torch", "--model", "efficientnet_lite0", "--in", "imagenet", "--out", out,
                          "--in_channels", "1"]) == 0
     assert weights.read_metadata(out)["source"] == weights.imagenet_file("efficientnet_lite0")
-    backbone = build(0, include_top=False, in_channels=1)
-    weights.load_pretrained(backbone, out)
+    backbone = state.build(lambda: models.create_backbone("efficientnet_lite0", in_channels=1, image_size=224,
+                                                          rngs=models.Rngs(0), include_top=False),
+                           load=lambda m: weights.load_pretrained(m, out))
     tensors = weights.read_torch(weights.imagenet_file("efficientnet_lite0"))
     np.testing.assert_array_equal(np.asarray(backbone.bn1.mean[...]), tensors["_bn1.running_mean"])
     capsys.readouterr()

@@ -29,7 +29,7 @@ from flax import nnx  # noqa: E402
 
 from helpers import fast_init, forward, grad_step, keras_forward  # noqa: E402
 
-from boneage_jax import models, weights  # noqa: E402
+from boneage_jax import models, state, weights  # noqa: E402
 from boneage_jax.models import layers  # noqa: E402
 
 try:
@@ -103,8 +103,9 @@ def keras_and_ours(name: str, tmp_path, in_channels: int = 3, seed: int = 0, off
     arrays, names = randomise(keras_model, seed)
     path = str(tmp_path / f"{name}_weights_tf_dim_ordering_tf_kernels_notop.h5")
     weights.write_keras_h5(path, arrays, names)
-    ours = fast_init(lambda: models.create_backbone(name, in_channels=in_channels, image_size=size, rngs=models.Rngs(1)))
-    weights.import_weights(ours, path, "keras")
+    ours = state.build(lambda: models.create_backbone(name, in_channels=in_channels, image_size=size,
+                                                      rngs=models.Rngs(1)),
+                       load=lambda m: weights.import_weights(m, path, "keras"))
     ours.eval()
     return keras_model, ours
 
@@ -156,8 +157,8 @@ def test_grey_stem_equals_rgb_on_repeated_grey(name, tmp_path, host_random):
     _, size, _ = CASES[name]
     keras_model, _ = keras_and_ours(name, tmp_path)
     path = str(tmp_path / f"{name}_weights_tf_dim_ordering_tf_kernels_notop.h5")
-    grey_model = fast_init(lambda: models.create_backbone(name, in_channels=1, image_size=size, rngs=models.Rngs(2)))
-    weights.import_weights(grey_model, path, "keras")
+    grey_model = state.build(lambda: models.create_backbone(name, in_channels=1, image_size=size, rngs=models.Rngs(2)),
+                             load=lambda m: weights.import_weights(m, path, "keras"))
     grey_model.eval()
     g = np.random.default_rng(3).uniform(-1.0, 1.0, (1, size, size, 1)).astype(np.float32)
     expected = keras_forward(keras_model, np.repeat(g, 3, axis=-1))

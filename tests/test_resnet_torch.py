@@ -20,7 +20,7 @@ from safetensors.numpy import save_file
 
 from helpers import FAST_COMPILE, fast_init, forward, grad_step
 
-from boneage_jax import models, weights
+from boneage_jax import models, state, weights
 from boneage_jax.models import layers
 from boneage_jax.weights import loaders
 
@@ -113,8 +113,9 @@ def imported(depth: int, tmp_path, in_channels: int = 3, seed: int = 0):
     sd = random_state_dict(depth, seed)
     path = str(tmp_path / f"resnet{depth}.safetensors")
     save_file(sd, path)
-    model = build(depth, in_channels)
-    weights.import_weights(model, path, "torch")
+    model = state.build(lambda: models.create_backbone(NAMES[depth], in_channels=in_channels, image_size=32,
+                                                       rngs=models.Rngs(params=0, dropout=1)),
+                        load=lambda m: weights.import_weights(m, path, "torch"))
     model.eval()
     return model, sd
 
@@ -234,7 +235,8 @@ def test_grey_stem_sums_rgb_kernel(tmp_path):
 
 def test_wrong_shape_missing_and_extra_tensors_are_named(tmp_path):
     sd = random_state_dict(18)
-    model = build(18)
+    # (shapes are all a loader checks: the abstract model, nothing compiled)
+    model = nnx.eval_shape(lambda: models.create_backbone(NAMES[18], in_channels=3, image_size=32, rngs=models.Rngs(0)))
     bad = dict(sd, **{"layer2.0.conv1.weight": np.zeros((128, 64, 5, 5), np.float32)})
     save_file(bad, str(tmp_path / "bad.safetensors"))
     with pytest.raises(loaders.WeightMismatchError, match=r"layer2\.0\.conv1\.weight.*\(3, 3, 64, 128\).*\(5, 5, 64, 128\)"):

@@ -160,3 +160,40 @@ def test_build_gives_the_eager_model_compiled_as_a_one_off_program(monkeypatch):
     for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-6, atol=1e-7)
     assert type(built) is type(eager)
+
+
+def test_build_with_a_loader_computes_only_what_it_left_unset(monkeypatch):
+    """``state.build(create, load)``: what ``load`` sets into the abstract model is kept as set;
+    the rest equals ``state.build(create)``, from a program compiled only when something is left
+    (a loader that sets every variable compiles nothing)."""
+    from boneage_jax import models
+
+    def create():
+        return models.create_backbone("cnn_memon", in_channels=1, image_size=32, rngs=models.Rngs(0))
+
+    reference = state.build(create)
+    flat = dict(nnx.to_flat_state(nnx.state(reference)))
+    first = next(path for path, v in flat.items() if isinstance(v, nnx.Param) and v.get_value().ndim == 4)
+    ones = np.ones(flat[first].get_value().shape, np.float32)
+
+    def load_first(model):
+        dict(nnx.to_flat_state(nnx.state(model)))[first].set_value(jax.device_put(ones))
+
+    built = dict(nnx.to_flat_state(nnx.state(state.build(create, load=load_first))))
+    assert built.keys() == flat.keys()
+    np.testing.assert_array_equal(np.asarray(built[first].get_value()), ones)
+    for path, variable in flat.items():
+        if path != first and isinstance(variable, (nnx.Param, nnx.BatchStat)):
+            np.testing.assert_array_equal(np.asarray(built[path].get_value()), np.asarray(variable.get_value()))
+
+    values = {path: v.get_value() for path, v in flat.items()}
+
+    def load_all(model):
+        for path, variable in nnx.to_flat_state(nnx.state(model)):
+            variable.set_value(values[path])
+
+    calls = []
+    jit = jax.jit
+    monkeypatch.setattr(jax, "jit", lambda *a, **k: calls.append(a) or jit(*a, **k))
+    state.build(create, load=load_all)
+    assert calls == []

@@ -73,10 +73,12 @@ pretrained part of its model (the backbone, or a segmentation run's network) as 
 metadata adds ``step``). So a backbone trained on one dataset (phantom radiographs, another
 hospital's images) initialises a run on another.
 
-``load_pretrained(backbone, DIR)`` restores it into a freshly built backbone of the same family
-(the training loop calls it on ``model.pretrained_part()`` for ``--config.init_from=DIR``: the
-backbone, so the head stays freshly initialised, or the whole segmentation network) and names
-the first mismatching layer if it does not fit.
+``load_pretrained(backbone, DIR)`` restores it into a backbone of the same family, freshly built
+or abstract (``nnx.eval_shape``: the training loop calls it on the abstract model's
+``pretrained_part()`` for ``--config.init_from=DIR``: the backbone, so the head stays freshly
+initialised, or the whole segmentation network), and names the first mismatching layer if it
+does not fit. The loaders only read shapes and dtypes, so every loader here fills an abstract
+model; ``state.build(create, load=...)`` then initialises only what the file did not set.
 """
 
 from __future__ import annotations
@@ -357,14 +359,16 @@ def load_pretrained(backbone: nnx.Module, directory: str) -> None:
     restored = _flatten(checkpointer.restore(path))
     checkpointer.close()
     state = _saved_state(backbone)
-    expected = _flatten(_stringify(nnx.to_pure_dict(state)))
+    # (shapes, not values: ``backbone`` may be abstract, ``nnx.eval_shape``)
+    expected = {"/".join(str(k) for k in path): tuple(variable.get_value().shape)
+                for path, variable in nnx.to_flat_state(state)}
     origin = f" ({meta.get('model')}, in_channels={meta.get('in_channels')})" if meta else ""
-    for name, value in expected.items():
+    for name, shape in expected.items():
         if name not in restored:
             raise WeightMismatchError(f"layer {name}: missing from the pretrained weights in {directory}{origin}")
-        if tuple(np.shape(restored[name])) != tuple(value.shape):
+        if tuple(np.shape(restored[name])) != shape:
             raise WeightMismatchError(
-                f"layer {name}: the model expects shape {tuple(value.shape)}, {directory}{origin} has "
+                f"layer {name}: the model expects shape {shape}, {directory}{origin} has "
                 f"{tuple(np.shape(restored[name]))}"
             )
     extra = [name for name in restored if name not in expected]
@@ -394,8 +398,8 @@ def convert(
         source = imagenet_file(model)
     arrays = read_weights(source, framework)  # a bad file is named before the model is built
     backbone = state.build(lambda: models.create_backbone(model, in_channels=in_channels, image_size=image_size,
-                                                          rngs=models.Rngs(0)))
-    load_arrays(backbone, arrays, framework)
+                                                          rngs=models.Rngs(0)),
+                           load=lambda module: load_arrays(module, arrays, framework))
     metadata = {"model": model, "in_channels": in_channels, "image_size": image_size,
                 "source": os.path.abspath(source), "framework": framework}
     save_pretrained(backbone, out, metadata, overwrite=overwrite)
