@@ -62,7 +62,7 @@ def test_unet_fits_synthetic_ellipses():
 
     tx = optax.adam(4e-3)
     graphdef, params, rest = nnx.split(model, nnx.Param, ...)
-    opt_state = tx.init(params)
+    opt_state = jax.jit(tx.init)(params)  # (eagerly: one compiled zeros per parameter shape)
 
     @jax.jit
     def step(params, rest, opt_state, x, y):
