@@ -3,7 +3,6 @@ convolution for every geometry the models use, the fallbacks, and a model's trai
 
 from __future__ import annotations
 
-import functools
 
 import jax
 import jax.numpy as jnp
@@ -13,7 +12,7 @@ import pytest
 from flax import nnx
 from jax import lax
 
-from helpers import FAST_COMPILE, fast_init
+from helpers import fast_init
 
 from boneage_jax import models
 from boneage_jax.kernels import build, onednn
@@ -207,7 +206,7 @@ def test_models_built_by_the_registry_use_it_and_train_to_the_same_loss(monkeypa
     def steps():
         """Loss and gradients at the model's parameters, and the losses of three SGD steps from there."""
 
-        @functools.partial(jax.jit, compiler_options=FAST_COMPILE)  # traced anew for each call: reads BONEAGE_CPU_CONV
+        @jax.jit  # traced anew for each call (reads BONEAGE_CPU_CONV); compiled at the suite's level: it runs six steps
         def step(params, rest, opt_state):
             model = nnx.merge(graphdef, params, rest)
             loss, grads = nnx.value_and_grad(lambda m: ((m(x).mean(axis=1) - target) ** 2).mean())(model)
