@@ -3,7 +3,6 @@ convolution for every geometry the models use, the fallbacks, and a model's trai
 
 from __future__ import annotations
 
-
 import jax
 import jax.numpy as jnp
 import numpy as np
