@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -277,9 +278,11 @@ def _damage(step_dir: str, kind: str) -> str:
     return path
 
 
-def test_damaged_latest_checkpoint_is_named_and_the_previous_step_offered(tiny_config, tmp_path):
+def test_damaged_latest_checkpoint_is_named_and_the_previous_step_offered(tiny_config, tmp_path, capsys):
     """For each kind of damage to the newest checkpoint: one error naming the file and offering
-    the step before it; told so, the run resumes from that step and ends as an unbroken run."""
+    the step before it; told so, the run moves the damaged step aside and resumes from the step
+    before it, ending as an unbroken run (checked to the bit for the first kind: once the damaged
+    step is moved aside, what is resumed no longer depends on the damage)."""
     import shutil
 
     from boneage_jax import state as state_lib
@@ -311,10 +314,19 @@ def test_damaged_latest_checkpoint_is_named_and_the_previous_step_offered(tiny_c
         assert f"{damaged} is damaged" in str(error.value), kind
         assert "step 2 before it is kept: re-run with --config.on_damaged_checkpoint=previous" in str(error.value)
         tiny_config.on_damaged_checkpoint = "previous"
-        train.train_and_evaluate(tiny_config, workdir)
+        stop_at_3 = None
+        if i:  # resumed from step 2, stopped once step 3 is done
+            def stop_at_3(step: int) -> None:
+                if step == 3:
+                    raise Killed
+        with (pytest.raises(Killed) if i else contextlib.nullcontext()):
+            train.train_and_evaluate(tiny_config, workdir, step_callback=stop_at_3)
         assert os.path.isdir(os.path.join(workdir, "checkpoints", "damaged", "latest-4"))
-        for x, y in zip(jax.tree.leaves(_final_params(workdir)), jax.tree.leaves(_final_params(unbroken)), strict=True):
-            np.testing.assert_array_equal(x, y)
+        assert "at step 2" in [line for line in capsys.readouterr().out.splitlines() if "Resumed from" in line][0]
+        if not i:
+            for x, y in zip(jax.tree.leaves(_final_params(workdir)), jax.tree.leaves(_final_params(unbroken)),
+                            strict=True):
+                np.testing.assert_array_equal(x, y)
 
 
 # The training command with a step callback that makes the workdir read-only at a step given on
