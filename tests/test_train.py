@@ -33,15 +33,16 @@ def _final_params(workdir: str) -> dict:
     return restored["params"]
 
 
-def test_main_writes_every_output(tiny_config, tmp_path):
+def test_main_writes_every_output(tiny_config, tmp_path, capsys):
+    """The training command (here in this process; launch.local and launch.multihost run it as
+    its own process in the data-parallel test) writes every output of a run."""
+    from boneage_jax import main
+
     workdir = str(tmp_path / "run")
     args = _overrides(tiny_config, log_every=2)
-    result = subprocess.run(
-        [sys.executable, "-m", "boneage_jax.main", "--config=configs/demo.py:tiny", f"--workdir={workdir}", *args],
-        cwd=REPO, capture_output=True, text=True, timeout=300,
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
-    assert "baseline MAE" in result.stdout and "img/s" in result.stdout
+    assert main.main(["--config=configs/demo.py:tiny", f"--workdir={workdir}", *args]) == 0
+    out = capsys.readouterr().out
+    assert "baseline MAE" in out and "img/s" in out
     with open(os.path.join(workdir, "config.json")) as f:
         assert json.load(f)["num_train_steps"] == 4
     with open(os.path.join(workdir, "results.json")) as f:
