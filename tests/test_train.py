@@ -301,6 +301,10 @@ def test_damaged_latest_checkpoint_is_named_and_the_previous_step_offered(tiny_c
         if step == 5:
             raise Killed
 
+    def kill_at_3(step: int) -> None:
+        if step == 3:
+            raise Killed
+
     base = str(tmp_path / "base")
     with pytest.raises(Killed):
         train.train_and_evaluate(tiny_config, base, step_callback=kill_at_5)
@@ -315,13 +319,9 @@ def test_damaged_latest_checkpoint_is_named_and_the_previous_step_offered(tiny_c
         assert f"{damaged} is damaged" in str(error.value), kind
         assert "step 2 before it is kept: re-run with --config.on_damaged_checkpoint=previous" in str(error.value)
         tiny_config.on_damaged_checkpoint = "previous"
-        stop_at_3 = None
-        if i:  # resumed from step 2, stopped once step 3 is done
-            def stop_at_3(step: int) -> None:
-                if step == 3:
-                    raise Killed
+        # To the end for the first kind; for the others, stopped once step 3 (from step 2) is done.
         with (pytest.raises(Killed) if i else contextlib.nullcontext()):
-            train.train_and_evaluate(tiny_config, workdir, step_callback=stop_at_3)
+            train.train_and_evaluate(tiny_config, workdir, step_callback=kill_at_3 if i else None)
         assert os.path.isdir(os.path.join(workdir, "checkpoints", "damaged", "latest-4"))
         assert "at step 2" in [line for line in capsys.readouterr().out.splitlines() if "Resumed from" in line][0]
         if not i:
