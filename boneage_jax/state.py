@@ -132,20 +132,25 @@ def build(create: Callable[[], nnx.Module], load: Callable[[nnx.Module], object]
     if load is not None:
         load(model)
     graphdef, values = nnx.split(model)
-    by_path = dict(nnx.to_flat_state(values))
-    missing = [path for path, variable in by_path.items() if _is_abstract(variable)]
+    missing = [path for path, variable in nnx.to_flat_state(values) if _is_abstract(variable)]
     if missing:
         def compute() -> list:
             fresh = dict(nnx.to_flat_state(nnx.state(create())))
             return [fresh[path].get_value() for path in missing]
 
-        for path, value in zip(missing, jax.jit(compute, compiler_options=one_off_options())()):
-            by_path[path].set_value(value)
+        _set(values, missing, jax.jit(compute, compiler_options=one_off_options())())
     return nnx.merge(graphdef, values)
 
 
 def _is_abstract(variable: nnx.Variable) -> bool:
     return isinstance(variable.get_value(), jax.ShapeDtypeStruct)
+
+
+def _set(values: nnx.State, paths: list[tuple], arrays: list) -> None:
+    """Sets the variables of ``values`` at ``paths`` (``nnx.to_flat_state``'s) to ``arrays``."""
+    by_path = dict(nnx.to_flat_state(values))
+    for path, array in zip(paths, arrays, strict=True):
+        by_path[path].set_value(array)
 
 
 # ----------------------------------------------------------------------------- creation
@@ -199,9 +204,7 @@ def create(config: ml_collections.ConfigDict, create_model: Callable[[], nnx.Mod
         model = create_model()
         if pretrained:
             part_state = nnx.state(model.pretrained_part(), (nnx.Param, nnx.BatchStat))
-            by_path = dict(nnx.to_flat_state(part_state))
-            for path, value in zip(paths, pretrained, strict=True):
-                by_path[path].set_value(value)
+            _set(part_state, paths, pretrained)
             nnx.update(model.pretrained_part(), part_state)
         _, params, rngs, rest = split(model)
         state = {"step": jnp.zeros((), jnp.int32), "params": params, "rest": rest,

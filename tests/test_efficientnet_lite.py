@@ -64,21 +64,27 @@ def _reference(fixture: dict) -> dict:
     return json.loads(str(fixture["reference_json"]))
 
 
+def creator(variant: int, *, include_top: bool = True, in_channels: int = 3):
+    """What builds lite``variant`` at 224 px."""
+    return lambda: models.create_backbone(f"efficientnet_lite{variant}", in_channels=in_channels, image_size=224,
+                                          rngs=models.Rngs(params=0, dropout=1), include_top=include_top)
+
+
+def loaded(variant: int, load, **kwargs):
+    """lite``variant`` built as the weights CLI builds it: ``load`` fills the abstract model and
+    nothing it sets is initialised (``state.build`` with a loader)."""
+    return state.build(creator(variant, **kwargs), load=load)
+
+
 def imported(variant: int):
-    """lite``variant`` with its classifier, built as the weights CLI builds it: the installed
-    ImageNet file read into the abstract model (``state.build`` with a loader: nothing but the
-    dropout RNG state is initialised)."""
-    return state.build(lambda: models.create_backbone(
-        f"efficientnet_lite{variant}", in_channels=3, image_size=224, rngs=models.Rngs(params=0, dropout=1),
-        include_top=True), load=lambda m: weights.import_weights(
-            m, weights.imagenet_file(f"efficientnet_lite{variant}"), "torch"))
+    """lite``variant`` with its classifier and the installed ImageNet file."""
+    return loaded(variant, lambda m: weights.import_weights(m, weights.imagenet_file(f"efficientnet_lite{variant}"),
+                                                            "torch"))
 
 
 def abstract(variant: int, include_top: bool, in_channels: int = 3):
     """The model's shapes without computing any weight (``load_torch`` into it checks every shape)."""
-    return nnx.eval_shape(lambda: models.create_backbone(
-        f"efficientnet_lite{variant}", in_channels=in_channels, image_size=224, rngs=models.Rngs(0),
-        include_top=include_top))
+    return nnx.eval_shape(creator(variant, include_top=include_top, in_channels=in_channels))
 
 
 @nnx.jit
@@ -235,9 +241,7 @@ def test_logits_equal_the_live_reference(variant):
     with torch.no_grad():
         expected = net(torch.from_numpy(x.transpose(0, 3, 1, 2).copy())).numpy()
     tensors = {name: t.detach().numpy() for name, t in net.state_dict().items()}
-    model = state.build(lambda: models.create_backbone(
-        f"efficientnet_lite{variant}", in_channels=3, image_size=224, rngs=models.Rngs(0), include_top=True),
-        load=lambda m: m.load_torch(tensors))
+    model = loaded(variant, lambda m: m.load_torch(tensors))
     model.eval()
     got = np.asarray(logits(model, jnp.asarray(x)))
     # measured: 1e-7 of logits up to 0.3
@@ -301,9 +305,7 @@ def test_the_convert_command_reads_the_installed_weights(tmp_path, capsys):
     assert weights.main(["--from", "torch", "--model", "efficientnet_lite0", "--in", "imagenet", "--out", out,
                          "--in_channels", "1"]) == 0
     assert weights.read_metadata(out)["source"] == weights.imagenet_file("efficientnet_lite0")
-    backbone = state.build(lambda: models.create_backbone("efficientnet_lite0", in_channels=1, image_size=224,
-                                                          rngs=models.Rngs(0), include_top=False),
-                           load=lambda m: weights.load_pretrained(m, out))
+    backbone = loaded(0, lambda m: weights.load_pretrained(m, out), include_top=False, in_channels=1)
     tensors = weights.read_torch(weights.imagenet_file("efficientnet_lite0"))
     np.testing.assert_array_equal(np.asarray(backbone.bn1.mean[...]), tensors["_bn1.running_mean"])
     capsys.readouterr()

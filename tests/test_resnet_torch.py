@@ -104,18 +104,21 @@ def random_state_dict(depth: int, seed: int = 0) -> dict[str, np.ndarray]:
     return out
 
 
+def creator(depth: int, in_channels: int = 3, dtype: str = "float32"):
+    """What builds resnet``depth`` (torchvision layout) at 32 px."""
+    return lambda: models.create_backbone(NAMES[depth], in_channels=in_channels, image_size=32, dtype=dtype,
+                                          rngs=models.Rngs(params=0, dropout=1))
+
+
 def build(depth: int, in_channels: int = 3, dtype: str = "float32"):
-    return fast_init(lambda: models.create_backbone(NAMES[depth], in_channels=in_channels, image_size=32,
-                                                    dtype=dtype, rngs=models.Rngs(params=0, dropout=1)))
+    return fast_init(creator(depth, in_channels, dtype))
 
 
 def imported(depth: int, tmp_path, in_channels: int = 3, seed: int = 0):
     sd = random_state_dict(depth, seed)
     path = str(tmp_path / f"resnet{depth}.safetensors")
     save_file(sd, path)
-    model = state.build(lambda: models.create_backbone(NAMES[depth], in_channels=in_channels, image_size=32,
-                                                       rngs=models.Rngs(params=0, dropout=1)),
-                        load=lambda m: weights.import_weights(m, path, "torch"))
+    model = state.build(creator(depth, in_channels), load=lambda m: weights.import_weights(m, path, "torch"))
     model.eval()
     return model, sd
 
@@ -236,7 +239,7 @@ def test_grey_stem_sums_rgb_kernel(tmp_path):
 def test_wrong_shape_missing_and_extra_tensors_are_named(tmp_path):
     sd = random_state_dict(18)
     # (shapes are all a loader checks: the abstract model, nothing compiled)
-    model = nnx.eval_shape(lambda: models.create_backbone(NAMES[18], in_channels=3, image_size=32, rngs=models.Rngs(0)))
+    model = nnx.eval_shape(creator(18))
     bad = dict(sd, **{"layer2.0.conv1.weight": np.zeros((128, 64, 5, 5), np.float32)})
     save_file(bad, str(tmp_path / "bad.safetensors"))
     with pytest.raises(loaders.WeightMismatchError, match=r"layer2\.0\.conv1\.weight.*\(3, 3, 64, 128\).*\(5, 5, 64, 128\)"):
