@@ -222,6 +222,9 @@ class EvaluateCommand:
                                        "Linear bias correction fitted on validation predictions.", flag_values=values)
         self._report = flags.DEFINE_bool("report", report, "Also draw the figures and report/report.md.",
                                          flag_values=values)
+        self._quality = flags.DEFINE_bool("quality", False, "Also run the quality check (boneage_jax.quality) over "
+                                          "the split's images: how many it would reject, why, and the error with "
+                                          "and without them.", flag_values=values)
         self._report_images = flags.DEFINE_integer("report_images", 8,
                                                    "Validation images in the Grad-CAM / attention figures.",
                                                    flag_values=values)
@@ -242,7 +245,8 @@ class EvaluateCommand:
             evaluation.evaluate(self._workdir.value, split=self._split.value, which=self._which.value,
                                 tta=self._tta.value, tta_flip=self._tta_flip.value, tta_angles=angles,
                                 ensemble=self._ensemble.value, bias_correction=self._bias.value, overrides=overrides,
-                                report=self.report or self._report.value, report_images=self._report_images.value)
+                                report=self.report or self._report.value, report_images=self._report_images.value,
+                                quality_check=self._quality.value)
         except (FileNotFoundError, ValueError) as e:
             print(f"error: {e}", file=sys.stderr)
             return USAGE_STATUS

@@ -1,7 +1,7 @@
 r"""Score a trained run (or an ensemble of runs) on a split of its dataset, or on another one.
 
     python -m boneage_jax.evaluate --workdir=runs/demo [--split=test|validation|train|all] \
-        [--which=best|latest] [--tta] [--ensemble=runs/b,runs/c] [--bias_correction] [--report] \
+        [--which=best|latest] [--tta] [--ensemble=runs/b,runs/c] [--bias_correction] [--quality] [--report] \
         [--config.data.manual_dir=OTHER_FOLDER] [--config.key=value ...]
 
 The run's ``config.json`` is loaded and ``--config.*`` overrides are applied on top of it (data
@@ -20,6 +20,12 @@ settings: another dataset folder, sex and age filters, batch size); the model se
   the class whose mean age is nearest the mean age).
 - ``--bias_correction``: fits ``true ~ slope * pred + intercept`` on the validation
   predictions (same models, same TTA) and applies it to the scored split.
+- ``--quality``: also runs the quality check (``boneage_jax.quality``, what ``predict`` and the
+  service refuse without ``--force``) over the split's stored images: the JSON gets ``quality``
+  (``checked``, ``rejected``, ``rejected_fraction``, ``reasons``: the count per reason,
+  ``rejected_images``: id and rejection, ``ms_per_image``, and ``metrics``: those of ``all``,
+  the ``accepted`` and the ``rejected`` labelled images), the CSV a last column ``quality`` (the
+  reason, empty for an accepted image), the printed summary and the report a line on it.
 
 Writes into the (first) workdir ``evaluation_<split>[_latest][_tta][_ensemble][_bc][_on-<folder>].json``
 (``results.json``'s keys mae, rmse, r2, num_examples, baseline_mae, checkpoint_step, and mse,

@@ -15,6 +15,9 @@
   other and the ensemble (paired bootstrap).
 - Per-image prediction intervals (:func:`with_intervals`: 68% and 95% normal intervals from
   ``pred_std``, where a Gaussian head, TTA or an ensemble gives one; :func:`interval_sources`).
+- Quality control over a split (:func:`quality_verdicts`: ``boneage_jax.quality``'s check of
+  every stored image; :func:`quality_summary`: how many it would reject, why, and the error with
+  and without them).
 - :func:`evaluate`: what ``python -m boneage_jax.evaluate`` (and ``boneage_jax.report``) does:
   loads a run (and ensemble members), scores a split, optionally bias-corrected, writes
   ``evaluation_<suffix>.json`` and ``predictions_<suffix>.csv`` into the workdir, and with
@@ -39,7 +42,7 @@ from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from boneage_jax import data, inference, input_pipeline, io, metrics, objectives, state
+from boneage_jax import data, inference, input_pipeline, io, metrics, objectives, quality, state
 from boneage_jax.ops import augment
 
 
@@ -336,6 +339,67 @@ def with_intervals(predictions: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     return out
 
 
+# ----------------------------------------------------------------------------- quality control
+
+
+def quality_verdicts(data_config: ml_collections.ConfigDict, chosen: Sequence[data.SplitSelection]
+                     ) -> tuple[dict[int, quality.Rejection | None], float]:
+    """The quality check (``quality.rejection`` for a network of ``data.image_size``) of every
+    stored image of the selections, by record id, and the seconds the checks took (decoding not
+    counted)."""
+    verdicts, seconds = {}, 0.0
+    for selection in chosen:
+        source = data.data_source(data_config, selection.tfds_split, decode_masks=False)
+        for index in selection.indices:
+            record = source[int(index)]
+            start = time.perf_counter()
+            verdicts[int(record["id"])] = quality.rejection(record["image"], int(data_config.image_size))
+            seconds += time.perf_counter() - start
+    return verdicts, seconds
+
+
+def quality_summary(predictions: dict[str, np.ndarray], verdicts: dict[int, quality.Rejection | None],
+                    seconds: float) -> dict:
+    """``quality`` of the evaluation JSON: images checked and rejected (``rejected_fraction``),
+    the count per reason, the rejected ids with their reasons, ms per image, and ``metrics``:
+    over the labelled images, ``metrics.group_metrics`` of ``all``, the ``accepted`` and the
+    ``rejected`` ones."""
+    found = [verdicts[int(i)] for i in predictions["id"]]
+    rejected = np.array([v is not None for v in found], bool)
+    reasons: dict[str, int] = {}
+    for v in found:
+        if v is not None:
+            reasons[v.reason] = reasons.get(v.reason, 0) + 1
+    out = {"checked": len(found), "rejected": int(rejected.sum()),
+           "rejected_fraction": float(rejected.mean()) if len(found) else 0.0,
+           "reasons": dict(sorted(reasons.items(), key=lambda kv: (-kv[1], kv[0]))),
+           "rejected_images": [{"id": int(i), "rejection": str(v)} for i, v in zip(predictions["id"], found)
+                               if v is not None],
+           "ms_per_image": 1e3 * seconds / max(len(found), 1)}
+    labelled = ~np.isnan(predictions["boneage"])
+    if labelled.any():
+        pred, true = predictions["pred_boneage"], predictions["boneage"]
+        groups = (("all", labelled), ("accepted", labelled & ~rejected), ("rejected", labelled & rejected))
+        out["metrics"] = {name: metrics.group_metrics(pred[keep], true[keep]) for name, keep in groups}
+    return out
+
+
+def quality_text(q: dict) -> str:
+    """One line on the quality check: how many images it would reject, why, and the MAE with
+    and without them."""
+    why = ", ".join(f"{reason} {count}" for reason, count in q["reasons"].items())
+    text = (f"quality check: {q['rejected']} of {q['checked']} images ({q['rejected_fraction']:.1%}) would be "
+            f"rejected{f' ({why})' if why else ''}, {q['ms_per_image']:.1f} ms/image")
+    if "metrics" in q:
+        groups = q["metrics"]
+        parts = [f"MAE {groups['all']['mae']:.2f} on all {groups['all']['num_examples']}"]
+        for name in ("accepted", "rejected"):
+            if groups[name].get("num_examples"):
+                parts.append(f"{groups[name]['mae']:.2f} on the {groups[name]['num_examples']} {name}")
+        text += "; " + ", ".join(parts)
+    return text
+
+
 # ----------------------------------------------------------------------------- evaluating runs
 
 
@@ -409,14 +473,16 @@ class Evaluation:
     json_path: str
     csv_path: str
     report_path: str | None = None
+    quality: dict[int, quality.Rejection | None] | None = None  # by id, with ``quality_check``
 
 
 def evaluate(workdir: str, *, split: str | None = None, which: str = "best", tta: bool = False,
              tta_flip: bool = True, tta_angles: Sequence[float] = (-5.0, 5.0), ensemble: Sequence[str] = (),
              bias_correction: bool = False, overrides: Sequence[str] = (), report: bool = False,
-             report_images: int = 8, verbose: bool = True) -> Evaluation:
+             report_images: int = 8, quality_check: bool = False, verbose: bool = True) -> Evaluation:
     """Scores ``workdir``'s run (and ``ensemble`` members) and writes the JSON and CSV; see the
-    module docstring. Returns an :class:`Evaluation`."""
+    module docstring. ``quality_check``: also run the quality check over the split's images
+    (:func:`quality_summary`). Returns an :class:`Evaluation`."""
     workdir = os.path.abspath(workdir)
     config = inference.load_config(workdir, overrides)
     saved_dir = inference.read_config(workdir).data.manual_dir
@@ -478,6 +544,10 @@ def evaluate(workdir: str, *, split: str | None = None, which: str = "best", tta
         result["member_comparison"] = comparison
     result["inference"] = {**timing.summary(), **memory_summary()}
     result["overrides"] = list(overrides)
+    verdicts = None
+    if quality_check:
+        verdicts, seconds = quality_verdicts(config.data, chosen)
+        result["quality"] = quality_summary(predictions, verdicts, seconds)
 
     other = None
     if os.path.abspath(os.path.expanduser(config.data.manual_dir)) != os.path.abspath(os.path.expanduser(saved_dir)):
@@ -487,8 +557,8 @@ def evaluate(workdir: str, *, split: str | None = None, which: str = "best", tta
     json_path = os.path.join(workdir, f"evaluation_{suffix}.json")
     csv_path = os.path.join(workdir, f"predictions_{suffix}.csv")
     io.write_json(json_path, result)
-    write_predictions_csv(csv_path, predictions)
-    outcome = Evaluation(result, predictions, runs, split, json_path, csv_path)
+    write_predictions_csv(csv_path, predictions, verdicts)
+    outcome = Evaluation(result, predictions, runs, split, json_path, csv_path, quality=verdicts)
     if verbose:
         print(summary_table(outcome), flush=True)
     if report:
@@ -521,7 +591,10 @@ def interval_description(predictions: dict[str, np.ndarray], sources: Sequence[s
     return out
 
 
-def write_predictions_csv(path: str, predictions: dict[str, np.ndarray]) -> None:
+def write_predictions_csv(path: str, predictions: dict[str, np.ndarray],
+                          verdicts: dict[int, quality.Rejection | None] | None = None) -> None:
+    """The predictions CSV; with ``verdicts`` (the quality check's, by id) a last column
+    ``quality``: the reason an image would be rejected, empty where it is accepted."""
     columns = ["id", "male", "boneage", "pred_boneage"] + [
         k for k in ("pred_boneage_uncorrected", "pred_std", "pred_class", *INTERVAL_COLUMNS) if k in predictions]
 
@@ -532,8 +605,15 @@ def write_predictions_csv(path: str, predictions: dict[str, np.ndarray]) -> None
             return int(bool(value))
         return "" if np.isnan(value) else f"{float(value):.4f}"
 
-    rows = ([cell(k, predictions[k][i]) for k in columns] for i in range(len(predictions["id"])))
-    io.write_csv(path, columns, rows)
+    def row(i: int) -> list:
+        cells = [cell(k, predictions[k][i]) for k in columns]
+        if verdicts is not None:
+            verdict = verdicts[int(predictions["id"][i])]
+            cells.append("" if verdict is None else verdict.reason)
+        return cells
+
+    header = columns + ["quality"] * (verdicts is not None)
+    io.write_csv(path, header, (row(i) for i in range(len(predictions["id"]))))
 
 
 def _ci(low: float | None, high: float | None, level: float, digits: int) -> str:
@@ -631,6 +711,8 @@ def summary_table(outcome: Evaluation) -> str:
             lines.append(f"bias correction: true = {bc['slope']:.4f} * pred {bc['intercept']:+.2f} (fitted on "
                          f"{bc['num_fitted']} validation images{', in-sample' if bc['in_sample'] else ''}); "
                          f"uncorrected MAE {bc['uncorrected']['mae']:.2f}")
+    if "quality" in r:
+        lines.append(quality_text(r["quality"]))
     inf = r["inference"]
     lines.append(f"inference: {inf['model_ms_per_image']:.3f} ms/image in the model, {inf['total_ms_per_image']:.2f} "
                  f"ms/image with the input pipeline ({inf['device']}); peak host memory {inf['peak_host_mib']:.0f} MiB"

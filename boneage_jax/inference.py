@@ -17,7 +17,8 @@ run's preprocessing on images from outside its dataset.
 
 :class:`Predictor` is a loaded bone-age run for single images from outside the dataset, what
 ``boneage_jax.predict`` and ``boneage_jax.serve`` share: a file or bytes in memory -> the stored
-resolution -> the quality check (``boneage_jax.quality``) -> the run's preprocessing made fit for
+resolution (colour kept for the quality check) -> the quality check (``boneage_jax.quality``: a hand
+radiograph it can read?) -> the run's preprocessing made fit for
 single images (:func:`single_image_spec`) -> batched readout (padded to a power of two) and
 saliency maps. :func:`enable_compilation_cache` turns on JAX's persistent compilation cache.
 """
@@ -263,21 +264,25 @@ class Predictor:
     # -- images
 
     def stored(self, image: np.ndarray) -> np.ndarray:
-        """A uint8 grey image as the TFDS builder would have stored it (longest side capped)."""
+        """A uint8 image as the TFDS builder would have stored it (longest side capped); a colour
+        image keeps its channels (the quality check reads them; :meth:`prepare` reads it grey)."""
         from tfds_rsna import rsna_bone_age  # pylint: disable=import-outside-toplevel
 
         return rsna_bone_age.resize_longest_side(image, self.max_side)
 
     def load(self, path: str) -> np.ndarray:
-        """A PNG, JPEG or DICOM file -> the stored image (:meth:`stored`)."""
-        return self.stored(io.read_image(path))
+        """A PNG, JPEG or DICOM file -> the stored image (:meth:`stored`): uint8 grey (H, W), or
+        BGR (H, W, 3) for a PNG or JPEG whose colour channels differ (``io.read_image``)."""
+        return self.stored(io.read_image(path, colour=True))
 
     def decode(self, data: bytes, name: str) -> np.ndarray:
-        """PNG, JPEG or DICOM bytes (``name`` for messages) -> the stored image, decoded in memory."""
-        return self.stored(io.decode_image(data, name))
+        """PNG, JPEG or DICOM bytes (``name`` for messages) -> the stored image, decoded in memory
+        (grey or BGR as :meth:`load`)."""
+        return self.stored(io.decode_image(data, name, colour=True))
 
     def unusable_reason(self, image: np.ndarray) -> str | None:
-        """Why a stored image cannot be read by this network (``quality.unusable_reason``); None if it can."""
+        """Why a stored image is not a hand radiograph this network can read
+        (``quality.unusable_reason``: "REASON: details"); None if it is."""
         return quality.unusable_reason(image, self.image_size)
 
     def prepare(self, image: np.ndarray, path: str = "image", check_quality: bool = True) -> np.ndarray:
@@ -288,7 +293,7 @@ class Predictor:
         if reason:
             raise io.ImageReadError(f"{path}: rejected: {reason}")
         try:
-            return input_pipeline.prepare_image(self.data_config, image)
+            return input_pipeline.prepare_image(self.data_config, quality.grey(image))
         except Exception as e:  # an op failing on this image (e.g. an empty hand mask)
             raise io.ImageReadError(f"{path}: preprocessing failed: {e}") from e
 
@@ -297,7 +302,7 @@ class Predictor:
         from boneage_jax import ops  # pylint: disable=import-outside-toplevel
 
         preprocess = ops.Pipeline.from_config(self.data_config).preprocess
-        return np.asarray(ops.as_2d(preprocess({"image": image, "id": 0})["image"]))
+        return np.asarray(ops.as_2d(preprocess({"image": quality.grey(image), "id": 0})["image"]))
 
     # -- the network
 

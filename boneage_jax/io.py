@@ -5,7 +5,8 @@ interrupted run leaves the previous file (or none), never a partial one: :func:`
 :func:`write_text`, :func:`write_json` (on process 0 only), :func:`write_csv`,
 :func:`write_png`.
 
-:func:`read_image` reads a PNG, JPEG or DICOM radiograph as uint8 grey (DICOM through
+:func:`read_image` reads a PNG, JPEG or DICOM radiograph as uint8 grey (or, asked to, a colour
+PNG/JPEG as BGR, for the quality check to see that it is a photograph; DICOM through
 :func:`read_dicom`: modality rescale, the first VOI window or else min-max, MONOCHROME1
 inverted); :func:`expand_inputs` turns folders into their image files. A file that cannot be
 read raises :class:`ImageReadError` naming it. :func:`decode_image` does the same for the
@@ -385,10 +386,26 @@ def _dicom_number(ds, path: str, field: str, default: float) -> float:
     return number
 
 
-def read_image(path: str) -> np.ndarray:
-    """PNG, JPEG or DICOM file -> uint8 grey (H, W); ImageReadError (naming the file) otherwise."""
+def keep_colour(pixels: np.ndarray, source: str) -> np.ndarray:
+    """A decoded PNG/JPEG (``rsna_bone_age.decode_pixels``) -> uint8 BGR (H, W, 3) when its
+    colour channels differ, else uint8 grey (H, W) (a grey radiograph stored as RGB is grey)."""
     from tfds_rsna import rsna_bone_age  # pylint: disable=import-outside-toplevel
 
+    if pixels.ndim == 3 and pixels.shape[2] in (3, 4):
+        bgr = pixels[:, :, :3]
+        if not (np.array_equal(bgr[:, :, 0], bgr[:, :, 1]) and np.array_equal(bgr[:, :, 0], bgr[:, :, 2])):
+            if bgr.dtype != np.uint8:  # 16-bit or float colour: min-max to 8 bits, as grey images
+                lo, hi = float(bgr.min()), float(bgr.max())
+                scale = 255.0 / (hi - lo) if hi > lo else 0.0
+                bgr = np.clip((bgr.astype(np.float32) - lo) * scale + 0.5, 0, 255)
+            return np.ascontiguousarray(bgr.astype(np.uint8))
+    return rsna_bone_age.to_grey_uint8(pixels, source)
+
+
+def read_image(path: str, colour: bool = False) -> np.ndarray:
+    """PNG, JPEG or DICOM file -> uint8 grey (H, W); ImageReadError (naming the file) otherwise.
+    With ``colour``, a PNG or JPEG whose colour channels differ comes as uint8 BGR (H, W, 3)
+    (:func:`keep_colour`; what ``boneage_jax.quality`` reads to tell a photograph); DICOM is grey."""
     if not os.path.exists(path):
         raise ImageReadError(f"{path}: no such file")
     if os.path.isdir(path):
@@ -400,8 +417,17 @@ def read_image(path: str) -> np.ndarray:
             data = f.read()
     except OSError as e:
         raise ImageReadError(f"{path}: {e.strerror}") from e
+    return _decode(data, path, colour)
+
+
+def _decode(data: bytes, name: str, colour: bool) -> np.ndarray:
+    """PNG or JPEG bytes -> uint8 grey, or with ``colour`` :func:`keep_colour`'s image."""
+    from tfds_rsna import rsna_bone_age  # pylint: disable=import-outside-toplevel
+
     try:
-        return rsna_bone_age.decode_grey(data, path)
+        if colour:
+            return keep_colour(rsna_bone_age.decode_pixels(data, name), name)
+        return rsna_bone_age.decode_grey(data, name)
     except rsna_bone_age.RsnaFormatError as e:
         raise ImageReadError(str(e)) from e
 
@@ -476,19 +502,15 @@ def image_dimensions(data: bytes, name: str = "") -> tuple[int, int] | None:
     return None
 
 
-def decode_image(data: bytes, name: str) -> np.ndarray:
+def decode_image(data: bytes, name: str, colour: bool = False) -> np.ndarray:
     """The bytes of a PNG, JPEG or DICOM file -> uint8 grey (H, W), decoded in memory (as
-    :func:`read_image` reads files). :class:`UnknownFormatError` for bytes of any other kind,
-    :class:`ImageReadError` for a damaged or unsupported image; both name ``name``."""
-    from tfds_rsna import rsna_bone_age  # pylint: disable=import-outside-toplevel
-
+    :func:`read_image` reads files; ``colour`` as there). :class:`UnknownFormatError` for bytes
+    of any other kind, :class:`ImageReadError` for a damaged or unsupported image; both name
+    ``name``."""
     kind = image_format(data, name)
     if kind is None:
         what = "an empty file" if not data else f"its first bytes are {data[:8]!r}"
         raise UnknownFormatError(f"{name}: not {IMAGE_FORMATS} ({what})")
     if kind == "dicom":
         return _dicom_image(_io.BytesIO(data), name)
-    try:
-        return rsna_bone_age.decode_grey(data, name)
-    except rsna_bone_age.RsnaFormatError as e:
-        raise ImageReadError(str(e)) from e
+    return _decode(data, name, colour)

@@ -1,7 +1,7 @@
 r"""Bone age of new hand radiographs from a trained run.
 
     python -m boneage_jax.predict --workdir runs/demo --sex F hand.png [more.jpg scans/ ...] \
-        [--out preds.csv] [--heatmaps heatmaps/] [--which best] [--batch_size 16]
+        [--out preds.csv] [--heatmaps heatmaps/] [--which best] [--batch_size 16] [--force]
 
 Prints the predicted bone age in months and years for each image (with the standard deviation
 of a ``gaussian`` head and the age class of a ``classification`` head). ``--sex`` (M/F, male/
@@ -11,6 +11,13 @@ folders are not searched recursively. ``--out`` writes a CSV with the columns ``
 boneage_months`` (``boneage_std_months`` for a gaussian head, ``age_class`` for a classification
 head). An unreadable image is reported on stderr with its name and skipped; the exit status is
 then 1 (0 when every image was predicted).
+
+Before predicting, each image goes through the quality check (``boneage_jax.quality``: big
+enough, a hand found by the mask, of plausible size and shape, not inverted, not blank, not
+noise, not a photograph). An image it rejects gets ``error: FILE: rejected: REASON: details``
+on stderr instead of a bone age and counts as not predicted (exit status 1). ``--force``
+predicts it anyway: its line ends with ``[quality check: REASON: details; predicted with
+--force]`` and the CSV gets a ``quality`` column (the rejection, empty for accepted images).
 
 Each image goes through what validation images went through in training: the dataset's stored
 resolution (``data.builder_config``: longest side at most 512 or 1024 px), then the run's
@@ -65,6 +72,8 @@ _WHICH = flags.DEFINE_enum("which", "best", ["best", "latest"], "Checkpoint to l
 _OUT = flags.DEFINE_string("out", None, "CSV file for the predictions.", flag_values=FLAGS)
 _HEATMAPS = flags.DEFINE_string("heatmaps", None, "Folder for saliency / attention overlays.", flag_values=FLAGS)
 _BATCH_SIZE = flags.DEFINE_integer("batch_size", 16, "Largest batch of images per call.", flag_values=FLAGS)
+_FORCE = flags.DEFINE_bool("force", False, "Predict images that the quality check rejects too (their output says "
+                           "so).", flag_values=FLAGS)
 _CACHE_DIR = flags.DEFINE_string(
     "cache_dir", None, f"Persistent compilation cache (default $BONEAGE_JAX_CACHE or {cli.DEFAULT_CACHE}; '' off).",
     flag_values=FLAGS)
@@ -82,6 +91,7 @@ class Prediction:
     boneage: float
     std: float | None = None
     age_class: int | None = None
+    rejected: str | None = None  # the quality check's reason, for an image predicted with --force
 
     @property
     def sex(self) -> str:
@@ -112,15 +122,21 @@ def in_batches(fn: Callable[[np.ndarray, np.ndarray], T], images: np.ndarray, ma
 
 
 def predict_files(predictor: Predictor, files: Sequence[str], male: bool, *, heatmaps: str | None = None,
-                  log: Callable[[str], None] = print,
+                  force: bool = False, log: Callable[[str], None] = print,
                   error: Callable[[str], None] = _print_error) -> tuple[list[Prediction], list[str]]:
-    """Predicts every readable file (``log`` gets a line per prediction, ``error`` one per
-    failure); returns the predictions and the files that failed."""
-    inputs, kept, originals, failed = [], [], [], []
+    """Predicts every readable file that the quality check accepts (every readable file with
+    ``force``; ``log`` gets a line per prediction, ``error`` one per failure or rejection);
+    returns the predictions and the files that failed or were rejected."""
+    inputs, kept, originals, failed, rejections = [], [], [], [], []
     for path in io.progress(files, desc="reading"):
         try:
             image = predictor.load(path)
-            inputs.append(predictor.prepare(image, path))
+            reason = predictor.unusable_reason(image)
+            if reason and not force:
+                error(f"error: {path}: rejected: {reason} (--force predicts it anyway)")
+                failed.append(path)
+                continue
+            inputs.append(predictor.prepare(image, path, check_quality=False))
         except io.ImageReadError as e:  # its message starts with the file
             error(f"error: {io.one_line(e)}")
             failed.append(path)
@@ -130,6 +146,7 @@ def predict_files(predictor: Predictor, files: Sequence[str], male: bool, *, hea
             failed.append(path)
             continue
         kept.append(path)
+        rejections.append(reason)
         if heatmaps:
             originals.append(image)
     if not kept:
@@ -143,7 +160,7 @@ def predict_files(predictor: Predictor, files: Sequence[str], male: bool, *, hea
         predictions.append(Prediction(
             file=path, male=male, boneage=float(readout["boneage"][i]),
             std=float(readout["std"][i]) if "std" in readout else None,
-            age_class=int(readout["class"][i]) if "class" in readout else None))
+            age_class=int(readout["class"][i]) if "class" in readout else None, rejected=rejections[i]))
         log(describe(predictions[-1]))
     if heatmaps:
         from boneage_jax import explain  # pylint: disable=import-outside-toplevel
@@ -164,14 +181,18 @@ def describe(p: Prediction) -> str:
         text += f"  ± {p.std:.1f} months"
     if p.age_class is not None:
         text += f"  age class {p.age_class}"
+    if p.rejected is not None:
+        text += f"  [quality check: {p.rejected}; predicted with --force]"
     return text
 
 
-def csv_rows(predictions: Sequence[Prediction]) -> tuple[list[str], list[list]]:
+def csv_rows(predictions: Sequence[Prediction], with_quality: bool = False) -> tuple[list[str], list[list]]:
+    """The CSV header and rows; ``with_quality`` (``--force``) adds the column ``quality``: the
+    quality check's rejection of a forced image, empty for an accepted one."""
     header = ["file", "sex", "boneage_months"]
     with_std = any(p.std is not None for p in predictions)
     with_class = any(p.age_class is not None for p in predictions)
-    header += ["boneage_std_months"] * with_std + ["age_class"] * with_class
+    header += ["boneage_std_months"] * with_std + ["age_class"] * with_class + ["quality"] * with_quality
     rows = []
     for p in predictions:
         row = [p.file, p.sex, f"{p.boneage:.4f}"]
@@ -179,6 +200,8 @@ def csv_rows(predictions: Sequence[Prediction]) -> tuple[list[str], list[list]]:
             row.append(f"{p.std:.4f}")
         if with_class:
             row.append(p.age_class)
+        if with_quality:
+            row.append(p.rejected or "")
         rows.append(row)
     return header, rows
 
@@ -208,13 +231,13 @@ def main(argv: Sequence[str]) -> int:
     if not files:
         print("error: no image files found in " + ", ".join(files_or_folders), file=sys.stderr)
         return 1
-    predictions, failed = predict_files(predictor, files, male, heatmaps=_HEATMAPS.value)
+    predictions, failed = predict_files(predictor, files, male, heatmaps=_HEATMAPS.value, force=_FORCE.value)
     if _OUT.value:
-        header, rows = csv_rows(predictions)
+        header, rows = csv_rows(predictions, with_quality=_FORCE.value)
         io.write_csv(_OUT.value, header, rows)
         print(f"{len(rows)} prediction(s) written to {_OUT.value}")
     if failed:
-        print(f"{len(failed)} of {len(files)} image(s) failed: {', '.join(failed)}", file=sys.stderr)
+        print(f"{len(failed)} of {len(files)} image(s) failed or were rejected: {', '.join(failed)}", file=sys.stderr)
         return 1
     return 0
 

@@ -147,6 +147,24 @@ def _uncertainty_section(r: dict, with_figure: bool) -> list[str]:
     return lines
 
 
+def _quality_section(q: dict) -> list[str]:
+    """The quality check over the split (``--quality``), in Markdown: how many images it would
+    reject, why, and the error with and without them."""
+    text = evaluation_lib.quality_text(q)
+    lines = ["### Quality control", "", text[0].upper() + text[1:] + ". The check is `boneage_jax.quality` (what "
+             "`predict` and the service refuse without `--force`).", ""]
+    if "metrics" in q:
+        lines += _metrics_table(list(q["metrics"].items()), with_baseline=False)
+        lines.append("")
+    if q["rejected_images"]:
+        lines += ["| id | rejection |", "|---:|---|"]
+        lines += [f"| {item['id']} | {item['rejection']} |" for item in q["rejected_images"][:50]]
+        if len(q["rejected_images"]) > 50:
+            lines.append(f"| ... | {len(q['rejected_images']) - 50} more in the evaluation JSON |")
+        lines.append("")
+    return lines
+
+
 def example_batch(run, num_images: int) -> dict | None:
     """The first ``num_images`` validation images of the run's dataset, as one batch."""
     builder = data.prepare(run.config.data)
@@ -283,6 +301,8 @@ def write_report(evaluation, num_images: int = 8) -> str:
     else:
         lines += ["The images are unlabelled: predictions only.", ""]
         lines += _uncertainty_section(r, False)
+    if "quality" in r:
+        lines += _quality_section(r["quality"])
 
     inference = r["inference"]
     lines += ["## Resources", "", "| | |", "|---|---|",

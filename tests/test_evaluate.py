@@ -219,6 +219,51 @@ def test_missing_workdir_and_checkpoint_errors(workdir, tmp_path):
         evaluation.evaluate(str(copy), which="latest", verbose=False)
 
 
+def test_quality_check_counts_the_rejected_and_scores_with_and_without_them(workdir, phantom_dir, tmp_path, capsys):
+    """--quality on a copy of the phantoms with one test image inverted and one replaced by
+    noise: both counted with their reasons, the CSV marks them, and the MAE of all images is
+    the evaluation's while that of the accepted ones leaves them out."""
+    import shutil
+
+    import cv2
+
+    copy = tmp_path / "manual"
+    shutil.copytree(phantom_dir, copy)
+    test_dir = copy / "boneage-test-dataset"
+    names = sorted(os.listdir(test_dir), key=lambda n: int(n.split(".")[0]))
+    first = cv2.imread(str(test_dir / names[0]), cv2.IMREAD_GRAYSCALE)
+    cv2.imwrite(str(test_dir / names[0]), 255 - first)
+    second = cv2.imread(str(test_dir / names[1]), cv2.IMREAD_GRAYSCALE)
+    cv2.imwrite(str(test_dir / names[1]), np.random.default_rng(0).integers(0, 256, second.shape, dtype=np.uint8))
+    bad = {int(names[0].split(".")[0]): "inverted", int(names[1].split(".")[0]): "noise"}
+    ev = evaluation.evaluate(workdir, split="test", quality_check=True,
+                             overrides=[f"--config.data.manual_dir={copy}",
+                                        f"--config.data.data_dir={tmp_path / 'data'}"])
+    printed = capsys.readouterr().out
+    q = ev.result["quality"]
+    assert (q["checked"], q["rejected"], q["reasons"]) == (16, 2, {"inverted": 1, "noise": 1})
+    assert q["rejected_fraction"] == pytest.approx(2 / 16) and q["ms_per_image"] > 0
+    assert {item["id"]: item["rejection"].split(":")[0] for item in q["rejected_images"]} == bad
+    assert "quality check: 2 of 16 images (12.5%) would be rejected (inverted 1, noise 1)" in printed
+    with open(ev.json_path) as f:
+        assert json.load(f)["quality"]["rejected"] == 2
+    with open(ev.csv_path) as f:
+        rows = list(csv.DictReader(f))
+    assert list(rows[0])[-1] == "quality"
+    assert {int(r["id"]): r["quality"] for r in rows if r["quality"]} == bad
+    errors = {int(r["id"]): abs(float(r["pred_boneage"]) - float(r["boneage"])) for r in rows}
+    groups = q["metrics"]
+    assert groups["all"]["mae"] == pytest.approx(ev.result["mae"]) and groups["all"]["num_examples"] == 16
+    accepted = [e for i, e in errors.items() if i not in bad]
+    assert groups["accepted"]["num_examples"] == 14
+    assert groups["accepted"]["mae"] == pytest.approx(np.mean(accepted), abs=1e-3)
+    assert groups["rejected"]["mae"] == pytest.approx(np.mean([errors[i] for i in bad]), abs=1e-3)
+    assert f"MAE {groups['all']['mae']:.2f} on all 16, {groups['accepted']['mae']:.2f} on the 14 accepted" in printed
+    section = "\n".join(report._quality_section(q))  # what report.md shows with --quality --report
+    assert "### Quality control" in section and "| accepted | 14 |" in section
+    assert all(f"| {i} | {reason}: " in section for i, reason in bad.items())
+
+
 def test_overrides_keep_the_model(workdir):
     config = inference.load_config(workdir, ["--config.data.min_age=24"])
     assert config.data.min_age == 24.0

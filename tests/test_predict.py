@@ -192,3 +192,40 @@ def test_repeat_run_reuses_compilation_cache(run_dir, phantom_dir, tmp_path):
     assert second.returncode == 0, second.stderr[-2000:]
     assert sorted(os.listdir(cache)) == entries  # nothing compiled anew
     assert second.stdout == first.stdout
+
+
+def test_quality_check_rejects_with_the_reason_unless_forced(run_dir, phantom_dir, tmp_path, capsys):
+    """An inverted radiograph and a colour photograph get "rejected: REASON" instead of a bone
+    age; with --force they are predicted, marked in the output and the CSV's quality column."""
+    import skimage.data
+
+    source = os.path.join(phantom_dir, "boneage-test-dataset")
+    name = sorted(os.listdir(source), key=lambda n: int(n.split(".")[0]))[0]
+    grey = cv2.imread(os.path.join(source, name), cv2.IMREAD_GRAYSCALE)
+    good, inverted, photo = str(tmp_path / "good.png"), str(tmp_path / "inverted.png"), str(tmp_path / "cat.jpg")
+    cv2.imwrite(good, grey)
+    cv2.imwrite(inverted, 255 - grey)
+    cv2.imwrite(photo, cv2.cvtColor(skimage.data.chelsea(), cv2.COLOR_RGB2BGR))
+    out = str(tmp_path / "preds.csv")
+    code = predict.main(["--workdir", run_dir, "--sex", "F", "--cache_dir", "", good, inverted, photo, "--out", out])
+    captured = capsys.readouterr()
+    assert code == 1
+    assert f"error: {inverted}: rejected: inverted: " in captured.err
+    assert f"error: {photo}: rejected: colour photograph: " in captured.err and "--force" in captured.err
+    assert "2 of 3 image(s) failed or were rejected" in captured.err
+    with open(out) as f:
+        assert [r["file"] for r in csv.DictReader(f)] == [good]
+
+    code = predict.main(["--workdir", run_dir, "--sex", "F", "--cache_dir", "", good, inverted, photo, "--out", out,
+                         "--force"])
+    captured = capsys.readouterr()
+    assert code == 0 and "rejected" not in captured.err
+    lines = captured.out.splitlines()
+    assert any(line.startswith(inverted) and "[quality check: inverted: " in line and "--force]" in line
+               for line in lines), captured.out
+    assert any(line.startswith(good) and "quality check" not in line for line in lines)
+    with open(out) as f:
+        rows = list(csv.DictReader(f))
+    assert list(rows[0]) == ["file", "sex", "boneage_months", "quality"]
+    assert [r["quality"].split(":")[0] for r in rows] == ["", "inverted", "colour photograph"]
+    assert all(np.isfinite(float(r["boneage_months"])) for r in rows)

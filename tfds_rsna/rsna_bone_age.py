@@ -325,7 +325,13 @@ def to_grey_uint8(image: np.ndarray, source: str) -> np.ndarray:
 
 
 def decode_grey(data: bytes, source: str) -> np.ndarray:
-    """Decodes PNG/JPEG bytes to 8-bit grey, failing clearly on unreadable or truncated files.
+    """Decodes PNG/JPEG bytes to 8-bit grey, failing clearly on unreadable or truncated files."""
+    return to_grey_uint8(decode_pixels(data, source), source)
+
+
+def decode_pixels(data: bytes, source: str) -> np.ndarray:
+    """Decodes PNG/JPEG bytes as they are stored (any of OpenCV's layouts and depths; colour
+    as BGR), failing clearly on unreadable or truncated files.
 
     A PNG is checked before OpenCV sees it (its chunks whole up to IEND, their CRCs, its declared
     size against OpenCV's pixel limit), so a damaged one gets this function's one error and not,
@@ -347,7 +353,7 @@ def decode_grey(data: bytes, source: str) -> np.ndarray:
         raise RsnaFormatError(f"{source}: OpenCV cannot decode this image ({reason})") from e
     if image is None or image.size == 0:
         raise RsnaFormatError(f"{source}: unreadable or truncated image")
-    return to_grey_uint8(image, source)
+    return image
 
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
