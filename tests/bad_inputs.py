@@ -19,6 +19,7 @@ import cv2
 import numpy as np
 
 from helpers import write_dicom
+from tfds_rsna import phantom
 
 USABLE = "usable"
 
@@ -35,13 +36,10 @@ class Entry:
 
 
 def hand(seed: int = 0, shape: tuple[int, int] = (200, 160)) -> np.ndarray:
-    """A uint8 grey image with a bright blob on a dark background: passes ``predict``'s quality
-    checks (size, aspect ratio, contrast)."""
+    """A phantom hand radiograph (uint8 grey, ``tfds_rsna.phantom``): passes ``predict``'s
+    quality checks."""
     rng = np.random.default_rng(seed)
-    h, w = shape
-    yy, xx = np.mgrid[:h, :w]
-    blob = ((yy - h / 2) / (h / 3)) ** 2 + ((xx - w / 2) / (w / 4)) ** 2 < 1
-    return np.clip(40 + 150 * blob + rng.normal(0, 8, shape), 0, 255).astype(np.uint8)
+    return phantom.render_phantom(120.0, True, rng, *shape)[0]
 
 
 def png_chunk(kind: bytes, data: bytes) -> bytes:

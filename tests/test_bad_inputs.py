@@ -31,7 +31,7 @@ def test_predict_names_each_bad_file_of_the_corpus_once(tiny_run, tmp_path, capf
     errors = [line for line in captured.err.splitlines() if line.startswith("error:")]
     bad = {path: entry for path, entry in corpus.items() if entry.predict != bad_inputs.USABLE}
     others = [line for line in captured.err.splitlines() if not line.startswith("error:")]
-    assert others == [f"{len(bad)} of {len(corpus)} image(s) failed: {', '.join(sorted(bad))}"], captured.err
+    assert others == [f"{len(bad)} of {len(corpus)} image(s) failed or were rejected: {', '.join(sorted(bad))}"], captured.err
     assert len(errors) == len(bad), captured.err
     for path, entry in bad.items():
         named = [line for line in errors if f"{path}:" in line]

@@ -91,7 +91,7 @@ def test_a_mistake_ends_in_one_named_line(probe, args, words, places):
     report = f"{probe}: exit {done.returncode}\n{done.stderr}"
     assert lines and lines[0].startswith("error: ") and words in lines[0], report
     if args[0] == "boneage_jax.predict" and done.returncode == 1:  # a file it could not read
-        assert lines[1:] == [f"1 of 1 image(s) failed: {args[-1]}"], report
+        assert lines[1:] == [f"1 of 1 image(s) failed or were rejected: {args[-1]}"], report
     else:
         assert done.returncode == 2, report
         assert lines[1:] in ([], [USAGE_HINT]), report
