@@ -245,14 +245,14 @@ REJECTED_REAL = {"3339.png": "inverted"}
 @pytest.mark.skipif(not os.path.isdir(SAMPLE_IMAGES), reason="../shared/rsna_sample is absent")
 def test_the_real_radiographs_of_the_sample_are_accepted_and_their_negatives_rejected():
     """All 599 real RSNA radiographs but the one of REJECTED_REAL are accepted (at their stored
-    size and shrunk to 512 px, as the max512 datasets store them), and their negatives are
-    rejected as inverted."""
+    size and shrunk to 512 px, as the max512 datasets store them; every 20th also rotated by 90
+    degrees), and their negatives are rejected as inverted."""
     from tfds_rsna import rsna_bone_age
 
     files = sorted(os.listdir(SAMPLE_IMAGES))
     assert len(files) == 599
     rejected, inverted_missed, seconds = {}, [], 0.0
-    for name in files:
+    for index, name in enumerate(files):
         image = io.read_image(os.path.join(SAMPLE_IMAGES, name), colour=True)
         start = time.perf_counter()
         found = quality.rejection(image, IMAGE_SIZE)
@@ -265,6 +265,10 @@ def test_the_real_radiographs_of_the_sample_are_accepted_and_their_negatives_rej
         negative = quality.rejection(255 - small, IMAGE_SIZE)
         if name not in REJECTED_REAL and (negative is None or negative.reason != "inverted"):
             inverted_missed.append(f"{name}: {negative}")
+        if index % 20 == 0:  # every 20th also rotated by 90 degrees
+            rotated = quality.rejection(np.ascontiguousarray(np.rot90(small)), IMAGE_SIZE)
+            if rotated is not None:
+                rejected[f"{name} rotated by 90 degrees"] = rotated.reason
     print(f"\n{len(rejected)} of {2 * len(files)} rejected; {1e3 * seconds / len(files):.1f} ms per image")
     expected = {**REJECTED_REAL, **{f"{k} at 512 px": v for k, v in REJECTED_REAL.items()}}
     assert rejected == expected
