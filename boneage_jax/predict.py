@@ -1,7 +1,8 @@
 r"""Bone age of new hand radiographs from a trained run.
 
     python -m boneage_jax.predict --workdir runs/demo --sex F hand.png [more.jpg scans/ ...] \
-        [--out preds.csv] [--heatmaps heatmaps/] [--which best] [--batch_size 16] [--force]
+        [--out preds.csv] [--heatmaps heatmaps/] [--which best] [--batch_size 16] [--force] \
+        [--age 9y6m | --birth_date 2015-03-02 --exam_date 2024-09-14]
 
 Prints the predicted bone age in months and years for each image (with the standard deviation
 of a ``gaussian`` head and the age class of a ``classification`` head). ``--sex`` (M/F, male/
@@ -18,6 +19,12 @@ noise, not a photograph). An image it rejects gets ``error: FILE: rejected: REAS
 on stderr instead of a bone age and counts as not predicted (exit status 1). ``--force``
 predicts it anyway: its line ends with ``[quality check: REASON: details; predicted with
 --force]`` and the CSV gets a ``quality`` column (the rejection, empty for accepted images).
+
+With a chronological age (``--age``: ``114`` or ``114m`` months, ``9y6m``, ``9y``, ``9.5y``; or
+``--birth_date`` and ``--exam_date``, YYYY-MM-DD), each line and the CSV add RDES14's fields
+(``boneage_jax.chronological.compare``): the chronological age, bone age minus chronological age,
+and ``determination`` ``unknown`` with no standard deviation score, for want of a published table
+of bone-age standard deviations (a note says so once).
 
 Each image goes through what validation images went through in training: the dataset's stored
 resolution (``data.builder_config``: longest side at most 512 or 1024 px), then the run's
@@ -60,7 +67,7 @@ from typing import TYPE_CHECKING, TypeVar
 import numpy as np
 from absl import app, flags
 
-from boneage_jax import cli, io
+from boneage_jax import chronological, cli, io
 
 if TYPE_CHECKING:
     from boneage_jax.inference import Predictor
@@ -72,6 +79,11 @@ _WHICH = flags.DEFINE_enum("which", "best", ["best", "latest"], "Checkpoint to l
 _OUT = flags.DEFINE_string("out", None, "CSV file for the predictions.", flag_values=FLAGS)
 _HEATMAPS = flags.DEFINE_string("heatmaps", None, "Folder for saliency / attention overlays.", flag_values=FLAGS)
 _BATCH_SIZE = flags.DEFINE_integer("batch_size", 16, "Largest batch of images per call.", flag_values=FLAGS)
+_AGE = flags.DEFINE_string("age", None, "Chronological age of every image: months (114, 114m) or years and "
+                           "months (9y6m, 9y, 9.5y).", flag_values=FLAGS)
+_BIRTH_DATE = flags.DEFINE_string("birth_date", None, "Birth date (YYYY-MM-DD), with --exam_date: the "
+                                  "chronological age.", flag_values=FLAGS)
+_EXAM_DATE = flags.DEFINE_string("exam_date", None, "Exam date (YYYY-MM-DD), with --birth_date.", flag_values=FLAGS)
 _FORCE = flags.DEFINE_bool("force", False, "Predict images that the quality check rejects too (their output says "
                            "so).", flag_values=FLAGS)
 _CACHE_DIR = flags.DEFINE_string(
@@ -92,6 +104,7 @@ class Prediction:
     std: float | None = None
     age_class: int | None = None
     rejected: str | None = None  # the quality check's reason, for an image predicted with --force
+    chronological: dict | None = None  # chronological.compare's RDES14 fields, given an age
 
     @property
     def sex(self) -> str:
@@ -122,11 +135,12 @@ def in_batches(fn: Callable[[np.ndarray, np.ndarray], T], images: np.ndarray, ma
 
 
 def predict_files(predictor: Predictor, files: Sequence[str], male: bool, *, heatmaps: str | None = None,
-                  force: bool = False, log: Callable[[str], None] = print,
+                  force: bool = False, age_months: float | None = None, log: Callable[[str], None] = print,
                   error: Callable[[str], None] = _print_error) -> tuple[list[Prediction], list[str]]:
     """Predicts every readable file that the quality check accepts (every readable file with
-    ``force``; ``log`` gets a line per prediction, ``error`` one per failure or rejection);
-    returns the predictions and the files that failed or were rejected."""
+    ``force``; ``log`` gets a line per prediction, ``error`` one per failure or rejection), each
+    compared with the chronological ``age_months`` when given; returns the predictions and the
+    files that failed or were rejected."""
     inputs, kept, originals, failed, rejections = [], [], [], [], []
     for path in io.progress(files, desc="reading"):
         try:
@@ -157,10 +171,12 @@ def predict_files(predictor: Predictor, files: Sequence[str], male: bool, *, hea
     readout = {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
     predictions = []
     for i, path in enumerate(kept):
+        boneage = float(readout["boneage"][i])
         predictions.append(Prediction(
-            file=path, male=male, boneage=float(readout["boneage"][i]),
+            file=path, male=male, boneage=boneage,
             std=float(readout["std"][i]) if "std" in readout else None,
-            age_class=int(readout["class"][i]) if "class" in readout else None, rejected=rejections[i]))
+            age_class=int(readout["class"][i]) if "class" in readout else None, rejected=rejections[i],
+            chronological=None if age_months is None else chronological.compare(boneage, age_months)))
         log(describe(predictions[-1]))
     if heatmaps:
         from boneage_jax import explain  # pylint: disable=import-outside-toplevel
@@ -181,18 +197,42 @@ def describe(p: Prediction) -> str:
         text += f"  ± {p.std:.1f} months"
     if p.age_class is not None:
         text += f"  age class {p.age_class}"
+    if p.chronological is not None:
+        text += (f"  chronological age {p.chronological['chronological_age_months']:.1f} months, bone age minus "
+                 f"chronological {p.chronological['difference_months']:+.1f} months")
     if p.rejected is not None:
         text += f"  [quality check: {p.rejected}; predicted with --force]"
     return text
 
 
+CHRONOLOGICAL_COLUMNS = ("chronological_age_months", "boneage_minus_chronological_months", "sds", "determination")
+
+
+def chronological_age(age: str | None, birth_date: str | None, exam_date: str | None) -> float | None:
+    """The chronological age in months that ``--age`` or ``--birth_date`` + ``--exam_date`` give
+    (None without them); ValueError naming the flag for a bad or half-given one."""
+    if age is not None and (birth_date is not None or exam_date is not None):
+        raise ValueError("give --age or --birth_date with --exam_date, not both")
+    if age is not None:
+        return chronological.parse_age(age, "--age")
+    if (birth_date is None) != (exam_date is None):
+        raise ValueError("--birth_date and --exam_date go together: give both, or --age")
+    if birth_date is None:
+        return None
+    return chronological.age_between(chronological.parse_date(birth_date, "--birth_date"),
+                                     chronological.parse_date(exam_date, "--exam_date"))
+
+
 def csv_rows(predictions: Sequence[Prediction], with_quality: bool = False) -> tuple[list[str], list[list]]:
     """The CSV header and rows; ``with_quality`` (``--force``) adds the column ``quality``: the
-    quality check's rejection of a forced image, empty for an accepted one."""
+    quality check's rejection of a forced image, empty for an accepted one. Given a chronological
+    age, RDES14's fields follow (``CHRONOLOGICAL_COLUMNS``; sds empty: no reference table)."""
     header = ["file", "sex", "boneage_months"]
     with_std = any(p.std is not None for p in predictions)
     with_class = any(p.age_class is not None for p in predictions)
+    with_age = any(p.chronological is not None for p in predictions)
     header += ["boneage_std_months"] * with_std + ["age_class"] * with_class + ["quality"] * with_quality
+    header += list(CHRONOLOGICAL_COLUMNS) * with_age
     rows = []
     for p in predictions:
         row = [p.file, p.sex, f"{p.boneage:.4f}"]
@@ -202,6 +242,10 @@ def csv_rows(predictions: Sequence[Prediction], with_quality: bool = False) -> t
             row.append(p.age_class)
         if with_quality:
             row.append(p.rejected or "")
+        if with_age:
+            fields = p.chronological
+            row += [f"{fields['chronological_age_months']:.4f}", f"{fields['difference_months']:.4f}",
+                    "" if fields["sds"] is None else f"{fields['sds']:.4f}", fields["determination"]]
         rows.append(row)
     return header, rows
 
@@ -216,6 +260,7 @@ def main(argv: Sequence[str]) -> int:
 
     try:
         male = inference.parse_sex(_SEX.value)
+        age_months = chronological_age(_AGE.value, _BIRTH_DATE.value, _EXAM_DATE.value)
     except ValueError as e:
         raise app.UsageError(str(e)) from e
     cli.enable_compilation_cache(_CACHE_DIR.value)
@@ -231,7 +276,10 @@ def main(argv: Sequence[str]) -> int:
     if not files:
         print("error: no image files found in " + ", ".join(files_or_folders), file=sys.stderr)
         return 1
-    predictions, failed = predict_files(predictor, files, male, heatmaps=_HEATMAPS.value, force=_FORCE.value)
+    if age_months is not None:
+        print(f"note: chronological age {age_months:.1f} months; {chronological.NO_REFERENCE}")
+    predictions, failed = predict_files(predictor, files, male, heatmaps=_HEATMAPS.value, force=_FORCE.value,
+                                        age_months=age_months)
     if _OUT.value:
         header, rows = csv_rows(predictions, with_quality=_FORCE.value)
         io.write_csv(_OUT.value, header, rows)

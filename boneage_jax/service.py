@@ -3,12 +3,13 @@
 ``python -m boneage_jax.serve`` runs it (flags and limits there); this module is the app:
 
 - ``POST /predict`` (multipart/form-data): ``image`` (a PNG, JPEG or DICOM file), ``sex`` (M/F,
-  male/female), optional ``age_months`` (chronological age, 0-240 months), ``force`` (answer
+  male/female), optional ``age_months`` (chronological age: months, or ``9y6m``; 0-240 months), ``force`` (answer
   even for an image the quality check rejects) and ``heatmap`` (default true). JSON back: bone
   age in months and years, the prediction interval where the run's head or test-time
   augmentation gives one (``evaluation.combine``, ``metrics.normal_interval``), the quality
   verdict (``inference.Predictor.unusable_reason``, ``boneage_jax.quality``), the chronological
-  age and bone age minus chronological age when given, and the heatmap (``explain.overlay`` of
+  age, bone age minus chronological age and RDES14's fields (``chronological.compare``) when
+  given, and the heatmap (``explain.overlay`` of
   ``Predictor.saliency``) as a base64 PNG. No standard deviation score: the codebase has no
   reference table of bone-age standard deviations.
 - ``GET /health``: the model and the limits. ``GET /openapi.json``: the OpenAPI description.
@@ -37,7 +38,6 @@ import concurrent.futures
 import contextlib
 import dataclasses
 import importlib.resources
-import math
 import queue
 import threading
 import time
@@ -53,9 +53,9 @@ from python_multipart import MultipartParser
 from python_multipart.exceptions import FormParserError
 from python_multipart.multipart import parse_options_header
 
-from boneage_jax import evaluation, explain, inference, io, metrics
+from boneage_jax import chronological, evaluation, explain, inference, io, metrics
 
-MAX_AGE_MONTHS = 240.0  # chronological ages accepted (the RSNA data span 1-228 months)
+MAX_AGE_MONTHS = chronological.MAX_AGE_MONTHS  # chronological ages accepted
 FIELDS = ("image", "sex", "age_months", "force", "heatmap")
 _TRUE, _FALSE = ("1", "true", "yes", "on"), ("0", "false", "no", "off")
 
@@ -293,6 +293,7 @@ class Service:
             "interval": None, "interval_note": None,
             "chronological_age_months": upload.age_months,
             "boneage_minus_chronological_months": None if upload.age_months is None else boneage - upload.age_months,
+            "rdes14": None if upload.age_months is None else chronological.compare(boneage, upload.age_months),
             "quality": verdict, "heatmap": heatmap, "batch": dataclasses.asdict(batch),
             "model": {"checkpoint": self.which, "step": int(self.run.step), "head": self.run.objective.head,
                       "tta_views": self.tta_views},
@@ -412,17 +413,14 @@ def parse_bool(name: str, value: str) -> bool:
 
 
 def parse_age(value: str) -> float | None:
-    """Chronological age in months (empty: none); RequestError outside 0-``MAX_AGE_MONTHS``."""
+    """Chronological age in months (empty: none): a number of months, or years and months as
+    ``chronological.parse_age`` reads them (``9y6m``); RequestError outside 0-``MAX_AGE_MONTHS``."""
     if not value.strip():
         return None
-    expected = f"expected a number of months from 0 to {MAX_AGE_MONTHS:g}"
     try:
-        age = float(value)
-    except ValueError:
-        raise RequestError(422, f"age_months {value!r}: {expected}") from None
-    if not math.isfinite(age) or not 0 <= age <= MAX_AGE_MONTHS:
-        raise RequestError(422, f"age_months {value!r}: {expected}")
-    return age
+        return chronological.parse_age(value, "age_months")
+    except ValueError as e:
+        raise RequestError(422, str(e)) from None
 
 
 def upload_from_parts(parts: Sequence[Part]) -> Upload:
@@ -489,6 +487,16 @@ class Batch(BaseModel):
     size: int = Field(description="How many requests that batch served.")
 
 
+class Rdes14(BaseModel):
+    chronological_age_months: float
+    skeletal_age_months: float = Field(description="The predicted bone age.")
+    difference_months: float = Field(description="Skeletal minus chronological age.")
+    standard_deviation_for_age_months: float | None = Field(description="Null: no reference table (see note).")
+    sds: float | None = Field(description="Null: no reference table (see note).")
+    determination: str = Field(description="delayed, normal, advanced or (without a reference table) unknown.")
+    note: str
+
+
 class PredictionAnswer(BaseModel):
     file: str
     sex: str = Field(description="M or F.")
@@ -501,6 +509,8 @@ class PredictionAnswer(BaseModel):
     boneage_minus_chronological_months: float | None = Field(
         description="Bone age minus chronological age, months (null without age_months). No standard deviation "
                     "score: this codebase has no reference table of bone-age standard deviations.")
+    rdes14: Rdes14 | None = Field(description="The ACR/RSNA bone age common data element's fields (null without "
+                                                "age_months).")
     quality: Quality
     heatmap: Heatmap | None
     batch: Batch
@@ -517,8 +527,9 @@ _REQUEST_BODY = {"required": True, "content": {"multipart/form-data": {"schema":
     "properties": {
         "image": {"type": "string", "format": "binary", "description": "A PNG, JPEG or DICOM hand radiograph."},
         "sex": {"type": "string", "enum": ["M", "F", "male", "female"], "description": "Any case."},
-        "age_months": {"type": "number", "minimum": 0, "maximum": MAX_AGE_MONTHS,
-                       "description": "Chronological age in months (optional)."},
+        "age_months": {"type": "string", "examples": ["114", "100.5", "9y6m", "9.5y"],
+                       "description": f"Chronological age (optional): months, or years and months; 0 to "
+                                      f"{MAX_AGE_MONTHS:g} months."},
         "force": {"type": "boolean", "default": False,
                   "description": "Predict even when the quality check rejects the image."},
         "heatmap": {"type": "boolean", "default": True, "description": "Return the heatmap."},

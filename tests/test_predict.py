@@ -11,6 +11,7 @@ import sys
 import cv2
 import numpy as np
 import pytest
+from absl import app
 
 from boneage_jax import inference, io, predict
 from helpers import write_dicom
@@ -229,3 +230,36 @@ def test_quality_check_rejects_with_the_reason_unless_forced(run_dir, phantom_di
     assert list(rows[0]) == ["file", "sex", "boneage_months", "quality"]
     assert [r["quality"].split(":")[0] for r in rows] == ["", "inverted", "colour photograph"]
     assert all(np.isfinite(float(r["boneage_months"])) for r in rows)
+
+
+def test_chronological_age_from_age_or_dates(run_dir, phantom_dir, tmp_path, capsys):
+    """--age (or --birth_date with --exam_date) adds the chronological age and the difference to
+    each line and RDES14's fields to the CSV, with no SDS (a note says why); bad or half-given
+    ages are usage errors naming the flag."""
+    source = os.path.join(phantom_dir, "boneage-test-dataset")
+    image = os.path.join(source, sorted(os.listdir(source), key=lambda n: int(n.split(".")[0]))[0])
+    out = str(tmp_path / "preds.csv")
+    code = predict.main(["--workdir", run_dir, "--sex", "F", "--cache_dir", "", image, "--out", out, "--age", "9y6m"])
+    captured = capsys.readouterr()
+    assert code == 0
+    assert "note: chronological age 114.0 months; no standard deviation score" in captured.out
+    with open(out) as f:
+        (row,) = list(csv.DictReader(f))
+    assert list(row) == ["file", "sex", "boneage_months", *predict.CHRONOLOGICAL_COLUMNS]
+    difference = float(row["boneage_months"]) - 114.0
+    assert float(row["chronological_age_months"]) == 114.0
+    assert float(row["boneage_minus_chronological_months"]) == pytest.approx(difference, abs=1e-3)
+    assert row["sds"] == "" and row["determination"] == "unknown"
+    assert f"chronological age 114.0 months, bone age minus chronological {difference:+.1f} months" in captured.out
+
+    assert predict.chronological_age(None, "2015-03-02", "2024-09-02") == pytest.approx(114.0, abs=0.1)
+    assert predict.chronological_age(None, None, None) is None
+    for args, message in [
+        (["--age", "ten"], "--age 'ten': expected months"),
+        (["--age", "114", "--exam_date", "2024-09-02"], "give --age or --birth_date with --exam_date"),
+        (["--birth_date", "2015-03-02"], "--birth_date and --exam_date go together"),
+        (["--birth_date", "2015-03-02", "--exam_date", "2014-01-01"], "the exam date 2014-01-01 is before"),
+    ]:
+        with pytest.raises(app.UsageError) as e:  # cli.run prints it as one error: line, exit status 2
+            predict.main(["--workdir", run_dir, "--sex", "F", image, *args])
+        assert str(e.value).startswith(message), args

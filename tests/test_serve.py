@@ -22,7 +22,7 @@ with warnings.catch_warnings():  # Starlette's TestClient asks for httpx2, httpx
     warnings.filterwarnings("ignore", message="Using `httpx` with `starlette.testclient`")
     from fastapi.testclient import TestClient
 
-from boneage_jax import evaluation, inference, serve, service  # noqa: E402
+from boneage_jax import chronological, evaluation, inference, serve, service  # noqa: E402
 from helpers import write_dicom  # noqa: E402
 
 # One worker under pytest-xdist (make test): the run is loaded once for every test here.
@@ -82,13 +82,19 @@ def test_png_jpeg_and_dicom_give_predicts_answer(client, predictor, hand, tmp_pa
     assert a["interval"] is None and "regression head gives no spread" in a["interval_note"]
     assert a["batch"]["size"] == 1 and a["model"]["step"] == predictor.run.step
     assert "sds" not in str(sorted(a)).lower()  # no SDS without a reference table
+    assert a["rdes14"] == {"chronological_age_months": 100.5, "skeletal_age_months": a["boneage_months"],
+                           "difference_months": pytest.approx(age - 100.5, abs=1e-4),
+                           "standard_deviation_for_age_months": None, "sds": None, "determination": "unknown",
+                           "note": chronological.NO_REFERENCE}
+    assert post(client, png(hand), sex="F", age_months="8y4.5m", heatmap="false").json()["rdes14"][
+        "chronological_age_months"] == 100.5
     heat = cv2.imdecode(np.frombuffer(base64.b64decode(a["heatmap"]["png_base64"]), np.uint8), cv2.IMREAD_COLOR)
     assert heat.shape == (256, 256, 3) and heat.std() > 0 and a["heatmap"]["kind"] == "gradient saliency"
 
     male = post(client, png(hand), sex="male", heatmap="false").json()
     assert male["boneage_months"] == pytest.approx(expected_age(predictor, hand, male=True), abs=1e-4)
     assert male["heatmap"] is None and male["chronological_age_months"] is None
-    assert male["boneage_minus_chronological_months"] is None
+    assert male["boneage_minus_chronological_months"] is None and male["rdes14"] is None
 
     jpeg = cv2.imencode(".jpg", hand, [cv2.IMWRITE_JPEG_QUALITY, 95])[1].tobytes()
     assert abs(post(client, jpeg, "hand.jpg", sex="F").json()["boneage_months"] - age) < 5
