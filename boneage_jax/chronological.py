@@ -2,6 +2,7 @@
 
 :func:`parse_age` reads a chronological age as people write it (``114`` or ``114m`` months,
 ``9y6m``, ``9y``, ``9.5y``); :func:`age_between` computes it from a birth date and an exam date;
+:func:`resolve` takes either, as ``predict``'s flags and the service's fields give them;
 :func:`compare` gives what ``predict`` and the web service report beside the bone age:
 
 - ``chronological_age_months``, ``skeletal_age_months`` (the predicted bone age) and
@@ -64,6 +65,24 @@ def age_between(birth: datetime.date, exam: datetime.date) -> float:
         raise ValueError(f"the age from {birth.isoformat()} to {exam.isoformat()} is {months:.0f} months; at most "
                          f"{MAX_AGE_MONTHS:g}")
     return months
+
+
+def resolve(age: str | None, birth_date: str | None, exam_date: str | None,
+            names: tuple[str, str, str] = ("--age", "--birth_date", "--exam_date")) -> float | None:
+    """The chronological age in months that ``age`` or ``birth_date`` with ``exam_date`` give
+    (None without them; empty strings count as not given); ValueError naming the flag or field
+    (``names``) for a bad, doubly given or half-given age."""
+    age, birth_date, exam_date = ((v if v is not None and v.strip() else None) for v in (age, birth_date, exam_date))
+    age_name, birth_name, exam_name = names
+    if age is not None and (birth_date is not None or exam_date is not None):
+        raise ValueError(f"give {age_name} or {birth_name} with {exam_name}, not both")
+    if age is not None:
+        return parse_age(age, age_name)
+    if (birth_date is None) != (exam_date is None):
+        raise ValueError(f"{birth_name} and {exam_name} go together: give both, or {age_name}")
+    if birth_date is None:
+        return None
+    return age_between(parse_date(birth_date, birth_name), parse_date(exam_date, exam_name))
 
 
 def compare(skeletal_age_months: float, chronological_age_months: float) -> dict:

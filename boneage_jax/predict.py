@@ -208,21 +208,6 @@ def describe(p: Prediction) -> str:
 CHRONOLOGICAL_COLUMNS = ("chronological_age_months", "boneage_minus_chronological_months", "sds", "determination")
 
 
-def chronological_age(age: str | None, birth_date: str | None, exam_date: str | None) -> float | None:
-    """The chronological age in months that ``--age`` or ``--birth_date`` + ``--exam_date`` give
-    (None without them); ValueError naming the flag for a bad or half-given one."""
-    if age is not None and (birth_date is not None or exam_date is not None):
-        raise ValueError("give --age or --birth_date with --exam_date, not both")
-    if age is not None:
-        return chronological.parse_age(age, "--age")
-    if (birth_date is None) != (exam_date is None):
-        raise ValueError("--birth_date and --exam_date go together: give both, or --age")
-    if birth_date is None:
-        return None
-    return chronological.age_between(chronological.parse_date(birth_date, "--birth_date"),
-                                     chronological.parse_date(exam_date, "--exam_date"))
-
-
 def csv_rows(predictions: Sequence[Prediction], with_quality: bool = False) -> tuple[list[str], list[list]]:
     """The CSV header and rows; ``with_quality`` (``--force``) adds the column ``quality``: the
     quality check's rejection of a forced image, empty for an accepted one. Given a chronological
@@ -260,7 +245,7 @@ def main(argv: Sequence[str]) -> int:
 
     try:
         male = inference.parse_sex(_SEX.value)
-        age_months = chronological_age(_AGE.value, _BIRTH_DATE.value, _EXAM_DATE.value)
+        age_months = chronological.resolve(_AGE.value, _BIRTH_DATE.value, _EXAM_DATE.value)
     except ValueError as e:
         raise app.UsageError(str(e)) from e
     cli.enable_compilation_cache(_CACHE_DIR.value)

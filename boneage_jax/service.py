@@ -3,7 +3,8 @@
 ``python -m boneage_jax.serve`` runs it (flags and limits there); this module is the app:
 
 - ``POST /predict`` (multipart/form-data): ``image`` (a PNG, JPEG or DICOM file), ``sex`` (M/F,
-  male/female), optional ``age_months`` (chronological age: months, or ``9y6m``; 0-240 months), ``force`` (answer
+  male/female), optional ``age_months`` (chronological age: months, or ``9y6m``; 0-240 months) or
+  ``birth_date`` and ``exam_date`` (YYYY-MM-DD), ``force`` (answer
   even for an image the quality check rejects) and ``heatmap`` (default true). JSON back: bone
   age in months and years, the prediction interval where the run's head or test-time
   augmentation gives one (``evaluation.combine``, ``metrics.normal_interval``), the quality
@@ -56,7 +57,7 @@ from python_multipart.multipart import parse_options_header
 from boneage_jax import chronological, evaluation, explain, inference, io, metrics
 
 MAX_AGE_MONTHS = chronological.MAX_AGE_MONTHS  # chronological ages accepted
-FIELDS = ("image", "sex", "age_months", "force", "heatmap")
+FIELDS = ("image", "sex", "age_months", "birth_date", "exam_date", "force", "heatmap")
 _TRUE, _FALSE = ("1", "true", "yes", "on"), ("0", "false", "no", "off")
 
 
@@ -356,7 +357,7 @@ def parse_multipart(content_type: str | None, body: bytes, max_parts: int = 16) 
     kind, options = parse_options_header(content_type or "")
     if kind != b"multipart/form-data":
         raise RequestError(415, f"expected a multipart/form-data body with the fields image, sex and optionally "
-                                f"age_months, force, heatmap (got Content-Type {content_type or 'none'!r})")
+                                f"{', '.join(FIELDS[2:])} (got Content-Type {content_type or 'none'!r})")
     boundary = options.get(b"boundary")
     if not boundary:
         raise RequestError(400, "the multipart/form-data Content-Type has no boundary")
@@ -412,17 +413,6 @@ def parse_bool(name: str, value: str) -> bool:
     raise RequestError(422, f"{name} {value!r}: expected true or false")
 
 
-def parse_age(value: str) -> float | None:
-    """Chronological age in months (empty: none): a number of months, or years and months as
-    ``chronological.parse_age`` reads them (``9y6m``); RequestError outside 0-``MAX_AGE_MONTHS``."""
-    if not value.strip():
-        return None
-    try:
-        return chronological.parse_age(value, "age_months")
-    except ValueError as e:
-        raise RequestError(422, str(e)) from None
-
-
 def upload_from_parts(parts: Sequence[Part]) -> Upload:
     """The checked fields of a ``POST /predict`` body; RequestError (422) naming the first bad one."""
     fields: dict[str, Part] = {}
@@ -453,8 +443,12 @@ def upload_from_parts(parts: Sequence[Part]) -> Upload:
         male = inference.parse_sex(sex)
     except ValueError as e:
         raise RequestError(422, str(e)) from None
-    return Upload(name=image.filename or "upload", data=bytes(image.data), male=male,
-                  age_months=parse_age(text("age_months") or ""),
+    try:
+        age_months = chronological.resolve(text("age_months"), text("birth_date"), text("exam_date"),
+                                           names=("age_months", "birth_date", "exam_date"))
+    except ValueError as e:
+        raise RequestError(422, str(e)) from None
+    return Upload(name=image.filename or "upload", data=bytes(image.data), male=male, age_months=age_months,
                   force=parse_bool("force", text("force") or "false"),
                   heatmap=parse_bool("heatmap", text("heatmap") or "true"))
 
@@ -530,6 +524,9 @@ _REQUEST_BODY = {"required": True, "content": {"multipart/form-data": {"schema":
         "age_months": {"type": "string", "examples": ["114", "100.5", "9y6m", "9.5y"],
                        "description": f"Chronological age (optional): months, or years and months; 0 to "
                                       f"{MAX_AGE_MONTHS:g} months."},
+        "birth_date": {"type": "string", "format": "date",
+                       "description": "Birth date (YYYY-MM-DD), with exam_date instead of age_months (optional)."},
+        "exam_date": {"type": "string", "format": "date", "description": "Exam date (YYYY-MM-DD), with birth_date."},
         "force": {"type": "boolean", "default": False,
                   "description": "Predict even when the quality check rejects the image."},
         "heatmap": {"type": "boolean", "default": True, "description": "Return the heatmap."},

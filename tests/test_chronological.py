@@ -44,3 +44,19 @@ def test_compare_gives_rdes14_fields_without_inventing_a_standard_deviation():
                       "standard_deviation_for_age_months": None, "sds": None, "determination": "unknown",
                       "note": chronological.NO_REFERENCE}
     assert "no published table" in fields["note"]
+
+
+def test_resolve_takes_an_age_or_both_dates_and_names_the_field():
+    assert chronological.resolve("9y6m", None, None) == 114.0
+    assert chronological.resolve(None, "2015-03-02", "2024-09-02") == pytest.approx(114.0, abs=0.1)
+    assert chronological.resolve(None, None, None) is None and chronological.resolve("", " ", None) is None
+    names = ("age_months", "birth_date", "exam_date")
+    for args, message in [
+        (("114", None, "2024-09-02"), "give age_months or birth_date with exam_date, not both"),
+        ((None, "2015-03-02", None), "birth_date and exam_date go together: give both, or age_months"),
+        ((None, "2015-03-02", "2024/09/02"), "exam_date '2024/09/02': expected a date as YYYY-MM-DD"),
+        (("ten", None, None), "age_months 'ten': expected months"),
+    ]:
+        with pytest.raises(ValueError) as e:
+            chronological.resolve(*args, names=names)
+        assert str(e.value).startswith(message), args

@@ -88,6 +88,8 @@ def test_png_jpeg_and_dicom_give_predicts_answer(client, predictor, hand, tmp_pa
                            "note": chronological.NO_REFERENCE}
     assert post(client, png(hand), sex="F", age_months="8y4.5m", heatmap="false").json()["rdes14"][
         "chronological_age_months"] == 100.5
+    dated = post(client, png(hand), sex="F", birth_date="2015-03-02", exam_date="2024-09-02", heatmap="false")
+    assert dated.json()["chronological_age_months"] == pytest.approx(114.0, abs=0.1), dated.text
     heat = cv2.imdecode(np.frombuffer(base64.b64decode(a["heatmap"]["png_base64"]), np.uint8), cv2.IMREAD_COLOR)
     assert heat.shape == (256, 256, 3) and heat.std() > 0 and a["heatmap"]["kind"] == "gradient saliency"
 
@@ -151,6 +153,11 @@ def test_bad_requests_get_4xx_with_a_message(client, hand):
         (422, ["age_months 'nan'"], lambda: post(client, good, sex="F", age_months="nan")),
         (422, ["force 'maybe'", "expected true or false"], lambda: post(client, good, sex="F", force="maybe")),
         (422, ["unknown field 'age'", "age_months"], lambda: post(client, good, sex="F", age=100)),
+        (422, ["birth_date and exam_date go together"], lambda: post(client, good, sex="F", birth_date="2015-03-02")),
+        (422, ["give age_months or birth_date with exam_date, not both"],
+         lambda: post(client, good, sex="F", age_months=100, birth_date="2015-03-02", exam_date="2024-09-02")),
+        (422, ["exam_date '2024-13-01': expected a date as YYYY-MM-DD"],
+         lambda: post(client, good, sex="F", birth_date="2015-03-02", exam_date="2024-13-01")),
         (422, ["image: missing", "file field 'image'"],
          lambda: client.post("/predict", files={"sex": (None, "F")})),  # multipart without a file
         (415, ["expected a multipart/form-data body", "application/json"],
