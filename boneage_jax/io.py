@@ -395,10 +395,8 @@ def keep_colour(pixels: np.ndarray, source: str) -> np.ndarray:
         bgr = pixels[:, :, :3]
         if not (np.array_equal(bgr[:, :, 0], bgr[:, :, 1]) and np.array_equal(bgr[:, :, 0], bgr[:, :, 2])):
             if bgr.dtype != np.uint8:  # 16-bit or float colour: min-max to 8 bits, as grey images
-                lo, hi = float(bgr.min()), float(bgr.max())
-                scale = 255.0 / (hi - lo) if hi > lo else 0.0
-                bgr = np.clip((bgr.astype(np.float32) - lo) * scale + 0.5, 0, 255)
-            return np.ascontiguousarray(bgr.astype(np.uint8))
+                bgr = rsna_bone_age.minmax_uint8(bgr)
+            return np.ascontiguousarray(bgr)
     return rsna_bone_age.to_grey_uint8(pixels, source)
 
 

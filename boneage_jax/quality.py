@@ -228,40 +228,50 @@ def hand_shape(mask: np.ndarray) -> tuple[float, float, int]:
     return area / mask.size, float(solidity), gaps
 
 
-def _relative(image: np.ndarray, level: float) -> float:
-    """A grey level as 0-1 of the image's 1-99 percentile range."""
+def grey_range(image: np.ndarray) -> tuple[float, float]:
+    """(low, span): the image's 1st percentile and the distance to its 99th (at least 1), the
+    scale on which :class:`Measures` gives levels."""
     low, high = np.percentile(image, [1, 99])
-    return (level - float(low)) / max(float(high - low), 1.0)
+    return float(low), max(float(high - low), 1.0)
 
 
-def levels(image: np.ndarray, mask: np.ndarray) -> tuple[float, float]:
+def _relative(level: float, scale: tuple[float, float]) -> float:
+    """A grey level as 0-1 of the range ``scale`` (:func:`grey_range`)."""
+    low, span = scale
+    return (level - low) / span
+
+
+def levels(image: np.ndarray, mask: np.ndarray, scale: tuple[float, float] | None = None) -> tuple[float, float]:
     """(hand, background): the median grey level under the mask and outside it (NaN where
-    there is none), each 0-1 of the image's 1-99 percentile range. The background's median is
-    that of its larger part: a collimation band or a marker along a side does not move it."""
+    there is none), each 0-1 of the image's 1-99 percentile range (``scale``, else computed).
+    The background's median is that of its larger part: a collimation band or a marker along a
+    side does not move it."""
+    scale = scale or grey_range(image)
     inside = mask > 0
-    hand_level = _relative(image, float(np.median(image[inside]))) if inside.any() else float("nan")
-    background_level = _relative(image, float(np.median(image[~inside]))) if not inside.all() else float("nan")
+    hand_level = _relative(float(np.median(image[inside])), scale) if inside.any() else float("nan")
+    background_level = _relative(float(np.median(image[~inside])), scale) if not inside.all() else float("nan")
     return hand_level, background_level
 
 
-def border_level(image: np.ndarray) -> float:
+def border_level(image: np.ndarray, scale: tuple[float, float] | None = None) -> float:
     """The median grey level of the image's frame, ``BORDER`` of its shorter side wide (at
-    least 2 px), 0-1 of the 1-99 percentile range."""
+    least 2 px), 0-1 of the 1-99 percentile range (``scale``, else computed)."""
     b = max(2, int(BORDER * min(image.shape[:2])))
     frame = np.concatenate([image[:b].ravel(), image[-b:].ravel(), image[:, :b].ravel(), image[:, -b:].ravel()])
-    return _relative(image, float(np.median(frame)))
+    return _relative(float(np.median(frame)), scale or grey_range(image))
 
 
 def measure(image: np.ndarray) -> Measures:
     """Checks 3-7's measures of a grey analysis image (:func:`analysis_image`)."""
     mask = classical_mask(image)
     area, solidity, gaps = hand_shape(mask)
-    hand_level, background_level = levels(image, mask)
+    scale = grey_range(image)
+    hand_level, background_level = levels(image, mask, scale)
     return Measures(noise_fraction=noise_fraction(image), blank_fraction=blank_fraction(image),
                     hand_fraction=area, solidity=solidity, finger_gaps=gaps, hand_level=hand_level,
-                    background_level=background_level, border_level=border_level(image),
-                    mode_level=_relative(image, float(np.argmax(_level_window(image)))),
-                    mean_level=_relative(image, float(np.mean(image))))
+                    background_level=background_level, border_level=border_level(image, scale),
+                    mode_level=_relative(float(np.argmax(_level_window(image))), scale),
+                    mean_level=_relative(float(np.mean(image)), scale))
 
 
 def polarity_terms(image: Measures, negative: Measures) -> dict[str, float]:

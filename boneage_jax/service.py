@@ -287,14 +287,15 @@ class Service:
     def answer(self, upload: Upload, verdict: dict, result: dict, batch: BatchInfo, heatmap: dict | None) -> dict:
         """The JSON answer of one prediction."""
         boneage = float(result["boneage"])
+        rdes14 = None if upload.age_months is None else chronological.compare(boneage, upload.age_months)
         out: dict[str, Any] = {
             "file": upload.name, "sex": "M" if upload.male else "F",
             "boneage_months": boneage, "boneage_years": boneage / 12.0,
             "age_class": int(result["class"]) if "class" in result else None,
             "interval": None, "interval_note": None,
             "chronological_age_months": upload.age_months,
-            "boneage_minus_chronological_months": None if upload.age_months is None else boneage - upload.age_months,
-            "rdes14": None if upload.age_months is None else chronological.compare(boneage, upload.age_months),
+            "boneage_minus_chronological_months": None if rdes14 is None else rdes14["difference_months"],
+            "rdes14": rdes14,
             "quality": verdict, "heatmap": heatmap, "batch": dataclasses.asdict(batch),
             "model": {"checkpoint": self.which, "step": int(self.run.step), "head": self.run.objective.head,
                       "tta_views": self.tta_views},

@@ -317,11 +317,19 @@ def to_grey_uint8(image: np.ndarray, source: str) -> np.ndarray:
         raise RsnaFormatError(f"{source}: unsupported image shape {image.shape}")
     if image.dtype == np.uint8:
         return image
-    if image.dtype in (np.uint16, np.int16, np.int32, np.float32, np.float64):
-        lo, hi = float(image.min()), float(image.max())
-        scale = 255.0 / (hi - lo) if hi > lo else 0.0
-        return np.clip((image.astype(np.float32) - lo) * scale + 0.5, 0, 255).astype(np.uint8)
+    if image.dtype in MINMAX_TYPES:
+        return minmax_uint8(image)
     raise RsnaFormatError(f"{source}: unsupported pixel type {image.dtype}")
+
+
+MINMAX_TYPES = (np.uint16, np.int16, np.int32, np.float32, np.float64)  # what minmax_uint8 maps to 8 bits
+
+
+def minmax_uint8(image: np.ndarray) -> np.ndarray:
+    """An image of more than 8 bits (any shape) to uint8, its minimum to 0 and maximum to 255."""
+    lo, hi = float(image.min()), float(image.max())
+    scale = 255.0 / (hi - lo) if hi > lo else 0.0
+    return np.clip((image.astype(np.float32) - lo) * scale + 0.5, 0, 255).astype(np.uint8)
 
 
 def decode_grey(data: bytes, source: str) -> np.ndarray:
