@@ -9,11 +9,15 @@ Prepares the dataset if needed, then:
 
 * by default times ``--batches`` training batches (record read, decode, the config's
   preprocessing and augmentation, normalisation, batching) after ``--warmup`` batches, with the
-  config's read threads and worker processes (by default every CPU this process may use);
+  config's read threads and worker processes (by default every CPU this process may use) and,
+  as training with the config would, its cache of preprocessed images (by default when the
+  config's run reads the split at least once over and it fits in memory; the one pass that
+  fills it is not timed);
 * ``--profile`` runs ``--profile_images`` training examples one at a time in this thread and
   prints where the time goes: milliseconds per image for the record read, the PNG decode (image
-  and mask), each op of ``data.preprocess``, ``data.augment`` and ``data.normalize``, and the
-  batch stacking, with each one's share;
+  and mask), each op of ``data.preprocess`` and ``data.augment``, ``data.normalize`` (its
+  ops, or with ``data.normalize_on_device`` the grey-level table the device looks the image up
+  in) and the batch stacking, with each one's share, as if nothing were cached;
 * ``--scaling`` repeats the default measurement with 1, 2, ... read threads up to the CPUs this
   process may use (and, with ``--workers``, with that many worker processes of one thread each)
   and prints images/s in all and per thread.
@@ -36,7 +40,7 @@ from ml_collections import config_flags
 
 sys.path.insert(0, os.path.abspath(os.path.join(os.path.dirname(__file__), "..")))
 
-from boneage_jax import data, input_pipeline, ops  # noqa: E402
+from boneage_jax import data, input_pipeline, ops, train  # noqa: E402
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Training configuration file.", lock_config=True)
 _BATCHES = flags.DEFINE_integer("batches", 50, "Timed batches.")
@@ -50,7 +54,8 @@ flags.mark_flag_as_required("config")
 
 def throughput(config, splits, *, batches: int, warmup: int) -> float:
     """Training images per second from the config's input pipeline, after ``warmup`` batches."""
-    iterator = iter(input_pipeline.train_dataset(config.data, splits["train"], config.batch_size, config.seed))
+    iterator = iter(input_pipeline.train_dataset(config.data, splits["train"], config.batch_size, config.seed,
+                                                 num_steps=train.num_train_steps(config, len(splits["train"].indices))))
     for _ in range(warmup):
         next(iterator)
     start = time.perf_counter()
@@ -91,11 +96,17 @@ def profile(config, splits, num_images: int) -> dict[str, float]:
         rng = np.random.default_rng([config.seed, position])
         for op in pipeline.augment.ops:
             sample = timed(f"augment {op}", op, sample, rng)
-        image = sample["image"]
-        for op in pipeline.normalize.ops:
-            image = timed(f"normalize {op}", op, {"image": image})["image"]
-        image = timed("to float32 (S, S, C)", ops.as_network_array, image)
-        examples.append({"image": image, "male": np.float32(record["male"]), "boneage": np.float32(0),
+        image, levels = sample["image"], {}
+        if input_pipeline.normalizes_on_device(data_config):
+            grey = ops.as_2d(image)
+            levels["levels"] = timed(f"normalize table ({pipeline.normalize.spec or 'as float32'}; looked up on the "
+                                     f"device)", pipeline.normalize.level_table, grey)
+            image = grey[:, :, None]
+        else:
+            for op in pipeline.normalize.ops:
+                image = timed(f"normalize {op}", op, {"image": image})["image"]
+            image = timed("to float32 (S, S, C)", ops.as_network_array, image)
+        examples.append({"image": image, **levels, "male": np.float32(record["male"]), "boneage": np.float32(0),
                          "id": np.int64(record["id"]), "weight": np.float32(1)})
     for start in range(0, len(examples) - config.batch_size + 1, config.batch_size):
         timed("stack batch", input_pipeline.stack, examples[start : start + config.batch_size])

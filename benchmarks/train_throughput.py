@@ -161,7 +161,8 @@ def measure(config: ml_collections.ConfigDict, *, seconds: float, warmup_steps: 
     _, state, rng_state = state_lib.create(config, run.create, phase.tx, run.replicated, phase.freeze)
     base_key = jax.device_put(jax.random.key(config.seed), run.replicated)
     counts = freeze_lib.count(state["params"], state["rest"], phase.freeze)
-    iterator = iter(input_pipeline.train_dataset(config.data, run.splits["train"], config.batch_size, config.seed))
+    iterator = iter(input_pipeline.train_dataset(config.data, run.splits["train"], config.batch_size, config.seed,
+                                                 num_steps=run.total_steps))
 
     def batch() -> tuple[dict, float]:
         """The next global batch and the seconds blocked waiting for it."""

@@ -44,11 +44,12 @@ from configs.common import base_config
 
 
 def outputs(model, batch: dict):
-    """``model(image, male)``; a batch of cached backbone features (``features`` in place of
+    """``model(image, male)`` (the image normalised on the device where the batch has ``levels``,
+    ``input_pipeline.network_images``); a batch of cached backbone features (``features`` in place of
     ``image``, ``boneage_jax.feature_cache``) goes through the head alone."""
     if "features" in batch:
         return model.head(batch["features"], batch["male"])
-    return model(batch["image"], batch["male"])
+    return model(input_pipeline.network_images(batch), batch["male"])
 
 
 def predict_step(params, rest, rng_state, batch: dict, *, graphdef, objective: objectives.Task):

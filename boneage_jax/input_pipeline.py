@@ -6,13 +6,20 @@ and devices, so a run on 2 hosts x 4 GPUs sees exactly the batches of a run on 1
 
 A batch is a dict of numpy arrays: ``image`` float32 (B, S, S, C), ``male`` float32 (B,),
 ``boneage`` float32 months (B,), ``id`` int64 (B,) and ``weight`` float32 (B,), which is 0 for
-the padding that completes an evaluation's last batch.
+the padding that completes an evaluation's last batch. Training batches with
+``data.normalize_on_device`` (the default, where the normalize ops allow it) carry instead the
+augmented uint8 grey ``image`` (B, S, S, 1) and ``levels`` float32 (B, 256, C), each image's
+``data.normalize`` as a table of its grey levels (``ops.Chain.level_table``);
+:func:`network_images` looks them up on the device, the same float32 values as normalising on
+the host, with 1/4 (grey) to 1/12 (3 channels) of the bytes to write, stack and transfer.
 
 The ops come from the data config's :class:`boneage_jax.ops.Pipeline` (its specs parsed once):
 a record's hand mask and keypoints are decoded and handed to the ops exactly when a
 preprocessing op declares that it reads them (or, for the mask, segmentation batches carry it).
 With ``data.cache_preprocessed`` the deterministic part (read, decode, preprocess) runs once
-per image of a split and is kept in memory (:class:`PreprocessedExamples`).
+per image of a split and is kept in memory (:class:`PreprocessedExamples`); left at None (the
+default), the training split is cached when the run reads it at least once over and its images
+fit in a quarter of the memory available (:func:`caches_training_split`).
 ``input_channels`` is the network input's channel count (what the model is built for) and
 ``prepare_image`` runs one radiograph from outside the dataset through the deterministic part
 of the pipeline, as validation images go.
@@ -98,15 +105,30 @@ def augment_fn(data_config: ml_collections.ConfigDict, seed: int) -> Callable[[d
     return fn
 
 
-def normalize_fn(data_config: ml_collections.ConfigDict) -> Callable[[dict], dict]:
-    """Last ops to float32 (B, S, S, C); the mask goes into the batch only for segmentation
-    (``data.mask_in_batch``), as float32 (S, S, 1) in {0, 1}."""
+def normalizes_on_device(data_config: ml_collections.ConfigDict) -> bool:
+    """Whether training batches leave ``data.normalize`` to the device: ``data.normalize_on_device``
+    and the normalize ops are one grey-level table per image (``ops.Chain.maps_grey_levels``)."""
+    return data_config.normalize_on_device and ops.Pipeline.from_config(data_config).normalize.maps_grey_levels
+
+
+def normalize_fn(data_config: ml_collections.ConfigDict, *, on_device: bool = False) -> Callable[[dict], dict]:
+    """Last ops to float32 (S, S, C), or with ``on_device`` the uint8 grey image (S, S, 1) and its
+    ``levels`` table (256, C) for :func:`network_images`; the mask goes into the batch only for
+    segmentation (``data.mask_in_batch``), as float32 (S, S, 1) in {0, 1}."""
     pipeline = ops.Pipeline.from_config(data_config)
     with_mask = data_config.mask_in_batch
 
     def fn(example: dict) -> dict:
         out = {k: v for k, v in example.items() if k != "mask"}
-        out["image"] = pipeline.network_input(example["image"])
+        if on_device:
+            grey = ops.as_2d(example["image"])
+            if grey.dtype != np.uint8 or grey.ndim != 2:
+                raise ValueError(f"example {example['id']}: data.normalize_on_device needs a uint8 grey image after "
+                                 f"data.augment, got {grey.dtype} {example['image'].shape}; set "
+                                 f"--config.data.normalize_on_device=false")
+            out["image"], out["levels"] = grey[:, :, None], pipeline.normalize.level_table(grey)
+        else:
+            out["image"] = pipeline.network_input(example["image"])
         if with_mask:
             mask = example["mask"]
             if mask is None:
@@ -122,6 +144,14 @@ def stack(examples) -> dict:
     return {k: np.stack([e[k] for e in examples]) for k in examples[0]}
 
 
+def network_images(batch: dict) -> jax.Array:
+    """A batch's network input, float32 (B, S, S, C): its ``image``, or where the batch has
+    ``levels`` (``data.normalize_on_device``) each uint8 grey image looked up in its own table."""
+    if "levels" not in batch:
+        return batch["image"]
+    return jax.vmap(lambda table, grey: table[grey[..., 0].astype(np.int32)])(batch["levels"], batch["image"])
+
+
 def local_batch_size(global_batch_size: int) -> int:
     if global_batch_size % jax.process_count():
         raise ValueError(f"batch_size {global_batch_size} is not divisible by {jax.process_count()} processes")
@@ -131,17 +161,62 @@ def local_batch_size(global_batch_size: int) -> int:
 LOCAL_PROCESS_VARIABLES = ("BONEAGE_LOCAL_PROCESSES", "OMPI_COMM_WORLD_LOCAL_SIZE", "SLURM_NTASKS_PER_NODE")
 
 
+def local_processes() -> int:
+    """The processes of this run on this host (``launch.multihost``, Open MPI or Slurm say; 1)."""
+    return max(1, next((int(os.environ[v]) for v in LOCAL_PROCESS_VARIABLES if os.environ.get(v, "").isdigit()), 1))
+
+
 def read_threads(data_config: ml_collections.ConfigDict) -> int:
     """``data.num_threads``, or with 0 the CPUs this process may use (``os.sched_getaffinity``),
     shared with the other processes of this run on this host when the process is not bound to
-    its own CPUs (their number from ``launch.multihost``, Open MPI or Slurm); at least 1."""
+    its own CPUs (:func:`local_processes`); at least 1."""
     if data_config.num_threads:
         return data_config.num_threads
     usable = len(os.sched_getaffinity(0))
     if usable < (os.cpu_count() or usable):  # already bound to its share (Slurm, taskset)
         return max(1, usable)
-    local = next((int(os.environ[v]) for v in LOCAL_PROCESS_VARIABLES if os.environ.get(v, "").isdigit()), 1)
-    return max(1, usable // max(1, local))
+    return max(1, usable // local_processes())
+
+
+CACHE_MEMORY_FRACTION = 0.25  # of the memory available when training starts, shared by the local processes
+
+
+def available_memory_bytes() -> int:
+    """The memory the kernel says is available now (``MemAvailable``), else the physical memory."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
+def caches_training_split(data_config: ml_collections.ConfigDict, selection: data.SplitSelection,
+                          num_steps: int | None, batch_size: int) -> bool:
+    """Whether ``train_dataset`` keeps the split's preprocessed examples in memory.
+
+    ``data.cache_preprocessed`` True or False decides. None (the default) caches when this
+    process reads at least as many examples in the run (``num_steps`` of its rows of each global
+    ``batch_size``; None: not known) as the split has, so that the one pass over the split at
+    start-up costs no more than reading without the cache, and the split's preprocessed images
+    (the size of the first, times the split) take at most :data:`CACHE_MEMORY_FRACTION` of the
+    available memory over the local processes (each keeps its own). A refusal for memory is logged."""
+    if data_config.cache_preprocessed is not None:
+        return bool(data_config.cache_preprocessed)
+    count = len(np.unique(np.asarray(selection.indices, np.int64)))
+    if num_steps is None or num_steps * local_batch_size(batch_size) < count:
+        return False
+    first = _computed_examples(data_config, selection)(selection.indices[0])
+    need = count * (first["image"].nbytes + (first["mask"].nbytes if first["mask"] is not None else 0))
+    budget = CACHE_MEMORY_FRACTION * available_memory_bytes() / local_processes()
+    if need > budget:
+        io.log(f"Not caching the preprocessed {selection.tfds_split} split: {count} images take {need / 2**20:.0f} "
+               f"MiB, over {CACHE_MEMORY_FRACTION:.0%} of the available memory ({budget / 2**20:.0f} MiB per "
+               f"process); --config.data.cache_preprocessed=true caches it all the same")
+        return False
+    return True
 
 
 def _read_options(data_config: ml_collections.ConfigDict) -> grain.ReadOptions:
@@ -258,19 +333,25 @@ def _computed_examples(data_config: ml_collections.ConfigDict,
     return lambda index: make_example(source[int(index)])
 
 
-def _examples(data_config: ml_collections.ConfigDict, selection: data.SplitSelection) -> Callable[[int], dict]:
-    """Record index -> preprocessed example: from the cache with ``data.cache_preprocessed``."""
-    if data_config.cache_preprocessed:
+def _examples(data_config: ml_collections.ConfigDict, selection: data.SplitSelection,
+              cache: bool | None = None) -> Callable[[int], dict]:
+    """Record index -> preprocessed example: from the cache with ``cache`` (by default
+    ``data.cache_preprocessed`` set True)."""
+    if data_config.cache_preprocessed if cache is None else cache:
         return preprocessed_examples(data_config, selection).__getitem__
     return _computed_examples(data_config, selection)
 
 
 def train_dataset(
-    data_config: ml_collections.ConfigDict, selection: data.SplitSelection, batch_size: int, seed: int
+    data_config: ml_collections.ConfigDict, selection: data.SplitSelection, batch_size: int, seed: int,
+    *, num_steps: int | None = None
 ) -> grain.IterDataset:
-    """Infinite, shuffled, augmented batches: this process's rows of each global batch."""
-    example_at = _examples(data_config, selection)
-    augment, normalize = augment_fn(data_config, seed), normalize_fn(data_config)
+    """Infinite, shuffled, augmented batches: this process's rows of each global batch (uint8 grey
+    images with their ``levels`` tables where :func:`normalizes_on_device`). ``num_steps``, the
+    steps the run will take, lets :func:`caches_training_split` decide on the cache."""
+    example_at = _examples(data_config, selection, caches_training_split(data_config, selection, num_steps, batch_size))
+    augment = augment_fn(data_config, seed)
+    normalize = normalize_fn(data_config, on_device=normalizes_on_device(data_config))
     ds = ProcessRows(train_order(data_config, selection, seed), batch_size)
     ds = ds.map(lambda item: normalize(augment(example_at(item[1]), item[0])))
     ds = ds.batch(local_batch_size(batch_size), drop_remainder=True, batch_fn=stack)

@@ -369,7 +369,7 @@ def train_and_evaluate(
                                                           config.batch_size, config.seed))
         else:
             train_iter = iter(input_pipeline.train_dataset(config.data, splits["train"], config.batch_size,
-                                                           config.seed))
+                                                           config.seed, num_steps=total_steps))
         latest, best = state_lib.checkpoint_managers(workdir)
         meta = {"best_value": None, "best_step": None, "evals_since_best": 0, "evals_since_lr_drop": 0,
                 "label_mean": stats.mean, "label_std": stats.std, "stopped_early": False}

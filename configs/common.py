@@ -15,6 +15,7 @@ colon in the flag shrinks it (``--config=configs/demo.py:tiny``):
 from __future__ import annotations
 
 import ml_collections
+from ml_collections import config_dict
 
 VARIANTS = ("", "tiny", "tiny_own_network")
 TINY_IMAGE_SIZE = 32
@@ -39,7 +40,10 @@ def base_config() -> ml_collections.ConfigDict:
     data.num_threads = 0  # grain read threads per process; 0: the CPUs this process may use / local processes
     data.prefetch = 64  # grain prefetch buffer (examples)
     data.num_workers = 0  # grain worker processes (0: threads in the main process)
-    data.cache_preprocessed = False  # decode + data.preprocess once per image, kept in memory (S*S bytes each)
+    # decode + data.preprocess once per image, kept in memory (S*S bytes each); None: the training split when the
+    # run reads it at least once over and it fits in a quarter of the available memory (input_pipeline.py)
+    data.cache_preprocessed = config_dict.placeholder(bool)
+    data.normalize_on_device = True  # training batches: uint8 grey + each image's data.normalize table (256, C)
     data.sex = "both"  # both, male or female (sex-specific models, Lee et al.)
     data.min_age = 0.0  # months, inclusive: keep only labelled images in [min_age, max_age]
     data.max_age = 240.0

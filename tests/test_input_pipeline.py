@@ -28,8 +28,9 @@ def test_train_batches_are_deterministic_and_resumable(tiny_config):
     assert not np.array_equal(other["id"], a[0]["id"])
 
     first = a[0]
-    assert first["image"].shape == (8, 32, 32, 1) and first["image"].dtype == np.float32
-    assert set(first) == {"image", "male", "boneage", "id", "weight"}
+    assert first["image"].shape == (8, 32, 32, 1) and first["image"].dtype == np.uint8  # normalised on the device
+    assert first["levels"].shape == (8, 256, 1) and first["levels"].dtype == np.float32
+    assert set(first) == {"image", "levels", "male", "boneage", "id", "weight"}
     assert np.all(first["weight"] == 1)
 
     iterator = make(1)
@@ -48,6 +49,41 @@ def test_train_epochs_cover_every_example_and_reshuffle(tiny_config):
     epoch2 = np.concatenate([next(iterator)["id"] for _ in range(6)])
     assert sorted(epoch1) == sorted(splits["train"].ids) == sorted(epoch2)
     assert not np.array_equal(epoch1, epoch2)
+
+
+@pytest.mark.parametrize("normalize", ["zscore", "percentile_zscore", "preprocess_input(mode='tf')|grey_to_rgb",
+                                       "preprocess_input(mode='caffe')", "value_range|grey_to_rgb", ""])
+def test_normalising_on_the_device_gives_the_hosts_values(tiny_config, normalize):
+    """A batch of uint8 images and their grey-level tables, looked up on the device, equals the
+    batch the host normalises, bit for bit, for every kind of normalize op."""
+    tiny_config.data.normalize = normalize
+    tiny_config.data.augment = "flip|affine(rotation=10, shift=0.05)|gamma_jitter(low=0.8, high=1.2)"
+    splits = _splits(tiny_config)
+    device = next(iter(input_pipeline.train_dataset(tiny_config.data, splits["train"], 8, 0)))
+    tiny_config.data.normalize_on_device = False
+    host = next(iter(input_pipeline.train_dataset(tiny_config.data, splits["train"], 8, 0)))
+    assert "levels" in device and "levels" not in host and device["image"].dtype == np.uint8
+    images = np.asarray(input_pipeline.network_images(device))
+    assert images.dtype == host["image"].dtype == np.float32
+    np.testing.assert_array_equal(images, host["image"])
+    np.testing.assert_array_equal(np.asarray(input_pipeline.network_images(host)), host["image"])
+
+
+def test_normalize_ops_without_a_table_form_stay_on_the_host(tiny_config, monkeypatch):
+    tiny_config.data.normalize = "zscore|zscore"  # a statistic of a float image: no grey-level table
+    splits = _splits(tiny_config)
+    assert not input_pipeline.normalizes_on_device(tiny_config.data)
+    batch = next(iter(input_pipeline.train_dataset(tiny_config.data, splits["train"], 8, 0)))
+    assert "levels" not in batch and batch["image"].dtype == np.float32
+    monkeypatch.setattr(ops, "OPS", dict(ops.OPS))
+
+    @ops.register_augment("to_float")
+    def to_float(image, rng):
+        return image.astype(np.float32)
+
+    tiny_config.data.normalize, tiny_config.data.augment = "zscore", "to_float"
+    with pytest.raises(ValueError, match="normalize_on_device needs a uint8 grey image after data.augment"):
+        next(iter(input_pipeline.train_dataset(tiny_config.data, splits["train"], 8, 0)))
 
 
 def test_eval_batches_pad_with_zero_weight(tiny_config):
@@ -78,7 +114,7 @@ def test_masks_move_with_the_augmentation(tiny_config):
     batch = next(iter(input_pipeline.train_dataset(tiny_config.data, splits["train"], 8, 0)))
     assert batch["mask"].shape == (8, 32, 32, 1) and set(np.unique(batch["mask"])) <= {0.0, 1.0}
     # The hand is brighter than the background under the (moved) mask, in every image.
-    for image, mask in zip(batch["image"], batch["mask"]):
+    for image, mask in zip(np.asarray(input_pipeline.network_images(batch)), batch["mask"]):
         inside, outside = image[mask > 0], image[mask == 0]
         assert inside.mean() > outside.mean() + 0.1
     tiny_config.data.augment = ""
@@ -203,3 +239,28 @@ def test_preprocessed_examples_give_the_same_batches_and_are_computed_once(tiny_
     resumed.set_state(state)
     np.testing.assert_array_equal(next(resumed)["image"], expected["image"])
     assert len(calls) == len(splits["train"].ids) + len(splits["validation"].ids)  # still cached
+
+
+def test_the_training_split_is_cached_when_the_run_reads_it_and_it_fits(tiny_config, monkeypatch, capsys):
+    """data.cache_preprocessed None: cache when the run reads >= one epoch and the images fit."""
+    splits = _splits(tiny_config)
+    train = splits["train"]  # 48 images of 32 x 32 (1 KiB each)
+    assert tiny_config.data.cache_preprocessed is None
+    decide = lambda steps: input_pipeline.caches_training_split(tiny_config.data, train, steps, 8)  # noqa: E731
+    assert not decide(None) and not decide(5)  # unknown length; 40 of 48 images: less than one epoch
+    assert decide(6)
+    monkeypatch.setattr(input_pipeline, "available_memory_bytes", lambda: 4 * 48 * 1024 - 1)
+    assert not decide(6)
+    assert "Not caching the preprocessed train split: 48 images take 0 MiB" in capsys.readouterr().out
+    monkeypatch.setenv("BONEAGE_LOCAL_PROCESSES", "2")  # each process keeps its own: half the budget each
+    monkeypatch.setattr(input_pipeline, "available_memory_bytes", lambda: 4 * 48 * 1024)
+    assert not decide(6)
+    monkeypatch.delenv("BONEAGE_LOCAL_PROCESSES")
+    assert decide(6)
+    for setting in (True, False):
+        tiny_config.data.cache_preprocessed = setting
+        assert decide(None) is setting and decide(100) is setting
+    tiny_config.data.cache_preprocessed = None
+    monkeypatch.setattr(input_pipeline, "_PREPROCESSED", {})
+    next(iter(input_pipeline.train_dataset(tiny_config.data, train, 8, 0, num_steps=6)))
+    assert "Preprocessed 48 train images once" in capsys.readouterr().out

@@ -7,6 +7,7 @@ import os
 import subprocess
 import sys
 
+import pytest
 from conftest import REPO
 
 
@@ -18,13 +19,16 @@ def _run(phantom_dir: str, data_root: str, *flags: str) -> dict:
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
-def test_profile_names_every_stage_of_the_pipeline(phantom_dir, data_root):
+@pytest.mark.parametrize("on_device", [True, False])
+def test_profile_names_every_stage_of_the_pipeline(phantom_dir, data_root, on_device):
     report = _run(phantom_dir, data_root, "--profile", "--profile_images=16",
-                  "--config.data.augment=flip|affine(rotation=10)")
+                  "--config.data.augment=flip|affine(rotation=10)", f"--config.data.normalize_on_device={on_device}")
     stages = list(report["profile"])
+    normalize = (["normalize table (zscore; looked up on the device)"] if on_device
+                 else ["normalize zscore", "to float32 (S, S, C)"])
     assert stages == ["read record", "decode image", "preprocess resize_pad(size=32)",
                       "preprocess clahe(clip_limit=2.0, tile_grid=8)", "augment flip", "augment affine(rotation=10)",
-                      "normalize zscore", "to float32 (S, S, C)", "stack batch"]
+                      *normalize, "stack batch"]
     assert all(ms > 0 for ms in report["profile"].values())
     assert abs(report["total_ms"] - sum(report["profile"].values())) < 1e-2
 

@@ -121,3 +121,32 @@ def test_normalising_grey_before_making_rgb_gives_the_same_input(grey_first, fas
     expected, out = ops.build_preprocess(grey_first)(image), ops.build_preprocess(fast)(image)
     assert out.shape == expected.shape == (33, 29, 3) and out.dtype == np.float32
     np.testing.assert_array_equal(out, expected)
+
+
+@pytest.mark.parametrize("spec", ["", "zscore", "percentile_zscore(percentile=2.0)", "value_range(low=-1.0, high=1.0)",
+                                  "scale(divisor=127.5, offset=-1.0)", "preprocess_input(mode='tf')|grey_to_rgb",
+                                  "preprocess_input(mode='caffe')", "grey_to_rgb|preprocess_input(mode='torch')",
+                                  "zscore|grey_to_rgb", "grey_to_rgb"])
+def test_a_normalize_chain_is_one_table_of_grey_levels_per_image(spec):
+    """``Chain.level_table``: the table looked up at each pixel gives the chain's float32 output, bit for bit."""
+    chain = ops.build_preprocess(spec)
+    assert chain.maps_grey_levels
+    for seed in range(3):
+        image = np.random.default_rng(seed).integers(seed * 40, 256 - seed * 30, (37, 29), dtype=np.uint8)
+        expected = ops.as_network_array(chain(image))
+        table = chain.level_table(image)
+        assert table.dtype == np.float32 and table.shape == (256, expected.shape[-1])
+        np.testing.assert_array_equal(table[image], expected)
+        np.testing.assert_array_equal(chain.level_table(image[:, :, None]), table)
+
+
+def test_chains_that_are_not_a_table_of_grey_levels_say_so():
+    for spec in ("zscore|zscore", "clahe|zscore", "value_range|percentile_zscore"):
+        chain = ops.build_preprocess(spec)
+        assert not chain.maps_grey_levels
+        with pytest.raises(ValueError, match="is not a grey-level table"):
+            chain.level_table(np.zeros((4, 4), np.uint8))
+    with pytest.raises(ValueError, match="needs a uint8 grey image, got float32"):
+        ops.build_preprocess("zscore").level_table(np.zeros((4, 4), np.float32))
+    with pytest.raises(ValueError, match="only image preprocessing ops can be pointwise"):
+        ops.register_augment("jitter_table", pointwise=True)(lambda image, rng: image)

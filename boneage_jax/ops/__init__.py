@@ -39,6 +39,12 @@ declared where the op is registered:
   ``--config.data.roi=roi2`` switches a config's crop).
 * ``channels``: the image channels it outputs (None: as many as it gets), from which the
   pipeline knows the network input's channel count without running it.
+* ``pointwise``: each output pixel is a function of that pixel's values alone, the same for
+  every image (``scale``, ``preprocess_input``, ``grey_to_rgb``); ``levels(image, **kwargs)``:
+  the op on a uint8 grey image is a lookup of each grey level in a (256, C) float32 table that
+  depends on the image (``zscore``'s statistics). A normalize chain whose first op has one of
+  the two and whose later ops are pointwise is one table per image
+  (:meth:`Chain.level_table`), which the device can apply (``data.normalize_on_device``).
 
 Keyword arguments in a spec are Python literals. :class:`Chain` is one spec parsed and bound
 (``build_preprocess`` and ``build_augment`` make one): a function of a sample dict (returning
@@ -64,6 +70,7 @@ cv2.setNumThreads(1)
 
 Sample = dict
 ANNOTATIONS = frozenset({"mask", "keypoints"})
+GREY_LEVELS = np.arange(256, dtype=np.uint8).reshape(256, 1)  # the 256 grey levels as a 256 x 1 image
 
 
 def _no_requirements(arguments: Mapping[str, Any]) -> frozenset[str]:
@@ -86,6 +93,8 @@ class Op:
     requires: Callable[[Mapping[str, Any]], frozenset[str]]  # arguments -> annotations it cannot run without
     without_mask: Callable[[dict], dict] | None  # spec arguments -> those that make its own mask
     arguments: Mapping[str, Any]  # keyword-only arguments -> their defaults (inspect.Parameter.empty if none)
+    pointwise: bool = False  # a fixed function of each pixel's values
+    levels: Callable[..., np.ndarray] | None = None  # (uint8 grey image, **kwargs) -> its (256, C) table
 
 
 OPS: dict[str, Op] = {}
@@ -104,6 +113,8 @@ def register(
     channels: int | Callable[[Mapping[str, Any]], int | None] | None = None,
     requires: Callable[[Mapping[str, Any]], frozenset[str]] | None = None,
     without_mask: Callable[[dict], dict] | None = None,
+    pointwise: bool = False,
+    levels: Callable[..., np.ndarray] | None = None,
 ) -> Callable:
     """Registers ``fn`` under ``name`` with its facts; ``geometric`` is required for sample ops.
 
@@ -121,6 +132,8 @@ def register(
         raise ValueError(f"augmentation {name!r} cannot read {list(reads)}: augmentations get no annotations")
     if without_mask is not None and "mask" not in reads:
         raise ValueError(f"op {name!r}: without_mask is given but the op does not read the mask")
+    if (pointwise or levels is not None) and (on != "image" or random):
+        raise ValueError(f"op {name!r}: only image preprocessing ops can be pointwise or have grey-level tables")
     fixed = channels
 
     def wrap(fn: Callable) -> Callable:
@@ -135,7 +148,8 @@ def register(
             name=name, fn=fn, on=on, random=random, geometric=bool(geometric), reads=frozenset(reads),
             config_defaults=dict(config_defaults or {}),
             channels=fixed if callable(fixed) else (lambda arguments: fixed),
-            requires=requires or _no_requirements, without_mask=without_mask, arguments=arguments)
+            requires=requires or _no_requirements, without_mask=without_mask, arguments=arguments,
+            pointwise=pointwise, levels=levels)
         return fn
 
     return wrap
@@ -315,6 +329,35 @@ class Chain:
             out = op.op.channels(op.arguments)
             channels = channels if out is None else out
         return channels
+
+    @property
+    def maps_grey_levels(self) -> bool:
+        """Whether the chain on a uint8 grey image is one grey-level table per image: its first op
+        is pointwise or has ``levels``, the others are pointwise (the empty chain: the levels as
+        float32)."""
+        return all(op.op.pointwise or (i == 0 and op.op.levels is not None) for i, op in enumerate(self.ops))
+
+    def level_table(self, image: np.ndarray) -> np.ndarray:
+        """The (256, C) float32 table ``T`` with ``as_network_array(self(image))[y, x, c] ==
+        T[image[y, x], c]`` for a uint8 grey ``image`` (needs :attr:`maps_grey_levels`).
+
+        A pointwise op runs on the table so far as if it were a 256 x 1 image (the first on the
+        256 grey levels), so the values are those of the ops' own arithmetic on the image."""
+        if not self.maps_grey_levels:
+            raise ValueError(f"{self.name or 'spec'} {self.spec!r} is not a grey-level table: an op after the "
+                             f"first is not pointwise, or the first has no table form")
+        grey = as_2d(image)
+        if grey.dtype != np.uint8 or grey.ndim != 2:
+            raise ValueError(f"{self.name or 'spec'} {self.spec!r}: a grey-level table needs a uint8 grey image, "
+                             f"got {image.dtype} {image.shape}")
+        table = GREY_LEVELS
+        for i, op in enumerate(self.ops):
+            if op.op.pointwise:
+                table = op({"image": table if i == 0 else table[:, None, :]})["image"]
+            else:
+                table = op.op.levels(grey, **op.kwargs)
+            table = np.asarray(table).reshape(256, -1)
+        return table.astype(np.float32, copy=False)
 
     def for_single_images(self) -> tuple[Chain, list[str]]:
         """This chain for images outside the dataset (no stored mask, no keypoints), with notes.

@@ -117,7 +117,7 @@ def center_crop(sample: Sample, *, fraction: float = 0.9) -> Sample:
     return crop_sample(sample, (left, top, left + new_w, top + new_h))
 
 
-@register_preprocess("grey_to_rgb", channels=3)
+@register_preprocess("grey_to_rgb", channels=3, pointwise=True)
 def grey_to_rgb(image: np.ndarray) -> np.ndarray:
     """Repeats a grey image to 3 channels (for ImageNet models with RGB stems)."""
     image = as_2d(image)

@@ -3,7 +3,9 @@
 Every op here maps each grey level through the same arithmetic, so a uint8 image goes through
 a 256-entry float32 table (``cv2.LUT``) computed with exactly the float32 operations that the
 op applies to a float image: the same values, without a float temporary per operation (at
-500 px, 3 channels, about 5x less time). The per-image statistics of ``zscore`` and
+500 px, 3 channels, about 5x less time). The same tables let the device normalise a batch of
+uint8 images (``ops.Chain.level_table``, ``data.normalize_on_device``): the fixed maps declare
+themselves ``pointwise``, the per-image ones give their table (``levels``). The per-image statistics of ``zscore`` and
 ``percentile_zscore`` come from the image's grey-level histogram, in float64. A float image
 (an op after another normalisation) takes the plain numpy path.
 """
@@ -41,17 +43,22 @@ def _mean_std(values: np.ndarray, counts: np.ndarray, ddof: int = 0) -> tuple[fl
     return mean, variance ** 0.5
 
 
-@register_preprocess("zscore")
+def _zscore_levels(image: np.ndarray, *, eps: float = 1e-6) -> np.ndarray:
+    """``zscore`` of a uint8 image as its table of the 256 grey levels."""
+    mean, std = _mean_std(_LEVELS.astype(np.float64), _histogram(image))
+    return (_LEVELS - np.float32(mean)) / (np.float32(std) + eps)
+
+
+@register_preprocess("zscore", levels=_zscore_levels)
 def zscore(image: np.ndarray, *, eps: float = 1e-6) -> np.ndarray:
     """Per-image zero mean and unit variance, float32."""
     if image.dtype == np.uint8:
-        mean, std = _mean_std(_LEVELS.astype(np.float64), _histogram(image))
-        return _through_table(image, (_LEVELS - np.float32(mean)) / (np.float32(std) + eps))
+        return _through_table(image, _zscore_levels(image, eps=eps))
     image = image.astype(np.float32)
     return (image - image.mean()) / (image.std() + eps)
 
 
-@register_preprocess("value_range")
+@register_preprocess("value_range", pointwise=True)
 def value_range(image: np.ndarray, *, low: float = 0.0, high: float = 1.0) -> np.ndarray:
     """Scales uint8 [0, 255] linearly to [low, high], float32."""
     if image.dtype == np.uint8:
@@ -59,7 +66,16 @@ def value_range(image: np.ndarray, *, low: float = 0.0, high: float = 1.0) -> np
     return image.astype(np.float32) * ((high - low) / 255.0) + low
 
 
-@register_preprocess("percentile_zscore")
+def _percentile_zscore_levels(image: np.ndarray, *, percentile: float = 1.0, eps: float = 1e-6,
+                              ddof: int = 1) -> np.ndarray:
+    """``percentile_zscore`` of a uint8 image as its table of the 256 grey levels."""
+    counts = _histogram(image)
+    x = np.maximum(_LEVELS - np.float32(_percentile(counts, percentile)), np.float32(0))
+    mean, std = _mean_std(x.astype(np.float64), counts, ddof)
+    return ((x - np.float32(mean)) / (np.float32(std) + eps)).astype(np.float32)
+
+
+@register_preprocess("percentile_zscore", levels=_percentile_zscore_levels)
 def percentile_zscore(image: np.ndarray, *, percentile: float = 1.0, eps: float = 1e-6, ddof: int = 1) -> np.ndarray:
     """Deeplasia's normalisation, float32: ``x = max(image - P, 0)`` with ``P`` the image's
     ``percentile``-th percentile (numpy's linear interpolation), then ``(x - mean(x)) / (std(x) + eps)``.
@@ -71,10 +87,7 @@ def percentile_zscore(image: np.ndarray, *, percentile: float = 1.0, eps: float 
     rest is unchanged, so the result is invariant to a constant offset of the image. Here the
     percentile is taken over the whole image and the subtraction is in float (not rounded)."""
     if image.dtype == np.uint8:
-        counts = _histogram(image)
-        x = np.maximum(_LEVELS - np.float32(_percentile(counts, percentile)), np.float32(0))
-        mean, std = _mean_std(x.astype(np.float64), counts, ddof)
-        return _through_table(image, ((x - np.float32(mean)) / (np.float32(std) + eps)).astype(np.float32))
+        return _through_table(image, _percentile_zscore_levels(image, percentile=percentile, eps=eps, ddof=ddof))
     p = float(np.percentile(image, percentile))
     x = np.maximum(image.astype(np.float32) - np.float32(p), np.float32(0))
     return ((x - x.mean()) / (x.std(ddof=ddof) + eps)).astype(np.float32)
@@ -91,7 +104,7 @@ def _percentile(counts: np.ndarray, q: float) -> float:
     return b - (b - a) * (1 - t) if t >= 0.5 else a + (b - a) * t  # numpy's _lerp
 
 
-@register_preprocess("scale")
+@register_preprocess("scale", pointwise=True)
 def scale(image: np.ndarray, *, divisor: float = 255.0, offset: float = 0.0) -> np.ndarray:
     """Fixed linear scaling ``image / divisor + offset``, float32 (the default maps 0..255 to 0..1;
     ``divisor=127.5, offset=-1`` to -1..1)."""
@@ -113,7 +126,7 @@ def _preprocess_input_channels(arguments: dict) -> int | None:
     return None if arguments["mode"] == "tf" else 3
 
 
-@register_preprocess("preprocess_input", channels=_preprocess_input_channels)
+@register_preprocess("preprocess_input", channels=_preprocess_input_channels, pointwise=True)
 def preprocess_input(image: np.ndarray, *, mode: str = "tf") -> np.ndarray:
     """Keras's ``imagenet_utils.preprocess_input`` (channels last), float32:
 
