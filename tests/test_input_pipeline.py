@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
+
 import numpy as np
 import pytest
 
@@ -264,3 +267,58 @@ def test_the_training_split_is_cached_when_the_run_reads_it_and_it_fits(tiny_con
     monkeypatch.setattr(input_pipeline, "_PREPROCESSED", {})
     next(iter(input_pipeline.train_dataset(tiny_config.data, train, 8, 0, num_steps=6)))
     assert "Preprocessed 48 train images once" in capsys.readouterr().out
+
+
+# grain's worker processes must start under absl.app.run, so this runs as its own program.
+_WORKERS_PROGRAM = """
+import sys
+import numpy as np
+from absl import app
+from boneage_jax import data, input_pipeline
+from configs import demo
+
+
+def main(argv):
+    config = demo.get_config("tiny")
+    config.data.manual_dir, config.data.data_dir = argv[1], argv[2]
+    config.data.augment = "flip|affine(rotation=15, shift=0.1)|brightness_jitter"
+    splits = data.select_splits(config.data, data.prepare(config.data), seed=0)
+    for cache in (None, False):  # 12 steps of 8 read the 48 images twice: cached by default
+        config.data.cache_preprocessed = cache
+
+        def make(workers):
+            config.data.num_workers = workers
+            return iter(input_pipeline.train_dataset(config.data, splits["train"], 8, 3, num_steps=12))
+
+        threads = make(0)
+        expected = [next(threads) for _ in range(8)]
+        workers = make(2)
+        got = [next(workers) for _ in range(5)]
+        state = workers.get_state()
+        got += [next(workers) for _ in range(3)]
+        if cache is None:  # the default path resumes too (each pool of workers costs seconds)
+            resumed = make(2)
+            resumed.set_state(state)
+            got += [next(resumed) for _ in range(3)]
+            expected += expected[5:]
+        for x, y in zip(expected, got, strict=True):
+            assert set(x) == set(y), (set(x), set(y))
+            for key in x:
+                np.testing.assert_array_equal(x[key], y[key])
+        print(f"cache {cache}: the same batches from 2 worker processes")
+
+
+app.run(main)
+"""
+
+
+def test_worker_processes_give_the_threads_batches_and_resume(tiny_config):
+    """data.num_workers > 0 (grain multiprocessing): the batches of the threaded pipeline, bit
+    for bit, with and without the cache, and (cached, the default) an iterator state that
+    resumes mid-stream."""
+    _splits(tiny_config)  # the store, prepared here
+    done = subprocess.run([sys.executable, "-c", _WORKERS_PROGRAM, tiny_config.data.manual_dir,
+                           tiny_config.data.data_dir], cwd=os.path.dirname(os.path.dirname(__file__)),
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.count("the same batches from 2 worker processes") == 2, done.stdout
