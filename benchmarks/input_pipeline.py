@@ -94,8 +94,12 @@ def profile(config, splits, num_images: int) -> dict[str, float]:
         sample = {"image": sample["image"], "mask": sample.get("mask") if data_config.mask_in_batch else None,
                   "id": sample["id"]}
         rng = np.random.default_rng([config.seed, position])
-        for op in pipeline.augment.ops:
-            sample = timed(f"augment {op}", op, sample, rng)
+        if input_pipeline.augments_on_device(data_config):
+            timed(f"augment: draw the warp ({pipeline.augment.spec}; warped on the device)",
+                  pipeline.augment.draw_warp, sample["image"].shape[:2], rng)
+        else:
+            for op in pipeline.augment.ops:
+                sample = timed(f"augment {op}", op, sample, rng)
         image, levels = sample["image"], {}
         if input_pipeline.normalizes_on_device(data_config):
             grey = ops.as_2d(image)

@@ -59,6 +59,7 @@ RULES: dict[str, tuple[Callable, str]] = {
     "data.num_workers": _integer(0),
     "data.cache_preprocessed": ((lambda v: v is None or isinstance(v, bool)), "True, False or None (automatic)"),
     "data.normalize_on_device": ((lambda v: isinstance(v, bool)), "True or False"),
+    "data.augment_on_device": ((lambda v: isinstance(v, bool)), "True or False"),
     "data.sex": _one_of(data.SEXES),
     "data.min_age": _number(0.0, 240.0),
     "data.max_age": _number(0.0, 240.0),

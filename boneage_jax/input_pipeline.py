@@ -12,6 +12,10 @@ augmented uint8 grey ``image`` (B, S, S, 1) and ``levels`` float32 (B, 256, C), 
 ``data.normalize`` as a table of its grey levels (``ops.Chain.level_table``);
 :func:`network_images` looks them up on the device, the same float32 values as normalising on
 the host, with 1/4 (grey) to 1/12 (3 channels) of the bytes to write, stack and transfer.
+With ``data.augment_on_device`` the augmentation (flips and one affine warp) is drawn on the
+host as before but applied on the device: the batch adds ``warp`` (B, 2, 3), each image's
+inverse warp, and ``warp_fill`` (B, 2), its border mode and fill value, and holds the images
+unwarped. It needs a fixed normalisation (pointwise ops: the same table for every image).
 
 The ops come from the data config's :class:`boneage_jax.ops.Pipeline` (its specs parsed once):
 a record's hand mask and keypoints are decoded and handed to the ops exactly when a
@@ -36,6 +40,7 @@ from collections.abc import Callable, Iterator
 
 import grain
 import jax
+import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
@@ -111,6 +116,50 @@ def normalizes_on_device(data_config: ml_collections.ConfigDict) -> bool:
     return data_config.normalize_on_device and ops.Pipeline.from_config(data_config).normalize.maps_grey_levels
 
 
+WARP_FILL_MODES = ("constant", "nearest", "reflect")  # warp_fill[:, 0] codes, as ops.BORDER_MODES
+
+
+def augments_on_device(data_config: ml_collections.ConfigDict) -> bool:
+    """``data.augment_on_device``, checked: ValueError naming what stands in its way."""
+    if not data_config.augment_on_device:
+        return False
+    pipeline = ops.Pipeline.from_config(data_config)
+    if pipeline.augment.warp_fill is None:
+        others = [str(op) for op in pipeline.augment.ops if op.op.matrix is None]
+        raise ValueError(f"data.augment_on_device: data.augment {pipeline.augment.spec!r} is not one warp per image "
+                         f"(" + (f"{', '.join(others)} cannot run on the device" if others else
+                                 "more than one op fills the border") + "); set --config.data.augment_on_device=false")
+    if not normalizes_on_device(data_config):
+        raise ValueError(f"data.augment_on_device needs the normalisation on the device too: data.normalize "
+                         f"{pipeline.normalize.spec!r} with data.normalize_on_device="
+                         f"{data_config.normalize_on_device} is not a grey-level table per image")
+    statistics = [str(op) for op in pipeline.normalize.ops if not op.op.pointwise]
+    if statistics:
+        raise ValueError(f"data.augment_on_device needs a fixed normalisation (pointwise ops such as value_range, "
+                         f"scale, preprocess_input): {', '.join(statistics)} takes statistics of each image, which "
+                         f"would come from the unwarped image; set --config.data.augment_on_device=false")
+    if data_config.mask_in_batch:
+        raise ValueError("data.augment_on_device does not move masks: segmentation batches (data.mask_in_batch) "
+                         "need --config.data.augment_on_device=false")
+    return True
+
+
+def device_augment_fn(data_config: ml_collections.ConfigDict, seed: int) -> Callable[[dict, int], dict]:
+    """Draws each example's warp as ``augment_fn`` would (same seed, same draws) and leaves the
+    image as it is: ``warp`` is the inverse 2x3 matrix (destination to source pixel centres)."""
+    chain = ops.Pipeline.from_config(data_config).augment
+    mode, value = chain.warp_fill
+    fill = np.float32([WARP_FILL_MODES.index(mode), value])
+
+    def fn(example: dict, position: int) -> dict:
+        rng = np.random.default_rng([seed, position])
+        matrix = chain.draw_warp(example["image"].shape[:2], rng)
+        inverse = np.linalg.inv(np.vstack([matrix.astype(np.float64), [0.0, 0.0, 1.0]]))[:2]
+        return {**example, "warp": inverse.astype(np.float32), "warp_fill": fill}
+
+    return fn
+
+
 def normalize_fn(data_config: ml_collections.ConfigDict, *, on_device: bool = False) -> Callable[[dict], dict]:
     """Last ops to float32 (S, S, C), or with ``on_device`` the uint8 grey image (S, S, 1) and its
     ``levels`` table (256, C) for :func:`network_images`; the mask goes into the batch only for
@@ -146,10 +195,50 @@ def stack(examples) -> dict:
 
 def network_images(batch: dict) -> jax.Array:
     """A batch's network input, float32 (B, S, S, C): its ``image``, or where the batch has
-    ``levels`` (``data.normalize_on_device``) each uint8 grey image looked up in its own table."""
+    ``levels`` (``data.normalize_on_device``) each uint8 grey image looked up in its own table,
+    after its ``warp`` where the batch has one (``data.augment_on_device``)."""
     if "levels" not in batch:
         return batch["image"]
-    return jax.vmap(lambda table, grey: table[grey[..., 0].astype(np.int32)])(batch["levels"], batch["image"])
+    grey = batch["image"][..., 0]
+    if "warp" in batch:
+        grey = jax.vmap(warp_grey)(grey, batch["warp"], batch["warp_fill"])
+    return jax.vmap(lambda table, levels: table[levels.astype(np.int32)])(batch["levels"], grey)
+
+
+def _border_index(i: jax.Array, n: int, mode: jax.Array) -> jax.Array:
+    """Pixel index ``i`` of a side of ``n`` pixels as the border mode reads it: clamped
+    (nearest; constant, whose outside pixels are replaced) or reflected without repeating the
+    edge (reflect, OpenCV's BORDER_REFLECT_101)."""
+    if n == 1:
+        return jnp.zeros_like(i)
+    period = 2 * (n - 1)
+    folded = jnp.abs(i) % period
+    return jnp.where(mode == 2, jnp.where(folded >= n, period - folded, folded), jnp.clip(i, 0, n - 1))
+
+
+def warp_grey(grey: jax.Array, inverse: jax.Array, fill: jax.Array) -> jax.Array:
+    """A uint8 grey image (H, W) warped as ``cv2.warpAffine`` with bilinear interpolation does
+    (``inverse``: destination to source pixel centres; ``fill``: border mode code of
+    :data:`WARP_FILL_MODES` and fill value), rounded to grey levels (uint8). OpenCV's fixed-point
+    weights make it differ by one grey level at a few pixels."""
+    height, width = grey.shape
+    ys, xs = jnp.meshgrid(jnp.arange(height, dtype=jnp.float32), jnp.arange(width, dtype=jnp.float32), indexing="ij")
+    sx = inverse[0, 0] * xs + inverse[0, 1] * ys + inverse[0, 2]
+    sy = inverse[1, 0] * xs + inverse[1, 1] * ys + inverse[1, 2]
+    x0, y0 = jnp.floor(sx), jnp.floor(sy)
+    fx, fy = sx - x0, sy - y0
+    x0, y0 = x0.astype(jnp.int32), y0.astype(jnp.int32)
+    mode, value = fill[0].astype(jnp.int32), fill[1]
+    source = grey.astype(jnp.float32)
+
+    def at(ix, iy):
+        pixel = source[_border_index(iy, height, mode), _border_index(ix, width, mode)]
+        outside = (ix < 0) | (ix >= width) | (iy < 0) | (iy >= height)
+        return jnp.where((mode == 0) & outside, value, pixel)
+
+    out = ((1 - fx) * (1 - fy) * at(x0, y0) + fx * (1 - fy) * at(x0 + 1, y0)
+           + (1 - fx) * fy * at(x0, y0 + 1) + fx * fy * at(x0 + 1, y0 + 1))
+    return jnp.clip(jnp.round(out), 0, 255).astype(jnp.uint8)
 
 
 def local_batch_size(global_batch_size: int) -> int:
@@ -350,7 +439,7 @@ def train_dataset(
     images with their ``levels`` tables where :func:`normalizes_on_device`). ``num_steps``, the
     steps the run will take, lets :func:`caches_training_split` decide on the cache."""
     example_at = _examples(data_config, selection, caches_training_split(data_config, selection, num_steps, batch_size))
-    augment = augment_fn(data_config, seed)
+    augment = (device_augment_fn if augments_on_device(data_config) else augment_fn)(data_config, seed)
     normalize = normalize_fn(data_config, on_device=normalizes_on_device(data_config))
     ds = ProcessRows(train_order(data_config, selection, seed), batch_size)
     ds = ds.map(lambda item: normalize(augment(example_at(item[1]), item[0])))

@@ -44,6 +44,7 @@ def base_config() -> ml_collections.ConfigDict:
     # run reads it at least once over and it fits in a quarter of the available memory (input_pipeline.py)
     data.cache_preprocessed = config_dict.placeholder(bool)
     data.normalize_on_device = True  # training batches: uint8 grey + each image's data.normalize table (256, C)
+    data.augment_on_device = False  # data.augment (flips, one affine) drawn on the host, warped on the device
     data.sex = "both"  # both, male or female (sex-specific models, Lee et al.)
     data.min_age = 0.0  # months, inclusive: keep only labelled images in [min_age, max_age]
     data.max_age = 240.0

@@ -89,6 +89,60 @@ def test_normalize_ops_without_a_table_form_stay_on_the_host(tiny_config, monkey
         next(iter(input_pipeline.train_dataset(tiny_config.data, splits["train"], 8, 0)))
 
 
+@pytest.mark.parametrize("augment", ["flip|affine(rotation=15, shift=0.1, zoom=0.1)", "nguyen",
+                                     "affine(rotation=30, shear=10, fill_mode='reflect', fill_value=9)|flip(p=1.0)",
+                                     "affine(rotation=20, zoom=0.3, fill_value=200)"])
+def test_augmenting_on_the_device_gives_the_hosts_batches(tiny_config, augment):
+    """data.augment_on_device: the same draws, warped on the device: the host's images to one
+    grey level (OpenCV's fixed-point interpolation weights) at a few pixels."""
+    tiny_config.data.image_size, tiny_config.data.augment = 64, augment
+    tiny_config.data.normalize = "value_range"
+    splits = _splits(tiny_config)
+    host = next(iter(input_pipeline.train_dataset(tiny_config.data, splits["train"], 8, 0)))
+    tiny_config.data.augment_on_device = True
+    device = next(iter(input_pipeline.train_dataset(tiny_config.data, splits["train"], 8, 0)))
+    assert set(device) == set(host) | {"warp", "warp_fill"}
+    assert device["warp"].shape == (8, 2, 3) and device["warp_fill"].shape == (8, 2)
+    expected, got = (np.asarray(input_pipeline.network_images(b)) for b in (host, device))
+    difference = np.abs(got - expected)
+    assert difference.max() <= 1 / 255 + 1e-6 and (difference > 0).mean() < 0.005
+    assert not np.array_equal(np.asarray(input_pipeline.network_images({**device, "warp": device["warp"][::-1]})),
+                              expected)  # each image its own warp
+
+
+def test_warp_grey_is_cv2_warp_affine_to_one_grey_level():
+    import cv2
+    import jax
+
+    rng = np.random.default_rng(0)
+    image = cv2.GaussianBlur(rng.integers(0, 256, (120, 90), dtype=np.uint8), (5, 5), 2)
+    warp = jax.jit(input_pipeline.warp_grey)
+    for mode, border in (("constant", cv2.BORDER_CONSTANT), ("nearest", cv2.BORDER_REPLICATE),
+                         ("reflect", cv2.BORDER_REFLECT_101)):
+        matrix = ops.affine_matrix((45, 60), rng.uniform(-30, 30), rng.uniform(0.7, 1.3), rng.uniform(-10, 10),
+                                   (rng.uniform(-20, 20), rng.uniform(-20, 20)))
+        expected = cv2.warpAffine(image, matrix, (90, 120), flags=cv2.INTER_LINEAR, borderMode=border, borderValue=7)
+        fill = np.float32([input_pipeline.WARP_FILL_MODES.index(mode), 7])
+        got = np.asarray(warp(image, cv2.invertAffineTransform(matrix).astype(np.float32), fill))
+        difference = np.abs(got.astype(int) - expected)
+        assert got.dtype == np.uint8 and difference.max() <= 1 and (difference > 0).mean() < 0.01, mode
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"augment": "flip|gamma_jitter"}, "gamma_jitter cannot run on the device"),
+    ({"augment": "affine(rotation=5)|affine(zoom=0.1)"}, "more than one op fills the border"),
+    ({"normalize": "zscore"}, "zscore takes statistics of each image"),
+    ({"normalize": "zscore|zscore", "augment": "flip"}, "needs the normalisation on the device too"),
+    ({"mask_in_batch": True, "normalize": "value_range"}, "does not move masks"),
+])
+def test_augmenting_on_the_device_says_what_stands_in_its_way(tiny_config, change, message):
+    tiny_config.data.augment, tiny_config.data.augment_on_device = "flip|affine(rotation=10)", True
+    for key, value in change.items():
+        tiny_config.data[key] = value
+    with pytest.raises(ValueError, match=message):
+        input_pipeline.train_dataset(tiny_config.data, _splits(tiny_config)["train"], 8, 0)
+
+
 def test_eval_batches_pad_with_zero_weight(tiny_config):
     splits = _splits(tiny_config)
     batches = list(input_pipeline.eval_batches(tiny_config.data, splits["validation"], 6))

@@ -19,16 +19,21 @@ def _run(phantom_dir: str, data_root: str, *flags: str) -> dict:
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
-@pytest.mark.parametrize("on_device", [True, False])
+@pytest.mark.parametrize("on_device", ["", "normalize", "augment"])
 def test_profile_names_every_stage_of_the_pipeline(phantom_dir, data_root, on_device):
     report = _run(phantom_dir, data_root, "--profile", "--profile_images=16",
-                  "--config.data.augment=flip|affine(rotation=10)", f"--config.data.normalize_on_device={on_device}")
+                  "--config.data.augment=flip|affine(rotation=10)",
+                  f"--config.data.normalize_on_device={bool(on_device)}",
+                  f"--config.data.augment_on_device={on_device == 'augment'}",
+                  f"--config.data.normalize={'value_range' if on_device == 'augment' else 'zscore'}")
     stages = list(report["profile"])
-    normalize = (["normalize table (zscore; looked up on the device)"] if on_device
-                 else ["normalize zscore", "to float32 (S, S, C)"])
+    augment = (["augment: draw the warp (flip|affine(rotation=10); warped on the device)"] if on_device == "augment"
+               else ["augment flip", "augment affine(rotation=10)"])
+    normalize = {"": ["normalize zscore", "to float32 (S, S, C)"],
+                 "normalize": ["normalize table (zscore; looked up on the device)"],
+                 "augment": ["normalize table (value_range; looked up on the device)"]}[on_device]
     assert stages == ["read record", "decode image", "preprocess resize_pad(size=32)",
-                      "preprocess clahe(clip_limit=2.0, tile_grid=8)", "augment flip", "augment affine(rotation=10)",
-                      *normalize, "stack batch"]
+                      "preprocess clahe(clip_limit=2.0, tile_grid=8)", *augment, *normalize, "stack batch"]
     assert all(ms > 0 for ms in report["profile"].values())
     assert abs(report["total_ms"] - sum(report["profile"].values())) < 1e-2
 

@@ -39,6 +39,10 @@ declared where the op is registered:
   ``--config.data.roi=roi2`` switches a config's crop).
 * ``channels``: the image channels it outputs (None: as many as it gets), from which the
   pipeline knows the network input's channel count without running it.
+* ``matrix((h, w), rng, **kwargs)``: a geometric augmentation that is one affine warp, drawn
+  from ``rng`` exactly as the op draws it (None: this draw leaves the image as it is), so that
+  an augment chain of such ops is one warp per image that the device can apply
+  (:meth:`Chain.draw_warp`, ``data.augment_on_device``).
 * ``pointwise``: each output pixel is a function of that pixel's values alone, the same for
   every image (``scale``, ``preprocess_input``, ``grey_to_rgb``); ``levels(image, **kwargs)``:
   the op on a uint8 grey image is a lookup of each grey level in a (256, C) float32 table that
@@ -95,6 +99,7 @@ class Op:
     arguments: Mapping[str, Any]  # keyword-only arguments -> their defaults (inspect.Parameter.empty if none)
     pointwise: bool = False  # a fixed function of each pixel's values
     levels: Callable[..., np.ndarray] | None = None  # (uint8 grey image, **kwargs) -> its (256, C) table
+    matrix: Callable[..., np.ndarray | None] | None = None  # ((h, w), rng, **kwargs) -> its 2x3 warp (None: none)
 
 
 OPS: dict[str, Op] = {}
@@ -115,6 +120,7 @@ def register(
     without_mask: Callable[[dict], dict] | None = None,
     pointwise: bool = False,
     levels: Callable[..., np.ndarray] | None = None,
+    matrix: Callable[..., np.ndarray | None] | None = None,
 ) -> Callable:
     """Registers ``fn`` under ``name`` with its facts; ``geometric`` is required for sample ops.
 
@@ -134,6 +140,8 @@ def register(
         raise ValueError(f"op {name!r}: without_mask is given but the op does not read the mask")
     if (pointwise or levels is not None) and (on != "image" or random):
         raise ValueError(f"op {name!r}: only image preprocessing ops can be pointwise or have grey-level tables")
+    if matrix is not None and not (random and geometric):
+        raise ValueError(f"op {name!r}: only geometric augmentations draw a warp matrix")
     fixed = channels
 
     def wrap(fn: Callable) -> Callable:
@@ -149,7 +157,7 @@ def register(
             config_defaults=dict(config_defaults or {}),
             channels=fixed if callable(fixed) else (lambda arguments: fixed),
             requires=requires or _no_requirements, without_mask=without_mask, arguments=arguments,
-            pointwise=pointwise, levels=levels)
+            pointwise=pointwise, levels=levels, matrix=matrix)
         return fn
 
     return wrap
@@ -358,6 +366,31 @@ class Chain:
                 table = op.op.levels(grey, **op.kwargs)
             table = np.asarray(table).reshape(256, -1)
         return table.astype(np.float32, copy=False)
+
+    @property
+    def warp_fill(self) -> tuple[str, float] | None:
+        """(fill_mode, fill_value) of the chain as one warp per image, or None when it is not one:
+        every op draws a ``matrix`` and at most one of them fills (the others, flips, move every
+        pixel onto the canvas); without a filling op, ('constant', 0)."""
+        if not all(op.op.matrix is not None for op in self.ops):
+            return None
+        fills = [(op.arguments["fill_mode"], float(op.arguments["fill_value"]))
+                 for op in self.ops if "fill_mode" in op.arguments]
+        return fills[0] if len(fills) == 1 else (("constant", 0.0) if not fills else None)
+
+    def draw_warp(self, shape: tuple[int, int], rng: np.random.Generator) -> np.ndarray:
+        """The chain's ops as one 2x3 warp of an image of ``shape`` (h, w), drawing from ``rng``
+        exactly as running the chain does (needs :attr:`warp_fill`): the matrix of
+        ``cv2.warpAffine`` (source to destination pixel centres)."""
+        if self.warp_fill is None:
+            raise ValueError(f"{self.name or 'spec'} {self.spec!r} is not one warp per image: every op must be a "
+                             f"geometric augmentation with a warp matrix (flip, affine), at most one of them filling")
+        total = np.eye(3)
+        for op in self.ops:
+            matrix = op.op.matrix(shape, rng, **op.kwargs)
+            if matrix is not None:
+                total = np.vstack([matrix, [0.0, 0.0, 1.0]]) @ total
+        return total[:2].astype(np.float32)
 
     def for_single_images(self) -> tuple[Chain, list[str]]:
         """This chain for images outside the dataset (no stored mask, no keypoints), with notes.

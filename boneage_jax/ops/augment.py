@@ -11,14 +11,21 @@ from boneage_jax.ops import AUGMENT_PRESETS, Sample, as_2d, register_augment, re
 from boneage_jax.ops.contrast import apply_lut, brighten, clahe, contrast_stretch, gamma_lut
 from boneage_jax.ops.geometry import BORDER_MODES, warp_sample
 
-__all__ = ["random_flip", "random_affine", "affine_matrix", "brightness_jitter", "contrast_jitter", "gamma_jitter",
+__all__ = ["random_flip", "flip_matrix", "random_affine", "random_affine_matrix", "affine_matrix", "brightness_jitter", "contrast_jitter", "gamma_jitter",
            "clahe_or_gamma"]
 
 
-@register_augment("flip", on="sample", geometric=True)
+def flip_matrix(shape: tuple[int, int], rng: np.random.Generator, *, p: float = 0.5) -> np.ndarray | None:
+    """``flip``'s draw as a warp: the mirror of pixel columns with probability ``p``, else None."""
+    if rng.random() >= p:
+        return None
+    return np.array([[-1.0, 0.0, shape[1] - 1.0], [0.0, 1.0, 0.0]])
+
+
+@register_augment("flip", on="sample", geometric=True, matrix=flip_matrix)
 def random_flip(sample: Sample, rng: np.random.Generator, *, p: float = 0.5) -> Sample:
     """Horizontal flip with probability ``p`` (a left hand becomes a right hand)."""
-    if rng.random() >= p:
+    if flip_matrix(sample["image"].shape[:2], rng, p=p) is None:
         return sample
     out = {**sample, "image": np.ascontiguousarray(sample["image"][:, ::-1])}
     if sample.get("mask") is not None:
@@ -46,7 +53,37 @@ def _uniform(rng: np.random.Generator, bound: float) -> float:
     return float(rng.uniform(-bound, bound)) if bound else 0.0
 
 
-@register_augment("affine", on="sample", geometric=True)
+def random_affine_matrix(
+    shape: tuple[int, int],
+    rng: np.random.Generator,
+    *,
+    rotation: float = 0.0,
+    shift: float = 0.0,
+    width_shift: float | None = None,
+    height_shift: float | None = None,
+    shear: float = 0.0,
+    zoom: float = 0.0,
+    zoom_range: tuple[float, float] | None = None,
+    fill_mode: str = "constant",
+    fill_value: int = 0,
+) -> np.ndarray | None:
+    """``affine``'s draw: its 2x3 matrix for an image of ``shape`` (h, w), None for the identity."""
+    if fill_mode not in BORDER_MODES:
+        raise ValueError(f"affine: fill_mode {fill_mode!r}; expected one of {sorted(BORDER_MODES)}")
+    height, width = shape
+    width_shift = shift if width_shift is None else width_shift
+    height_shift = shift if height_shift is None else height_shift
+    angle = _uniform(rng, rotation)
+    scale = float(rng.uniform(*zoom_range)) if zoom_range else 1.0 + _uniform(rng, zoom)
+    dx = _uniform(rng, width_shift) * width
+    dy = _uniform(rng, height_shift) * height
+    shear_angle = _uniform(rng, shear)
+    if not (angle or scale != 1.0 or dx or dy or shear_angle):
+        return None
+    return affine_matrix((width / 2.0, height / 2.0), angle, scale, shear_angle, (dx, dy))
+
+
+@register_augment("affine", on="sample", geometric=True, matrix=random_affine_matrix)
 def random_affine(
     sample: Sample,
     rng: np.random.Generator,
@@ -66,19 +103,12 @@ def random_affine(
     of the side (both default to ``shift``), shear uniform in +-``shear`` degrees, scale
     uniform in [1 - zoom, 1 + zoom] or in ``zoom_range`` (low, high) when given (Deeplasia:
     (0.8, 1.25)). ``fill_mode``: constant (``fill_value``), nearest or reflect."""
-    if fill_mode not in BORDER_MODES:
-        raise ValueError(f"affine: fill_mode {fill_mode!r}; expected one of {sorted(BORDER_MODES)}")
     height, width = sample["image"].shape[:2]
-    width_shift = shift if width_shift is None else width_shift
-    height_shift = shift if height_shift is None else height_shift
-    angle = _uniform(rng, rotation)
-    scale = float(rng.uniform(*zoom_range)) if zoom_range else 1.0 + _uniform(rng, zoom)
-    dx = _uniform(rng, width_shift) * width
-    dy = _uniform(rng, height_shift) * height
-    shear_angle = _uniform(rng, shear)
-    if not (angle or scale != 1.0 or dx or dy or shear_angle):
+    matrix = random_affine_matrix((height, width), rng, rotation=rotation, shift=shift, width_shift=width_shift,
+                                  height_shift=height_shift, shear=shear, zoom=zoom, zoom_range=zoom_range,
+                                  fill_mode=fill_mode, fill_value=fill_value)
+    if matrix is None:
         return sample
-    matrix = affine_matrix((width / 2.0, height / 2.0), angle, scale, shear_angle, (dx, dy))
     return warp_sample(sample, matrix, (width, height), fill_mode=fill_mode, fill_value=fill_value,
                        interpolation=cv2.INTER_LINEAR)
 
