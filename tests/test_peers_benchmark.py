@@ -117,11 +117,20 @@ def test_time_steps_times_the_first_step_apart_and_takes_the_median():
         job_common.time_steps(lambda: math.nan, warmup_steps=0, steps=1)
 
 
+def test_precision_defaults_to_the_devices_and_can_be_chosen():
+    parse = lambda *argv: job_common.parse_arguments("job", argv=["--network=vgg19", *argv]).precision  # noqa: E731
+    assert parse() == "float32" and parse("--device=gpu") == "bfloat16"
+    assert parse("--precision=bfloat16") == "bfloat16" and parse("--device=gpu", "--precision=float32") == "float32"
+    with pytest.raises(SystemExit):
+        parse("--precision=float16")
+
+
 @pytest.mark.parametrize("argv, flag", [(["--networks=resnet51"], "--networks"), (["--stacks=jax"], "--stacks"),
                                         (["--image_size=16"], "--image_size"), (["--steps=0"], "--steps"),
                                         (["--torch_python=/nonexistent/python"], "--torch_python"),
                                         (["--out=table.txt"], "--out"),
-                                        (["--idle_threshold_pct=0"], "--idle_threshold_pct")])
+                                        (["--idle_threshold_pct=0"], "--idle_threshold_pct"),
+                                        (["--precision=float16"], "--precision")])
 def test_bad_flags_name_the_flag(argv, flag):
     with pytest.raises(app.UsageError, match=flag):
         run.main(argv)
@@ -137,6 +146,7 @@ def test_our_job_runs_through_the_harness(tmp_path):
     (row,) = document["rows"]
     assert status == 0, row
     assert row["status"] == "ok" and row["network"] == "vgg19" and row["stack"] == "ours"
+    assert row["precision"] == document["header"]["precision"] == "float32" and ", float32," in row["built"]
     # keras.applications.VGG19(include_top=False) has 20,024,384 parameters; Dense(1) adds 513: no sex head
     assert row["parameters"] == 20_024_384 + 513
     assert row["images_per_s"] > 0 and row["first_step_s"] >= row["compile_s"] > 0

@@ -47,9 +47,13 @@ def parse_arguments(description: str, add_extra: Callable[[argparse.ArgumentPars
     parser.add_argument("--warmup_steps", type=int, default=2)
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--device", choices=("cpu", "gpu"), default="cpu")
+    parser.add_argument("--precision", choices=("float32", "bfloat16"), default=None,
+                        help="compute precision (default: bfloat16 on a GPU, float32 on a CPU)")
     if add_extra is not None:
         add_extra(parser)
     args = parser.parse_args(argv)
+    if args.precision is None:
+        args.precision = "bfloat16" if args.device == "gpu" else "float32"
     if not args.versions:
         if args.network is None:
             parser.error("--network is required (one of " + ", ".join(sorted(NETWORKS)) + ")")
@@ -90,7 +94,7 @@ def result(args: argparse.Namespace, stack: str, timing: dict, **fields) -> dict
     """The job's report: ``timing`` (from :func:`time_steps`), images/s (batch / median step) and
     ``fields`` (parameters, what was built, versions)."""
     return {"stack": stack, "network": args.network, "image_size": args.image_size, "batch_size": args.batch_size,
-            "device": args.device, **timing, "images_per_s": args.batch_size / timing["step_s_median"], **fields}
+            "device": args.device, "precision": args.precision, **timing, "images_per_s": args.batch_size / timing["step_s_median"], **fields}
 
 
 def emit(report: dict) -> None:

@@ -12,8 +12,8 @@ TensorFlow backend it resolves to XLA off when TensorFlow sees no accelerator (a
 graph with TensorFlow's oneDNN kernels) and to XLA on a GPU; the row says which it resolved to.
 Xception needs at least 71 px and InceptionV3 75 px.
 
-GPU (``--device=gpu``): the ``mixed_bfloat16`` policy (the output layer stays float32). The GPU
-path has not been run yet.
+``--precision=bfloat16`` (the default on a GPU, ``--device=gpu``): the ``mixed_bfloat16`` policy
+(the output layer stays float32). The GPU path has not been run yet.
 """
 
 from __future__ import annotations
@@ -62,13 +62,13 @@ def main() -> int:
 
     if keras.backend.backend() != "tensorflow":
         raise RuntimeError(f"KERAS_BACKEND is {keras.backend.backend()!r}; this job times Keras on TensorFlow")
-    gpu = args.device == "gpu"
-    if gpu:
+    if args.device == "gpu":
         if not tf.config.list_physical_devices("GPU"):
             raise RuntimeError("--device=gpu, but TensorFlow sees no GPU (tensorflow-cpu has none: install tensorflow)")
-        keras.mixed_precision.set_global_policy("mixed_bfloat16")
     else:
         tf.config.set_visible_devices([], "GPU")
+    if args.precision == "bfloat16":
+        keras.mixed_precision.set_global_policy("mixed_bfloat16")
     keras.utils.set_random_seed(0)
     application = getattr(keras.applications, APPLICATIONS[args.network])
     backbone = application(include_top=False, weights=None, pooling="avg",
@@ -87,7 +87,7 @@ def main() -> int:
     timing = job_common.time_steps(step, args.warmup_steps, args.steps)
     trainable = int(sum(math.prod(weight.shape) for weight in model.trainable_weights))  # as the other stacks count
     xla = "XLA" if model.jit_compile else "tf.function without XLA"
-    precision = "mixed_bfloat16" if gpu else "float32"
+    precision = "mixed_bfloat16" if args.precision == "bfloat16" else "float32"
     job_common.emit(job_common.result(
         args, "keras", timing, parameters=trainable, jit_compile=bool(model.jit_compile),
         built=(f"keras.applications.{APPLICATIONS[args.network]}(include_top=False, pooling='avg') + Dense(1), "

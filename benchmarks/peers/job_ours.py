@@ -1,14 +1,15 @@
 """Peer-benchmark job for our stack: the real ``train.train_step`` as ``benchmarks/models.py`` builds it.
 
     PYTHONPATH=. python benchmarks/peers/job_ours.py --network=resnet50 [--image_size=256] \
-        [--batch_size=8] [--warmup_steps=2] [--steps=10] [--device=cpu]
+        [--batch_size=8] [--warmup_steps=2] [--steps=10] [--device=cpu] [--precision=float32]
 
 ``benchmarks.models.TrainStep`` with ``sex_fusion="none"``: the registered backbone (with its
 global average pooling) and a Dense(1) regression output, the MSE loss on the z-scored age,
 AdamW (``configs.common.base_config``'s: learning rate 1e-3 on a cosine schedule, weight decay
 1e-4) and BatchNorm in training mode, jitted with the state donated. The first step includes the
-XLA compilation. ``--device=cpu`` keeps JAX on the CPU; ``--device=gpu`` computes in bfloat16
-(``config.model.dtype``; parameters stay float32) and requires JAX's GPU backend.
+XLA compilation. ``--device=cpu`` keeps JAX on the CPU; ``--device=gpu`` requires JAX's GPU
+backend. ``--precision=bfloat16`` (the default on a GPU) computes in bfloat16
+(``config.model.dtype``; parameters stay float32).
 
 The harness runs this script with the checkout's root on ``PYTHONPATH``; the script also puts
 that root first on ``sys.path``, so it always times this checkout's code.
@@ -81,7 +82,7 @@ def main() -> int:
                            "(install jax[cuda] in the interpreter given by --ours_python)")
     from benchmarks import models as model_benchmark  # pylint: disable=import-outside-toplevel
 
-    dtype = "bfloat16" if args.device == "gpu" else "float32"
+    dtype = args.precision  # config.model.dtype: the compute dtype (parameters stay float32)
     name = OUR_NAMES[args.network]
     step = model_benchmark.TrainStep(name, args.image_size, args.batch_size, sex_fusion="none", dtype=dtype)
     compile_s = step.compile()

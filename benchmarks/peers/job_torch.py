@@ -13,9 +13,11 @@ are the aligned DeepLab variants). Then ``Linear(features, 1)``, ``mse_loss``,
 ``torch.optim.AdamW(lr=1e-3, weight_decay=1e-4)`` with PyTorch's default implementation, the
 model in training mode (BatchNorm batch statistics), model and input in ``channels_last``.
 
-CPU: ``torch.set_num_threads`` to the CPUs this process may use, float32, eager.
+CPU: ``torch.set_num_threads`` to the CPUs this process may use, eager; float32, or with
+``--precision=bfloat16`` ``torch.autocast("cpu", dtype=torch.bfloat16)`` (oneDNN's bfloat16
+kernels, AMX where the CPU has it).
 GPU (``--device=gpu``): CUDA, ``torch.autocast(dtype=torch.bfloat16)`` (no gradient scaler is
-needed for bfloat16), ``cudnn.benchmark`` on; ``--compile`` wraps the model in ``torch.compile``
+needed for bfloat16; ``--precision=float32`` turns it off), ``cudnn.benchmark`` on; ``--compile`` wraps the model in ``torch.compile``
 (default mode), whose first step includes the compilation. The GPU path has not been run yet.
 """
 
@@ -100,7 +102,9 @@ def main() -> int:
     images = torch.randn(args.batch_size, 3, args.image_size, args.image_size)
     images = images.to(device).contiguous(memory_format=torch.channels_last)
     targets = torch.randn(args.batch_size, 1, device=device)
-    autocast = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if gpu else contextlib.nullcontext
+    bfloat16 = args.precision == "bfloat16"
+    autocast = ((lambda: torch.autocast(device.type, dtype=torch.bfloat16)) if bfloat16
+                else contextlib.nullcontext)
 
     def step() -> float:
         optimizer.zero_grad(set_to_none=True)
@@ -113,7 +117,7 @@ def main() -> int:
 
     timing = job_common.time_steps(step, args.warmup_steps, args.steps)
     mode = "torch.compile" if args.compile else "eager"
-    precision = "bfloat16 autocast" if gpu else "float32"
+    precision = "bfloat16 autocast" if bfloat16 else "float32"
     threads = "" if gpu else f", {torch.get_num_threads()} threads"
     job_common.emit(job_common.result(
         args, "torch_compile" if args.compile else "torch", timing, parameters=parameters,

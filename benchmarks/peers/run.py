@@ -29,6 +29,10 @@ project's ``.venv``) with the checkout's root on ``PYTHONPATH``. The peers run i
 creates ``benchmarks/peers/.venvs/{torch,keras}`` from the pinned ``torch.txt`` / ``keras.txt``
 (minutes, once; see ``venvs.py``). Nothing but this command creates them.
 
+``--precision=bfloat16`` on a CPU (for CPUs with AVX512-BF16 or AMX, where oneDNN has bfloat16
+kernels): ours with ``config.model.dtype="bfloat16"``, PyTorch under ``torch.autocast("cpu",
+bfloat16)``, Keras with ``mixed_bfloat16``; parameters and the loss stay float32 in every stack.
+
 ``--device=gpu`` (for a machine with a GPU; this mode has NOT been run yet): ours in bfloat16
 (``config.model.dtype``) against PyTorch with bfloat16 autocast, channels_last, eager
 (``torch``) and ``torch.compile`` (``torch_compile``), and Keras with the ``mixed_bfloat16``
@@ -73,6 +77,9 @@ _STACKS = flags.DEFINE_list("stacks", [], "Stacks, of ours, torch, torch_compile
                             "on cpu; ours,torch,torch_compile,keras on gpu).", flag_values=FLAGS)
 _DEVICE = flags.DEFINE_enum("device", "cpu", ["cpu", "gpu"], "Where the steps run (gpu: bfloat16 / AMP; not run "
                             "yet).", flag_values=FLAGS)
+_PRECISION = flags.DEFINE_enum("precision", None, ["float32", "bfloat16"], "Compute precision of every stack "
+                               "(default: float32 on cpu, bfloat16 on gpu): ours config.model.dtype, PyTorch autocast, "
+                               "Keras mixed_bfloat16.", flag_values=FLAGS)
 _IMAGE_SIZE = flags.DEFINE_integer("image_size", 256, "Input side in pixels (Xception needs 71, InceptionV3 75 in "
                                    "Keras).", flag_values=FLAGS)
 _BATCH_SIZE = flags.DEFINE_integer("batch_size", 8, "Images per step.", flag_values=FLAGS)
@@ -139,7 +146,8 @@ def job_command(python: str, stack: str, network: str | None) -> list[str]:
     if network is None:
         return command + ["--versions"]
     command += [f"--network={network}", f"--image_size={_IMAGE_SIZE.value}", f"--batch_size={_BATCH_SIZE.value}",
-                f"--warmup_steps={_WARMUP_STEPS.value}", f"--steps={_STEPS.value}", f"--device={_DEVICE.value}"]
+                f"--warmup_steps={_WARMUP_STEPS.value}", f"--steps={_STEPS.value}", f"--device={_DEVICE.value}",
+                f"--precision={precision()}"]
     if stack == "torch_compile":
         command.append("--compile")
     if stack == "keras":
@@ -214,9 +222,15 @@ def outcome(row: dict) -> str:
             f"{row['first_step_s']:.1f} s), others' CPU {row['others_cpu_pct']:.1f}%")
 
 
+def precision() -> str:
+    """``--precision``, or the device's default (bfloat16 on a GPU, float32 on a CPU)."""
+    return _PRECISION.value or ("bfloat16" if _DEVICE.value == "gpu" else "float32")
+
+
 def output_paths(out: str) -> tuple[str, str]:
     if not out:
-        name = f"peers_{_DEVICE.value}_{_IMAGE_SIZE.value}px_b{_BATCH_SIZE.value}"
+        suffix = "" if precision() == ("bfloat16" if _DEVICE.value == "gpu" else "float32") else f"_{precision()}"
+        name = f"peers_{_DEVICE.value}_{_IMAGE_SIZE.value}px_b{_BATCH_SIZE.value}{suffix}"
         out = os.path.join(REPO, "benchmarks", "results", name + ".md")
     if not out.endswith(".md"):
         raise app.UsageError(f"--out={out}: expected a Markdown path ending in .md (the .json is written beside it)")
@@ -277,21 +291,19 @@ def main(argv: Sequence[str]) -> int:
         versions[kind] = probe_versions(found[kind], kind) if kind in found else None
         label = {"ours": "ours", "torch": "PyTorch", "keras": "Keras"}[kind]
         facts[label] = describe_versions(kind, found.get(kind), versions[kind], errors.get(kind, ""))
-    gpu = _DEVICE.value == "gpu"
     facts["workload"] = ("random float32 input resident in memory; backbone without its top, global average pooling, "
                          "Dense(1); MSE loss; AdamW (learning rate 1e-3, weight decay 1e-4); BatchNorm in training "
-                         "mode; " + ("ours bfloat16, PyTorch bfloat16 autocast, Keras mixed_bfloat16" if gpu
-                                     else "float32"))
+                         "mode; " + ("ours bfloat16, PyTorch bfloat16 autocast, Keras mixed_bfloat16"
+                                     if precision() == "bfloat16" else "float32"))
     facts["timing"] = (f"first step (with any compilation) timed apart, then {_WARMUP_STEPS.value} untimed warm-up "
                        f"step(s), then the median of {_STEPS.value} timed steps; images/s = batch / median; each job "
                        f"a subprocess, one at a time, started once the machine was < {_IDLE_THRESHOLD.value:g}% busy "
                        "over 1 s")
     facts["command"] = "`" + shlex.join(["python", "-m", "benchmarks.peers.run", *argv]) + "`"
     facts["date"] = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
-    precision = "bfloat16" if gpu else "float32"
     header = {"title": f"Peer benchmark: training step on {_DEVICE.value.upper()}, {_IMAGE_SIZE.value} px, "
-                       f"batch {_BATCH_SIZE.value}, {precision}",
-              "facts": facts, "versions": versions, "device": _DEVICE.value, "image_size": _IMAGE_SIZE.value,
+                       f"batch {_BATCH_SIZE.value}, {precision()}",
+              "facts": facts, "versions": versions, "device": _DEVICE.value, "precision": precision(), "image_size": _IMAGE_SIZE.value,
               "batch_size": _BATCH_SIZE.value, "warmup_steps": _WARMUP_STEPS.value, "steps": _STEPS.value,
               "networks": networks, "stacks": stacks}
     for key, value in facts.items():
