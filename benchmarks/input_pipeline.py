@@ -81,6 +81,8 @@ def profile(config, splits, num_images: int) -> dict[str, float]:
         return out
 
     indices = np.resize(np.asarray(splits["train"].indices), num_images)
+    augment_on_device = input_pipeline.augments_on_device(data_config)
+    normalize_on_device = input_pipeline.normalizes_on_device(data_config)
     examples = []
     for position, index in enumerate(indices):
         record = timed("read record", lambda: dict(source[int(index)]))
@@ -94,14 +96,14 @@ def profile(config, splits, num_images: int) -> dict[str, float]:
         sample = {"image": sample["image"], "mask": sample.get("mask") if data_config.mask_in_batch else None,
                   "id": sample["id"]}
         rng = np.random.default_rng([config.seed, position])
-        if input_pipeline.augments_on_device(data_config):
+        if augment_on_device:
             timed(f"augment: draw the warp ({pipeline.augment.spec}; warped on the device)",
                   pipeline.augment.draw_warp, sample["image"].shape[:2], rng)
         else:
             for op in pipeline.augment.ops:
                 sample = timed(f"augment {op}", op, sample, rng)
         image, levels = sample["image"], {}
-        if input_pipeline.normalizes_on_device(data_config):
+        if normalize_on_device:
             grey = ops.as_2d(image)
             levels["levels"] = timed(f"normalize table ({pipeline.normalize.spec or 'as float32'}; looked up on the "
                                      f"device)", pipeline.normalize.level_table, grey)

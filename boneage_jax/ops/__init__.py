@@ -306,6 +306,7 @@ class Chain:
     def __init__(self, spec: str, *, random: bool = False, config: Mapping | None = None, name: str = ""):
         self.spec, self.random, self.name = spec, random, name
         self._config = config if config is not None else {}
+        self._fixed_table: np.ndarray | None = None  # level_table of a chain of pointwise ops
         try:
             calls = parse_spec(spec, AUGMENT_PRESETS if random else None)
             self.ops: tuple[BoundOp, ...] = tuple(_bind(call, random, self._config) for call in calls)
@@ -358,6 +359,15 @@ class Chain:
         if grey.dtype != np.uint8 or grey.ndim != 2:
             raise ValueError(f"{self.name or 'spec'} {self.spec!r}: a grey-level table needs a uint8 grey image, "
                              f"got {image.dtype} {image.shape}")
+        if all(op.op.pointwise for op in self.ops):  # the same table for every image: made once
+            if self._fixed_table is None:
+                table = self._table(grey)
+                table.setflags(write=False)  # shared by every example
+                self._fixed_table = table
+            return self._fixed_table
+        return self._table(grey)
+
+    def _table(self, grey: np.ndarray) -> np.ndarray:
         table = GREY_LEVELS
         for i, op in enumerate(self.ops):
             if op.op.pointwise:
