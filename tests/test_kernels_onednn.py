@@ -185,6 +185,29 @@ def test_missing_library_falls_back_in_auto_mode_and_fails_in_onednn_mode(monkey
         jax.jit(conv).lower(x, w)
 
 
+def test_mixed_bfloat16_computes_the_convolutions_in_bfloat16_and_the_rest_in_float32():
+    """config.model.dtype="mixed_bfloat16": float32 layers, parameters and output; each
+    convolution rounds its operands to bfloat16 (PyTorch's CPU autocast); grouped ones do not."""
+    build = lambda dtype: fast_init(lambda: models.create_backbone(  # noqa: E731
+        "resnet18_torch", in_channels=3, image_size=32, dtype=dtype, rngs=models.Rngs(0)))
+    mixed, plain = build("mixed_bfloat16"), build("float32")
+    mixed.eval(), plain.eval()  # stored BatchNorm statistics: a smooth function of the input
+    convs = [m for _, m in nnx.iter_graph(mixed) if isinstance(m, nnx.Conv)]
+    assert convs and all(c.conv_general_dilated is onednn.conv_general_dilated_in_bfloat16 for c in convs)
+    x = jnp.asarray(np.random.default_rng(0).standard_normal((2, 32, 32, 3), np.float32))
+    out, expected = (nnx.jit(lambda m, x: m(x))(model, x) for model in (mixed, plain))
+    assert out.dtype == jnp.float32 and not np.array_equal(out, expected)
+    np.testing.assert_allclose(out, expected, rtol=0.05, atol=0.05 * float(jnp.abs(expected).max()))
+    text = jax.jit(lambda m, x: m(x)).lower(mixed, x).as_text()
+    assert "bf16" in text
+    w = jnp.ones((3, 3, 1, 4), jnp.float32)  # depthwise: kept in float32
+    y = onednn.conv_general_dilated_in_bfloat16(jnp.ones((1, 8, 8, 4)), w, (1, 1), "SAME", feature_group_count=4,
+                                                dimension_numbers=("NHWC", "HWIO", "NHWC"))
+    assert "bf16" not in jax.jit(lambda w: onednn.conv_general_dilated_in_bfloat16(
+        jnp.ones((1, 8, 8, 4)), w, (1, 1), "SAME", feature_group_count=4,
+        dimension_numbers=("NHWC", "HWIO", "NHWC"))).lower(w).as_text() and y.dtype == jnp.float32
+
+
 def test_models_built_by_the_registry_use_it_and_train_to_the_same_loss(monkeypatch):
     """The torchvision ResNet-18 layout (7x7/2 stem, 3x3 and strided 1x1 convolutions, BatchNorm)
     at 64 px, down to 2 x 2 feature maps (where oneDNN on AVX2 has only the GEMM fallback that

@@ -9,7 +9,7 @@ AdamW (``configs.common.base_config``'s: learning rate 1e-3 on a cosine schedule
 1e-4) and BatchNorm in training mode, jitted with the state donated. The first step includes the
 XLA compilation. ``--device=cpu`` keeps JAX on the CPU; ``--device=gpu`` requires JAX's GPU
 backend. ``--precision=bfloat16`` (the default on a GPU) computes in bfloat16
-(``config.model.dtype``; parameters stay float32).
+(``config.model.dtype``; parameters stay float32); on a CPU as ``"mixed_bfloat16"``.
 
 The harness runs this script with the checkout's root on ``PYTHONPATH``; the script also puts
 that root first on ``sys.path``, so it always times this checkout's code.
@@ -82,7 +82,9 @@ def main() -> int:
                            "(install jax[cuda] in the interpreter given by --ours_python)")
     from benchmarks import models as model_benchmark  # pylint: disable=import-outside-toplevel
 
-    dtype = args.precision  # config.model.dtype: the compute dtype (parameters stay float32)
+    # config.model.dtype (parameters stay float32). bfloat16 on a CPU is "mixed_bfloat16", the split
+    # of PyTorch's CPU autocast (convolutions in bfloat16, the rest in float32); on a GPU all bfloat16.
+    dtype = "mixed_bfloat16" if args.precision == "bfloat16" and args.device == "cpu" else args.precision
     name = OUR_NAMES[args.network]
     step = model_benchmark.TrainStep(name, args.image_size, args.batch_size, sex_fusion="none", dtype=dtype)
     compile_s = step.compile()

@@ -170,6 +170,19 @@ def use_onednn(backend: str | None = None) -> bool:
     return False
 
 
+def conv_general_dilated_in_bfloat16(lhs: jax.Array, rhs: jax.Array, *args, feature_group_count: int = 1,
+                                     **kwargs) -> jax.Array:
+    """:func:`conv_general_dilated` computed in bfloat16: float32 operands are rounded to
+    bfloat16 and the result comes back as float32 (``config.model.dtype="mixed_bfloat16"``, the
+    split of PyTorch's CPU autocast: convolutions in bfloat16, everything else in float32; on a
+    CPU with AMX oneDNN then runs its AMX kernels). Grouped (depthwise) convolutions keep their
+    dtype."""
+    if feature_group_count != 1 or lhs.dtype != jnp.float32 or rhs.dtype != jnp.float32:
+        return conv_general_dilated(lhs, rhs, *args, feature_group_count=feature_group_count, **kwargs)
+    out = conv_general_dilated(lhs.astype(jnp.bfloat16), rhs.astype(jnp.bfloat16), *args, **kwargs)
+    return out.astype(jnp.float32)
+
+
 def conv_general_dilated(
     lhs: jax.Array,
     rhs: jax.Array,

@@ -40,7 +40,11 @@ from jax import lax
 from boneage_jax.models.layers import Rngs
 
 _NOT_FAMILIES = {"heads", "layers"}
-DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+# config.model.dtype -> the layers' compute dtype. "mixed_bfloat16": float32 layers whose
+# convolutions compute in bfloat16 (kernels.onednn.conv_general_dilated_in_bfloat16), the split of
+# PyTorch's CPU autocast; faster than "bfloat16" on CPUs with AMX, where XLA's bfloat16
+# elementwise work is slow.
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "mixed_bfloat16": jnp.float32}
 
 
 @dataclasses.dataclass
@@ -86,19 +90,21 @@ class Registry:
         network = self.constructors[resolved](
             in_channels=in_channels, image_size=image_size, dtype=compute_dtype(dtype), rngs=rngs, **kwargs
         )
-        use_cpu_convolutions(network)
+        use_cpu_convolutions(network, in_bfloat16=dtype == "mixed_bfloat16")
         return network
 
 
-def use_cpu_convolutions(module: nnx.Module) -> None:
+def use_cpu_convolutions(module: nnx.Module, *, in_bfloat16: bool = False) -> None:
     """Points every ``nnx.Conv`` of ``module`` at ``kernels.onednn.conv_general_dilated``, which
     runs a convolution through oneDNN on a one-device CPU backend and through
-    ``lax.conv_general_dilated`` otherwise (decided when the model is traced)."""
+    ``lax.conv_general_dilated`` otherwise (decided when the model is traced); with
+    ``in_bfloat16`` at its bfloat16-computing form (``config.model.dtype="mixed_bfloat16"``)."""
     from boneage_jax.kernels import onednn  # pylint: disable=import-outside-toplevel
 
+    convolution = onednn.conv_general_dilated_in_bfloat16 if in_bfloat16 else onednn.conv_general_dilated
     for _, child in nnx.iter_graph(module):
         if isinstance(child, nnx.Conv) and child.conv_general_dilated is lax.conv_general_dilated:
-            child.conv_general_dilated = onednn.conv_general_dilated
+            child.conv_general_dilated = convolution
 
 
 BACKBONES = Registry("backbone")
