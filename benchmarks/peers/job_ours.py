@@ -47,7 +47,8 @@ def versions() -> dict:
     return {"jax": jax.__version__, "jaxlib": jaxlib.__version__, "flax": flax.__version__,
             "optax": optax.__version__, "python": job_common.python_version(),
             "boneage_jax": os.path.dirname(os.path.dirname(os.path.abspath(boneage_jax.__file__))),
-            "XLA_FLAGS": os.environ.get("XLA_FLAGS", ""), "convolutions": convolutions()}
+            "XLA_FLAGS": os.environ.get("XLA_FLAGS", ""), "convolutions": convolutions(),
+            "allocator": boneage_jax._allocator.apply()}  # "system", or "retain" (BONEAGE_ALLOCATOR)
 
 
 def convolutions() -> str:

@@ -180,7 +180,7 @@ def describe_versions(stack: str, python: str | None, versions: dict | None, err
     text += f", python {versions.get('python', '?')} ({python})"
     if stack == "ours":
         text += (f", code from {versions.get('boneage_jax', '?')}, XLA_FLAGS={versions.get('XLA_FLAGS') or '(none)'}"
-                 f", convolutions: {versions.get('convolutions', '?')}")
+                 f", convolutions: {versions.get('convolutions', '?')}, allocator: {versions.get('allocator', '?')}")
     elif stack == "torch":
         text += f", {versions.get('threads')} threads, CPU capability {versions.get('cpu_capability')}"
     else:
