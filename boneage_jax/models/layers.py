@@ -283,10 +283,6 @@ def batch_norm_training(x: jax.Array, scale: jax.Array | None, bias: jax.Array |
                                 float(epsilon))
 
 
-def _batch_norm_statistics(x, reduction_axes, dtype):
-    return flax_normalization._compute_stats(x, reduction_axes, dtype=dtype, use_fast_variance=True)
-
-
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5))
 def _batch_norm_training(x, scale, bias, feature_axes, dtype, epsilon):
     return _batch_norm_training_forward(x, scale, bias, feature_axes, dtype, epsilon)[0]
@@ -294,7 +290,7 @@ def _batch_norm_training(x, scale, bias, feature_axes, dtype, epsilon):
 
 def _batch_norm_training_forward(x, scale, bias, feature_axes, dtype, epsilon):
     reduction_axes = tuple(a for a in range(x.ndim) if a not in feature_axes)
-    mean, var = _batch_norm_statistics(x, reduction_axes, dtype)
+    mean, var = flax_normalization._compute_stats(x, reduction_axes, dtype=dtype, use_fast_variance=True)
     y = flax_normalization._normalize(x, mean, var, scale, bias, reduction_axes, feature_axes, dtype, epsilon)
     return (y, mean, var), (x, mean, var, scale, bias)
 
