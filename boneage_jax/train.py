@@ -37,7 +37,8 @@ from flax import nnx
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from boneage_jax import config_check, data, evaluation, feature_cache, inference, input_pipeline, io, objectives
+from boneage_jax import allocator, config_check, data, evaluation, feature_cache, inference, input_pipeline, io
+from boneage_jax import objectives
 from boneage_jax import freeze as freeze_lib
 from boneage_jax import state as state_lib
 from boneage_jax import writers
@@ -427,6 +428,7 @@ def train_and_evaluate(
 
             Returns True when early stopping ends the run."""
             result = objective.score(predict_validation())
+            allocator.release()  # BONEAGE_ALLOCATOR=retain: give evaluation's memory back
             writer.write(step, "validation", result)
             io.log(f"step {step:>6}  validation " + objective.summary(result))
             value = result[objective.monitor]

@@ -53,3 +53,39 @@ def test_retain_stops_the_page_faults_of_repeated_steps():
     assert applied == "system" and system > 4000  # the 32 MB output alone is 8,192 fresh pages a call
     applied, retain = faults("retain")
     assert applied == "retain" and retain < system / 4, (retain, system)
+
+
+# With retain applied: a step loop, then a program with larger temporaries (as an evaluation
+# between training steps); prints resident memory (MB) before and after release() and what it returned.
+RELEASE_PROGRAM = """
+import boneage_jax
+import jax, jax.numpy as jnp
+from boneage_jax import allocator
+
+def resident_mb():
+    return int(open("/proc/self/statm").read().split()[1]) * 4096 / 2**20
+
+step = jax.jit(lambda x: jnp.tanh(x * 2 + 1) * 3 - jnp.roll(x, 1, axis=1))
+for _ in range(3):
+    jax.block_until_ready(step(jnp.ones((8, 64, 64, 256))))
+big = jnp.ones((8, 64, 64, 1024))  # 128 MB, and as much again in temporaries
+jax.block_until_ready(step(big).sum()); del big
+before = resident_mb()
+released = allocator.release()
+print(allocator.apply(), released, before, resident_mb())
+"""
+
+
+@pytest.mark.skipif(platform.system() != "Linux" or platform.libc_ver()[0] != "glibc", reason="glibc's mallopt only")
+def test_release_gives_retained_memory_back_and_is_a_no_op_by_default():
+    def run(mode: str) -> list[str]:
+        env = {**os.environ, allocator.ENV: mode, "JAX_PLATFORMS": "cpu", "PYTHONPATH": ROOT}
+        out = subprocess.run([sys.executable, "-c", RELEASE_PROGRAM], env=env, capture_output=True, text=True,
+                             check=True)
+        return out.stdout.split()[-4:]
+
+    applied, released, before, after = run("retain")
+    assert applied == "retain" and released == "True"
+    assert float(before) - float(after) > 100, (before, after)  # the larger program's freed blocks
+    applied, released, _, _ = run("system")
+    assert applied == "system" and released == "False"
