@@ -49,6 +49,8 @@ M_MMAP_MAX = -4
 M_ARENA_MAX = -8
 SETTINGS = ((M_ARENA_MAX, 1), (M_MMAP_MAX, 0), (M_TRIM_THRESHOLD, -1), (M_TOP_PAD, 64 << 20))
 
+_LIBC: list[ctypes.CDLL] = []  # glibc, once apply() has applied the settings
+
 
 def mode() -> str:
     """``BONEAGE_ALLOCATOR`` (``system`` when unset)."""
@@ -80,15 +82,12 @@ def apply() -> str:
     return "retain"
 
 
-_LIBC: list[ctypes.CDLL] = []  # glibc, once the settings are applied
-
-
 def release() -> bool:
     """With ``retain`` applied: returns the heap's free memory to the kernel (``malloc_trim(0)``,
     which also releases free pages inside the heap), so resident memory drops to what is in use;
     the next step faults its temporaries in once more. Call it after work whose temporaries
     differ from a training step's (``train.py`` does after each evaluation). Returns whether
     memory was released; without ``retain`` it does nothing (glibc already returns it)."""
-    if apply() != "retain" or not _LIBC:
+    if apply() != "retain":  # "retain" means _LIBC holds glibc
         return False
     return bool(_LIBC[0].malloc_trim(0))
