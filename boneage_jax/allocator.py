@@ -1,4 +1,4 @@
-"""Opt-in C allocator settings that keep freed memory for reuse (glibc, Linux): ``BONEAGE_ALLOCATOR=retain``.
+"""C allocator settings that keep freed memory for reuse on the CPU (glibc, Linux): ``BONEAGE_ALLOCATOR``.
 
 XLA:CPU allocates every step's temporaries afresh (ResNet-50's train step at 256 px, batch 8:
 about 1.3 GB; Xception's 2.1 GB). glibc serves such blocks with ``mmap`` and returns them to
@@ -15,32 +15,38 @@ at most 64 MB, so it takes four ``mallopt`` settings, applied when ``boneage_jax
 - ``M_TRIM_THRESHOLD`` -1: the heap is never shrunk (glibc's documented "never trim");
 - ``M_TOP_PAD`` 64 MB: per-thread heaps, where a thread still has one, are kept too.
 
-Measured on the project's 2-core Xeon (README *Peer benchmark (CPU)*): no page faults after
-warm-up in most runs and ResNet-50 steps 13-19% faster, Xception 9-20%. **Not the default**,
-because the heap fragments: a small allocation that lands in a freed step-sized block makes the
-next step's block come from new memory, and the process keeps it. Resident memory of a ResNet-50
-step loop went from 2.4 GB to 3.6 GB (one extra step's worth, then flat for 30 steps) in one run
-and to 4.8 GB in six steps in another, and a real training run (Xception, 192 px, batch 8)
-grew by 1.1-1.4 GB at each evaluation (4.55, 5.98, 7.06 GB; glibc's defaults: 1.7-2.8 GB) while
-it trained 30% faster. ``release`` (``malloc_trim``), which the training loop calls after each
-evaluation, hands the free parts of the heap back: in the same run resident memory then came back
-to 4.9 GB after each evaluation (6.1 GB during it) instead of growing. Use it for benchmarks and
-CPU runs where memory is plentiful.
+The cost is memory: the heap fragments (a small allocation that lands in a freed step-sized
+block makes the next step's block come from new memory), so a step loop settles at about one
+extra step's temporaries (Xception, 256 px, batch 8: 2.9 GB after the first step, 4.7 GB from
+the second to the 25th), and work with other temporaries (an evaluation) adds its own.
+``release`` (``malloc_trim``), which the training loop calls after each evaluation, hands the
+free parts of the heap back. Measured in a 2,000-step training run with ten evaluations and ten
+checkpoints (README *Keeping freed memory*): resident memory stayed between 2.9 and 4.5 GB
+while training.
 
-``BONEAGE_ALLOCATOR=system`` (the default) leaves glibc's defaults. Elsewhere (no glibc, not
-Linux) nothing is changed. ``apply`` is idempotent and returns what it did.
+Modes (``BONEAGE_ALLOCATOR``):
+
+- ``auto`` (default): ``retain`` when the process computes on the CPU: ``JAX_PLATFORMS`` starts
+  with ``cpu``, or no accelerator plugin is installed (no module in JAX's ``jax_plugins``
+  namespace, no ``libtpu``). On a GPU or TPU host the host's many input threads keep glibc's
+  per-thread arenas (``system``).
+- ``retain``: the settings above, wherever glibc is the C library.
+- ``system``: glibc's defaults.
+
+Elsewhere (no glibc, not Linux) nothing is changed. ``apply`` is idempotent and returns what it did.
 """
 
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import functools
+import importlib.util
 import os
+import pkgutil
 import platform
 
 ENV = "BONEAGE_ALLOCATOR"
-MODES = ("retain", "system")
+MODES = ("auto", "retain", "system")
 
 # glibc's mallopt parameters (malloc.h).
 M_TRIM_THRESHOLD = -1
@@ -53,24 +59,47 @@ _LIBC: list[ctypes.CDLL] = []  # glibc, once apply() has applied the settings
 
 
 def mode() -> str:
-    """``BONEAGE_ALLOCATOR`` (``system`` when unset)."""
-    value = os.environ.get(ENV, "system").strip().lower() or "system"
+    """``BONEAGE_ALLOCATOR`` (``auto`` when unset)."""
+    value = os.environ.get(ENV, "auto").strip().lower() or "auto"
     if value not in MODES:
         raise ValueError(f"{ENV}={value!r}; expected one of {MODES}")
     return value
 
 
+def accelerator_plugin() -> str | None:
+    """The name of an installed JAX accelerator plugin (a module in the ``jax_plugins``
+    namespace, or ``libtpu``), found without importing JAX; ``None`` when there is none."""
+    spec = importlib.util.find_spec("jax_plugins")
+    if spec is not None and spec.submodule_search_locations:
+        for module in pkgutil.iter_modules(list(spec.submodule_search_locations)):
+            return f"jax_plugins.{module.name}"
+    if importlib.util.find_spec("libtpu") is not None:
+        return "libtpu"
+    return None
+
+
+def resolved_mode() -> str:
+    """``retain`` or ``system``: :func:`mode`, with ``auto`` decided as the module docstring says."""
+    chosen = mode()
+    if chosen != "auto":
+        return chosen
+    platforms = os.environ.get("JAX_PLATFORMS", "").strip().lower()
+    if platforms.split(",")[0].strip() == "cpu":
+        return "retain"
+    return "system" if accelerator_plugin() else "retain"
+
+
 @functools.cache
 def apply() -> str:
-    """Applies the settings above once per process when ``BONEAGE_ALLOCATOR=retain``; returns
-    ``"retain"`` when they were applied, else why not (``system`` mode, not glibc, a refused
-    ``mallopt``)."""
-    if mode() == "system":
+    """Applies the settings above once per process when :func:`resolved_mode` is ``retain``;
+    returns ``"retain"`` when they were applied, else why not (``system`` mode, not glibc, a
+    refused ``mallopt``)."""
+    if resolved_mode() == "system":
         return "system"
     if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
         return "not glibc"
     try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        libc = ctypes.CDLL("libc.so.6")  # glibc's name on every Linux platform
         mallopt = libc.mallopt
     except (OSError, AttributeError) as error:
         return f"no mallopt ({error})"

@@ -428,7 +428,7 @@ def train_and_evaluate(
 
             Returns True when early stopping ends the run."""
             result = objective.score(predict_validation())
-            allocator.release()  # BONEAGE_ALLOCATOR=retain: give evaluation's memory back
+            allocator.release()  # BONEAGE_ALLOCATOR retain (the CPU default): give evaluation's memory back
             writer.write(step, "validation", result)
             io.log(f"step {step:>6}  validation " + objective.summary(result))
             value = result[objective.monitor]

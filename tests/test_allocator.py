@@ -1,5 +1,5 @@
-"""boneage_jax.allocator: BONEAGE_ALLOCATOR=retain keeps freed memory, so repeated XLA:CPU steps
-stop faulting in fresh pages; the default leaves glibc alone."""
+"""boneage_jax.allocator: BONEAGE_ALLOCATOR=retain (the default on the CPU) keeps freed memory, so
+repeated XLA:CPU steps stop faulting in fresh pages; system leaves glibc alone."""
 
 from __future__ import annotations
 
@@ -33,12 +33,42 @@ print(boneage_jax._allocator.apply(), (resource.getrusage(resource.RUSAGE_SELF).
 
 def test_mode_reads_the_environment(monkeypatch):
     monkeypatch.delenv(allocator.ENV, raising=False)
-    assert allocator.mode() == "system"
+    assert allocator.mode() == "auto"
     monkeypatch.setenv(allocator.ENV, " Retain ")
     assert allocator.mode() == "retain"
     monkeypatch.setenv(allocator.ENV, "jemalloc")
     with pytest.raises(ValueError, match="BONEAGE_ALLOCATOR='jemalloc'; expected one of"):
         allocator.mode()
+
+
+def test_auto_retains_on_the_cpu_and_leaves_accelerator_hosts_alone(monkeypatch):
+    monkeypatch.delenv(allocator.ENV, raising=False)
+    monkeypatch.setattr(allocator, "accelerator_plugin", lambda: "jax_plugins.xla_cuda12")
+    monkeypatch.delenv("JAX_PLATFORMS", raising=False)
+    assert allocator.resolved_mode() == "system"  # a GPU plugin and nothing says cpu
+    monkeypatch.setenv("JAX_PLATFORMS", "cpu")
+    assert allocator.resolved_mode() == "retain"
+    monkeypatch.setenv("JAX_PLATFORMS", "cuda,cpu")
+    assert allocator.resolved_mode() == "system"
+    monkeypatch.setattr(allocator, "accelerator_plugin", lambda: None)
+    monkeypatch.delenv("JAX_PLATFORMS")
+    assert allocator.resolved_mode() == "retain"  # nothing but the CPU
+    monkeypatch.setenv(allocator.ENV, "system")
+    assert allocator.resolved_mode() == "system"
+    monkeypatch.setenv(allocator.ENV, "retain")
+    monkeypatch.setattr(allocator, "accelerator_plugin", lambda: "libtpu")
+    assert allocator.resolved_mode() == "retain"
+
+
+def test_accelerator_plugin_finds_a_module_in_the_jax_plugins_namespace(tmp_path, monkeypatch):
+    monkeypatch.delitem(sys.modules, "jax_plugins", raising=False)
+    before = allocator.accelerator_plugin()
+    (tmp_path / "jax_plugins" / "xla_fake").mkdir(parents=True)  # a namespace package, as the CUDA plugin's
+    (tmp_path / "jax_plugins" / "xla_fake" / "__init__.py").write_text("")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    found = allocator.accelerator_plugin()
+    assert found == (before or "jax_plugins.xla_fake")
+    assert found.startswith("jax_plugins.") or found == "libtpu"
 
 
 @pytest.mark.skipif(platform.system() != "Linux" or platform.libc_ver()[0] != "glibc", reason="glibc's mallopt only")
@@ -77,7 +107,7 @@ print(allocator.apply(), released, before, resident_mb())
 
 
 @pytest.mark.skipif(platform.system() != "Linux" or platform.libc_ver()[0] != "glibc", reason="glibc's mallopt only")
-def test_release_gives_retained_memory_back_and_is_a_no_op_by_default():
+def test_release_gives_retained_memory_back_and_is_a_no_op_with_system():
     def run(mode: str) -> list[str]:
         env = {**os.environ, allocator.ENV: mode, "JAX_PLATFORMS": "cpu", "PYTHONPATH": ROOT}
         out = subprocess.run([sys.executable, "-c", RELEASE_PROGRAM], env=env, capture_output=True, text=True,

@@ -99,8 +99,24 @@ def test_summary_divides_ours_by_the_fastest_peer_that_ran():
     assert "| ResNet-50 | 2.00 | 4.00 | 5.00 | Keras 3 (TensorFlow) | 0.40 |" in text
     assert "| Xception | 3.00 | 2.50 | n/a | PyTorch eager | 1.20 |" in text
     assert "| VGG19 | n/a | 1.00 | n/a | PyTorch eager | n/a |" in text
-    assert "| Xception | Keras 3 (TensorFlow) | failed |" in text and "RuntimeError: boom" in text
+    assert "| Xception | Keras 3 (TensorFlow) | 1 | failed |" in text and "RuntimeError: boom" in text
     assert "a / b" in text  # a '|' inside a cell would break the table
+
+
+def test_rounds_interleave_the_stacks_and_the_summary_takes_each_stacks_median():
+    assert run.job_order(["resnet50", "vgg19"], ["ours", "torch", "keras"], 2) == [
+        ("resnet50", "ours", 1), ("resnet50", "torch", 1), ("resnet50", "keras", 1),
+        ("resnet50", "torch", 2), ("resnet50", "keras", 2), ("resnet50", "ours", 2),
+        ("vgg19", "ours", 1), ("vgg19", "torch", 1), ("vgg19", "keras", 1),
+        ("vgg19", "torch", 2), ("vgg19", "keras", 2), ("vgg19", "ours", 2)]
+    rows = [{**_row("resnet50", "ours", speed), "round": number} for number, speed in enumerate((3.0, 1.0, 4.0), 1)]
+    rows += [{**_row("resnet50", "torch", speed), "round": number} for number, speed in enumerate((2.0, None, 5.0), 1)]
+    (entry,) = table.summary(rows, ["resnet50"], ["ours", "torch"])
+    assert entry["images_per_s"] == {"ours": 3.0, "torch": 3.5}  # a failed round is left out
+    assert entry["ours_to_best_peer"] == pytest.approx(3.0 / 3.5)
+    text = table.markdown({"title": "T", "facts": {"machine": "m"}}, rows, ["resnet50"], ["ours", "torch"])
+    assert "the median of 3 rounds, run interleaved" in text
+    assert "| ResNet-50 | PyTorch eager | 2 | failed |" in text
 
 
 def test_time_steps_times_the_first_step_apart_and_takes_the_median():
@@ -127,6 +143,7 @@ def test_precision_defaults_to_the_devices_and_can_be_chosen():
 
 @pytest.mark.parametrize("argv, flag", [(["--networks=resnet51"], "--networks"), (["--stacks=jax"], "--stacks"),
                                         (["--image_size=16"], "--image_size"), (["--steps=0"], "--steps"),
+                                        (["--rounds=0"], "--rounds"),
                                         (["--torch_python=/nonexistent/python"], "--torch_python"),
                                         (["--out=table.txt"], "--out"),
                                         (["--idle_threshold_pct=0"], "--idle_threshold_pct"),

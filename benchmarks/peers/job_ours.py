@@ -48,7 +48,7 @@ def versions() -> dict:
             "optax": optax.__version__, "python": job_common.python_version(),
             "boneage_jax": os.path.dirname(os.path.dirname(os.path.abspath(boneage_jax.__file__))),
             "XLA_FLAGS": os.environ.get("XLA_FLAGS", ""), "convolutions": convolutions(),
-            "allocator": boneage_jax._allocator.apply()}  # "system", or "retain" (BONEAGE_ALLOCATOR)
+            "allocator": boneage_jax._allocator.apply()}  # "retain" (the CPU default) or "system" (BONEAGE_ALLOCATOR)
 
 
 def convolutions() -> str:

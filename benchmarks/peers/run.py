@@ -85,6 +85,9 @@ _IMAGE_SIZE = flags.DEFINE_integer("image_size", 256, "Input side in pixels (Xce
 _BATCH_SIZE = flags.DEFINE_integer("batch_size", 8, "Images per step.", flag_values=FLAGS)
 _WARMUP_STEPS = flags.DEFINE_integer("warmup_steps", 2, "Untimed steps after the first.", flag_values=FLAGS)
 _STEPS = flags.DEFINE_integer("steps", 10, "Timed steps (the median is reported).", flag_values=FLAGS)
+_ROUNDS = flags.DEFINE_integer("rounds", 1, "Runs of each job; a network's jobs run round by round, the stacks' order "
+                               "rotating, and the table takes each stack's median, so a machine whose speed drifts "
+                               "moves every stack alike.", flag_values=FLAGS)
 _OURS_PYTHON = flags.DEFINE_string("ours_python", "", "Interpreter of our job (default: this one).",
                                    flag_values=FLAGS)
 _TORCH_PYTHON = flags.DEFINE_string("torch_python", "", "Interpreter with torch, torchvision and timm (default: "
@@ -188,6 +191,14 @@ def describe_versions(stack: str, python: str | None, versions: dict | None, err
     return text
 
 
+def job_order(networks: list[str], stacks: list[str], rounds: int) -> list[tuple[str, str, int]]:
+    """``(network, stack, round)`` in running order: network by network, round by round, the
+    stacks' order rotated by one each round (so no stack always runs first after a compilation-
+    heavy job or last in a warm machine)."""
+    return [(network, stack, number + 1) for network in networks for number in range(rounds)
+            for stack in stacks[number % len(stacks):] + stacks[:number % len(stacks)]]
+
+
 def job_row(network: str, stack: str, run: harness.JobRun, quiet: harness.Quiet, threshold_pct: float,
             timeout_s: float) -> dict:
     """The table row of one finished (or killed) job."""
@@ -246,7 +257,7 @@ def check_flags() -> list[str]:
     unknown = [stack for stack in stacks if stack not in JOB_SCRIPTS]
     if unknown:
         raise app.UsageError(f"--stacks={','.join(stacks)}: expected names of {', '.join(JOB_SCRIPTS)}")
-    for flag, least in ((_IMAGE_SIZE, 32), (_BATCH_SIZE, 1), (_WARMUP_STEPS, 0), (_STEPS, 1)):
+    for flag, least in ((_IMAGE_SIZE, 32), (_BATCH_SIZE, 1), (_WARMUP_STEPS, 0), (_STEPS, 1), (_ROUNDS, 1)):
         if flag.value < least:
             raise app.UsageError(f"--{flag.name}={flag.value}: expected an integer >= {least}")
     if not 0 < _IDLE_THRESHOLD.value <= 100:
@@ -298,21 +309,24 @@ def main(argv: Sequence[str]) -> int:
     facts["timing"] = (f"first step (with any compilation) timed apart, then {_WARMUP_STEPS.value} untimed warm-up "
                        f"step(s), then the median of {_STEPS.value} timed steps; images/s = batch / median; each job "
                        f"a subprocess, one at a time, started once the machine was < {_IDLE_THRESHOLD.value:g}% busy "
-                       "over 1 s")
+                       "over 1 s" + (f"; {_ROUNDS.value} rounds per network, run interleaved (the stacks' order "
+                                     "rotating), each stack's median round in the summary" if _ROUNDS.value > 1 else ""))
     facts["command"] = "`" + shlex.join(["python", "-m", "benchmarks.peers.run", *argv]) + "`"
     facts["date"] = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     header = {"title": f"Peer benchmark: training step on {_DEVICE.value.upper()}, {_IMAGE_SIZE.value} px, "
                        f"batch {_BATCH_SIZE.value}, {precision()}",
               "facts": facts, "versions": versions, "device": _DEVICE.value, "precision": precision(), "image_size": _IMAGE_SIZE.value,
               "batch_size": _BATCH_SIZE.value, "warmup_steps": _WARMUP_STEPS.value, "steps": _STEPS.value,
+              "rounds": _ROUNDS.value,
               "networks": networks, "stacks": stacks}
     for key, value in facts.items():
         print(f"{key}: {value}", flush=True)
     rows: list[dict] = []
-    jobs = [(network, stack) for network in networks for stack in stacks]
-    for number, (network, stack) in enumerate(jobs, 1):
+    jobs = job_order(networks, stacks, _ROUNDS.value)
+    for number, (network, stack, round_number) in enumerate(jobs, 1):
         kind = INTERPRETER_OF[stack]
-        print(f"[{number}/{len(jobs)}] {NETWORKS[network]}, {table.STACK_NAMES[stack]}: ", end="", flush=True)
+        progress = f", round {round_number}/{_ROUNDS.value}" if _ROUNDS.value > 1 else ""
+        print(f"[{number}/{len(jobs)}] {NETWORKS[network]}, {table.STACK_NAMES[stack]}{progress}: ", end="", flush=True)
         if kind not in found:
             row = {"network": network, "stack": stack, "status": "no interpreter", "note": errors[kind]}
         else:
@@ -320,6 +334,7 @@ def main(argv: Sequence[str]) -> int:
             run = harness.run_job(job_command(found[kind], stack, network), env=job_environment(stack), cwd=REPO,
                                   timeout_s=_JOB_TIMEOUT.value)
             row = job_row(network, stack, run, quiet, _IDLE_THRESHOLD.value, _JOB_TIMEOUT.value)
+        row["round"] = round_number
         print(outcome(row), flush=True)
         rows.append(row)
         table.write(markdown_path, json_path, header, rows, networks, stacks)

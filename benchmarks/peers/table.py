@@ -1,7 +1,8 @@
 """The peer benchmark's results: one row per job, a summary per network with our ratio to the
 best peer, written as Markdown and JSON (atomically, through ``boneage_jax.io``).
 
-A row is a dict with ``network``, ``stack``, ``status`` (``ok``, ``failed``, ``timeout``,
+A row is a dict with ``network``, ``stack``, ``round`` (1 unless ``--rounds`` ran each job more
+than once), ``status`` (``ok``, ``failed``, ``timeout``,
 ``no interpreter``) and, for ``ok``, the job's report (``images_per_s``, ``step_s_median``,
 ``first_step_s``, ``parameters``, ``built``, ...); every row that ran has the harness's
 ``others_cpu_pct``, ``job_cpu_pct`` and ``wall_s``, and ``note`` (the error line of a failed job,
@@ -11,6 +12,7 @@ or a CPU that never got quiet before it).
 from __future__ import annotations
 
 import json
+import statistics
 
 from benchmarks.peers.job_common import NETWORKS
 from boneage_jax import io
@@ -25,16 +27,16 @@ OURS = "ours"
 
 
 def images_per_s(rows: list[dict], network: str, stack: str) -> float | None:
-    """images/s of the successful job ``(network, stack)``, or None."""
-    for row in rows:
-        if row["network"] == network and row["stack"] == stack and row["status"] == "ok":
-            return row["images_per_s"]
-    return None
+    """images/s of the job ``(network, stack)``: the median over its successful rounds, or None."""
+    speeds = [row["images_per_s"] for row in rows
+              if row["network"] == network and row["stack"] == stack and row["status"] == "ok"]
+    return statistics.median(speeds) if speeds else None
 
 
 def summary(rows: list[dict], networks: list[str], stacks: list[str]) -> list[dict]:
     """Per network (in order, those with a row): each stack's images/s (None where it failed or
-    has not run), the best peer (the fastest stack other than ours) and ours / best peer."""
+    has not run; the median of its rounds), the best peer (the fastest stack other than ours) and
+    ours / best peer."""
     out = []
     for network in networks:
         if not any(row["network"] == network for row in rows):
@@ -62,7 +64,9 @@ def markdown(header: dict, rows: list[dict], networks: list[str], stacks: list[s
     """The summary table (images/s per stack, best peer, ours / best peer) and every job's row."""
     lines = _header_lines(header)
     names = [STACK_NAMES[stack] for stack in stacks]
-    lines += ["", "images/s (batch / median step time); higher is better.", "",
+    rounds = max((row.get("round", 1) for row in rows), default=1)
+    per_job = "batch / median step time" + (f"; the median of {rounds} rounds, run interleaved" if rounds > 1 else "")
+    lines += ["", f"images/s ({per_job}); higher is better.", "",
               "| network | " + " | ".join(names) + " | best peer | ours / best peer |",
               "|---|" + "---:|" * len(stacks) + "---|---:|"]
     for entry in summary(rows, networks, stacks):
@@ -70,9 +74,9 @@ def markdown(header: dict, rows: list[dict], networks: list[str], stacks: list[s
         best = STACK_NAMES[entry["best_peer"]] if entry["best_peer"] else "n/a"
         lines.append(f"| {NETWORKS[entry['network']]} | {speeds} | {best} | {_number(entry['ours_to_best_peer'])} |")
     lines += ["", "## Every job", "",
-              "| network | stack | status | images/s | median step (s) | min-max step (s) "
+              "| network | stack | round | status | images/s | median step (s) | min-max step (s) "
               "| first step with compile (s) | trainable parameters | others' CPU % | job's CPU % | what ran / note |",
-              "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---|"]
+              "|---|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---|"]
     for row in rows:
         ok = row["status"] == "ok"
         others = _number(row.get("others_cpu_pct"), 1)
@@ -84,7 +88,7 @@ def markdown(header: dict, rows: list[dict], networks: list[str], stacks: list[s
                      f"{row['parameters']:,}"]
         else:
             cells = ["", "", "", "", ""]
-        lines.append(f"| {NETWORKS[row['network']]} | {STACK_NAMES[row['stack']]} | {row['status']} | "
+        lines.append(f"| {NETWORKS[row['network']]} | {STACK_NAMES[row['stack']]} | {row.get('round', 1)} | {row['status']} | "
                      + " | ".join(cells) + f" | {others} | {own} | {what} |")
     lines += ["", "others' CPU %: CPU time that other processes used while the job ran, in percent of all "
               "CPUs (machine busy time from /proc/stat minus the job's own user+system time); a figure above "
