@@ -16,9 +16,10 @@ at most 64 MB, so it takes four ``mallopt`` settings, applied when ``boneage_jax
 - ``M_TOP_PAD`` 64 MB: per-thread heaps, where a thread still has one, are kept too.
 
 The cost is memory: the heap fragments (a small allocation that lands in a freed step-sized
-block makes the next step's block come from new memory), so a step loop settles at about one
-extra step's temporaries (Xception, 256 px, batch 8: 2.9 GB after the first step, 4.7 GB from
-the second to the 25th), and work with other temporaries (an evaluation) adds its own.
+block makes the next step's block come from new memory), so a step loop grows now and then by
+one step's temporaries (Xception, 256 px, batch 8: 2.9 GB after the first step, then 4.7 GB
+from one step on, in one run of 25 steps for good, in another again to 6.5 GB at step 11), and
+work with other temporaries (an evaluation) adds its own.
 ``release`` (``malloc_trim``), which the training loop calls after each evaluation, hands the
 free parts of the heap back. Measured in a 2,000-step training run with ten evaluations and ten
 checkpoints (README *Keeping freed memory*): resident memory stayed between 2.9 and 4.5 GB
