@@ -20,10 +20,12 @@ block makes the next step's block come from new memory), so a step loop grows no
 one step's temporaries (Xception, 256 px, batch 8: 2.9 GB after the first step, then 4.7 GB
 from one step on, in one run of 25 steps for good, in another again to 6.5 GB at step 11), and
 work with other temporaries (an evaluation) adds its own.
-``release`` (``malloc_trim``), which the training loop calls after each evaluation, hands the
-free parts of the heap back. Measured in a 2,000-step training run with ten evaluations and ten
-checkpoints (README *Keeping freed memory*): resident memory stayed between 2.9 and 4.5 GB
-while training.
+``release`` (``malloc_trim``) hands the free parts of the heap back; the training loop calls it
+after each evaluation and each log line (every ``config.log_every`` steps; the step after it
+faults its temporaries in once, as every step does with glibc's defaults). Measured in a
+2,000-step training run with ten evaluations and ten checkpoints, releasing after evaluations
+only (README *Keeping freed memory*): resident memory stayed between 2.9 and 4.5 GB while
+training.
 
 Modes (``BONEAGE_ALLOCATOR``):
 
@@ -116,8 +118,9 @@ def release() -> bool:
     """With ``retain`` applied: returns the heap's free memory to the kernel (``malloc_trim(0)``,
     which also releases free pages inside the heap), so resident memory drops to what is in use;
     the next step faults its temporaries in once more. Call it after work whose temporaries
-    differ from a training step's (``train.py`` does after each evaluation). Returns whether
-    memory was released; without ``retain`` it does nothing (glibc already returns it)."""
+    differ from a training step's, and now and then (``train.py`` does after each evaluation and
+    each log line). Returns whether memory was released; without ``retain`` it does nothing
+    (glibc already returns it)."""
     if apply() != "retain":  # "retain" means _LIBC holds glibc
         return False
     return bool(_LIBC[0].malloc_trim(0))

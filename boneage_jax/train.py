@@ -428,7 +428,7 @@ def train_and_evaluate(
 
             Returns True when early stopping ends the run."""
             result = objective.score(predict_validation())
-            allocator.release()  # BONEAGE_ALLOCATOR retain (the CPU default): give evaluation's memory back
+            allocator.release()  # the CPU default keeps freed memory: give evaluation's back
             writer.write(step, "validation", result)
             io.log(f"step {step:>6}  validation " + objective.summary(result))
             value = result[objective.monitor]
@@ -471,6 +471,7 @@ def train_and_evaluate(
                     now = time.perf_counter()
                     flush(step, (step - tick_step) * config.batch_size / (now - tick))
                     tick, tick_step = now, step
+                    allocator.release()  # bounds the kept heap's fragmentation (see allocator.py)
                 if step % config.eval_every == 0 or last:
                     flush(step)
                     stop = evaluate_validation(step)

@@ -162,6 +162,19 @@ def test_early_stopping_and_plateau(tiny_config, tmp_path):
         assert json.load(f)["validation"]["checkpoint_step"] == 1
 
 
+def test_training_hands_kept_memory_back_at_each_log_and_evaluation(tiny_config, tmp_path, monkeypatch):
+    """allocator.release() (malloc_trim with the CPU default) after every log line and evaluation,
+    which bounds how far the kept heap fragments between them."""
+    calls = []
+    monkeypatch.setattr(train.allocator, "release", lambda: calls.append(1) or True)
+    tiny_config.num_train_steps = 12
+    tiny_config.log_every = 4
+    tiny_config.eval_every = 6
+    tiny_config.checkpoint_every = 6
+    train.train_and_evaluate(tiny_config, str(tmp_path / "run"))
+    assert len(calls) == 3 + 2  # logs at steps 4, 8, 12; evaluations at 6, 12
+
+
 @pytest.mark.parametrize("head", ["gaussian", "classification"])
 def test_other_heads_train_and_report_months(tiny_config, tmp_path, head):
     tiny_config.model.head = head
