@@ -3,6 +3,10 @@ convolution for every geometry the models use, the fallbacks, and a model's trai
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -62,7 +66,8 @@ GEOMETRIES = [
     ((2, 9, 11, 5), (3, 3, 5, 7), (2, 2), "SAME", (1, 1)),
     ((2, 10, 10, 4), (3, 3, 4, 6), (2, 2), "VALID", (1, 1)),
     ((1, 16, 16, 3), (7, 7, 3, 8), (2, 2), ((3, 3), (3, 3)), (1, 1)),  # torchvision's stem
-    ((2, 8, 8, 16), (1, 1, 16, 32), (1, 1), "VALID", (1, 1)),
+    ((2, 8, 8, 16), (1, 1, 16, 32), (1, 1), "VALID", (1, 1)),  # 1x1 over 128 rows: a matmul
+    ((2, 72, 72, 8), (1, 1, 8, 4), (1, 1), "VALID", (1, 1)),  # 1x1 over 10,368 rows: a convolution
     ((2, 8, 8, 16), (1, 1, 16, 8), (2, 2), "VALID", (1, 1)),  # strided 1x1 shortcut
     ((2, 12, 9, 4), (1, 7, 4, 4), (1, 1), ((0, 0), (3, 3)), (1, 1)),  # Inception's 1x7
     ((2, 12, 12, 4), (3, 3, 4, 4), (1, 1), ((0, 1), (1, 0)), (1, 1)),  # asymmetric
@@ -122,6 +127,48 @@ def test_bfloat16():
                                       (1, 1)).sum())(w.astype(jnp.float32))
     assert dw.dtype == jnp.bfloat16
     np.testing.assert_allclose(np.asarray(dw, np.float32), dw_ref, rtol=3e-2, atol=0.5)
+
+
+def _implementations(dtype, x_shape, w_shape, strides=(1, 1), padding="VALID") -> list[str | None]:
+    """What the library runs for this convolution's forward, data gradient and weight gradient."""
+    geometry = onednn.geometry_of(x_shape, w_shape, strides, padding, None, 1)
+    y_shape = jax.eval_shape(lambda x, w: _conv(lax.conv_general_dilated, x, w, strides, padding, (1, 1)),
+                             jax.ShapeDtypeStruct(x_shape, dtype), jax.ShapeDtypeStruct(w_shape, dtype)).shape
+    return [onednn.implementation(kind, dtype, x_shape, w_shape, y_shape, geometry) for kind in onednn.TARGETS]
+
+
+def test_a_1x1_convolution_over_few_rows_runs_as_a_matmul():
+    """Stride 1, no padding, up to 2,048 rows (8,192 for the weight gradient): oneDNN's matmul on
+    CPUs that have its direct (brgemm) kernel, every AVX-512 one; more rows, a stride or a wider
+    kernel: a convolution. ``BONEAGE_ONEDNN_MATMUL=0`` (read once per process) turns it off."""
+    avx512 = "avx512f" in onednn.cpu_flags()
+    few = _implementations("float32", (2, 8, 8, 16), (1, 1, 16, 32))
+    assert all(name.split()[0] == ("matmul" if avx512 else name.split()[0]) for name in few), few
+    assert all(name.split()[0] in ("matmul", "convolution") for name in few), few
+    # 4,608 rows: the weight gradient alone is a matmul
+    middle = [name.split()[0] for name in _implementations("float32", (2, 48, 48, 8), (1, 1, 8, 4))]
+    assert middle[:2] == ["convolution", "convolution"] and middle[2] == ("matmul" if avx512 else middle[2])
+    many = _implementations("float32", (2, 72, 72, 8), (1, 1, 8, 4))
+    strided = _implementations("float32", (2, 8, 8, 16), (1, 1, 16, 32), strides=(2, 2))
+    wide = _implementations("float32", (2, 8, 8, 16), (3, 3, 16, 32), padding="SAME")
+    assert all(name.startswith("convolution ") for name in many + strided + wide), (many, strided, wide)
+    if "avx512bw" in onednn.cpu_flags():  # bfloat16 too, and the same product as XLA's in float32
+        assert all(name.startswith("matmul ") for name in _implementations("bfloat16", (2, 8, 8, 16), (1, 1, 16, 32)))
+        rng = np.random.default_rng(2)
+        x = jnp.asarray(rng.standard_normal((2, 8, 8, 16), np.float32), jnp.bfloat16)
+        w = jnp.asarray(rng.standard_normal((1, 1, 16, 32), np.float32) * 0.2, jnp.bfloat16)
+        y = jax.jit(lambda x, w: _conv(onednn.conv_general_dilated, x, w, (1, 1), "VALID", (1, 1)))(x, w)
+        expected = _conv(lax.conv_general_dilated, x.astype(jnp.float32), w.astype(jnp.float32), (1, 1), "VALID",
+                         (1, 1))
+        assert y.dtype == jnp.bfloat16
+        np.testing.assert_allclose(np.asarray(y, np.float32), expected, rtol=3e-2, atol=3e-2)
+    program = ("from boneage_jax.kernels import onednn; assert onednn.load() is None; "
+               "print(onednn.implementation('backward_weights', 'float32', (2, 8, 8, 16), (1, 1, 16, 32), "
+               "(2, 8, 8, 32), ((1, 1), (0, 0), (0, 0), (1, 1), 1)))")
+    off = subprocess.run([sys.executable, "-c", program], env={**os.environ, "BONEAGE_ONEDNN_MATMUL": "0"},
+                         capture_output=True, text=True, timeout=120)
+    assert off.returncode == 0, off.stderr
+    assert off.stdout.strip().startswith("convolution "), off.stdout
 
 
 def test_what_oneDNN_does_not_take_goes_to_xla():

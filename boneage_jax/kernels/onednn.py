@@ -28,6 +28,11 @@ hold, and to ``lax.conv_general_dilated`` otherwise (same results within float32
   bfloat16 on a CPU without AVX-512, where oneDNN 2023.2 has no bfloat16 convolution. Such a
   convolution takes XLA's path in every mode; the rest of the model keeps oneDNN.
 
+A 1x1 convolution with stride 1 and no padding over few rows (N * H * W up to 2,048 for the
+forward and data gradient, 8,192 for the weight gradient) runs as oneDNN's matmul instead, which
+is faster there (``onednn_conv.cc`` has the measurements; ``BONEAGE_ONEDNN_MATMUL=0`` turns it
+off); :func:`implementation` says which primitive and kernel a convolution gets.
+
 ``BONEAGE_CPU_CONV=xla`` turns it off; ``with xla_convolutions():`` turns it off for what is
 traced inside (``boneage_jax.export`` does: an exported program must not need this library).
 The gradient is a ``jax.custom_vjp`` whose backward pass calls oneDNN's backward-data and
@@ -104,10 +109,14 @@ def load() -> str | None:
     try:
         handlers = {target: getattr(library, target) for target in TARGETS.values()}
         query = library.boneage_onednn_conv_supported
+        describe = library.boneage_onednn_conv_implementation
     except AttributeError as error:
         return f"{path} lacks a handler ({error}); rebuild it with python -m boneage_jax.kernels.build --force"
     query.restype = ctypes.c_int
     query.argtypes = [ctypes.c_int] + [ctypes.POINTER(ctypes.c_int64)] * 7 + [ctypes.c_int64]
+    describe.restype = ctypes.c_int
+    describe.argtypes = [ctypes.c_int, ctypes.c_int] + [ctypes.POINTER(ctypes.c_int64)] * 7 + [
+        ctypes.c_int64, ctypes.c_char_p, ctypes.c_int]
     for target, handler in handlers.items():
         jax.ffi.register_ffi_target(target, jax.ffi.pycapsule(handler), platform="cpu")
     _LIBRARY.append(library)
@@ -123,14 +132,33 @@ def supported(dtype: str, x_shape: tuple[int, ...], w_shape: tuple[int, ...], y_
     if not _LIBRARY or dtype not in ("float32", "bfloat16"):
         return False
     strides, low, high, dilation, groups = geometry
-
-    def array(values):
-        return (ctypes.c_int64 * len(values))(*values)
-
     answer = _LIBRARY[0].boneage_onednn_conv_supported(
-        0 if dtype == "float32" else 1, array(x_shape), array(w_shape), array(y_shape), array(strides), array(low),
-        array(high), array(dilation), groups)
+        0 if dtype == "float32" else 1, _array(x_shape), _array(w_shape), _array(y_shape), _array(strides),
+        _array(low), _array(high), _array(dilation), groups)
     return answer == 1
+
+
+def _array(values: Sequence[int]):
+    return (ctypes.c_int64 * len(values))(*values)
+
+
+def implementation(kind: str, dtype: str, x_shape: tuple[int, ...], w_shape: tuple[int, ...],
+                   y_shape: tuple[int, ...], geometry: tuple) -> str | None:
+    """The oneDNN primitive and kernel that run one ``kind`` (``"forward"``, ``"backward_data"``,
+    ``"backward_weights"``) of this convolution, as the library reports it: e.g.
+    ``"convolution brgconv_1x1:avx512_core"``, or ``"matmul brg:avx512_core"`` for a 1x1 convolution
+    over few rows (``onednn_conv.cc`` says when); ``None`` when it has no direct kernel (or the
+    library is not loaded). Arguments as :func:`supported` takes them."""
+    if not _LIBRARY or dtype not in ("float32", "bfloat16") or kind not in TARGETS:
+        return None
+    strides, low, high, dilation, groups = geometry
+    out = ctypes.create_string_buffer(256)
+    answer = _LIBRARY[0].boneage_onednn_conv_implementation(
+        tuple(TARGETS).index(kind), 0 if dtype == "float32" else 1, _array(x_shape), _array(w_shape),
+        _array(y_shape), _array(strides), _array(low), _array(high), _array(dilation), groups, out, len(out))
+    if answer == -1:
+        raise ValueError(f"oneDNN cannot describe the {kind} convolution of {x_shape} by {w_shape}")
+    return out.value.decode() if answer == 1 else None
 
 
 @functools.cache
