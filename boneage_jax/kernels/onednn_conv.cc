@@ -23,8 +23,9 @@
 // rows up the convolution kernels were as fast or faster. So such a convolution runs as a matmul
 // up to kMatmulRows rows (forward, data gradient) and kMatmulRowsWeights rows (weight gradient)
 // when oneDNN has a direct matmul kernel for it, as a convolution otherwise. A training step at
-// 256 px, batch 8 (16 steps of each, interleaved): Xception 10% faster, ResNet-50 2%, InceptionV3
-// unchanged. BONEAGE_ONEDNN_MATMUL=0 in the environment turns this off.
+// 256 px, batch 8 (benchmarks/ab.py, 16 steps of each, interleaved; two runs): Xception 5-10%
+// faster, ResNet-50 0-2%, InceptionV3 unchanged. The rule was measured on AVX-512 only.
+// BONEAGE_ONEDNN_MATMUL=0 in the environment turns this off.
 //
 // Only oneDNN's direct kernels are used (jit, brgconv, jit_dw, ...), never its im2col + GEMM
 // fallbacks ("gemm:jit", "x64:gemm:jit") or reference loops ("ref:any"): oneDNN 2023.2's GEMM

@@ -1,0 +1,162 @@
+r"""Is a setting faster? One family's training step under two environments, steps interleaved.
+
+    python benchmarks/ab.py NAME --a KEY=VALUE [--a ...] --b KEY=VALUE [--b ...] \
+        [--pairs=16] [--image_size=256] [--batch_size=8] [--sex_fusion=none]
+
+e.g. ``python benchmarks/ab.py xception --a BONEAGE_ONEDNN_MATMUL=0`` (B: the defaults) or
+``--b XLA_FLAGS=--xla_cpu_use_xnnpack=false``. Two worker processes, each with the environment
+of this one plus its side's assignments (read when it starts: ``XLA_FLAGS``, ``BONEAGE_*``),
+build and compile :class:`benchmarks.models.TrainStep` one after the other and run two untimed
+steps; then they take turns, one step at a time (A B, B A, A B, ...), for ``--pairs`` pairs.
+
+This machine's speed drifts by 20-40% within minutes, so a run of A then a run of B measures the
+drift as much as the setting. Interleaved steps see the same drift: the figure to read is the
+median of the per-pair time ratios A / B (above 1: B is faster) with its quartiles, and in how
+many pairs B was faster. Ratios within a few percent of 1, or B faster in about half the pairs,
+are noise.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import subprocess
+import sys
+import time
+
+import numpy as np
+
+REPO = os.path.abspath(os.path.join(os.path.dirname(__file__), ".."))
+_ASSIGNMENT = re.compile(r"([A-Za-z_][A-Za-z0-9_]*)=(.*)", re.DOTALL)
+
+
+def parse_assignments(flag: str, values: list[str]) -> dict[str, str]:
+    """``KEY=VALUE`` strings to a dict; ValueError naming ``flag`` and the value otherwise."""
+    result = {}
+    for value in values:
+        match = _ASSIGNMENT.fullmatch(value)
+        if match is None:
+            raise ValueError(f"{flag} {value!r}: expected KEY=VALUE, KEY an environment variable name")
+        result[match.group(1)] = match.group(2)
+    return result
+
+
+def worker(name: str, image_size: int, batch_size: int, sex_fusion: str) -> int:
+    """Builds and compiles the step, says ``ready``, then runs one step per line read; prints
+    ``<seconds> <loss>`` after each."""
+    sys.path.insert(0, REPO)
+    from benchmarks.models import TrainStep
+
+    step = TrainStep(name, image_size, batch_size, sex_fusion=sex_fusion)
+    compile_s = step.compile()
+    step(), step()
+    print(f"ready {compile_s:.1f}", flush=True)
+    for _ in sys.stdin:
+        start = time.perf_counter()
+        loss = step()
+        print(f"{time.perf_counter() - start:.5f} {loss:.6g}", flush=True)
+    return 0
+
+
+class Worker:
+    """One side's process (see :func:`worker`)."""
+
+    def __init__(self, label: str, env: dict[str, str], args: argparse.Namespace):
+        self.label = label
+        command = [sys.executable, os.path.abspath(__file__), args.name, "--worker",
+                   f"--image_size={args.image_size}", f"--batch_size={args.batch_size}",
+                   f"--sex_fusion={args.sex_fusion}"]
+        self.stderr = open(os.devnull, "w") if args.quiet_workers else None
+        self.process = subprocess.Popen(command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self.stderr,
+                                        text=True, env={**os.environ, **env})
+        self.compile_s = float(self._read("ready").split()[1])
+
+    def _read(self, expected: str = "") -> str:
+        line = self.process.stdout.readline()
+        if not line or (expected and not line.startswith(expected)):
+            self.process.kill()
+            where = "rerun without --quiet_workers to see why" if self.stderr is not None else "its messages are above"
+            raise RuntimeError(f"worker {self.label} stopped (exit status {self.process.wait()}); {where}")
+        return line.strip()
+
+    def step(self) -> tuple[float, float]:
+        self.process.stdin.write("step\n")
+        self.process.stdin.flush()
+        seconds, loss = self._read().split()
+        return float(seconds), float(loss)
+
+    def close(self) -> None:
+        if self.process.poll() is None:
+            self.process.stdin.close()
+            self.process.wait(timeout=60)
+        if self.stderr is not None:
+            self.stderr.close()
+
+
+def summary(times_a: list[float], times_b: list[float], batch_size: int) -> str:
+    """The report's figures from the two sides' step times (same length, pair by pair)."""
+    a, b = np.asarray(times_a), np.asarray(times_b)
+    ratio = a / b
+    q1, median, q3 = np.percentile(ratio, [25, 50, 75])
+    return (f"A: median step {np.median(a):.3f} s ({batch_size / np.median(a):.2f} images/s)\n"
+            f"B: median step {np.median(b):.3f} s ({batch_size / np.median(b):.2f} images/s)\n"
+            f"A / B step time, pair by pair: median {median:.3f} (quartiles {q1:.3f}-{q3:.3f}); "
+            f"B faster in {int((ratio > 1).sum())} of {len(ratio)} pairs")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("name", help="a registered backbone (benchmarks/models.py's names)")
+    parser.add_argument("--a", action="append", default=[], metavar="KEY=VALUE", help="side A's environment")
+    parser.add_argument("--b", action="append", default=[], metavar="KEY=VALUE", help="side B's environment")
+    parser.add_argument("--pairs", type=int, default=16)
+    parser.add_argument("--image_size", type=int, default=256)
+    parser.add_argument("--batch_size", type=int, default=8)
+    parser.add_argument("--sex_fusion", default="none", help="the head: none (backbone + Dense(1)) or a sex fusion")
+    parser.add_argument("--quiet_workers", action="store_true", help="drop the workers' stderr (JAX's warnings)")
+    parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.worker:
+        return worker(args.name, args.image_size, args.batch_size, args.sex_fusion)
+    if args.pairs < 1:
+        parser.error(f"--pairs={args.pairs}: expected at least 1")
+    sys.path.insert(0, REPO)
+    from boneage_jax import models
+
+    if models.BACKBONES.resolve(args.name) is None:
+        parser.error(f"unknown backbone {args.name!r}; registered: {models.BACKBONES.describe()}")
+    try:
+        sides = {"A": parse_assignments("--a", args.a), "B": parse_assignments("--b", args.b)}
+    except ValueError as error:
+        parser.error(str(error))
+    if sides["A"] == sides["B"]:
+        print("note: A and B have the same environment (an A/A run measures the noise)", flush=True)
+    for label, env in sides.items():
+        print(f"{label}: {' '.join(f'{k}={v}' for k, v in env.items()) or '(this environment)'}", flush=True)
+    workers = {}
+    times: dict[str, list[float]] = {"A": [], "B": []}
+    losses: dict[str, float] = {}
+    try:
+        for label, env in sides.items():  # one at a time: compiling is the heaviest part
+            workers[label] = Worker(label, env, args)
+            print(f"{label}: compiled in {workers[label].compile_s} s", flush=True)
+        for pair in range(args.pairs):
+            for label in ("A", "B") if pair % 2 == 0 else ("B", "A"):
+                seconds, losses[label] = workers[label].step()
+                times[label].append(seconds)
+            print(f"pair {pair + 1}/{args.pairs}: A {times['A'][-1]:.3f} s, B {times['B'][-1]:.3f} s", flush=True)
+    except RuntimeError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 1
+    finally:
+        for w in workers.values():
+            w.close()
+    print(f"{args.name}, {args.image_size} px, batch {args.batch_size}, {args.pairs} pairs; "
+          f"last losses A {losses['A']:.6g}, B {losses['B']:.6g}")
+    print(summary(times["A"], times["B"], args.batch_size))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
