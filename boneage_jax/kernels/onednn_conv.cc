@@ -19,13 +19,13 @@
 // than oneDNN's 1x1 convolution kernels, and needs no weight reorder. On this project's AVX-512
 // machine (2 cores; primitives timed alone) the weight gradient of 728 -> 728 channels on
 // 8 x 16 x 16 took 11.6 ms against 16.0 ms (jit_1x1), 1536 -> 2048 on 8 x 8 x 8 11.0 against
-// 19.0 ms; forward and data gradient gained less (0-25%) and only up to 2,048 rows; from 8 x 64 x 64
-// rows up the convolution kernels were as fast or faster. So such a convolution runs as a matmul
-// up to kMatmulRows rows (forward, data gradient) and kMatmulRowsWeights rows (weight gradient)
-// when oneDNN has a direct matmul kernel for it, as a convolution otherwise. A training step at
-// 256 px, batch 8 (benchmarks/ab.py, 16 steps of each, interleaved; two runs): Xception 5-10%
-// faster, ResNet-50 0-2%, InceptionV3 unchanged. The rule was measured on AVX-512 only.
-// BONEAGE_ONEDNN_MATMUL=0 in the environment turns this off.
+// 19.0 ms; forward and data gradient gained less (0-25%) and only up to 2,048 rows; from 8 x 32 x 32
+// rows up the two were about even, and at 8 x 125 x 125 the convolution kernels were faster. So
+// such a convolution runs as a matmul up to kMatmulRows rows (forward, data gradient) and
+// kMatmulRowsWeights rows (weight gradient) when oneDNN has a direct matmul kernel for it, as a
+// convolution otherwise. A training step at 256 px, batch 8 (benchmarks/ab.py, 16 steps of each,
+// interleaved; two runs): Xception 5-10% faster, ResNet-50 0-2%, InceptionV3 unchanged. The rule
+// was measured on AVX-512 only. BONEAGE_ONEDNN_MATMUL=0 in the environment turns this off.
 //
 // Only oneDNN's direct kernels are used (jit, brgconv, jit_dw, ...), never its im2col + GEMM
 // fallbacks ("gemm:jit", "x64:gemm:jit") or reference loops ("ref:any"): oneDNN 2023.2's GEMM
