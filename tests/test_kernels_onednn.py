@@ -162,6 +162,9 @@ def test_a_1x1_convolution_over_few_rows_runs_as_a_matmul():
                          (1, 1))
         assert y.dtype == jnp.bfloat16
         np.testing.assert_allclose(np.asarray(y, np.float32), expected, rtol=3e-2, atol=3e-2)
+    with pytest.raises(ValueError, match=r"kind='sideways'; expected one of \('forward', 'backward_data'"):
+        onednn.implementation("sideways", "float32", (2, 8, 8, 16), (1, 1, 16, 32), (2, 8, 8, 32),
+                              ((1, 1), (0, 0), (0, 0), (1, 1), 1))
     program = ("from boneage_jax.kernels import onednn; assert onednn.load() is None; "
                "print(onednn.implementation('backward_weights', 'float32', (2, 8, 8, 16), (1, 1, 16, 32), "
                "(2, 8, 8, 32), ((1, 1), (0, 0), (0, 0), (1, 1), 1)))")

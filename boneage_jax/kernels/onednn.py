@@ -149,7 +149,9 @@ def implementation(kind: str, dtype: str, x_shape: tuple[int, ...], w_shape: tup
     ``"convolution brgconv_1x1:avx512_core"``, or ``"matmul brg:avx512_core"`` for a 1x1 convolution
     over few rows (``onednn_conv.cc`` says when); ``None`` when it has no direct kernel (or the
     library is not loaded). Arguments as :func:`supported` takes them."""
-    if not _LIBRARY or dtype not in ("float32", "bfloat16") or kind not in TARGETS:
+    if kind not in TARGETS:
+        raise ValueError(f"kind={kind!r}; expected one of {tuple(TARGETS)}")
+    if not _LIBRARY or dtype not in ("float32", "bfloat16"):
         return None
     strides, low, high, dilation, groups = geometry
     out = ctypes.create_string_buffer(256)
