@@ -28,6 +28,7 @@ import time
 import numpy as np
 
 REPO = os.path.abspath(os.path.join(os.path.dirname(__file__), ".."))
+sys.path.insert(0, REPO)
 _ASSIGNMENT = re.compile(r"([A-Za-z_][A-Za-z0-9_]*)=(.*)", re.DOTALL)
 
 
@@ -45,7 +46,6 @@ def parse_assignments(flag: str, values: list[str]) -> dict[str, str]:
 def worker(name: str, image_size: int, batch_size: int, sex_fusion: str) -> int:
     """Builds and compiles the step, says ``ready``, then runs one step per line read; prints
     ``<seconds> <loss>`` after each."""
-    sys.path.insert(0, REPO)
     from benchmarks.models import TrainStep
 
     step = TrainStep(name, image_size, batch_size, sex_fusion=sex_fusion)
@@ -121,7 +121,6 @@ def main(argv: list[str] | None = None) -> int:
         return worker(args.name, args.image_size, args.batch_size, args.sex_fusion)
     if args.pairs < 1:
         parser.error(f"--pairs={args.pairs}: expected at least 1")
-    sys.path.insert(0, REPO)
     from boneage_jax import models
 
     if models.BACKBONES.resolve(args.name) is None:

@@ -118,6 +118,11 @@ bool FirstDirect(PrimitiveDesc& pd) {
   return false;
 }
 
+// Whether x's channels are `groups` groups of w's input channels and w's outputs split evenly.
+bool GroupsFit(const int64_t* x, const int64_t* w, int64_t groups) {
+  return groups >= 1 && x[3] == w[2] * groups && w[3] % groups == 0;
+}
+
 bool MatmulAllowed() {
   static const bool allowed = [] {
     const char* value = std::getenv("BONEAGE_ONEDNN_MATMUL");
@@ -267,7 +272,7 @@ ffi::Error Run(Kind kind, ffi::AnyBuffer a, ffi::AnyBuffer b, ffi::Result<ffi::A
   }
   try {
     std::lock_guard<std::mutex> guard(Lock());
-    if (x[3] != w[2] * groups || w[3] % groups != 0) {
+    if (!GroupsFit(&x[0], &w[0], groups)) {
       return ffi::Error(ffi::ErrorCode::kInvalidArgument, "oneDNN convolution: channels do not match the groups");
     }
     Entry* entry = Lookup(kind, dtype, &x[0], &w[0], &y[0], &strides[0], &low[0], &high[0], &dilation[0], groups);
@@ -335,7 +340,7 @@ ffi::Error BackwardWeights(ffi::AnyBuffer x, ffi::AnyBuffer dy, ffi::Result<ffi:
 extern "C" int boneage_onednn_conv_supported(int dtype, const int64_t* x, const int64_t* w, const int64_t* y,
                                              const int64_t* strides, const int64_t* low, const int64_t* high,
                                              const int64_t* dilation, int64_t groups) {
-  if ((dtype != 0 && dtype != 1) || groups < 1 || x[3] != w[2] * groups || w[3] % groups != 0) return 0;
+  if ((dtype != 0 && dtype != 1) || !GroupsFit(x, w, groups)) return 0;
   const auto type = dtype == 0 ? memory::data_type::f32 : memory::data_type::bf16;
   try {
     std::lock_guard<std::mutex> guard(Lock());
@@ -356,8 +361,8 @@ extern "C" int boneage_onednn_conv_implementation(int kind, int dtype, const int
                                                   const int64_t* y, const int64_t* strides, const int64_t* low,
                                                   const int64_t* high, const int64_t* dilation, int64_t groups,
                                                   char* out, int size) {
-  if (size < 1 || kind < kForward || kind > kBackwardWeights || (dtype != 0 && dtype != 1) || groups < 1 ||
-      x[3] != w[2] * groups || w[3] % groups != 0) return -1;
+  if (size < 1 || kind < kForward || kind > kBackwardWeights || (dtype != 0 && dtype != 1) ||
+      !GroupsFit(x, w, groups)) return -1;
   out[0] = '\0';
   try {
     std::lock_guard<std::mutex> guard(Lock());
