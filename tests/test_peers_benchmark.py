@@ -194,3 +194,117 @@ def test_a_peer_venv_is_installed_once_per_version_of_its_requirements(tmp_path,
     venvs.ensure("torch", root=str(root), log=lambda line: None)
     assert len(calls.read_text().splitlines()) == 3
     assert len([name for name in os.listdir(root / "torch") if name.startswith(".installed-")]) == 1
+
+
+def test_serve_steps_runs_one_timed_step_per_line_until_done():
+    losses = iter([5.0, 4.0, 3.0, 2.0, 1.0])
+    written = []
+    timing = job_common.serve_steps(lambda: next(losses), warmup_steps=1, lines=["step\n", " step ", "done\n", "step"],
+                                    write=written.append)
+    assert written[0] == job_common.READY_MARKER
+    assert [line.split()[0] for line in written[1:]] == [job_common.STEP_MARKER.strip()] * 2
+    assert [float(line.split()[2]) for line in written[1:]] == [3.0, 2.0]  # after the first and the warm-up step
+    assert timing["timed_steps"] == 2 and len(timing["step_s"]) == 2 and timing["last_loss"] == 2.0
+    with pytest.raises(ValueError, match="'go'"):
+        job_common.serve_steps(lambda: 1.0, 0, lines=["go"], write=written.append)
+    with pytest.raises(ValueError, match="no 'step' line"):
+        job_common.serve_steps(lambda: 1.0, 0, lines=["done"], write=written.append)
+    with pytest.raises(FloatingPointError):
+        job_common.serve_steps(iter([1.0, math.nan]).__next__, 0, lines=["step"], write=written.append)
+
+
+# A stand-in peer interpreter: answers --versions, and in --serve mode steps as job_common says,
+# each step reporting STEP_S seconds; FAIL_AT=k makes it exit with an error at its k-th step,
+# HANG makes it never get ready.
+FAKE_JOB = """
+import json, os, sys, time
+if os.environ.get("HANG"):
+    time.sleep(60)
+if "--versions" in sys.argv:
+    print("PEER_RESULT " + json.dumps({"versions": {"torch": "fake"}}), flush=True)
+    sys.exit(0)
+print("PEER_READY", flush=True)
+times = []
+for line in sys.stdin:
+    if line.strip() == "done":
+        break
+    if len(times) + 1 == int(os.environ.get("FAIL_AT", "0")):
+        sys.exit("RuntimeError: fake out of memory")
+    end = time.process_time() + 0.05
+    while time.process_time() < end:
+        pass
+    times.append(float(os.environ["STEP_S"]))
+    print(f"PEER_STEP {times[-1]} 1.0", flush=True)
+print("PEER_RESULT " + json.dumps({"stack": "torch", "network": "vgg19", "images_per_s": 1 / times[0],
+      "step_s_median": times[0], "step_s_min": times[0], "step_s_max": times[0], "first_step_s": 1.0,
+      "parameters": 1, "built": "fake", "step_s": times}), flush=True)
+"""
+
+
+def _fake_interpreter(tmp_path, name: str, **env) -> str:
+    script = tmp_path / f"{name}.py"
+    script.write_text(FAKE_JOB)
+    python = tmp_path / name
+    exports = "".join(f"export {key}={value}\n" for key, value in env.items())
+    python.write_text(f"#!/bin/sh\n{exports}exec {sys.executable} {script} \"$@\"\n")
+    python.chmod(0o755)
+    return str(python)
+
+
+def test_a_served_job_steps_on_request_and_reports_its_cpu(tmp_path):
+    job = harness.ServedJob([_fake_interpreter(tmp_path, "fake", STEP_S=0.25), "job.py", "--serve"], env=os.environ,
+                            cwd=str(tmp_path))
+    job.wait_ready(60)
+    assert [job.step(60), job.step(60)] == [0.25, 0.25]
+    assert job.job_cpu_pct > 0 and 0.0 <= job.others_cpu_pct <= 100.0
+    done = job.finish(60)
+    assert done.returncode == 0 and harness.parse_report(done.stdout)["step_s"] == [0.25, 0.25]
+    failing = harness.ServedJob([_fake_interpreter(tmp_path, "failing", STEP_S=1, FAIL_AT=1)], env=os.environ,
+                                cwd=str(tmp_path))
+    failing.wait_ready(60)
+    with pytest.raises(harness.JobFailed, match="exited \\(1\\) before PEER_STEP: RuntimeError: fake out of memory"):
+        failing.step(60)
+    assert failing.finish(60).returncode == 1
+    hanging = harness.ServedJob([_fake_interpreter(tmp_path, "hanging", STEP_S=1, HANG=1)], env=os.environ,
+                                cwd=str(tmp_path))
+    with pytest.raises(harness.JobFailed, match="no PEER_READY line within the deadline"):
+        hanging.wait_ready(0.5)
+    hanging.kill()
+    assert hanging.finish(60).timed_out
+
+
+def test_paired_takes_the_fastest_peer_of_each_turn_over_ours():
+    def row(stack, times, status="ok"):
+        return {"network": "resnet50", "stack": stack, "status": status, "interleaved": True, "step_s": times}
+
+    rows = [row("ours", [1.0, 2.0, 4.0]), row("torch", [2.0, 2.0, 2.0]), row("keras", [3.0, 1.0, 8.0]),
+            row("torch_compile", [0.1, 0.1, 0.1], status="failed")]
+    pair = table.paired(rows, "resnet50", ["ours", "torch", "keras", "torch_compile"])
+    # per turn: min(2, 3) / 1, min(2, 1) / 2, min(2, 8) / 4 = 2, 0.5, 0.5
+    assert pair == {"median": 0.5, "q1": 0.5, "q3": pytest.approx(1.25), "ours_faster": 1, "turns": 3}
+    assert table.paired(rows[:1], "resnet50", ["ours", "torch"]) is None  # no peer
+    assert table.paired([{**r, "interleaved": False} for r in rows], "resnet50", ["ours", "torch"]) is None
+    assert run.turn_order(["ours", "torch", "keras"], 4) == ["torch", "keras", "ours"]
+
+
+def test_interleave_steps_the_stacks_in_turns(tmp_path):
+    """Our real step (VGG19, 32 px, batch 1) in turns with a stand-in peer that reports 100 s steps
+    and one that fails at its second step."""
+    out = tmp_path / "peers.md"
+    status = run.main(["--interleave", "--stacks=ours,torch,keras", "--networks=vgg19", "--image_size=32",
+                       "--batch_size=1", "--warmup_steps=0", "--steps=3", f"--ours_python={sys.executable}",
+                       f"--torch_python={_fake_interpreter(tmp_path, 'slow', STEP_S=100)}",
+                       f"--keras_python={_fake_interpreter(tmp_path, 'failing', STEP_S=1, FAIL_AT=2)}",
+                       "--idle_threshold_pct=100", "--idle_timeout_s=1", f"--out={out}"])
+    document = json.loads((tmp_path / "peers.json").read_text())
+    ours, slow, failing = document["rows"]
+    assert status == 1  # one job failed
+    assert ours["status"] == "ok" and ours["interleaved"] and len(ours["step_s"]) == 3
+    assert slow["status"] == "ok" and slow["step_s"] == [100.0] * 3
+    assert failing["status"] == "failed" and "RuntimeError: fake out of memory" in failing["note"]
+    (entry,) = document["summary"]
+    assert entry["paired"]["turns"] == 3 and entry["paired"]["ours_faster"] == 3
+    text = out.read_text()
+    assert "turn by turn" in text and ", 3 of 3 |" in text
+    with pytest.raises(app.UsageError, match="--rounds"):
+        run.main(["--interleave", "--rounds=2"])

@@ -8,6 +8,10 @@
   the timeout) and reports its own CPU time (``wait4``'s rusage: the job and the children it
   waited for) beside the machine's busy time over the same interval: what the others used is
   ``others_cpu_pct = (machine busy - job's CPU) / machine total``, in percent of all CPUs.
+- :class:`ServedJob` runs a job in ``--serve`` mode (``job_common``) and asks it for one step at a
+  time, so that several stacks' jobs can take turns (``run.py --interleave``); each step's CPU
+  accounting is the same as a whole job's, with the stepping job's CPU time read from
+  ``/proc/<pid>/stat`` (the other jobs, idle between their turns, count as others).
 - :func:`parse_report` takes a job's ``PEER_RESULT`` line, or else its last error line.
 """
 
@@ -16,13 +20,15 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import queue
 import signal
 import subprocess
 import tempfile
+import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
 
-from benchmarks.peers.job_common import RESULT_MARKER
+from benchmarks.peers.job_common import READY_MARKER, RESULT_MARKER, STEP_MARKER
 
 PROC_STAT = "/proc/stat"
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
@@ -140,6 +146,138 @@ def run_job(command: Sequence[str], *, env: Mapping[str, str], cwd: str, timeout
                       others_cpu_pct=others_cpu_percent(before, after, job_cpu),
                       job_cpu_pct=100.0 * job_cpu / total if total > 0 else 0.0,
                       stdout=out.read(), stderr=err.read())
+
+
+def process_cpu_s(pid: int, ticks_per_s: int = CLOCK_TICKS) -> float:
+    """User + system CPU seconds of process ``pid`` and all its threads (``/proc/<pid>/stat``)."""
+    with open(f"/proc/{pid}/stat", encoding="ascii", errors="replace") as f:
+        fields = f.read().rsplit(")", 1)[1].split()  # after "pid (comm)": state is field 3 of stat(5)
+    return (int(fields[11]) + int(fields[12])) / ticks_per_s  # utime, stime: fields 14 and 15
+
+
+class JobFailed(RuntimeError):
+    """A served job exited, printed something unexpected or passed its deadline."""
+
+
+class ServedJob:
+    """One job in ``--serve`` mode: started in its own process group, asked for one step at a time.
+
+    ``wait_ready`` waits for ``PEER_READY``; ``step`` runs one step and returns its time as the job
+    measured it, with the machine's busy time over the step and the job's own CPU time added to the
+    running totals (``others_cpu_pct``, ``job_cpu_pct``); ``finish`` sends ``done`` and returns the
+    :class:`JobRun` (``stdout`` holds the ``PEER_RESULT``); ``kill`` stops the group. A job that
+    exits or sends something unexpected raises :class:`JobFailed`.
+    """
+
+    def __init__(self, command: Sequence[str], *, env: Mapping[str, str], cwd: str):
+        self._stderr = tempfile.TemporaryFile("w+")
+        self._start = time.monotonic()
+        self.process = subprocess.Popen(list(command), stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                        stderr=self._stderr, env=dict(env), cwd=cwd, text=True, bufsize=1,
+                                        start_new_session=True)
+        self._lines: queue.Queue[str | None] = queue.Queue()
+        self._stdout: list[str] = []
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
+        self._busy_s = self._total_s = self._own_s = 0.0
+        self._returncode: int | None = None
+        self._usage = None
+
+    def _read(self) -> None:
+        for line in self.process.stdout:
+            self._stdout.append(line)
+            self._lines.put(line)
+        self._lines.put(None)
+
+    def _next_marked(self, marker: str, deadline: float) -> str:
+        """The first stdout line from now starting with ``marker`` (the rest of it)."""
+        while True:
+            try:
+                line = self._lines.get(timeout=max(0.0, deadline - time.monotonic()))
+            except queue.Empty:
+                raise JobFailed(f"no {marker.strip()} line within the deadline") from None
+            if line is None:
+                self._reap(10.0)
+                raise JobFailed(f"exited ({self._returncode}) before {marker.strip()}: "
+                                + (last_error_line(self.stderr()) or "no error line"))
+            if line.startswith(marker):
+                return line[len(marker):].strip()
+
+    def wait_ready(self, timeout_s: float) -> None:
+        self._next_marked(READY_MARKER, time.monotonic() + timeout_s)
+
+    def step(self, timeout_s: float) -> float:
+        before, own_before = read_cpu_times(), process_cpu_s(self.process.pid)
+        try:
+            self.process.stdin.write("step\n")
+            self.process.stdin.flush()
+        except (BrokenPipeError, OSError) as error:
+            raise JobFailed(f"could not ask for a step: {error}") from None
+        answer = self._next_marked(STEP_MARKER, time.monotonic() + timeout_s)
+        after, own_after = read_cpu_times(), process_cpu_s(self.process.pid)
+        self._busy_s += after.busy_s - before.busy_s
+        self._total_s += after.total_s - before.total_s
+        self._own_s += own_after - own_before
+        try:
+            return float(answer.split()[0])
+        except (IndexError, ValueError):
+            raise JobFailed(f"{STEP_MARKER.strip()} line {answer!r}: expected '<seconds> <loss>'") from None
+
+    @property
+    def others_cpu_pct(self) -> float:
+        """CPU that everything but this job used during its steps, in percent of all CPUs."""
+        if self._total_s <= 0:
+            return 0.0
+        return max(0.0, 100.0 * (self._busy_s - self._own_s) / self._total_s)
+
+    @property
+    def job_cpu_pct(self) -> float:
+        """This job's CPU time during its steps, in percent of all CPUs over them."""
+        return 100.0 * self._own_s / self._total_s if self._total_s > 0 else 0.0
+
+    def stderr(self) -> str:
+        self._stderr.seek(0)
+        return self._stderr.read()
+
+    def _reap(self, timeout_s: float) -> None:
+        deadline = time.monotonic() + timeout_s
+        while self._usage is None:
+            pid, status, usage = os.wait4(self.process.pid, os.WNOHANG)
+            if pid:
+                self._returncode, self._usage = os.waitstatus_to_exitcode(status), usage
+                self.process.returncode = self._returncode
+                return
+            if time.monotonic() > deadline:
+                self.kill()
+                return
+            time.sleep(0.05)
+
+    def kill(self) -> None:
+        """Kills the job's process group (the run then counts as timed out unless it had exited)."""
+        if self._usage is None:
+            try:
+                os.killpg(self.process.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+            _, status, usage = os.wait4(self.process.pid, 0)
+            self._usage = usage
+            self.process.returncode = os.waitstatus_to_exitcode(status)
+
+    def finish(self, timeout_s: float) -> JobRun:
+        """Sends ``done`` (if the job is still there), waits up to ``timeout_s`` for it to exit (else
+        kills it) and returns what it printed, with the CPU figures of its steps."""
+        if self._usage is None:
+            try:
+                self.process.stdin.write("done\n")
+                self.process.stdin.close()
+            except (BrokenPipeError, OSError):
+                pass
+        self._reap(timeout_s)
+        self._reader.join(timeout=5.0)  # it sees the end of stdout once the process is gone
+        usage = self._usage
+        return JobRun(returncode=self._returncode, wall_s=time.monotonic() - self._start,
+                      job_cpu_s=usage.ru_utime + usage.ru_stime, others_cpu_pct=self.others_cpu_pct,
+                      job_cpu_pct=self.job_cpu_pct, stdout="".join(self._stdout), stderr=self.stderr())
 
 
 def last_error_line(text: str) -> str:

@@ -10,6 +10,12 @@ tracing and compilation), then ``--warmup_steps`` untimed steps, then ``--steps`
 prints one line ``PEER_RESULT {json}`` on stdout. Every step ends with the loss on the host, so a
 step's time covers all of its work. ``--versions`` prints the stack's versions the same way and
 builds nothing.
+
+With ``--serve`` (the harness's ``--interleave``) the job runs its first and warm-up steps, prints
+``PEER_READY``, then runs one timed step for each ``step`` line it reads on stdin, answering
+``PEER_STEP <seconds> <loss>``, until a ``done`` line (or the end of its input); then it prints its
+``PEER_RESULT`` over the steps it ran. The harness steps several stacks' jobs in turn this way, so
+the machine's drift moves every stack alike.
 """
 
 from __future__ import annotations
@@ -21,7 +27,7 @@ import os
 import statistics
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 
 # The networks every stack builds: key -> the name the tables show.
 NETWORKS = {
@@ -32,6 +38,8 @@ NETWORKS = {
     "vgg19": "VGG19",
 }
 RESULT_MARKER = "PEER_RESULT "
+READY_MARKER = "PEER_READY"
+STEP_MARKER = "PEER_STEP "
 LEARNING_RATE = 1e-3
 WEIGHT_DECAY = 1e-4  # configs.common.base_config's, used by every stack
 
@@ -49,6 +57,9 @@ def parse_arguments(description: str, add_extra: Callable[[argparse.ArgumentPars
     parser.add_argument("--device", choices=("cpu", "gpu"), default="cpu")
     parser.add_argument("--precision", choices=("float32", "bfloat16"), default=None,
                         help="compute precision (default: bfloat16 on a GPU, float32 on a CPU)")
+    parser.add_argument("--serve", action="store_true",
+                        help="after the warm-up, run one timed step per 'step' line on stdin until 'done' "
+                             "(--steps is then unused)")
     if add_extra is not None:
         add_extra(parser)
     args = parser.parse_args(argv)
@@ -73,21 +84,66 @@ def time_steps(step: Callable[[], float], warmup_steps: int, steps: int) -> dict
     """Runs ``step`` (one training step, returning its loss on the host) once timed as the first
     step, ``warmup_steps`` times untimed, then ``steps`` times timed. Raises ``FloatingPointError``
     if a loss is not finite."""
-    start = time.perf_counter()
-    first_loss = step()
-    first_step_s = time.perf_counter() - start
-    for _ in range(warmup_steps):
-        step()
+    first_step_s, first_loss = _first_and_warmup(step, warmup_steps)
     times, loss = [], first_loss
     for _ in range(steps):
-        start = time.perf_counter()
-        loss = step()
-        times.append(time.perf_counter() - start)
+        seconds, loss = _timed(step)
+        times.append(seconds)
+    return _timing(first_step_s, first_loss, warmup_steps, times, loss)
+
+
+def serve_steps(step: Callable[[], float], warmup_steps: int, lines: Iterable[str] | None = None,
+                write: Callable[[str], None] | None = None) -> dict:
+    """The ``--serve`` protocol (module docstring): first and warm-up steps, ``PEER_READY``, then
+    one timed step per ``step`` line of ``lines`` (stdin) until ``done``. Raises ``ValueError`` on
+    another line or when no step was asked for, ``FloatingPointError`` on a non-finite loss."""
+    lines = sys.stdin if lines is None else lines
+    write = write or (lambda text: print(text, flush=True))
+    first_step_s, first_loss = _first_and_warmup(step, warmup_steps)
+    write(READY_MARKER)
+    times, loss = [], first_loss
+    for line in lines:
+        command = line.strip()
+        if command == "done":
+            break
+        if command != "step":
+            raise ValueError(f"stdin line {command!r}: expected 'step' or 'done'")
+        seconds, loss = _timed(step)
+        if not math.isfinite(loss):
+            raise FloatingPointError(f"non-finite loss {loss} at served step {len(times) + 1}")
+        times.append(seconds)
+        write(f"{STEP_MARKER}{seconds:.6f} {loss:.6g}")
+    if not times:
+        raise ValueError("stdin: no 'step' line before 'done' or the end of input")
+    return _timing(first_step_s, first_loss, warmup_steps, times, loss)
+
+
+def _first_and_warmup(step: Callable[[], float], warmup_steps: int) -> tuple[float, float]:
+    first_step_s, first_loss = _timed(step)
+    for _ in range(warmup_steps):
+        step()
+    return first_step_s, first_loss
+
+
+def _timed(step: Callable[[], float]) -> tuple[float, float]:
+    start = time.perf_counter()
+    loss = step()
+    return time.perf_counter() - start, loss
+
+
+def _timing(first_step_s: float, first_loss: float, warmup_steps: int, times: list[float], loss: float) -> dict:
     if not (math.isfinite(first_loss) and math.isfinite(loss)):
         raise FloatingPointError(f"non-finite loss: first {first_loss}, last {loss}")
     return {"first_step_s": first_step_s, "step_s_median": statistics.median(times), "step_s_min": min(times),
-            "step_s_max": max(times), "timed_steps": steps, "warmup_steps": warmup_steps,
-            "first_loss": first_loss, "last_loss": loss}
+            "step_s_max": max(times), "timed_steps": len(times), "warmup_steps": warmup_steps,
+            "step_s": times, "first_loss": first_loss, "last_loss": loss}
+
+
+def run_steps(step: Callable[[], float], args: argparse.Namespace) -> dict:
+    """:func:`serve_steps` with ``--serve``, else :func:`time_steps` with ``--steps``."""
+    if args.serve:
+        return serve_steps(step, args.warmup_steps)
+    return time_steps(step, args.warmup_steps, args.steps)
 
 
 def result(args: argparse.Namespace, stack: str, timing: dict, **fields) -> dict:

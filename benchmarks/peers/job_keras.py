@@ -1,7 +1,7 @@
 """Peer-benchmark job for Keras 3 on TensorFlow: the same training step through ``train_on_batch``.
 
     python benchmarks/peers/job_keras.py --network=resnet50 [--image_size=256] [--batch_size=8] \
-        [--warmup_steps=2] [--steps=10] [--device=cpu] [--jit_compile=auto]
+        [--warmup_steps=2] [--steps=10] [--device=cpu] [--jit_compile=auto] [--serve]
 
 ``keras.applications`` ``ResNet50``, ``Xception``, ``InceptionV3``, ``EfficientNetB0`` or ``VGG19``
 with ``include_top=False, pooling="avg", weights=None``, then ``Dense(1)`` (float32 output),
@@ -84,7 +84,7 @@ def main() -> int:
     def step() -> float:
         return float(model.train_on_batch(images, targets, return_dict=True)["loss"])
 
-    timing = job_common.time_steps(step, args.warmup_steps, args.steps)
+    timing = job_common.run_steps(step, args)
     trainable = int(sum(math.prod(weight.shape) for weight in model.trainable_weights))  # as the other stacks count
     xla = "XLA" if model.jit_compile else "tf.function without XLA"
     precision = "mixed_bfloat16" if args.precision == "bfloat16" else "float32"

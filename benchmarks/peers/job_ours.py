@@ -1,7 +1,7 @@
 """Peer-benchmark job for our stack: the real ``train.train_step`` as ``benchmarks/models.py`` builds it.
 
     PYTHONPATH=. python benchmarks/peers/job_ours.py --network=resnet50 [--image_size=256] \
-        [--batch_size=8] [--warmup_steps=2] [--steps=10] [--device=cpu] [--precision=float32]
+        [--batch_size=8] [--warmup_steps=2] [--steps=10] [--device=cpu] [--precision=float32] [--serve]
 
 ``benchmarks.models.TrainStep`` with ``sex_fusion="none"``: the registered backbone (with its
 global average pooling) and a Dense(1) regression output, the MSE loss on the z-scored age,
@@ -89,7 +89,7 @@ def main() -> int:
     name = OUR_NAMES[args.network]
     step = model_benchmark.TrainStep(name, args.image_size, args.batch_size, sex_fusion="none", dtype=dtype)
     compile_s = step.compile()
-    timing = job_common.time_steps(step, args.warmup_steps, args.steps)
+    timing = job_common.run_steps(step, args)
     timing["first_step_s"] += compile_s  # the first step includes its compilation, as in the other stacks
     device = jax.devices()[0]
     job_common.emit(job_common.result(

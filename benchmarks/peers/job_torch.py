@@ -1,7 +1,7 @@
 """Peer-benchmark job for PyTorch: the same training step in eager mode (or ``torch.compile``).
 
     python benchmarks/peers/job_torch.py --network=resnet50 [--image_size=256] [--batch_size=8] \
-        [--warmup_steps=2] [--steps=10] [--device=cpu] [--compile]
+        [--warmup_steps=2] [--steps=10] [--device=cpu] [--compile] [--serve]
 
 The backbone without its classifier, randomly initialised, ends in global average pooling:
 torchvision ``resnet50`` (v1.5), ``inception_v3(aux_logits=False, init_weights=False)`` (its
@@ -115,7 +115,7 @@ def main() -> int:
         optimizer.step()
         return loss.item()
 
-    timing = job_common.time_steps(step, args.warmup_steps, args.steps)
+    timing = job_common.run_steps(step, args)
     mode = "torch.compile" if args.compile else "eager"
     precision = "bfloat16 autocast" if bfloat16 else "float32"
     threads = "" if gpu else f", {torch.get_num_threads()} threads"

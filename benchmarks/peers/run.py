@@ -23,6 +23,18 @@ the CPU time other processes used (``harness.py``), shown as "others' CPU %" so 
 visible as such. A job that fails or passes ``--job_timeout_s`` gives a row with its last error
 line. Rows are written to ``--out`` (Markdown) and the ``.json`` beside it as each job finishes.
 
+``--interleave`` runs a network's jobs side by side instead, each in ``--serve`` mode
+(``job_common``): once the machine is quiet they are started one after the other, each building
+its step and running its first and warm-up steps before the next starts; then they take turns,
+one timed step each, ``--steps`` times, the order rotating by one each turn (ours, PyTorch, Keras;
+PyTorch, Keras, ours; ...). This machine's speed drifts by 20-40% within minutes, which moves
+whole jobs run one after the other by as much as the stacks differ; steps taken in turns see the
+same drift. The table then adds, per network, the median (and quartiles) over the turns of the
+best peer's step time in that turn over ours, and in how many turns ours was the faster. The
+jobs of a network are all in memory at once (ResNet-50 or Xception at 256 px, batch 8: about
+12 GB for the three); a job waiting for its turn sleeps, and any CPU it uses counts among the
+others' CPU of the job stepping.
+
 Interpreters: ours runs with ``--ours_python`` (default: the one running this harness, the
 project's ``.venv``) with the checkout's root on ``PYTHONPATH``. The peers run in their own venvs:
 ``--torch_python`` / ``--keras_python`` name existing interpreters; without them the harness
@@ -88,6 +100,9 @@ _STEPS = flags.DEFINE_integer("steps", 10, "Timed steps (the median is reported)
 _ROUNDS = flags.DEFINE_integer("rounds", 1, "Runs of each job; a network's jobs run round by round, the stacks' order "
                                "rotating, and the table takes each stack's median, so a machine whose speed drifts "
                                "moves every stack alike.", flag_values=FLAGS)
+_INTERLEAVE = flags.DEFINE_boolean("interleave", False, "Run a network's jobs side by side, one timed step each in "
+                                   "turn (see the module docstring); the table adds the per-turn ratio to the best peer.",
+                                   flag_values=FLAGS)
 _OURS_PYTHON = flags.DEFINE_string("ours_python", "", "Interpreter of our job (default: this one).",
                                    flag_values=FLAGS)
 _TORCH_PYTHON = flags.DEFINE_string("torch_python", "", "Interpreter with torch, torchvision and timm (default: "
@@ -260,6 +275,8 @@ def check_flags() -> list[str]:
     for flag, least in ((_IMAGE_SIZE, 32), (_BATCH_SIZE, 1), (_WARMUP_STEPS, 0), (_STEPS, 1), (_ROUNDS, 1)):
         if flag.value < least:
             raise app.UsageError(f"--{flag.name}={flag.value}: expected an integer >= {least}")
+    if _INTERLEAVE.value and _ROUNDS.value > 1:
+        raise app.UsageError(f"--rounds={_ROUNDS.value} with --interleave: expected 1 (more --steps give more turns)")
     if not 0 < _IDLE_THRESHOLD.value <= 100:
         raise app.UsageError(f"--idle_threshold_pct={_IDLE_THRESHOLD.value}: expected a percentage in (0, 100]")
     for flag in (_JOB_TIMEOUT, _IDLE_TIMEOUT):
@@ -288,6 +305,56 @@ def interpreters(stacks: list[str]) -> tuple[dict[str, str], dict[str, str]]:
     return found, errors
 
 
+def turn_order(stacks: list[str], turn: int) -> list[str]:
+    """The stacks' order in turn ``turn`` (0-based) of an interleaved run: rotated by one each turn."""
+    shift = turn % len(stacks) if stacks else 0
+    return stacks[shift:] + stacks[:shift]
+
+
+def run_interleaved(network: str, stacks: list[str], found: dict[str, str], errors: dict[str, str]) -> list[dict]:
+    """``--interleave``: every stack's job for ``network`` in ``--serve`` mode, stepped in turns;
+    one row per stack (``interleaved`` True, its step times in ``step_s`` in turn order)."""
+    rows: dict[str, dict] = {}
+    jobs: dict[str, harness.ServedJob] = {}
+    failures: dict[str, str] = {}
+    quiet = harness.wait_for_idle(_IDLE_THRESHOLD.value, 1.0, _IDLE_TIMEOUT.value)
+    for stack in stacks:
+        kind = INTERPRETER_OF[stack]
+        if kind not in found:
+            rows[stack] = {"network": network, "stack": stack, "status": "no interpreter", "note": errors[kind]}
+            continue
+        print(f"{NETWORKS[network]}, {table.STACK_NAMES[stack]}: building and warming up", flush=True)
+        jobs[stack] = harness.ServedJob(job_command(found[kind], stack, network) + ["--serve"],
+                                        env=job_environment(stack), cwd=REPO)
+        try:
+            jobs[stack].wait_ready(_JOB_TIMEOUT.value)
+        except harness.JobFailed as error:
+            failures[stack] = str(error)
+            jobs[stack].kill()
+            print(f"  failed: {error}", flush=True)
+    for turn in range(_STEPS.value):
+        times = []
+        for stack in turn_order([stack for stack in stacks if stack in jobs], turn):
+            if stack in failures:
+                continue
+            try:
+                times.append(f"{table.STACK_NAMES[stack]} {jobs[stack].step(_JOB_TIMEOUT.value):.3f} s")
+            except harness.JobFailed as error:
+                failures[stack] = str(error)
+                jobs[stack].kill()
+                times.append(f"{table.STACK_NAMES[stack]} failed: {error}")
+        print(f"{NETWORKS[network]}, turn {turn + 1}/{_STEPS.value}: " + ", ".join(times), flush=True)
+    for stack, job in jobs.items():
+        row = job_row(network, stack, job.finish(60.0), quiet, _IDLE_THRESHOLD.value, _JOB_TIMEOUT.value)
+        if stack in failures:
+            row["status"] = "failed"
+            row["note"] = "; ".join(part for part in (failures[stack], row["note"]) if part)
+        rows[stack] = row
+    for row in rows.values():
+        row["round"], row["interleaved"] = 1, True
+    return [rows[stack] for stack in stacks]
+
+
 def main(argv: Sequence[str]) -> int:
     """Runs every (network, stack) job and writes the table; exit status 1 if any job failed."""
     cli.parse(FLAGS, argv)
@@ -306,23 +373,37 @@ def main(argv: Sequence[str]) -> int:
                          "Dense(1); MSE loss; AdamW (learning rate 1e-3, weight decay 1e-4); BatchNorm in training "
                          "mode; " + ("ours bfloat16, PyTorch bfloat16 autocast, Keras mixed_bfloat16"
                                      if precision() == "bfloat16" else "float32"))
-    facts["timing"] = (f"first step (with any compilation) timed apart, then {_WARMUP_STEPS.value} untimed warm-up "
-                       f"step(s), then the median of {_STEPS.value} timed steps; images/s = batch / median; each job "
-                       f"a subprocess, one at a time, started once the machine was < {_IDLE_THRESHOLD.value:g}% busy "
-                       "over 1 s" + (f"; {_ROUNDS.value} rounds per network, run interleaved (the stacks' order "
-                                     "rotating), each stack's median round in the summary" if _ROUNDS.value > 1 else ""))
+    if _INTERLEAVE.value:
+        facts["timing"] = (f"first step (with any compilation) timed apart, then {_WARMUP_STEPS.value} untimed warm-up "
+                           f"step(s), then {_STEPS.value} timed steps per stack taken in turns (one step each, the "
+                           "order rotating), all of a network's jobs alive at once; images/s = batch / median step; "
+                           f"the jobs started once the machine was < {_IDLE_THRESHOLD.value:g}% busy over 1 s")
+    else:
+        facts["timing"] = (f"first step (with any compilation) timed apart, then {_WARMUP_STEPS.value} untimed warm-up "
+                           f"step(s), then the median of {_STEPS.value} timed steps; images/s = batch / median; each job "
+                           f"a subprocess, one at a time, started once the machine was < {_IDLE_THRESHOLD.value:g}% busy "
+                           "over 1 s" + (f"; {_ROUNDS.value} rounds per network, run interleaved (the stacks' order "
+                                         "rotating), each stack's median round in the summary" if _ROUNDS.value > 1 else ""))
     facts["command"] = "`" + shlex.join(["python", "-m", "benchmarks.peers.run", *argv]) + "`"
     facts["date"] = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     header = {"title": f"Peer benchmark: training step on {_DEVICE.value.upper()}, {_IMAGE_SIZE.value} px, "
                        f"batch {_BATCH_SIZE.value}, {precision()}",
               "facts": facts, "versions": versions, "device": _DEVICE.value, "precision": precision(), "image_size": _IMAGE_SIZE.value,
               "batch_size": _BATCH_SIZE.value, "warmup_steps": _WARMUP_STEPS.value, "steps": _STEPS.value,
-              "rounds": _ROUNDS.value,
+              "rounds": _ROUNDS.value, "interleave": _INTERLEAVE.value,
               "networks": networks, "stacks": stacks}
     for key, value in facts.items():
         print(f"{key}: {value}", flush=True)
     rows: list[dict] = []
-    jobs = job_order(networks, stacks, _ROUNDS.value)
+    if _INTERLEAVE.value:
+        for network in networks:
+            rows += run_interleaved(network, stacks, found, errors)
+            for row in rows[-len(stacks):]:
+                print(f"{NETWORKS[network]}, {table.STACK_NAMES[row['stack']]}: {outcome(row)}", flush=True)
+            table.write(markdown_path, json_path, header, rows, networks, stacks)
+        jobs = []
+    else:
+        jobs = job_order(networks, stacks, _ROUNDS.value)
     for number, (network, stack, round_number) in enumerate(jobs, 1):
         kind = INTERPRETER_OF[stack]
         progress = f", round {round_number}/{_ROUNDS.value}" if _ROUNDS.value > 1 else ""
