@@ -5,13 +5,16 @@ r"""Speed of the hand-written gradients in ``boneage_jax.models.layers`` against
 Milliseconds per jitted forward + backward, on JAX's default backend, at the shapes of the
 paper networks' train steps (256 px, batch 8):
 
-- max pooling: ``layers.max_pool`` (first-maximum gradient without a scatter) against autodiff of
-  ``nnx.max_pool`` (XLA's select-and-scatter), for ResNet-50's stem pool and Xception's pools;
+- max pooling: ``layers.max_pool`` (a maximum of strided slices; first-maximum gradient without a
+  scatter) against autodiff of ``nnx.max_pool`` (XLA's reduce-window and select-and-scatter),
+  for ResNet-50's stem pool and Xception's pools;
+- average pooling, stride 1: ``layers.avg_pool`` (a sum of slices with a hand-written gradient)
+  against autodiff of ``nnx.avg_pool`` (reduce-window), at InceptionV3's branch pools;
 - BatchNorm in training mode: ``layers.batch_norm_training`` against autodiff of flax's
   arithmetic (``_compute_stats`` + ``_normalize``), followed by a ReLU, at ResNet-50 sizes.
 
-Each pair is checked to agree before it is timed (pooling: exactly; BatchNorm: within float32
-rounding).
+Each pair is checked to agree before it is timed (max pooling: exactly; average pooling and
+BatchNorm: within float32 rounding).
 """
 
 from __future__ import annotations
@@ -35,6 +38,11 @@ POOLS = (  # (name, input shape, window, stride, padding)
     ("ResNet-50 stem pool", (8, 128, 128, 64), 3, 2, 1),
     ("Xception block 2 pool", (8, 125, 125, 128), 3, 2, "SAME"),
     ("Xception block 3 pool", (8, 63, 63, 256), 3, 2, "SAME"),
+)
+AVG_POOLS = (  # (name, input shape): 3 x 3, stride 1, SAME, the padding left out of the count
+    ("InceptionV3 mixed 5 (35 x 35 at 299 px)", (8, 29, 29, 288)),
+    ("InceptionV3 mixed 6 (17 x 17 at 299 px)", (8, 14, 14, 768)),
+    ("InceptionV3 mixed 7 (8 x 8 at 299 px)", (8, 6, 6, 2048)),
 )
 NORMS = (  # (name, activation shape)
     ("ResNet-50 stage 1, 256 channels", (8, 64, 64, 256)),
@@ -63,6 +71,20 @@ def pool_times(shape, size, stride, padding, repeats: int) -> tuple[float, float
     xla = gradient(lambda x: nnx.max_pool(x, (size, size), strides=(stride, stride), padding=pads))
     ours = gradient(lambda x: layers.max_pool(x, size, stride, padding))
     np.testing.assert_array_equal(np.asarray(ours(x)), np.asarray(xla(x)))
+    return _time(xla, x, repeats=repeats), _time(ours, x, repeats=repeats)
+
+
+def avg_pool_times(shape, repeats: int) -> tuple[float, float]:
+    """(autodiff of nnx.avg_pool, layers.avg_pool) in ms per forward + backward, 3 x 3, stride 1, SAME."""
+    x = jnp.asarray(np.random.default_rng(0).standard_normal(shape), jnp.float32)
+    pads = layers.resolve_padding("SAME", shape[1:3], (3, 3), (1, 1))
+
+    def gradient(pool):
+        return jax.jit(jax.grad(lambda x: (pool(x) ** 2).sum()))
+
+    xla = gradient(lambda x: nnx.avg_pool(x, (3, 3), strides=(1, 1), padding=pads, count_include_pad=False))
+    ours = gradient(lambda x: layers.avg_pool(x, 3, 1, "SAME", count_include_pad=False))
+    np.testing.assert_allclose(np.asarray(ours(x)), np.asarray(xla(x)), rtol=1e-5, atol=1e-5)
     return _time(xla, x, repeats=repeats), _time(ours, x, repeats=repeats)
 
 
@@ -99,6 +121,10 @@ def main(argv: list[str] | None = None) -> int:
         xla, ours = pool_times(shape, size, stride, padding, args.repeats)
         print(f"max pool {size}x{size}/{stride}, {name} {shape}: autodiff (select-and-scatter) {xla:.1f} ms, "
               f"layers.max_pool {ours:.1f} ms ({xla / ours:.1f}x)", flush=True)
+    for name, shape in AVG_POOLS:
+        xla, ours = avg_pool_times(shape, args.repeats)
+        print(f"avg pool 3x3/1, {name} {shape}: autodiff (reduce-window) {xla:.1f} ms, "
+              f"layers.avg_pool {ours:.1f} ms ({xla / ours:.1f}x)", flush=True)
     for name, shape in NORMS:
         reference, ours = norm_times(shape, args.repeats)
         print(f"BatchNorm + ReLU, {name} {shape}: autodiff of flax {reference:.1f} ms, "

@@ -160,6 +160,35 @@ def test_max_pool_gradient_goes_to_the_first_maximum_as_xla_sends_it(shape, size
     np.testing.assert_allclose(ours, expected, rtol=1e-6, atol=1e-6)  # a pixel shared by windows: sum order
 
 
+@pytest.mark.parametrize("shape, size, padding, count_include_pad", [
+    ((2, 9, 9, 3), 3, "SAME", False),  # InceptionV3's branch pools (Keras: padding left out of the count)
+    ((2, 9, 8, 3), 3, "SAME", True),
+    ((2, 7, 9, 2), 3, "VALID", False),
+    ((2, 8, 8, 2), 2, "SAME", False),  # uneven SAME padding (0, 1)
+    ((1, 6, 6, 2), 5, ((2, 1), (0, 3)), False),
+    ((1, 6, 6, 2), 3, ((3, 0), (0, 0)), False),  # padding wider than the window: flax's path
+])
+def test_stride_1_avg_pool_equals_flax_with_its_gradient(shape, size, padding, count_include_pad):
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal(shape).astype(np.float32)
+    pads = layers.resolve_padding(padding, shape[1:3], (size, size), (1, 1))
+
+    def reference(x):
+        return nnx.avg_pool(x, (size, size), strides=(1, 1), padding=pads, count_include_pad=count_include_pad)
+
+    @functools.partial(jax.jit, compiler_options=FAST_COMPILE)
+    def pools_and_gradients(x, weights):
+        ours = lambda x: layers.avg_pool(x, size, 1, padding, count_include_pad=count_include_pad)  # noqa: E731
+        return (ours(x), reference(x), jax.grad(lambda x: (ours(x) * weights).sum())(x),
+                jax.grad(lambda x: (reference(x) * weights).sum())(x))
+
+    out_shape = jax.eval_shape(reference, jax.ShapeDtypeStruct(shape, jnp.float32)).shape
+    weights = rng.standard_normal(out_shape).astype(np.float32)
+    pooled, expected_pooled, ours, expected = pools_and_gradients(x, weights)
+    np.testing.assert_allclose(pooled, expected_pooled, rtol=1e-6, atol=1e-6)  # the sum's order differs
+    np.testing.assert_allclose(ours, expected, rtol=1e-5, atol=1e-6)
+
+
 @pytest.mark.parametrize("kwargs", [dict(), dict(use_scale=False, momentum=0.99, epsilon=1e-3),
                                     dict(dtype=jnp.bfloat16)])
 def test_batch_norm_equals_flax_in_both_modes(kwargs):
