@@ -4,7 +4,10 @@ r"""Is a setting faster? One family's training step under two environments, step
         [--pairs=16] [--image_size=256] [--batch_size=8] [--sex_fusion=none]
 
 e.g. ``python benchmarks/ab.py xception --a BONEAGE_ONEDNN_MATMUL=0`` (B: the defaults) or
-``--b XLA_FLAGS=--xla_cpu_use_xnnpack=false``. Two worker processes, each with the environment
+``--b XLA_FLAGS=--xla_cpu_use_xnnpack=false``. ``--a_checkout DIR`` (``--b_checkout``) runs that
+side's worker from another checkout of this project, e.g. one made with ``git worktree add
+/tmp/before HEAD`` (copy ``boneage_jax/kernels/_onednn_conv-*.so`` into it, or run ``python -m
+boneage_jax.kernels.build`` there), to time a code change against the commit before it. Two worker processes, each with the environment
 of this one plus its side's assignments (read when it starts: ``XLA_FLAGS``, ``BONEAGE_*``),
 build and compile :class:`benchmarks.models.TrainStep` one after the other and run two untimed
 steps; then they take turns, one step at a time (A B, B A, A B, ...), for ``--pairs`` pairs.
@@ -64,7 +67,8 @@ class Worker:
 
     def __init__(self, label: str, env: dict[str, str], args: argparse.Namespace):
         self.label = label
-        command = [sys.executable, os.path.abspath(__file__), args.name, "--worker",
+        checkout = getattr(args, f"{label.lower()}_checkout") or REPO
+        command = [sys.executable, os.path.join(checkout, "benchmarks", "ab.py"), args.name, "--worker",
                    f"--image_size={args.image_size}", f"--batch_size={args.batch_size}",
                    f"--sex_fusion={args.sex_fusion}"]
         self.stderr = open(os.devnull, "w") if args.quiet_workers else None
@@ -110,6 +114,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("name", help="a registered backbone (benchmarks/models.py's names)")
     parser.add_argument("--a", action="append", default=[], metavar="KEY=VALUE", help="side A's environment")
     parser.add_argument("--b", action="append", default=[], metavar="KEY=VALUE", help="side B's environment")
+    parser.add_argument("--a_checkout", default="", metavar="DIR", help="run side A from this checkout")
+    parser.add_argument("--b_checkout", default="", metavar="DIR", help="run side B from this checkout")
     parser.add_argument("--pairs", type=int, default=16)
     parser.add_argument("--image_size", type=int, default=256)
     parser.add_argument("--batch_size", type=int, default=8)
@@ -129,10 +135,17 @@ def main(argv: list[str] | None = None) -> int:
         sides = {"A": parse_assignments("--a", args.a), "B": parse_assignments("--b", args.b)}
     except ValueError as error:
         parser.error(str(error))
-    if sides["A"] == sides["B"]:
+    for flag in ("a_checkout", "b_checkout"):
+        folder = getattr(args, flag)
+        if folder and not os.path.isfile(os.path.join(folder, "benchmarks", "ab.py")):
+            parser.error(f"--{flag}={folder}: expected a checkout of this project (no benchmarks/ab.py in it)")
+        setattr(args, flag, os.path.abspath(folder) if folder else "")
+    if sides["A"] == sides["B"] and args.a_checkout == args.b_checkout:
         print("note: A and B have the same environment (an A/A run measures the noise)", flush=True)
     for label, env in sides.items():
-        print(f"{label}: {' '.join(f'{k}={v}' for k, v in env.items()) or '(this environment)'}", flush=True)
+        checkout = getattr(args, f"{label.lower()}_checkout")
+        print(f"{label}: {' '.join(f'{k}={v}' for k, v in env.items()) or '(this environment)'}"
+              + (f", code from {checkout}" if checkout else ""), flush=True)
     workers = {}
     times: dict[str, list[float]] = {"A": [], "B": []}
     losses: dict[str, float] = {}

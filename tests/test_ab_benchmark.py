@@ -24,7 +24,9 @@ def test_summary_takes_the_median_of_the_pairs_ratios():
 
 @pytest.mark.parametrize("argv, message", [(["--pairs=0", "resnet18_torch"], "--pairs=0"),
                                            (["--a=oops", "resnet18_torch"], "--a 'oops'"),
-                                           (["no_such_net"], "unknown backbone 'no_such_net'")])
+                                           (["no_such_net"], "unknown backbone 'no_such_net'"),
+                                           (["--b_checkout=/nonexistent", "resnet18_torch"],
+                                            "--b_checkout=/nonexistent: expected a checkout")])
 def test_bad_arguments_name_what_is_wrong(argv, message, capsys):
     with pytest.raises(SystemExit):
         ab.main(argv)
@@ -32,12 +34,13 @@ def test_bad_arguments_name_what_is_wrong(argv, message, capsys):
 
 
 def test_two_workers_take_turns_and_a_failing_one_is_reported(capsys):
-    """ResNet-18 at 32 px, batch 2: XLA's convolutions (A) against the defaults (B), 2 pairs; then
+    """ResNet-18 at 32 px, batch 2: XLA's convolutions (A, its worker named by --a_checkout)
+    against the defaults (B), 2 pairs; then
     a side whose environment breaks its step (an unknown BONEAGE_CPU_CONV)."""
     common = ["resnet18_torch", "--image_size=32", "--batch_size=2", "--pairs=2", "--quiet_workers"]
-    assert ab.main(common + ["--a=BONEAGE_CPU_CONV=xla"]) == 0
+    assert ab.main(common + ["--a=BONEAGE_CPU_CONV=xla", f"--a_checkout={ab.REPO}"]) == 0
     out = capsys.readouterr().out
-    assert "A: BONEAGE_CPU_CONV=xla" in out and "B: (this environment)" in out
+    assert f"A: BONEAGE_CPU_CONV=xla, code from {ab.REPO}" in out and "B: (this environment)\n" in out
     assert "pair 2/2: A " in out and "B faster in " in out and "of 2 pairs" in out
     assert ab.main(common + ["--b=BONEAGE_CPU_CONV=bogus"]) == 1
     assert "error: worker B stopped (exit status 1)" in capsys.readouterr().err
