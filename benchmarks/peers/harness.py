@@ -115,6 +115,27 @@ class JobRun:
         return self.returncode is None
 
 
+def wait_or_kill(process: subprocess.Popen, timeout_s: float, poll_s: float = 0.2):
+    """Waits for ``process`` (started with ``start_new_session``) up to ``timeout_s``, then kills its
+    process group. Returns its exit status (None when killed) and its rusage (``wait4``: the
+    process and the children it waited for); sets ``process.returncode``."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        pid, status, usage = os.wait4(process.pid, os.WNOHANG)
+        if pid:
+            process.returncode = os.waitstatus_to_exitcode(status)
+            return process.returncode, usage
+        if time.monotonic() > deadline:
+            try:
+                os.killpg(process.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+            _, status, usage = os.wait4(process.pid, 0)
+            process.returncode = os.waitstatus_to_exitcode(status)
+            return None, usage
+        time.sleep(poll_s)
+
+
 def run_job(command: Sequence[str], *, env: Mapping[str, str], cwd: str, timeout_s: float,
             poll_s: float = 0.2) -> JobRun:
     """Runs ``command`` to its end or ``timeout_s`` (then kills its process group), with the CPU
@@ -124,18 +145,7 @@ def run_job(command: Sequence[str], *, env: Mapping[str, str], cwd: str, timeout
         start = time.monotonic()
         process = subprocess.Popen(list(command), stdout=out, stderr=err, env=dict(env), cwd=cwd,
                                    start_new_session=True)
-        returncode: int | None = None
-        while True:
-            pid, status, usage = os.wait4(process.pid, os.WNOHANG)
-            if pid:
-                returncode = os.waitstatus_to_exitcode(status)
-                break
-            if time.monotonic() - start > timeout_s:
-                os.killpg(process.pid, signal.SIGKILL)
-                _, status, usage = os.wait4(process.pid, 0)
-                break
-            time.sleep(poll_s)
-        process.returncode = returncode if returncode is not None else os.waitstatus_to_exitcode(status)
+        returncode, usage = wait_or_kill(process, timeout_s, poll_s)
         wall = time.monotonic() - start
         after = read_cpu_times()
         job_cpu = usage.ru_utime + usage.ru_stime
@@ -240,28 +250,13 @@ class ServedJob:
         return self._stderr.read()
 
     def _reap(self, timeout_s: float) -> None:
-        deadline = time.monotonic() + timeout_s
-        while self._usage is None:
-            pid, status, usage = os.wait4(self.process.pid, os.WNOHANG)
-            if pid:
-                self._returncode, self._usage = os.waitstatus_to_exitcode(status), usage
-                self.process.returncode = self._returncode
-                return
-            if time.monotonic() > deadline:
-                self.kill()
-                return
-            time.sleep(0.05)
+        """Waits up to ``timeout_s`` for the job to exit, then kills it (once)."""
+        if self._usage is None:
+            self._returncode, self._usage = wait_or_kill(self.process, timeout_s, poll_s=0.05)
 
     def kill(self) -> None:
         """Kills the job's process group (the run then counts as timed out unless it had exited)."""
-        if self._usage is None:
-            try:
-                os.killpg(self.process.pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-            _, status, usage = os.wait4(self.process.pid, 0)
-            self._usage = usage
-            self.process.returncode = os.waitstatus_to_exitcode(status)
+        self._reap(0.0)
 
     def finish(self, timeout_s: float) -> JobRun:
         """Sends ``done`` (if the job is still there), waits up to ``timeout_s`` for it to exit (else
@@ -274,10 +269,11 @@ class ServedJob:
                 pass
         self._reap(timeout_s)
         self._reader.join(timeout=5.0)  # it sees the end of stdout once the process is gone
-        usage = self._usage
+        usage, stderr = self._usage, self.stderr()
+        self._stderr.close()
         return JobRun(returncode=self._returncode, wall_s=time.monotonic() - self._start,
                       job_cpu_s=usage.ru_utime + usage.ru_stime, others_cpu_pct=self.others_cpu_pct,
-                      job_cpu_pct=self.job_cpu_pct, stdout="".join(self._stdout), stderr=self.stderr())
+                      job_cpu_pct=self.job_cpu_pct, stdout="".join(self._stdout), stderr=stderr)
 
 
 def last_error_line(text: str) -> str:

@@ -31,9 +31,9 @@ PyTorch, Keras, ours; ...). This machine's speed drifts by 20-40% within minutes
 whole jobs run one after the other by as much as the stacks differ; steps taken in turns see the
 same drift. The table then adds, per network, the median (and quartiles) over the turns of the
 best peer's step time in that turn over ours, and in how many turns ours was the faster. The
-jobs of a network are all in memory at once (ResNet-50 or Xception at 256 px, batch 8: about
-12 GB for the three); a job waiting for its turn sleeps, and any CPU it uses counts among the
-others' CPU of the job stepping.
+jobs of a network are all in memory at once (on this project's 24 GiB machine the five networks
+at 256 px, batch 8 fitted); a job waiting for its turn sleeps, and any CPU it uses counts among
+the others' CPU of the job stepping.
 
 Interpreters: ours runs with ``--ours_python`` (default: the one running this harness, the
 project's ``.venv``) with the checkout's root on ``PYTHONPATH``. The peers run in their own venvs:
