@@ -378,7 +378,7 @@ def max_pool(x: jnp.ndarray, size: int, stride: int, padding="VALID") -> jnp.nda
 
     The forward is the maximum of the window's ``size * size`` strided slices of the padded input
     (:func:`window_slices`; the same values as ``nnx.max_pool``'s reduce-window, which XLA:CPU
-    runs 2.5-9x slower: 31.3 against 11.7 ms for Xception's 8 x 125 x 125 x 128 pool). The
+    runs 2-9x slower: 31.3 against 11.7 ms for Xception's 8 x 125 x 125 x 128 pool). The
     gradient goes to the first maximum of each window in row-major order, as XLA's
     ``select_and_scatter`` sends it, but is computed without a scatter (:func:`_max_pool_backward`):
     on XLA:CPU, whose select-and-scatter becomes iota + reduce-window + scatter, the forward +
