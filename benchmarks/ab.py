@@ -7,10 +7,14 @@ e.g. ``python benchmarks/ab.py xception --a BONEAGE_ONEDNN_MATMUL=0`` (B: the de
 ``--b XLA_FLAGS=--xla_cpu_use_xnnpack=false``. ``--a_checkout DIR`` (``--b_checkout``) runs that
 side's worker from another checkout of this project, e.g. one made with ``git worktree add
 /tmp/before HEAD`` (copy ``boneage_jax/kernels/_onednn_conv-*.so`` into it, or run ``python -m
-boneage_jax.kernels.build`` there), to time a code change against the commit before it. Two worker processes, each with the environment
-of this one plus its side's assignments (read when it starts: ``XLA_FLAGS``, ``BONEAGE_*``),
-build and compile :class:`benchmarks.models.TrainStep` one after the other and run two untimed
-steps; then they take turns, one step at a time (A B, B A, A B, ...), for ``--pairs`` pairs.
+boneage_jax.kernels.build`` there), to time a code change against the commit before it; the
+checkout must have this worker protocol (commits from 2026-12-02 on that say ``serve_steps`` in
+this file). Two worker processes, each with the environment of this one plus its side's
+assignments (read when it starts: ``XLA_FLAGS``, ``BONEAGE_*``), build and compile
+:class:`benchmarks.models.TrainStep` one after the other and run two untimed steps; then they
+take turns, one step at a time (A B, B A, A B, ...), for ``--pairs`` pairs. The workers speak the
+peer benchmark's ``--serve`` protocol (``benchmarks/peers/job_common.py``) and are driven by its
+``harness.ServedJob``.
 
 This machine's speed drifts by 20-40% within minutes, so a run of A then a run of B measures the
 drift as much as the setting. Interleaved steps see the same drift: the figure to read is the
@@ -24,7 +28,6 @@ from __future__ import annotations
 import argparse
 import os
 import re
-import subprocess
 import sys
 import time
 
@@ -32,6 +35,8 @@ import numpy as np
 
 REPO = os.path.abspath(os.path.join(os.path.dirname(__file__), ".."))
 sys.path.insert(0, REPO)
+
+from benchmarks.peers import harness, job_common  # noqa: E402
 _ASSIGNMENT = re.compile(r"([A-Za-z_][A-Za-z0-9_]*)=(.*)", re.DOTALL)
 
 
@@ -46,56 +51,52 @@ def parse_assignments(flag: str, values: list[str]) -> dict[str, str]:
     return result
 
 
+STEP_TIMEOUT_S = 1800.0  # building and compiling a worker, or one step, longer than this is a failure
+
+
 def worker(name: str, image_size: int, batch_size: int, sex_fusion: str) -> int:
-    """Builds and compiles the step, says ``ready``, then runs one step per line read; prints
-    ``<seconds> <loss>`` after each."""
+    """Builds and compiles the step, then serves steps (``job_common.serve_steps``: the first
+    step and one warm-up step untimed, then one timed step per ``step`` line on stdin)."""
     from benchmarks.models import TrainStep
 
     step = TrainStep(name, image_size, batch_size, sex_fusion=sex_fusion)
-    compile_s = step.compile()
-    step(), step()
-    print(f"ready {compile_s:.1f}", flush=True)
-    for _ in sys.stdin:
-        start = time.perf_counter()
-        loss = step()
-        print(f"{time.perf_counter() - start:.5f} {loss:.6g}", flush=True)
+    step.compile()
+    job_common.serve_steps(step, warmup_steps=1)
     return 0
 
 
 class Worker:
-    """One side's process (see :func:`worker`)."""
+    """One side's process (see :func:`worker`), driven by ``harness.ServedJob``."""
 
     def __init__(self, label: str, env: dict[str, str], args: argparse.Namespace):
-        self.label = label
+        self.label, self.quiet = label, args.quiet_workers
         checkout = getattr(args, f"{label.lower()}_checkout") or REPO
         command = [sys.executable, os.path.join(checkout, "benchmarks", "ab.py"), args.name, "--worker",
                    f"--image_size={args.image_size}", f"--batch_size={args.batch_size}",
                    f"--sex_fusion={args.sex_fusion}"]
-        self.stderr = open(os.devnull, "w") if args.quiet_workers else None
-        self.process = subprocess.Popen(command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self.stderr,
-                                        text=True, env={**os.environ, **env})
-        self.compile_s = float(self._read("ready").split()[1])
+        start = time.monotonic()
+        self.job = harness.ServedJob(command, env={**os.environ, **env}, cwd=os.getcwd(),
+                                     show_stderr=not args.quiet_workers)
+        self._call(self.job.wait_ready)
+        self.ready_s, self.steps = time.monotonic() - start, 0
 
-    def _read(self, expected: str = "") -> str:
-        line = self.process.stdout.readline()
-        if not line or (expected and not line.startswith(expected)):
-            self.process.kill()
-            where = "rerun without --quiet_workers to see why" if self.stderr is not None else "its messages are above"
-            raise RuntimeError(f"worker {self.label} stopped (exit status {self.process.wait()}); {where}")
-        return line.strip()
+    def _call(self, method):
+        try:
+            return method(STEP_TIMEOUT_S)
+        except harness.JobFailed as error:
+            self.job.kill()
+            why = str(error) if self.quiet else "its messages are above"
+            raise RuntimeError(f"worker {self.label} stopped (exit status {self.job.process.returncode}); {why}") from None
 
     def step(self) -> tuple[float, float]:
-        self.process.stdin.write("step\n")
-        self.process.stdin.flush()
-        seconds, loss = self._read().split()
-        return float(seconds), float(loss)
+        seconds = self._call(self.job.step)
+        self.steps += 1
+        return seconds, self.job.last_loss
 
     def close(self) -> None:
-        if self.process.poll() is None:
-            self.process.stdin.close()
-            self.process.wait(timeout=60)
-        if self.stderr is not None:
-            self.stderr.close()
+        if not self.steps:  # ``done`` before any step is an error to the worker: stop it instead
+            self.job.kill()
+        self.job.finish(60.0)
 
 
 def summary(times_a: list[float], times_b: list[float], batch_size: int) -> str:
@@ -152,7 +153,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         for label, env in sides.items():  # one at a time: compiling is the heaviest part
             workers[label] = Worker(label, env, args)
-            print(f"{label}: compiled in {workers[label].compile_s} s", flush=True)
+            print(f"{label}: ready in {workers[label].ready_s:.1f} s (build, compile, two steps)", flush=True)
         for pair in range(args.pairs):
             for label in ("A", "B") if pair % 2 == 0 else ("B", "A"):
                 seconds, losses[label] = workers[label].step()

@@ -176,15 +176,18 @@ class ServedJob:
     measured it, with the machine's busy time over the step and the job's own CPU time added to the
     running totals (``others_cpu_pct``, ``job_cpu_pct``); ``finish`` sends ``done`` and returns the
     :class:`JobRun` (``stdout`` holds the ``PEER_RESULT``); ``kill`` stops the group. A job that
-    exits or sends something unexpected raises :class:`JobFailed`.
+    exits or sends something unexpected raises :class:`JobFailed`. ``last_loss`` is the loss of the
+    last step. The job's stderr is kept for its error line, or with ``show_stderr`` left to this
+    process's stderr (``benchmarks/ab.py`` does so).
     """
 
-    def __init__(self, command: Sequence[str], *, env: Mapping[str, str], cwd: str):
-        self._stderr = tempfile.TemporaryFile("w+")
+    def __init__(self, command: Sequence[str], *, env: Mapping[str, str], cwd: str, show_stderr: bool = False):
+        self._stderr = None if show_stderr else tempfile.TemporaryFile("w+")
         self._start = time.monotonic()
         self.process = subprocess.Popen(list(command), stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                                         stderr=self._stderr, env=dict(env), cwd=cwd, text=True, bufsize=1,
                                         start_new_session=True)
+        self.last_loss = float("nan")
         self._lines: queue.Queue[str | None] = queue.Queue()
         self._stdout: list[str] = []
         self._reader = threading.Thread(target=self._read, daemon=True)
@@ -229,9 +232,10 @@ class ServedJob:
         self._total_s += after.total_s - before.total_s
         self._own_s += own_after - own_before
         try:
-            return float(answer.split()[0])
-        except (IndexError, ValueError):
+            seconds, self.last_loss = (float(value) for value in answer.split())
+        except ValueError:
             raise JobFailed(f"{STEP_MARKER.strip()} line {answer!r}: expected '<seconds> <loss>'") from None
+        return seconds
 
     @property
     def others_cpu_pct(self) -> float:
@@ -246,6 +250,9 @@ class ServedJob:
         return 100.0 * self._own_s / self._total_s if self._total_s > 0 else 0.0
 
     def stderr(self) -> str:
+        """What the job wrote to stderr so far ('' with ``show_stderr``)."""
+        if self._stderr is None:
+            return ""
         self._stderr.seek(0)
         return self._stderr.read()
 
@@ -270,7 +277,8 @@ class ServedJob:
         self._reap(timeout_s)
         self._reader.join(timeout=5.0)  # it sees the end of stdout once the process is gone
         usage, stderr = self._usage, self.stderr()
-        self._stderr.close()
+        if self._stderr is not None:
+            self._stderr.close()
         return JobRun(returncode=self._returncode, wall_s=time.monotonic() - self._start,
                       job_cpu_s=usage.ru_utime + usage.ru_stime, others_cpu_pct=self.others_cpu_pct,
                       job_cpu_pct=self.job_cpu_pct, stdout="".join(self._stdout), stderr=stderr)
